@@ -1,0 +1,393 @@
+"""Readers for the paper's datasets, built on torchvision's dataset classes.
+
+Every reader exposes the labels without decoding images and decodes only the images asked for,
+so the imbalanced subset of CelebA (about 17,700 of 160,000 training images) is all that is ever
+read from disk.
+
+Folder layout under ``root`` (torchvision's own layout, so ``download=True`` fills it):
+
+- ``mnist``:   ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+- ``fashion``: ``root/FashionMNIST/raw/...`` (same file names)
+- ``svhn``:    ``root/SVHN/{train,test}_32x32.mat`` (``root/svhn/`` and ``root/`` itself are also
+  searched, for copies downloaded with ``torchvision.datasets.SVHN(root=...)`` directly)
+- ``celeba``:  ``root/celeba/img_align_celeba/*.jpg`` plus ``list_attr_celeba.txt``,
+  ``list_eval_partition.txt``, ``identity_CelebA.txt``, ``list_bbox_celeba.txt``,
+  ``list_landmarks_align_celeba.txt``
+- ``digits``:  bundled with scikit-learn; ``root`` is ignored.
+
+torchvision verifies md5 sums of the SVHN and CelebA files. With ``download=False`` we check only
+that the files exist (see ``_SVHN`` / ``_CelebA``): hashing 200 MB on every start is slow, and the
+check would reject re-encoded or test copies. With ``download=True`` torchvision's md5 checks apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "DEFAULT_ROOT", "CELEBA_ATTRIBUTES", "ImageSource", "open_source"]
+
+#: Dataset names accepted by :func:`open_source`.
+DATASETS: tuple[str, ...] = ("mnist", "fashion", "svhn", "celeba", "digits")
+
+#: Data folder used when ``root`` is None (relative to the working directory).
+DEFAULT_ROOT = Path("data")
+
+#: CelebA's five classes: images with exactly one of these attributes, class index in this order.
+CELEBA_ATTRIBUTES: tuple[str, ...] = ("Blond_Hair", "Black_Hair", "Bald", "Brown_Hair", "Gray_Hair")
+
+# CelebA's aligned images are 178x218 (WxH); the usual practice is a central 178x178 crop (the
+# face region, dropping background above and below) resized to 64x64.
+CELEBA_CROP = 178
+CELEBA_SIZE = 64
+
+_ALIASES = {
+    "fashion-mnist": "fashion",
+    "fashion_mnist": "fashion",
+    "fashionmnist": "fashion",
+    "svnh": "svhn",  # the reference code's spelling
+}
+
+_DIGITS_TEST_PER_CLASS = 50
+_DIGITS_SPLIT_SEED = 0
+
+
+class ImageSource:
+    """One split of one dataset: labels up front, images decoded on demand.
+
+    Attributes: ``name``, ``split``, ``labels`` (int64 numpy array), ``input_shape`` (C, H, W),
+    ``num_classes``, ``class_names``. ``images(indices)`` returns a float32 tensor
+    ``(n, C, H, W)`` with values in [0, 1].
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        labels: np.ndarray,
+        input_shape: tuple[int, int, int],
+        class_names: Sequence[str],
+        loader: Callable[[np.ndarray], torch.Tensor],
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self._loader = loader
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageSource(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+    def images(self, indices: Any = None) -> torch.Tensor:
+        """Decode the images at ``indices`` (all images when None) as float32 (n, C, H, W) in [0, 1]."""
+        if indices is None:
+            idx = np.arange(len(self), dtype=np.int64)
+        else:
+            if isinstance(indices, torch.Tensor):
+                indices = indices.detach().cpu().numpy()
+            idx = np.asarray(indices)
+            if idx.ndim != 1:
+                raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
+            if idx.size == 0:
+                return torch.zeros((0, *self.input_shape), dtype=torch.float32)
+            if idx.dtype.kind not in "iu":
+                raise ValueError(f"indices must be integers, got dtype {idx.dtype}")
+            idx = idx.astype(np.int64)
+            if idx.min() < 0 or idx.max() >= len(self):
+                raise ValueError(
+                    f"indices must lie in 0..{len(self) - 1} for {self.name} {self.split} "
+                    f"(got min {idx.min()}, max {idx.max()})"
+                )
+        if idx.size == 0:
+            return torch.zeros((0, *self.input_shape), dtype=torch.float32)
+        out = self._loader(idx)
+        return out.to(torch.float32).contiguous()
+
+
+def _missing(name: str, split: str, expected: Sequence[Path], root: Path, extra: str = "") -> FileNotFoundError:
+    files = "\n".join(f"  {p}" for p in expected)
+    return FileNotFoundError(
+        f"{name} ({split} split) not found under {root}. Expected:\n{files}\n"
+        f"Get it with open_source({name!r}, root={str(root)!r}, download=True) in Python, "
+        f"or pass --download to the dgc-pyro CLI.{extra}"
+    )
+
+
+def _wrap_read_error(name: str, root: Path, download: bool, e: Exception) -> RuntimeError:
+    if download:
+        return RuntimeError(f"could not download or read {name} into {root}: {e}")
+    return RuntimeError(
+        f"could not read the {name} files under {root} ({type(e).__name__}: {e}); they may be "
+        "truncated or corrupted: delete them and retry with download=True (--download)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST
+
+
+def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
+    from torchvision import datasets
+
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    raw = root / cls.__name__ / "raw"
+    # torchvision requires all four raw files even when only one split is read.
+    expected = [raw / f"{p}-{kind}" for p in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    legacy = [root / cls.__name__ / "processed" / f for f in ("training.pt", "test.pt")]
+    if not download and not all(p.is_file() for p in expected) and not all(p.is_file() for p in legacy):
+        raise _missing(name, split, [p for p in expected if not p.is_file()], root)
+    try:
+        ds = cls(root=str(root), train=(split == "train"), download=download)
+    except Exception as e:  # noqa: BLE001 - any torchvision failure becomes one readable error
+        raise _wrap_read_error(name, root, download, e) from e
+    data = ds.data  # uint8 (N, 28, 28); 47 MB for the training split, so kept in memory
+    labels = ds.targets.numpy().astype(np.int64)
+    class_names = [str(c) for c in range(10)] if name == "mnist" else list(ds.classes)
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        return data[torch.from_numpy(idx)].unsqueeze(1).to(torch.float32).div_(255.0)
+
+    return ImageSource(name, split, labels, (1, 28, 28), class_names, load)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVHN
+
+
+@functools.cache
+def _svhn_class() -> type:
+    from torchvision import datasets
+
+    class _SVHN(datasets.SVHN):
+        """torchvision's SVHN, checking only that the file exists unless ``verify_md5``.
+
+        The md5 check is the only thing bypassed; reading is torchvision's own code.
+        """
+
+        def __init__(self, *args: Any, verify_md5: bool = True, **kwargs: Any) -> None:
+            # Set before torchvision's __init__, which runs the integrity check.
+            self._verify_md5 = verify_md5
+            super().__init__(*args, **kwargs)
+
+        def _check_integrity(self) -> bool:
+            if self._verify_md5:
+                return super()._check_integrity()
+            return os.path.isfile(os.path.join(self.root, self.filename))
+
+    return _SVHN
+
+
+def _open_svhn(root: Path, split: str, download: bool) -> ImageSource:
+    fname = f"{split}_32x32.mat"
+    candidates = [root / "SVHN", root / "svhn", root]
+    folder = next((d for d in candidates if (d / fname).is_file()), None)
+    if folder is None:
+        if not download:
+            raise _missing("svhn", split, [root / "SVHN" / fname], root)
+        folder = root / "SVHN"
+    try:
+        ds = _svhn_class()(root=str(folder), split=split, download=download, verify_md5=download)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap_read_error("svhn", folder, download, e) from e
+    data = ds.data  # uint8 (N, 3, 32, 32) view of the .mat array
+    labels = np.asarray(ds.labels, dtype=np.int64)  # torchvision already maps label 10 to digit 0
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(data[idx])).to(torch.float32).div_(255.0)
+
+    return ImageSource("svhn", split, labels, (3, 32, 32), [str(c) for c in range(10)], load)
+
+
+# ---------------------------------------------------------------------------------------------
+# CelebA
+
+_CELEBA_FILES = (
+    "list_attr_celeba.txt",
+    "identity_CelebA.txt",
+    "list_bbox_celeba.txt",
+    "list_landmarks_align_celeba.txt",
+    "list_eval_partition.txt",
+)
+
+
+@functools.cache
+def _celeba_class() -> type:
+    from torchvision import datasets
+
+    class _CelebA(datasets.CelebA):
+        """torchvision's CelebA, checking only that the files exist unless ``verify_md5``.
+
+        torchvision md5-checks the five annotation files before reading them; that check is the
+        only thing bypassed here (``download=True`` keeps it). Parsing is torchvision's own code.
+        """
+
+        def __init__(self, *args: Any, verify_md5: bool = True, **kwargs: Any) -> None:
+            self._verify_md5 = verify_md5
+            super().__init__(*args, **kwargs)
+
+        def _check_integrity(self) -> bool:
+            if self._verify_md5:
+                return super()._check_integrity()
+            base = os.path.join(self.root, self.base_folder)
+            return all(os.path.isfile(os.path.join(base, f)) for f in _CELEBA_FILES) and os.path.isdir(
+                os.path.join(base, "img_align_celeba")
+            )
+
+    return _CelebA
+
+
+def _celeba_transform(img) -> torch.Tensor:
+    from torchvision.transforms import functional as F
+
+    img = img.convert("RGB")
+    img = F.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
+    img = F.resize(img, [CELEBA_SIZE, CELEBA_SIZE], antialias=True)
+    return F.pil_to_tensor(img)
+
+
+def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
+    from PIL import Image
+
+    base = root / "celeba"
+    expected = [base / f for f in _CELEBA_FILES] + [base / "img_align_celeba"]
+    if not download:
+        missing = [p for p in expected if not p.exists()]
+        if missing:
+            raise _missing(
+                "celeba",
+                split,
+                missing,
+                root,
+                extra=" CelebA is hosted on Google Drive (download needs the 'gdown' package and is "
+                "often rate-limited); alternatively unpack img_align_celeba.zip and the annotation "
+                f"files from the official site into {base}.",
+            )
+    try:
+        ds = _celeba_class()(root=str(root), split=split, target_type="attr", download=download, verify_md5=download)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap_read_error("celeba", root, download, e) from e
+
+    names = [n for n in ds.attr_names if n]
+    try:
+        cols = [names.index(a) for a in CELEBA_ATTRIBUTES]
+    except ValueError:
+        raise RuntimeError(
+            f"{base / 'list_attr_celeba.txt'} lacks one of the attributes {CELEBA_ATTRIBUTES}"
+        ) from None
+    hair = ds.attr[:, cols].numpy()  # (N, 5) in {0, 1}
+    keep = np.flatnonzero(hair.sum(axis=1) == 1)
+    labels = hair[keep].argmax(axis=1).astype(np.int64)
+    files = [ds.filename[i] for i in keep]
+    img_dir = base / "img_align_celeba"
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        out = torch.empty((len(idx), 3, CELEBA_SIZE, CELEBA_SIZE), dtype=torch.uint8)
+        for j, i in enumerate(idx):
+            path = img_dir / files[i]
+            try:
+                with Image.open(path) as img:
+                    out[j] = _celeba_transform(img)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"CelebA image {path} is listed in list_eval_partition.txt but missing; "
+                    "unpack img_align_celeba.zip completely (or use download=True / --download)"
+                ) from None
+        return out.to(torch.float32).div_(255.0)
+
+    return ImageSource("celeba", split, labels, (3, CELEBA_SIZE, CELEBA_SIZE), list(CELEBA_ATTRIBUTES), load)
+
+
+# ---------------------------------------------------------------------------------------------
+# sklearn digits
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0).astype(np.float32)
+    labels = d.target.astype(np.int64)
+    # A fixed, balanced held-out test set, independent of the protocol seed, so that every
+    # imbalanced training subset is scored on the same 500 images.
+    rng = np.random.default_rng(_DIGITS_SPLIT_SEED)
+    test = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:_DIGITS_TEST_PER_CLASS] for c in range(10)]
+        )
+    )
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return images, labels, train, test
+
+
+def _open_digits(split: str) -> ImageSource:
+    images, labels, train, test = _digits_split()
+    sel = train if split == "train" else test
+    x = torch.from_numpy(images[sel]).unsqueeze(1)
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        return x[torch.from_numpy(idx)]
+
+    return ImageSource("digits", split, labels[sel], (1, 8, 8), [str(c) for c in range(10)], load)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"dataset name must be a string, one of {DATASETS}; got {name!r}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def open_source(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    split: str = "train",
+    download: bool = False,
+) -> ImageSource:
+    """Open one split ("train" or "test"; CelebA also "valid") of a dataset without decoding images.
+
+    ``root`` defaults to ``./data``. Nothing is downloaded unless ``download=True``; missing
+    files raise ``FileNotFoundError`` naming the expected paths.
+    """
+    key = _normalize_name(name)
+    allowed = ("train", "valid", "test") if key == "celeba" else ("train", "test")
+    if split not in allowed:
+        raise ValueError(f"split must be one of {allowed} for {key}, got {split!r}")
+    if key == "digits":
+        return _open_digits(split)
+
+    root_path = Path(root) if root is not None else DEFAULT_ROOT
+    root_path = root_path.expanduser()
+    if download:
+        root_path.mkdir(parents=True, exist_ok=True)
+    elif not root_path.is_dir():
+        raise FileNotFoundError(
+            f"data root {root_path.absolute()} does not exist (looking for {key} {split} data). Point root= "
+            f"at the folder holding the data, or get it with "
+            f"open_source({key!r}, root={str(root_path)!r}, download=True) in Python / --download on the CLI."
+        )
+    if key in ("mnist", "fashion"):
+        return _open_idx(key, root_path, split, download)
+    if key == "svhn":
+        return _open_svhn(root_path, split, download)
+    return _open_celeba(root_path, split, download)

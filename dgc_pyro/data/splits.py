@@ -1,0 +1,181 @@
+"""Train/test splits: the paper's imbalanced subsets, user arrays, and stratified hold-outs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .protocol import DIGITS_COUNTS, PAPER_COUNTS, imbalanced_indices
+from .sources import open_source
+from .validation import check_features, check_labels, check_xy
+
+__all__ = ["ImbalancedSplit", "load_imbalanced", "split_from_arrays", "stratified_holdout"]
+
+#: Fraction of the data carved out as test set by :func:`split_from_arrays` when no test arrays are given.
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass
+class ImbalancedSplit:
+    """An imbalanced training set and its test set, ready for a model.
+
+    ``x_*`` are float32 tensors (n, *input_shape) in [0, 1]; ``y_*`` are int64 class indices.
+    """
+
+    name: str
+    x_train: torch.Tensor = field(repr=False)
+    y_train: torch.Tensor = field(repr=False)
+    x_test: torch.Tensor = field(repr=False)
+    y_test: torch.Tensor = field(repr=False)
+    class_names: list[str]
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Number of training examples per class (length ``num_classes``)."""
+        return np.bincount(self.y_train.cpu().numpy(), minlength=self.num_classes)
+
+    @property
+    def test_counts(self) -> np.ndarray:
+        """Number of test examples per class (length ``num_classes``)."""
+        return np.bincount(self.y_test.cpu().numpy(), minlength=self.num_classes)
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """Largest over smallest training class size (inf if a class is empty)."""
+        c = self.train_counts
+        return float(c.max() / c.min()) if c.min() > 0 else float("inf")
+
+
+def _resolve_counts(name: str, counts: Sequence[int] | Mapping[int, int] | None, num_classes: int) -> dict[int, int]:
+    if counts is None:
+        counts = DIGITS_COUNTS if name == "digits" else PAPER_COUNTS[name]
+    if isinstance(counts, Mapping):
+        resolved = {int(c): n for c, n in counts.items()}
+    elif isinstance(counts, (str, bytes)):
+        raise ValueError("counts must be a sequence of integers; use parse_counts() for strings like '40,20,10'")
+    else:
+        resolved = dict(enumerate(counts))
+    if len(resolved) != num_classes or set(resolved) != set(range(num_classes)):
+        raise ValueError(
+            f"counts must give one count for each of the {num_classes} classes of {name}, "
+            f"got {len(resolved)} entries"
+        )
+    # Every class appears in the test set, so each must be seen in training.
+    zero = [c for c, n in sorted(resolved.items()) if isinstance(n, (int, np.integer)) and n < 1]
+    if zero:
+        raise ValueError(f"counts must be >= 1 for every class; classes {zero} have {[resolved[c] for c in zero]}")
+    return resolved
+
+
+def load_imbalanced(
+    name: str = "digits",
+    root: str | os.PathLike[str] | None = None,
+    *,
+    counts: Sequence[int] | Mapping[int, int] | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> ImbalancedSplit:
+    """Load the paper's imbalanced training subset of ``name`` and its full official test split.
+
+    ``counts`` defaults to ``PAPER_COUNTS[name]`` (``DIGITS_COUNTS`` for digits); ``seed`` selects
+    the random subset exactly as in :func:`imbalanced_indices`. Only the selected training images
+    are decoded.
+    """
+    train_src = open_source(name, root, split="train", download=download)
+    test_src = open_source(name, root, split="test", download=download)
+    wanted = _resolve_counts(train_src.name, counts, train_src.num_classes)
+    idx = imbalanced_indices(train_src.labels, wanted, seed)
+    return ImbalancedSplit(
+        name=train_src.name,
+        x_train=train_src.images(idx),
+        y_train=torch.from_numpy(train_src.labels[idx].copy()),
+        x_test=test_src.images(),
+        y_test=torch.from_numpy(test_src.labels.copy()),
+        class_names=list(train_src.class_names),
+        num_classes=train_src.num_classes,
+        input_shape=train_src.input_shape,
+    )
+
+
+def stratified_holdout(y: Any, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (train, holdout) with about ``fraction`` of each class held out.
+
+    Per class with ``n`` examples, ``round(fraction * n)`` go to the holdout, clipped so that at
+    least one stays in train and, when ``n >= 2``, at least one is held out. Rare classes would
+    otherwise vanish from one side, which breaks per-class metrics such as ACSA on the holdout.
+    Both index arrays are sorted int64.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be a number strictly between 0 and 1, got {fraction!r}")
+    labels = check_labels(y, name="y").numpy()
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        k = int(np.floor(fraction * n + 0.5))
+        k = min(max(k, 1 if n >= 2 else 0), n - 1)
+        if k:
+            held.append(rng.choice(members, size=k, replace=False))
+    holdout = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
+    train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), holdout).astype(np.int64)
+    return train, holdout
+
+
+def split_from_arrays(
+    x_train: Any,
+    y_train: Any,
+    x_test: Any = None,
+    y_test: Any = None,
+    *,
+    name: str = "arrays",
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ImbalancedSplit:
+    """Build an :class:`ImbalancedSplit` from user arrays, validating them.
+
+    Without test arrays a stratified 20% test set is carved from the training arrays with
+    :func:`stratified_holdout` (seed 0); classes with a single example then stay in training only.
+    ``num_classes`` defaults to ``max label + 1`` over train and test labels; every class must
+    have at least one training example.
+    """
+    if (x_test is None) != (y_test is None):
+        raise ValueError("give both x_test and y_test, or neither (a stratified 20% test set is then carved from the training data)")
+    xt = check_features(x_train, name="x_train")
+    yt = check_labels(y_train, name="y_train")
+    yte = check_labels(y_test, name="y_test") if y_test is not None else None
+    if num_classes is None:
+        num_classes = max(int(t.max()) for t in (yt, yte) if t is not None) + 1
+    x, y = check_xy(xt, yt, num_classes=num_classes, require_all_classes=True)
+    input_shape = tuple(x.shape[1:])
+    if x_test is None:
+        tr, te = stratified_holdout(y, DEFAULT_TEST_FRACTION, seed=0)
+        x_te, y_te = x[torch.from_numpy(te)], y[torch.from_numpy(te)]
+        x, y = x[torch.from_numpy(tr)], y[torch.from_numpy(tr)]
+    else:
+        # The test set may hold any subset of the classes, so check_xy's class checks do not apply.
+        x_te = check_features(x_test, input_shape=input_shape, name="x_test")
+        y_te = check_labels(yte, num_classes=num_classes, name="y_test")
+        if len(x_te) != len(y_te):
+            raise ValueError(f"x_test and y_test have different lengths: {len(x_te)} examples, {len(y_te)} labels")
+    if class_names is None:
+        class_names = [str(c) for c in range(num_classes)]
+    elif len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} entries but there are {num_classes} classes")
+    return ImbalancedSplit(
+        name=name,
+        x_train=x,
+        y_train=y,
+        x_test=x_te,
+        y_test=y_te,
+        class_names=[str(c) for c in class_names],
+        num_classes=int(num_classes),
+        input_shape=input_shape,
+    )

@@ -1,0 +1,402 @@
+"""Evaluation metrics for imbalanced classification, calibration metrics, and text tables.
+
+Imbalance metrics follow the DGC paper (Wang, Lyu & Jing, CVPR 2020):
+
+* ``acsa``   average class-specific accuracy = mean over classes of recall;
+* ``gmean``  as in the paper's code: mean over classes of sqrt(recall_c * specificity_c).
+  This is *not* imbalanced-learn's ``geometric_mean_score`` (the geometric mean of the
+  recalls); the two differ in general;
+* ``fmacro`` macro-averaged F1;
+* ``r_mi``   recall of the minority (smallest) class;
+* ``p_ma``   precision of the majority (largest) class;
+* ``acc``    plain accuracy.
+
+Conventions shared by every function here:
+
+* All ``num_classes`` classes are included in every average, also classes absent from
+  ``y_true`` (or from ``y_pred``). Undefined ratios (0/0) are 0, as scikit-learn's
+  ``zero_division=0``: a class with no test examples gets recall 0 and pulls ``acsa`` down;
+  a class never predicted gets precision 0. This differs from
+  ``sklearn.metrics.balanced_accuracy_score``, which silently drops classes absent from
+  ``y_true``. Evaluate on a split that contains every class to avoid the ambiguity.
+* Specificity of class c is TN / (TN + FP) = TN / (number of examples not in c), 0 when
+  every example belongs to c.
+* Inputs may be lists, numpy arrays or torch tensors (moved to CPU). Labels must be
+  integers (integer-valued floats are accepted) in ``[0, num_classes)``; if
+  ``num_classes`` is omitted it is ``max(label) + 1`` over both arrays (and at least
+  ``len(train_counts)`` when given). At least two classes are required.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
+__all__ = [
+    "IMBALANCE_METRICS",
+    "imbalance_report",
+    "per_class_table",
+    "format_table",
+    "format_comparison",
+    "expected_calibration_error",
+    "negative_log_likelihood",
+    "brier_score",
+    "reliability_bins",
+]
+
+IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
+
+# Rows of a probability matrix must sum to 1 within this tolerance. Loose enough for
+# float16/float32 softmax output, tight enough to reject logits or log-probabilities.
+PROBA_ROW_SUM_ATOL = 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    # Duck-typed so that importing this module does not require torch.
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_labels(x: Any, name: str) -> np.ndarray:
+    arr = _to_numpy(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of class labels, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; metrics need at least one example")
+    if arr.dtype.kind == "b":
+        raise ValueError(f"{name} must hold integer class labels, got booleans")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"{name} must hold integer class labels, got non-integer floats")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_range(arr: np.ndarray, name: str, num_classes: int) -> None:
+    bad = arr[(arr < 0) | (arr >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"{name} contains label {int(bad[0])} outside [0, {num_classes}) "
+            f"({bad.size} out-of-range value(s))"
+        )
+
+
+def _resolve_num_classes(num_classes: int | None, arrays: Iterable[np.ndarray], at_least: int = 0) -> int:
+    if num_classes is None:
+        num_classes = max(max(int(a.max()) for a in arrays) + 1, at_least)
+        if num_classes < 2:
+            raise ValueError(
+                "only one class label occurs in the data; pass num_classes explicitly "
+                "(metrics need at least 2 classes)"
+            )
+        return num_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise ValueError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return int(num_classes)
+
+
+def _as_counts(train_counts: Any, num_classes: int | None) -> np.ndarray:
+    counts = _to_numpy(train_counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"train_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
+    if counts.dtype.kind not in "iuf" or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError("train_counts must hold finite non-negative numbers")
+    if num_classes is not None and counts.size != num_classes:
+        raise ValueError(f"train_counts has {counts.size} entries but num_classes is {num_classes}")
+    return counts
+
+
+def _labels_pair(
+    y_true: Any, y_pred: Any, num_classes: int | None, train_counts: Any = None
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    yt = _as_labels(y_true, "y_true")
+    yp = _as_labels(y_pred, "y_pred")
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true and y_pred have different lengths ({yt.size} vs {yp.size})")
+    counts = None
+    if train_counts is not None:
+        counts = _as_counts(train_counts, num_classes)
+    n = _resolve_num_classes(num_classes, (yt, yp), at_least=0 if counts is None else counts.size)
+    if counts is not None and counts.size != n:
+        raise ValueError(f"train_counts has {counts.size} entries but the labels imply {n} classes")
+    _check_range(yt, "y_true", n)
+    _check_range(yp, "y_pred", n)
+    return yt, yp, n, counts
+
+
+def _check_class_index(value: int | None, name: str, num_classes: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int class index, got {type(value).__name__}")
+    if not 0 <= value < num_classes:
+        raise ValueError(f"{name}={value} is outside [0, {num_classes})")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-class quantities
+# ---------------------------------------------------------------------------------------
+
+
+def _per_class(yt: np.ndarray, yp: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    labels = list(range(n))
+    cm = confusion_matrix(yt, yp, labels=labels)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm)
+    negatives = yt.size - support
+    tn = negatives - (predicted - tp)
+    specificity = np.divide(tn, negatives, out=np.zeros(n, dtype=float), where=negatives > 0)
+    return {
+        "confusion": cm,
+        "support": support,
+        "recall": recall_score(yt, yp, labels=labels, average=None, zero_division=0),
+        "precision": precision_score(yt, yp, labels=labels, average=None, zero_division=0),
+        "f1": f1_score(yt, yp, labels=labels, average=None, zero_division=0),
+        "specificity": specificity,
+    }
+
+
+def imbalance_report(
+    y_true: Any,
+    y_pred: Any,
+    *,
+    num_classes: int | None = None,
+    train_counts: Sequence[float] | np.ndarray | Any | None = None,
+    minority_class: int | None = None,
+    majority_class: int | None = None,
+) -> dict[str, float]:
+    """Imbalance metrics of the DGC paper: ``acsa``, ``gmean``, ``fmacro``, ``r_mi``, ``p_ma``, ``acc``.
+
+    The minority class (for ``r_mi``) and majority class (for ``p_ma``) are, in order of
+    preference: ``minority_class`` / ``majority_class`` if given; else argmin / argmax of
+    ``train_counts``; else the least / most frequent class *present* in ``y_true``. Pass
+    ``train_counts`` whenever evaluating on a balanced test set (the usual case in the
+    paper), since there the ``y_true`` frequencies say nothing about which class was rare
+    in training. Ties go to the lowest class index.
+
+    See the module docstring for how absent classes and undefined ratios are treated.
+    """
+    yt, yp, n, counts = _labels_pair(y_true, y_pred, num_classes, train_counts)
+    minority = _check_class_index(minority_class, "minority_class", n)
+    majority = _check_class_index(majority_class, "majority_class", n)
+    if counts is not None:
+        minority = int(np.argmin(counts)) if minority is None else minority
+        majority = int(np.argmax(counts)) if majority is None else majority
+    else:
+        # Classes absent from y_true would always be "smallest" with an undefined recall;
+        # only present classes are candidates.
+        freq = np.bincount(yt, minlength=n).astype(float)
+        present = freq > 0
+        if minority is None:
+            minority = int(np.argmin(np.where(present, freq, np.inf)))
+        if majority is None:
+            majority = int(np.argmax(freq))
+
+    pc = _per_class(yt, yp, n)
+    recall, precision = pc["recall"], pc["precision"]
+    return {
+        "acsa": float(np.mean(recall)),
+        "gmean": float(np.mean(np.sqrt(recall * pc["specificity"]))),
+        "fmacro": float(f1_score(yt, yp, labels=list(range(n)), average="macro", zero_division=0)),
+        "r_mi": float(recall[minority]),
+        "p_ma": float(precision[majority]),
+        "acc": float(accuracy_score(yt, yp)),
+    }
+
+
+def per_class_table(
+    y_true: Any,
+    y_pred: Any,
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    train_counts: Sequence[float] | np.ndarray | Any | None = None,
+) -> list[dict[str, Any]]:
+    """One row per class: ``class``, ``name``, ``train_count`` (only if ``train_counts`` given),
+    ``support``, ``recall``, ``precision``, ``f1``, ``specificity``.
+
+    ``name`` defaults to the class index as a string. Feed the result to :func:`format_table`.
+    """
+    yt, yp, n, counts = _labels_pair(y_true, y_pred, num_classes, train_counts)
+    if class_names is not None:
+        class_names = list(class_names)
+        if len(class_names) != n:
+            raise ValueError(f"class_names has {len(class_names)} entries but there are {n} classes")
+    pc = _per_class(yt, yp, n)
+    rows: list[dict[str, Any]] = []
+    for c in range(n):
+        row: dict[str, Any] = {"class": c, "name": str(class_names[c]) if class_names is not None else str(c)}
+        if counts is not None:
+            value = counts[c]
+            row["train_count"] = int(value) if float(value).is_integer() else float(value)
+        row.update(
+            support=int(pc["support"][c]),
+            recall=float(pc["recall"][c]),
+            precision=float(pc["precision"][c]),
+            f1=float(pc["f1"][c]),
+            specificity=float(pc["specificity"][c]),
+        )
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Text tables
+# ---------------------------------------------------------------------------------------
+
+
+def _cell(value: Any, floatfmt: str) -> tuple[str, bool]:
+    """Rendered text and whether it is numeric (numbers are right-aligned)."""
+    if value is None:
+        return "-", False
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)), False
+    if isinstance(value, (int, np.integer)):
+        return str(int(value)), True
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), floatfmt), True
+    return str(value), False
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
+    """Render ``rows`` as a plain, aligned text table (header, dashed rule, one line per row).
+
+    ``columns`` defaults to the keys of all rows in first-seen order. Floats use
+    ``floatfmt``; missing values and ``None`` show as ``-``; numbers are right-aligned,
+    text left-aligned. Returns ``""`` when there are no rows and no columns.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(columns)
+    if not columns:
+        return ""
+    cells = [[_cell(row.get(col), floatfmt) for col in columns] for row in rows]
+    widths = [max([len(col)] + [len(r[i][0]) for r in cells]) for i, col in enumerate(columns)]
+    numeric = [bool(cells) and all(r[i][1] or r[i][0] == "-" for r in cells) for i in range(len(columns))]
+
+    def line(texts: Sequence[str]) -> str:
+        parts = [t.rjust(w) if num else t.ljust(w) for t, w, num in zip(texts, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(columns), "  ".join("-" * w for w in widths)]
+    out.extend(line([text for text, _ in r]) for r in cells)
+    return "\n".join(out)
+
+
+def format_comparison(
+    reports: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str] = IMBALANCE_METRICS,
+    floatfmt: str = ".4f",
+) -> str:
+    """Table of several methods' reports: one row per method, one column per metric.
+
+    ``reports`` maps a method name (e.g. ``"DGC"``, ``"logit-adjusted CE"``) to the dict
+    returned by :func:`imbalance_report`. Metrics a report lacks show as ``-``.
+    """
+    rows = [{"method": name, **{m: report.get(m) for m in metrics}} for name, report in reports.items()]
+    return format_table(rows, columns=["method", *metrics], floatfmt=floatfmt)
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------
+
+
+def _proba_pair(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = _to_numpy(proba)
+    if p.ndim != 2:
+        raise ValueError(f"proba must be a 2-D (n_examples, n_classes) array, got shape {p.shape}")
+    if p.shape[0] == 0 or p.shape[1] == 0:
+        raise ValueError(f"proba is empty (shape {p.shape})")
+    if p.dtype.kind not in "iuf":
+        raise ValueError(f"proba must be numeric, got dtype {p.dtype}")
+    p = p.astype(np.float64)
+    if not np.all(np.isfinite(p)):
+        raise ValueError("proba contains NaN or infinite values")
+    if np.any(p < -PROBA_ROW_SUM_ATOL) or np.any(p > 1 + PROBA_ROW_SUM_ATOL):
+        raise ValueError("proba values must lie in [0, 1]; did you pass logits or log-probabilities?")
+    sums = p.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > PROBA_ROW_SUM_ATOL)
+    if bad.size:
+        raise ValueError(
+            f"rows of proba must sum to 1 (tolerance {PROBA_ROW_SUM_ATOL}); row {int(bad[0])} sums to "
+            f"{sums[bad[0]]:.6g} ({bad.size} bad row(s)); did you pass logits or unnormalised scores?"
+        )
+    yt = _as_labels(y_true, "y_true")
+    if yt.size != p.shape[0]:
+        raise ValueError(f"y_true has {yt.size} labels but proba has {p.shape[0]} rows")
+    _check_range(yt, "y_true", p.shape[1])
+    return yt, np.clip(p, 0.0, 1.0)
+
+
+def _binned(yt: np.ndarray, p: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == yt).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins (edges[i], edges[i+1]], as in Guo et al. (2017); comparing with the
+    # edges themselves avoids the rounding of conf * n_bins at bin boundaries.
+    idx = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+        mean_acc = np.where(count > 0, acc_sum / count, np.nan)
+    return {"edges": edges, "confidence": mean_conf, "accuracy": mean_acc, "count": count}
+
+
+def reliability_bins(y_true: Any, proba: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per-bin data for a reliability diagram (top-label confidence, equal-width bins).
+
+    Returns ``edges`` (n_bins + 1), and per bin ``confidence`` (mean top-label probability),
+    ``accuracy`` (fraction whose argmax equals the label) and ``count``. Bins are
+    right-closed ``(edges[i], edges[i+1]]``; empty bins have NaN confidence/accuracy (so a
+    plot skips them) and count 0.
+    """
+    yt, p = _proba_pair(y_true, proba)
+    return _binned(yt, p, n_bins)
+
+
+def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = 15) -> float:
+    """Top-label expected calibration error with ``n_bins`` equal-width confidence bins.
+
+    ECE = sum over bins of (count_b / N) * |accuracy_b - confidence_b|, in [0, 1].
+    """
+    yt, p = _proba_pair(y_true, proba)
+    bins = _binned(yt, p, n_bins)
+    filled = bins["count"] > 0
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float(np.sum(bins["count"][filled] * gaps) / yt.size)
+
+
+def negative_log_likelihood(y_true: Any, proba: Any, eps: float = 1e-12) -> float:
+    """Mean negative log-probability of the true class, with probabilities floored at ``eps``
+    so that a confident mistake costs ``-log(eps)`` instead of infinity."""
+    yt, p = _proba_pair(y_true, proba)
+    picked = p[np.arange(yt.size), yt]
+    return float(np.mean(-np.log(np.maximum(picked, eps))))
+
+
+def brier_score(y_true: Any, proba: Any) -> float:
+    """Multiclass Brier score: mean over examples of sum_c (proba_c - onehot_c)^2, in [0, 2]."""
+    yt, p = _proba_pair(y_true, proba)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(yt.size), yt] = 1.0
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))

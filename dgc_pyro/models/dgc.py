@@ -1,0 +1,186 @@
+"""DGC as a Pyro model/guide pair: p(z) p(x | z) p(y | z) with q(z | x, y)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule, pyro_method
+from torch import nn
+
+from dgc_pyro.models.likelihoods import LIKELIHOODS, make_likelihood
+from dgc_pyro.models.networks import PRESETS, Classifier, Decoder, Encoder, build_networks
+
+
+class DGC(PyroModule):
+    """Deep generative classifier: a latent confounder z generates both the features x and the label y.
+
+    Sites: ``"z"`` (latent, prior N(0, I) by default), ``"x"`` (observed features) and ``"y"``
+    (observed label; sampled when ``y`` is None). All sites live in ``pyro.plate("data")``.
+
+    Args:
+        input_shape: shape of one example, e.g. ``(1, 28, 28)`` or ``(64,)``.
+        num_classes: number of classes C.
+        latent_dim: size k of z.
+        preset: ``"small"`` (CPU friendly) or ``"paper"`` (the reference architecture).
+        likelihood: ``"bernoulli"``, ``"continuous_bernoulli"`` or ``"normal"`` for p(x | z).
+        obs_scale: standard deviation of the ``"normal"`` likelihood.
+        label_weight: multiplies the log-likelihood of ``"y"`` during training (``poutine.scale``);
+            the pixel term has as many terms as the image has pixels, so 1.0 lets x dominate.
+        encoder, decoder, classifier: optional custom networks replacing the defaults; they must
+            follow the call conventions of :class:`Encoder`, :class:`Decoder`, :class:`Classifier`.
+
+    Custom models subclass DGC and override :meth:`prior`, :meth:`likelihood` or the networks,
+    keeping the site names so that fitting, prediction and diagnostics keep working.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        latent_dim: int = 64,
+        preset: str = "small",
+        *,
+        likelihood: str = "bernoulli",
+        obs_scale: float = 0.1,
+        label_weight: float = 1.0,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        classifier: nn.Module | None = None,
+    ) -> None:
+        # Built with module-local parameters available, so the model works both under Pyro's global
+        # param store (plain SVI) and under ``module_local_params=True`` (what dgc_pyro's engines use,
+        # so that two models never share parameters through the global store).
+        with pyro.settings.context(module_local_params=True):
+            super().__init__()
+        input_shape = tuple(int(s) for s in input_shape)
+        if not input_shape or any(s <= 0 for s in input_shape):
+            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if int(latent_dim) < 1:
+            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
+        if not label_weight > 0:
+            raise ValueError(f"label_weight must be positive, got {label_weight}")
+        self.input_shape = input_shape
+        self.num_classes = int(num_classes)
+        self.latent_dim = int(latent_dim)
+        self.preset = preset
+        self.likelihood_name = likelihood
+        self.obs_scale = float(obs_scale)
+        self.label_weight = float(label_weight)
+        default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
+        self.custom_networks = tuple(
+            name for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier)) if net is not None
+        )
+        self.encoder = encoder if encoder is not None else default_enc
+        self.decoder = decoder if decoder is not None else default_dec
+        self.classifier = classifier if classifier is not None else default_cls
+        # Buffers move with .to(device), so the prior is created on the model's device.
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (custom networks cannot be serialised)."""
+        return {
+            "class": type(self).__name__,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "latent_dim": self.latent_dim,
+            "preset": self.preset,
+            "likelihood": self.likelihood_name,
+            "obs_scale": self.obs_scale,
+            "label_weight": self.label_weight,
+            "custom_networks": list(self.custom_networks),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "DGC":
+        """Rebuild a model with default networks from :attr:`config`."""
+        if config.get("custom_networks"):
+            raise ValueError(
+                "this model was built with custom networks "
+                f"({', '.join(config['custom_networks'])}); construct it yourself and load the state dict"
+            )
+        keys = ("input_shape", "num_classes", "latent_dim", "preset", "likelihood", "obs_scale", "label_weight")
+        missing = [k for k in keys if k not in config]
+        if missing:
+            raise ValueError(f"model config lacks {missing}")
+        return cls(**{k: config[k] for k in keys})
+
+    @property
+    def device(self) -> torch.device:
+        return self._zero.device
+
+    # ------------------------------------------------------------------ building blocks
+    def prior(self, batch_shape: torch.Size | tuple[int, ...]) -> dist.TorchDistribution:
+        """p(z): standard normal with ``batch_shape`` batch dims; override for other priors."""
+        loc = self._zero.new_zeros(tuple(batch_shape) + (self.latent_dim,))
+        return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+    def likelihood(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z) with one event over the whole example."""
+        return make_likelihood(self.likelihood_name, self.decoder(z), len(self.input_shape), self.obs_scale)
+
+    def label_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of p(y | z)."""
+        return self.classifier(z)
+
+    def one_hot(self, y: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """One-hot labels for the encoder; all zeros when ``y`` is None (label-agnostic q(z | x))."""
+        if y is None:
+            return self._zero.new_zeros(batch_size, self.num_classes)
+        return nn.functional.one_hot(y.long(), self.num_classes).to(self._zero.dtype)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale of q(z | x, y)."""
+        return self.encoder(x, self.one_hot(y, x.shape[0]))
+
+    # ------------------------------------------------------------------ Pyro model and guide
+    @pyro_method
+    def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None) -> torch.Tensor:
+        """Generative model. With ``x=None`` it samples ``num_examples`` new examples (prior predictive)."""
+        n = _batch_size(x, y, num_examples)
+        with pyro.plate("data", n):
+            z = pyro.sample("z", self.prior((n,)))
+            pyro.sample("x", self.likelihood(z), obs=x)
+            with poutine.scale(scale=self.label_weight):
+                y = pyro.sample("y", dist.Categorical(logits=self.label_logits(z)), obs=y)
+        return y
+
+    @pyro_method
+    def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None) -> torch.Tensor:
+        """Recognition model q(z | x, y); with ``y=None`` the label input is zeroed."""
+        if x is None:
+            raise ValueError("the guide needs x: q(z | x, y) is a recognition model")
+        n = x.shape[0]
+        with pyro.plate("data", n):
+            loc, scale = self.encode(x, y)
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_shape={self.input_shape}, num_classes={self.num_classes}, latent_dim={self.latent_dim}, "
+            f"preset={self.preset!r}, likelihood={self.likelihood_name!r}"
+        )
+
+
+def _batch_size(x: torch.Tensor | None, y: torch.Tensor | None, num_examples: int | None) -> int:
+    if x is not None:
+        return x.shape[0]
+    if y is not None:
+        return y.shape[0]
+    if num_examples is None:
+        raise ValueError("model(x=None, y=None) needs num_examples")
+    return int(num_examples)
+
+
+__all__ = ["DGC", "Encoder", "Decoder", "Classifier"]
