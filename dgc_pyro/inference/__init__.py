@@ -1,7 +1,8 @@
 """Objectives, SVI training, prediction and augmentation for DGC."""
 
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.inference.fit import ENGINES, History, fit
+from dgc_pyro.inference.engine import ENGINES, make_step
+from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.objectives import OBJECTIVES, get_objective
 from dgc_pyro.inference.predict import (
     Prediction,

@@ -1,12 +1,6 @@
-"""Fitting DGC by stochastic variational inference.
+"""Fitting DGC by stochastic variational inference: the epoch loop, validation and model selection.
 
-Two engines run the same loss callable over the same model/guide pair:
-
-- ``engine="torch"`` (default): the objective's differentiable loss, one fused/foreach
-  ``torch.optim.Adam`` over all parameters, data resident on the device and no host synchronisation
-  inside an epoch;
-- ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
-  who compose further Pyro machinery around it.
+The training step itself (and its two engines) lives in :mod:`dgc_pyro.inference.engine`.
 """
 
 from __future__ import annotations
@@ -18,23 +12,19 @@ from typing import Any, Callable
 
 import numpy as np
 import pyro
-import pyro.optim
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.objectives import Objective, get_objective
-from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss, repeat_counts
+from dgc_pyro.inference.engine import ENGINES, make_step
+from dgc_pyro.inference.perturbation import repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import seed_everything
-
-ENGINES = ("torch", "svi")
-
 
 @dataclass
 class History:
@@ -152,7 +142,7 @@ def fit(
         },
         train_counts=counts.tolist(),
     )
-    step = _make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev)
+    step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev)
 
     n = x_dev.shape[0]
     num_batches = math.ceil(n / batch_size)
@@ -197,61 +187,3 @@ def fit(
         history.best_epoch = epochs
     model.eval()
     return history
-
-
-def _make_step(
-    model: DGC,
-    loss_fn: Objective,
-    engine: str,
-    lr: float,
-    betas: tuple[float, float],
-    classifier_lr: float,
-    perturb: bool,
-    reps: torch.Tensor,
-    device: torch.device,
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync)."""
-    fused = device.type == "cuda"
-    cls_opt = torch.optim.Adam(model.classifier.parameters(), lr=classifier_lr, betas=betas, foreach=not fused, fused=fused or None)
-    zero = torch.zeros((), device=device)
-
-    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not perturb:
-            return zero
-        loc, scale = guide_normal_params(guide_trace, model, x, y)
-        loss = perturbation_loss(model, loc, scale, y, reps)
-        loss.backward()
-        cls_opt.step()
-        cls_opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def scaled(fn: Callable[..., Any]) -> Callable[..., Any]:
-        # Per-example loss, so the learning rate does not depend on the batch size.
-        def wrapped(x: torch.Tensor, y: torch.Tensor) -> Any:
-            with poutine.scale(scale=1.0 / x.shape[0]):
-                return fn(x, y)
-
-        return wrapped
-
-    guide = poutine.trace(model.guide)  # records q(z | x, y) for the perturbation step
-    model_fn, guide_fn = scaled(model.model), scaled(guide)
-
-    if engine == "svi":
-        svi = pyro.infer.SVI(model_fn, guide_fn, pyro.optim.Adam({"lr": lr, "betas": betas}), loss=loss_fn)
-
-        def svi_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            loss = svi.step(x, y)
-            return torch.tensor(loss, device=device), perturbation(guide.trace, x, y)
-
-        return svi_step
-
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, foreach=not fused, fused=fused or None)
-
-    def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = loss_fn(model_fn, guide_fn, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach(), perturbation(guide.trace, x, y)
-
-    return torch_step
