@@ -1,0 +1,100 @@
+"""The dgc-pyro command line, end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dgc_pyro.cli import main
+from dgc_pyro.io import load_checkpoint
+
+METRIC_KEYS = {"acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc"}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["fit", "--epochs", "3", "--no-progress", "--out", str(out), "--seed", "2"])
+    assert code == 0
+    return out
+
+
+def test_fit_writes_metrics_and_a_safe_checkpoint(digits_run, capsys):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
+    assert metrics["config"]["dataset"] == "digits" and metrics["config"]["seed"] == 2
+    assert METRIC_KEYS <= set(metrics["baseline"])
+    assert len(metrics["history"]["epochs"]) == 3
+    tensors, meta = load_checkpoint(digits_run / "model.safetensors")
+    assert meta["model"]["input_shape"] == [1, 8, 8]
+    assert any(k.startswith("encoder.") for k in tensors)
+
+
+def test_fit_prints_dgc_beside_the_baseline(tmp_path, capsys):
+    assert main(["fit", "--epochs", "1", "--no-progress", "--out", str(tmp_path), "--baseline", "logistic"]) == 0
+    out = capsys.readouterr().out
+    assert "DGC" in out and "baseline (logistic)" in out and "acsa" in out
+
+
+def test_evaluate_reloads_the_checkpoint_and_reproduces_the_metrics(digits_run, tmp_path, capsys):
+    code = main(["evaluate", "--checkpoint", str(digits_run / "model.safetensors"), "--out", str(tmp_path)])
+    assert code == 0
+    fitted = json.loads((digits_run / "metrics.json").read_text())
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert again[key] == pytest.approx(fitted[key])
+
+
+def test_fit_on_arrays_from_an_npz_file(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [30, 12, 6])
+    x = np.clip(rng.normal(0.2 + 0.3 * y[:, None], 0.1, size=(len(y), 6)), 0, 1).astype(np.float32)
+    np.savez(tmp_path / "toy.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    out = tmp_path / "out"
+    assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "2", "--no-progress", "--out", str(out),
+                 "--baseline", "none"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline"] is None and metrics["config"]["train_counts"] == [30, 12, 6]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--dataset", "mnist", "--data-dir", "{tmp}"], "download"),
+        (["fit", "--counts", "500,10"], "counts|class"),
+        (["fit", "--epochs", "0"], "epochs"),
+        (["evaluate", "--checkpoint", "{tmp}/missing.safetensors"], "missing.safetensors"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = tmp_path / "never"
+    code = main(argv + (["--out", str(out)] if argv[0] == "fit" else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_console_script_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "dgc_pyro.cli", "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--dataset" in proc.stdout
+
+
+def test_fashion_from_the_real_files(shared_data, tmp_path):
+    out = tmp_path / "fashion"
+    code = main(["fit", "--dataset", "fashion", "--data-dir", str(shared_data), "--epochs", "1", "--preset", "small",
+                 "--device", "cpu", "--counts", "60,40,30,20,15,10,8,6,5,4", "--baseline", "none", "--no-progress",
+                 "--test-subset", "200", "--num-samples", "2",
+                 "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["test_size"] == 200 and METRIC_KEYS <= set(metrics)

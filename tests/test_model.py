@@ -1,0 +1,125 @@
+"""The DGC model/guide pair: sites, shapes, networks and configuration."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from dgc_pyro.models import DGC, build_networks
+
+SHAPES = [(64,), (1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64)]
+
+
+def _trace(model: DGC, x, y):
+    with pyro.settings.context(module_local_params=True):
+        guide_tr = poutine.trace(model.guide).get_trace(x, y)
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x, y)
+    return guide_tr, model_tr
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_trace_has_observed_x_y_and_latent_z(shape):
+    model = DGC(shape, num_classes=5, latent_dim=8)
+    x = torch.rand(3, *shape)
+    y = torch.tensor([0, 4, 2])
+    guide_tr, model_tr = _trace(model, x, y)
+    sites = {n: s for n, s in model_tr.nodes.items() if s["type"] == "sample" and n != "data"}
+    assert set(sites) == {"z", "x", "y"}
+    assert sites["x"]["is_observed"] and sites["y"]["is_observed"]
+    assert not sites["z"]["is_observed"]
+    assert torch.equal(sites["x"]["value"], x) and torch.equal(sites["y"]["value"], y)
+    assert sites["z"]["value"].shape == (3, 8)
+    assert "z" in guide_tr.nodes and not guide_tr.nodes["z"]["is_observed"]
+    # Every example is one event of the plate "data".
+    model_tr.compute_log_prob()
+    for name in ("x", "y", "z"):
+        assert sites[name]["log_prob"].shape == (3,)
+        assert torch.isfinite(sites[name]["log_prob"]).all()
+
+
+def test_model_without_labels_samples_y_and_prior_predictive_samples_x():
+    model = DGC((1, 8, 8), num_classes=4, latent_dim=4)
+    x = torch.rand(6, 1, 8, 8)
+    with pyro.settings.context(module_local_params=True):
+        tr = poutine.trace(model.model).get_trace(x)
+        assert not tr.nodes["y"]["is_observed"]
+        y = tr.nodes["y"]["value"]
+        assert y.shape == (6,) and y.min() >= 0 and y.max() < 4
+        prior_tr = poutine.trace(model.model).get_trace(None, None, num_examples=5)
+    assert prior_tr.nodes["x"]["value"].shape == (5, 1, 8, 8)
+    assert not prior_tr.nodes["x"]["is_observed"]
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "normal"])
+def test_likelihoods_give_finite_log_probs(likelihood):
+    model = DGC((10,), num_classes=3, latent_dim=2, likelihood=likelihood)
+    x = torch.rand(4, 10)
+    _, tr = _trace(model, x, torch.tensor([0, 1, 2, 0]))
+    tr.compute_log_prob()
+    assert torch.isfinite(tr.nodes["x"]["log_prob"]).all()
+
+
+def test_paper_networks_follow_the_reference_grid_sizes():
+    enc, dec, cls = build_networks((1, 28, 28), 10, 64, "paper")
+    # 28 -> 14 -> 7 -> 4 -> 2 with 1024 channels: 4096 features, as in the reference code.
+    assert enc.feature_dim == 2 * 2 * 1024
+    assert dec(torch.zeros(2, 64)).shape == (2, 1, 28, 28)
+    assert cls(torch.zeros(2, 64)).shape == (2, 10)
+    enc, dec, cls = build_networks((3, 64, 64), 5, 64, "paper")
+    assert enc.feature_dim == 2 * 2 * 1024
+    assert dec(torch.zeros(1, 64)).shape == (1, 3, 64, 64)
+
+
+def test_custom_networks_replace_defaults_and_keep_sites():
+    class TinyClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, z):
+            return self.lin(z)
+
+    model = DGC((5,), num_classes=2, latent_dim=3, classifier=TinyClassifier())
+    assert isinstance(model.classifier, TinyClassifier)
+    assert model.config["custom_networks"] == ["classifier"]
+    _, tr = _trace(model, torch.rand(2, 5), torch.tensor([0, 1]))
+    assert tr.nodes["y"]["fn"].logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="custom networks"):
+        DGC.from_config(model.config)
+
+
+def test_config_round_trip_rebuilds_the_same_architecture():
+    model = DGC((1, 28, 28), 10, latent_dim=12, likelihood="normal", obs_scale=0.2, label_weight=3.0)
+    clone = DGC.from_config(model.config)
+    assert clone.config == model.config
+    assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_shape=(), num_classes=3), "input_shape"),
+        (dict(input_shape=(4,), num_classes=1), "num_classes"),
+        (dict(input_shape=(4,), num_classes=3, latent_dim=0), "latent_dim"),
+        (dict(input_shape=(4,), num_classes=3, preset="huge"), "preset"),
+        (dict(input_shape=(4,), num_classes=3, likelihood="poisson"), "likelihood"),
+        (dict(input_shape=(4,), num_classes=3, label_weight=0.0), "label_weight"),
+    ],
+)
+def test_bad_constructor_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DGC(**kwargs)
+
+
+def test_two_models_do_not_share_parameters_through_the_param_store():
+    pyro.clear_param_store()
+    a, b = DGC((4,), 2, latent_dim=2), DGC((4,), 2, latent_dim=2)
+    x, y = torch.rand(3, 4), torch.tensor([0, 1, 0])
+    with pyro.settings.context(module_local_params=True):
+        tr_a = poutine.trace(a.guide).get_trace(x, y)
+        tr_b = poutine.trace(b.guide).get_trace(x, y)
+    la, lb = tr_a.nodes["z"]["fn"].base_dist.loc, tr_b.nodes["z"]["fn"].base_dist.loc
+    assert not torch.allclose(la, lb)
+    assert len(pyro.get_param_store()) == 0
