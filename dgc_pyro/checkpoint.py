@@ -1,47 +1,346 @@
-"""Saving and loading fitted DGC models (safetensors; loading never executes code from the file)."""
+"""Saving and loading fitted DGC models and resumable training states.
+
+Both are safetensors files written atomically by :mod:`dgc_pyro.io`: tensors in the safetensors
+body, everything else as JSON in its header. Nothing is ever unpickled, so loading a file from an
+untrusted source can at worst be refused (``CheckpointError``), never run code.
+
+Training-state layout (``kind == "dgc_pyro.training_state"``): tensors are named ``model/<param>``,
+``best_model/<param>``, ``split/train_idx``, ``split/val_idx``, and ``optim/...`` / ``rng/...`` for the
+tensors inside the optimiser states and random number generator snapshots. Those nested structures
+are stored in the JSON metadata with every tensor replaced by ``{"__tensor__": name}``, dicts as
+``{"__dict__": [[key, value], ...]}`` (keeping int keys), tuples as ``{"__tuple__": [...]}`` and
+non-finite floats as ``{"__float__": "nan"}``.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint
+from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
 
+__all__ = [
+    "TRAINING_STATE_FILE",
+    "TrainingState",
+    "load_model",
+    "load_training_state",
+    "save_model",
+    "save_training_state",
+    "training_state_path",
+]
 
-def save_model(path: str | os.PathLike[str], model: DGC, metadata: dict[str, Any] | None = None) -> None:
+#: File name of the training state inside a checkpoint directory.
+TRAINING_STATE_FILE = "training_state.safetensors"
+#: File name ``dgc-pyro fit`` gives the fitted model inside its output folder.
+MODEL_FILE = "model.safetensors"
+
+_KIND = "dgc_pyro.training_state"
+_STATE_VERSION = 1
+
+PathLike = str | os.PathLike[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitted models
+
+
+def save_model(path: PathLike, model: DGC, metadata: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights and config (plus ``metadata``) atomically to ``path``."""
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     meta = dict(metadata or {})
     meta["model"] = model.config
     save_checkpoint(path, model.state_dict(), meta)
 
 
+def _map_location(map_location: str | torch.device) -> torch.device:
+    from dgc_pyro.inference.device import resolve_device
+
+    if isinstance(map_location, torch.device):
+        return resolve_device(map_location)
+    if not isinstance(map_location, str):
+        raise ValueError(f"map_location must be a device name such as 'cpu' or 'cuda', got {map_location!r}")
+    return resolve_device(map_location)
+
+
+def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Raise CheckpointError unless ``tensors`` has exactly ``model``'s state keys with the same shapes.
+
+    Checked before anything is copied, so a mismatching file leaves the model untouched.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model architecture: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for name, t in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{source} does not match the model architecture: {name} has shape {tuple(got.shape)} in the "
+                f"checkpoint but {tuple(t.shape)} in the model"
+            )
+        if got.dtype.is_floating_point != t.dtype.is_floating_point:
+            raise CheckpointError(f"{source} does not match the model: {name} has dtype {got.dtype}, expected {t.dtype}")
+
+
 def load_model(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", model: DGC | None = None
+    path: PathLike, *, map_location: str | torch.device = "cpu", model: DGC | None = None
 ) -> tuple[DGC, dict[str, Any]]:
     """Rebuild a model from a checkpoint written by :func:`save_model`; returns ``(model, metadata)``.
 
-    Models with custom networks cannot be rebuilt from their config: construct the model yourself and
-    pass it as ``model`` to have the weights loaded into it.
+    ``path`` may also be an output folder of ``dgc-pyro fit`` (its ``model.safetensors`` is loaded) or
+    a training state written by ``fit(..., checkpoint_dir=...)`` (the weights of its last epoch are
+    loaded). Models with custom networks cannot be rebuilt from their config: construct the model
+    yourself and pass it as ``model`` to have the weights loaded into it.
+
+    Raises:
+        FileNotFoundError: no such file (or a folder without ``model.safetensors``).
+        CheckpointError (a ValueError): not a dgc_pyro checkpoint (pickle files included: they are
+            refused, never unpickled), truncated or corrupted, or not matching the architecture.
+        ValueError: a bad ``map_location``.
     """
-    tensors, meta = load_checkpoint(path, map_location=map_location)
+    device = _map_location(map_location)
+    if model is not None and not isinstance(model, DGC):
+        raise ValueError(f"model must be a dgc_pyro.models.DGC or None, got {type(model).__name__}")
+    p = Path(path)
+    if p.is_dir():
+        if (p / MODEL_FILE).is_file():
+            p = p / MODEL_FILE
+        else:
+            raise FileNotFoundError(
+                2, f"{p} is a folder without {MODEL_FILE}; pass the model file written by save_model or dgc-pyro fit",
+                str(p / MODEL_FILE),
+            )
+    tensors, meta = load_checkpoint(p, map_location="cpu")
+    if meta.get("kind") == _KIND:
+        tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     config = meta.get("model")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} has no model config; it was not written by dgc_pyro.save_model")
+        raise CheckpointError(f"{p} has no model config; it was not written by dgc_pyro.save_model")
     if model is None:
         try:
             model = DGC.from_config(config)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot rebuild the model from its config: {e}") from None
+            raise CheckpointError(f"{p}: cannot rebuild the model from its config: {e}") from None
+    check_state_matches(model, tensors, p)
     try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:  # size mismatches
-        raise CheckpointError(f"{path} does not match the model architecture: {str(e).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # defensive: check_state_matches should have caught it
+        raise CheckpointError(f"{p} does not match the model architecture: {str(e).splitlines()[-1].strip()}") from None
+    return model.to(device), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Training states
+
+
+@dataclass
+class TrainingState:
+    """Everything a fit needs to continue exactly where it stopped (after ``epoch`` complete epochs).
+
+    Tensors are CPU copies. ``optimizers`` maps a name (``"main"``, ``"perturbation"``) to the nested
+    state of that optimiser (a ``torch.optim`` state dict, or ``{"per_param": {name: state dict}}`` for
+    Pyro's per-parameter optimisers); ``rng`` is :func:`dgc_pyro.reproducibility.get_rng_state`'s
+    snapshot; ``config`` the settings that must match on resume; ``fingerprint`` identifies the data.
+    """
+
+    epoch: int
+    global_step: int
+    model: dict[str, torch.Tensor]
+    optimizers: dict[str, Any]
+    rng: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float = -math.inf
+    best_model: dict[str, torch.Tensor] | None = None
+    train_idx: torch.Tensor | None = None
+    val_idx: torch.Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def training_state_path(path: PathLike) -> Path:
+    """The training-state file for ``path``: ``path`` itself if it is a file or ends in ``.safetensors``,
+    else ``path/training_state.safetensors``."""
+    p = Path(path)
+    if p.is_file() or (p.suffix == ".safetensors" and not p.is_dir()):
+        return p
+    return p / TRAINING_STATE_FILE
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else {"__float__": repr(v)}
+    if isinstance(obj, Mapping):
+        items = []
+        seen: set[str] = set()
+        for i, (k, v) in enumerate(obj.items()):
+            if isinstance(k, bool) or not isinstance(k, (str, int, np.integer)):
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__} ({k!r}) at {key}")
+            k = k if isinstance(k, str) else int(k)
+            # Readable tensor names (optim/main/state/3/exp_avg) unless the key could clash.
+            part = str(k) if (str(k) not in seen and "/" not in str(k) and not str(k).startswith("#")) else f"#{i}"
+            seen.add(part)
+            items.append([k, _encode(v, f"{key}/{part}", tensors)])
+        return {"__dict__": items}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    raise TypeError(f"cannot store an object of type {type(obj).__name__} at {key} in a training state")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str], where: str) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [_decode(v, tensors, used, where) for v in obj]
+    if isinstance(obj, dict) and len(obj) == 1:
+        (tag, value), = obj.items()
+        if tag == "__tensor__" and isinstance(value, str):
+            if value not in tensors:
+                raise ValueError(f"{where} refers to tensor {value!r}, which the file does not contain")
+            used.add(value)
+            return tensors[value]
+        if tag == "__float__" and value in ("nan", "inf", "-inf"):
+            return float(value)
+        if tag == "__tuple__" and isinstance(value, list):
+            return tuple(_decode(v, tensors, used, where) for v in value)
+        if tag == "__dict__" and isinstance(value, list):
+            out = {}
+            for pair in value:
+                if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int))
+                        and not isinstance(pair[0], bool)):
+                    raise ValueError(f"{where} holds a malformed dict entry {str(pair)[:80]}")
+                out[pair[0]] = _decode(pair[1], tensors, used, where)
+            return out
+    raise ValueError(f"{where} holds an unexpected value {str(obj)[:80]}")
+
+
+def save_training_state(path: PathLike, state: TrainingState) -> Path:
+    """Write ``state`` atomically to ``path`` (a folder gets ``training_state.safetensors``); returns the file."""
+    target = training_state_path(path)
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in state.model.items()}
+    if state.best_model is not None:
+        tensors.update({f"best_model/{k}": v for k, v in state.best_model.items()})
+    if state.train_idx is not None:
+        tensors["split/train_idx"] = state.train_idx
+    if state.val_idx is not None:
+        tensors["split/val_idx"] = state.val_idx
+    meta = {
+        "kind": _KIND,
+        "state_version": _STATE_VERSION,
+        "epoch": int(state.epoch),
+        "global_step": int(state.global_step),
+        "model": to_jsonable(state.model_config),
+        "config": to_jsonable(state.config),
+        "fingerprint": state.fingerprint,
+        "extra": to_jsonable(state.extra),
+        "history": _encode(state.history, "history", tensors),
+        "best_epoch": state.best_epoch,
+        "best_score": _encode(state.best_score, "best_score", tensors),
+        "has_best_model": state.best_model is not None,
+        "optimizers": _encode(state.optimizers, "optim", tensors),
+        "rng": _encode(state.rng, "rng", tensors),
+    }
+    save_checkpoint(target, tensors, meta)
+    return target
+
+
+def load_training_state(path: PathLike) -> TrainingState:
+    """Read a training state written by :func:`save_training_state` (tensors on CPU; never unpickles).
+
+    Raises FileNotFoundError when there is none, CheckpointError when the file is not a readable
+    dgc_pyro training state (truncated, corrupted, a pickle, a model file, a newer version).
+    """
+    p = training_state_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(2, "no training checkpoint found (expected it at this path)", str(p))
+    tensors, meta = load_checkpoint(p, map_location="cpu")
+    kind = meta.get("kind")
+    if kind != _KIND:
+        what = "a fitted model (save_model), not a training state" if "model" in meta else "not a training state"
+        raise CheckpointError(f"{p} is {what}; resume needs the {TRAINING_STATE_FILE} written by fit(checkpoint_dir=...)")
+    version = meta.get("state_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{p} is not a valid training state: malformed state_version {version!r}")
+    if version > _STATE_VERSION:
         raise CheckpointError(
-            f"{path} does not match the model architecture: missing {sorted(result.missing_keys)[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            f"{p} has training-state version {version}; this dgc_pyro reads up to {_STATE_VERSION}: upgrade dgc_pyro"
         )
-    return model.to(map_location), meta
+    used: set[str] = set()
+    try:
+        epoch, step = meta["epoch"], meta["global_step"]
+        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and step >= 0):
+            raise ValueError(f"bad epoch/global_step {epoch!r}/{step!r}")
+        model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        best = {k[len("best_model/"):]: v for k, v in tensors.items() if k.startswith("best_model/")}
+        if not model:
+            raise ValueError("no model tensors")
+        if bool(meta.get("has_best_model")) != bool(best):
+            raise ValueError("best-model tensors missing or unexpected")
+        history = _decode(meta["history"], tensors, used, "history")
+        optimizers = _decode(meta["optimizers"], tensors, used, "optimizers")
+        rng = _decode(meta["rng"], tensors, used, "rng")
+        best_score = _decode(meta.get("best_score", {"__float__": "-inf"}), tensors, used, "best_score")
+        if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
+            raise ValueError("history is not a list of records")
+        if not isinstance(optimizers, dict) or not isinstance(rng, dict):
+            raise ValueError("optimizer or rng state is not a dict")
+        if len(history) != epoch:
+            raise ValueError(f"history has {len(history)} records for {epoch} epochs")
+        for name in ("config", "model", "extra"):
+            if not isinstance(meta.get(name, {}), dict):
+                raise ValueError(f"{name} is not a JSON object")
+        best_epoch = meta.get("best_epoch")
+        if best_epoch is not None and not isinstance(best_epoch, int):
+            raise ValueError(f"bad best_epoch {best_epoch!r}")
+        if not isinstance(best_score, (int, float)):
+            raise ValueError(f"bad best_score {best_score!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{p} is not a valid training state: {type(e).__name__}: {e}") from None
+    for key in ("split/train_idx", "split/val_idx"):
+        t = tensors.get(key)
+        if t is not None and (t.dtype != torch.int64 or t.ndim != 1):
+            raise CheckpointError(f"{p} is not a valid training state: {key} must be a 1-D int64 tensor")
+    return TrainingState(
+        epoch=epoch,
+        global_step=step,
+        model=model,
+        optimizers=optimizers,
+        rng=rng,
+        history=history,
+        best_epoch=best_epoch,
+        best_score=float(best_score),
+        best_model=best or None,
+        train_idx=tensors.get("split/train_idx"),
+        val_idx=tensors.get("split/val_idx"),
+        config=meta.get("config", {}),
+        model_config=meta.get("model", {}),
+        fingerprint=str(meta.get("fingerprint", "")),
+        extra=meta.get("extra", {}),
+    )

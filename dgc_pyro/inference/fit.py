@@ -1,37 +1,110 @@
 """Fitting DGC by stochastic variational inference: the epoch loop, validation and model selection.
 
 The training step itself (and its two engines) lives in :mod:`dgc_pyro.inference.engine`.
+
+Reliability features of the loop (see ``docs/reliability.md``):
+
+* checkpoints: with ``checkpoint_dir`` the complete training state (weights, both optimisers, epoch,
+  step, history, every random number generator, the data order and the validation split) is written
+  atomically after every ``checkpoint_every`` epochs, as safetensors + JSON (never pickle);
+* resume: ``resume=True`` / ``resume_from=DIR`` continue from the last checkpoint; on CPU with the
+  same seed and data the result is bit-identical to an uninterrupted fit;
+* interrupts: Ctrl-C (KeyboardInterrupt) or SIGTERM during a checkpointed fit write the last
+  completed epoch's state before the exception propagates (:class:`TrainingInterrupted`);
+* divergence: a NaN/inf loss stops the fit with :class:`TrainingDivergedError`, naming the epoch, the
+  step and the term of the objective that blew up (found by replaying the step from the last good
+  state); the model is put back to the last good weights.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import math
+import signal
+import threading
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyro
+import pyro.optim
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from dgc_pyro.checkpoint import (
+    TRAINING_STATE_FILE,
+    TrainingState,
+    check_state_matches,
+    load_training_state,
+    save_training_state,
+    training_state_path,
+)
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.engine import ENGINES, make_step
+from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.perturbation import repeat_counts
 from dgc_pyro.inference.predict import predict
+from dgc_pyro.inference.pretrain import pretrain_encoder
+from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
-from dgc_pyro.reproducibility import seed_everything
+from dgc_pyro.reproducibility import deterministic_mode, get_rng_state, seed_everything, set_rng_state
+
+__all__ = ["History", "TrainingDivergedError", "TrainingInterrupted", "fit"]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss (or the perturbation step's loss) became NaN or infinite.
+
+    Attributes: ``epoch`` and ``step`` (1-based, within the epoch) and ``global_step`` of the first
+    non-finite step; ``loss`` / ``perturbation_loss`` of that step (None when the loss could not be
+    computed); ``terms`` (per-site values found by replaying the step), ``nonfinite_terms`` (their
+    names), ``nonfinite_parameters`` (parameters already non-finite before the step), ``last_good_epoch``
+    (the epoch whose weights the model was reset to) and ``checkpoint`` (the last good checkpoint file,
+    or None without ``checkpoint_dir``).
+    """
+
+    def __init__(self, message: str, **info: Any) -> None:
+        super().__init__(message)
+        self.epoch: int = info.get("epoch", 0)
+        self.step: int = info.get("step", 0)
+        self.global_step: int = info.get("global_step", 0)
+        self.loss: float | None = info.get("loss")
+        self.perturbation_loss: float | None = info.get("perturbation_loss")
+        self.terms: dict[str, float] = info.get("terms", {})
+        self.nonfinite_terms: list[str] = info.get("nonfinite_terms", [])
+        self.nonfinite_parameters: list[str] = info.get("nonfinite_parameters", [])
+        self.last_good_epoch: int = info.get("last_good_epoch", 0)
+        self.checkpoint: Path | None = info.get("checkpoint")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A checkpointed fit was stopped by Ctrl-C (``signum == SIGINT``) or SIGTERM.
+
+    Raised after the state of the last completed epoch (``epoch``) was written to ``checkpoint``;
+    continue with ``fit(..., resume=True)``. Subclasses KeyboardInterrupt, so ``except Exception``
+    does not swallow it.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.checkpoint: Path | None = None
+        self.epoch: int | None = None
+
 
 @dataclass
 class History:
     """What a fit did: one dict per epoch (``loss``, ``perturbation_loss``, validation metrics).
 
     ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds
-    when ``select_best`` was on.
+    when ``select_best`` was on; ``resumed_from`` the checkpoint epoch a resumed fit started from.
     """
 
     model: DGC
@@ -39,6 +112,8 @@ class History:
     best_epoch: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
     train_counts: list[int] = field(default_factory=list)
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -55,11 +130,257 @@ class History:
         }
 
 
-def _check_positive(name: str, value: float, integer: bool = False) -> None:
-    if integer and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a {'positive integer' if integer else 'positive number'}, got {value!r}")
+    if integer and not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+
+
+def _check_fit_args(
+    epochs: Any, batch_size: Any, lr: Any, seed: Any, val_fraction: Any, perturbation_rate: Any,
+    classifier_lr: Any, betas: Any, val_num_samples: Any, checkpoint_every: Any, check_every: Any,
+    pretrain_steps: Any,
+) -> None:
+    _check_positive("epochs", epochs, integer=True)
+    _check_positive("batch_size", batch_size, integer=True)
+    _check_positive("lr", lr)
+    _check_positive("val_num_samples", val_num_samples, integer=True)
+    _check_positive("checkpoint_every", checkpoint_every, integer=True)
+    if check_every is not None:
+        _check_positive("check_every", check_every, integer=True)
+    if classifier_lr is not None:
+        _check_positive("classifier_lr", classifier_lr)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, (int, np.integer)) or pretrain_steps < 0:
+        raise ValueError(f"pretrain_steps must be a non-negative integer, got {pretrain_steps!r}")
+    if (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating))
+            or not 0.0 <= val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if (isinstance(perturbation_rate, bool) or not isinstance(perturbation_rate, (int, float, np.floating))
+            or not math.isfinite(perturbation_rate) or perturbation_rate < 0):
+        raise ValueError(f"perturbation_rate must be a finite number >= 0, got {perturbation_rate!r}")
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}") from None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _fingerprint(*tensors: torch.Tensor | None) -> str:
+    """A cheap identity of the training data: shapes, dtypes and (a strided sample of) the values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"<none>")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        flat = t.reshape(-1)
+        stride = max(1, flat.numel() // (1 << 22))
+        h.update(flat[::stride].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots of the training state
+
+
+def _copy_tree(obj: Any) -> Any:
+    """Deep copy of a nested state with every tensor copied to CPU (nothing aliases live state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_copy_tree(v) for v in obj)
+    return obj
+
+
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _optimizer_state(opt: Any, model: DGC) -> dict[str, Any]:
+    if isinstance(opt, torch.optim.Optimizer):
+        return _copy_tree(opt.state_dict())
+    if isinstance(opt, pyro.optim.PyroOptim):
+        names = {id(p): n for n, p in model.named_parameters()}
+        per_param = {}
+        for p, o in opt.optim_objs.items():
+            if id(p) not in names:
+                raise RuntimeError("the svi engine's optimiser holds a parameter that is not the model's; cannot checkpoint it")
+            per_param[names[id(p)]] = _copy_tree(o.state_dict())
+        return {"per_param": per_param}
+    raise TypeError(f"cannot checkpoint an optimiser of type {type(opt).__name__}")
+
+
+def _load_torch_optimizer(opt: torch.optim.Optimizer, saved: Any) -> None:
+    state = _copy_tree(saved)
+    # Keep this run's implementation choices (fused on CUDA, foreach on CPU) over the saved ones.
+    for g_saved, g_now in zip(state.get("param_groups", []), opt.param_groups):
+        for k in _IMPL_KEYS:
+            if k in g_now:
+                g_saved[k] = g_now[k]
+    opt.load_state_dict(state)
+
+
+def _load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
+    if isinstance(opt, torch.optim.Optimizer):
+        _load_torch_optimizer(opt, saved)
+    elif isinstance(opt, pyro.optim.PyroOptim):
+        params = dict(model.named_parameters())
+        per_param = saved["per_param"]
+        unknown = sorted(set(per_param) - set(params))
+        if unknown:
+            raise ValueError(f"optimiser state for unknown parameters {unknown[:5]}")
+        opt.optim_objs.clear()
+        opt.grad_clip.clear()
+        for name, st in per_param.items():
+            p = params[name]
+            # PyroOptim creates one torch optimiser per parameter on first sight; create them now so
+            # that their state can be loaded (its set_state keys by param-store name, which
+            # module-local parameters do not have).
+            o = opt._get_optim(p)
+            _load_torch_optimizer(o, st)
+            opt.optim_objs[p] = o
+            opt.grad_clip[p] = opt._get_grad_clip(p)
+    else:
+        raise TypeError(f"cannot restore an optimiser of type {type(opt).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence diagnosis
+
+_TERM_NAMES = {
+    "x": "reconstruction term -log p(x | z)",
+    "y": "label term -log p(y | z)",
+    "z": "KL term log q(z | x, y) - log p(z)",
+    "perturbation": "perturbation step's cross-entropy",
+}
+
+
+def _describe(term: str) -> str:
+    return f"{term!r} ({_TERM_NAMES[term]})" if term in _TERM_NAMES else repr(term)
+
+
+def site_terms(model: DGC, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Per-site contributions to the per-example negative ELBO on one batch, with validation off.
+
+    Observed sites give ``-log p(site | ...)``; latent sites give ``log q - log p`` at the guide's draw
+    (the Monte Carlo KL term). Scaled like the training loss (``1 / len(x)``, ``label_weight`` on
+    ``"y"``). Non-finite values are reported, never raised.
+    """
+    terms: dict[str, float] = {}
+    with torch.no_grad(), pyro.validation_enabled(False), poutine.scale(scale=1.0 / x.shape[0]):
+        guide_tr = poutine.trace(model.guide).get_trace(x, y)
+        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x, y)
+
+        def log_prob(node: dict[str, Any]) -> float:
+            return float((node["fn"].log_prob(node["value"]) * node["scale"]).sum())
+
+        for name, node in model_tr.nodes.items():
+            if node["type"] != "sample" or site_is_subsample(node):
+                continue
+            if node["is_observed"]:
+                terms[name] = -log_prob(node)
+            elif name in guide_tr.nodes:
+                terms[name] = log_prob(guide_tr.nodes[name]) - log_prob(node)
+            else:
+                terms[name] = -log_prob(node)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+
+class _Run:
+    """The mutable state of one fit and the operations on it (snapshot, restore, save, diagnose)."""
+
+    def __init__(self, model: DGC, step: Callable, optimizers: dict[str, Any], generator: torch.Generator,
+                 ckpt_path: Path | None, static: dict[str, Any]) -> None:
+        self.model = model
+        self.step = step
+        self.optimizers = optimizers
+        self.generator = generator
+        self.ckpt_path = ckpt_path
+        self.static = static  # config, model_config, fingerprint, extra, train_idx, val_idx
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        self.best_score = -math.inf
+        self.best_model: dict[str, torch.Tensor] | None = None
+        self.global_step = 0
+        self.last_good: TrainingState | None = None
+        self.saved_epoch = -1
+
+    def snapshot(self, epoch: int) -> TrainingState:
+        return TrainingState(
+            epoch=epoch,
+            global_step=self.global_step,
+            model=_copy_tree(self.model.state_dict()),
+            optimizers={name: _optimizer_state(o, self.model) for name, o in self.optimizers.items()},
+            rng=get_rng_state(self.generator),
+            history=[dict(r) for r in self.history],
+            best_epoch=self.best_epoch,
+            best_score=self.best_score,
+            best_model=self.best_model,
+            train_idx=self.static["train_idx"],
+            val_idx=self.static["val_idx"],
+            config=self.static["config"],
+            model_config=self.static["model_config"],
+            fingerprint=self.static["fingerprint"],
+            extra=self.static["extra"],
+        )
+
+    def restore(self, state: TrainingState, *, source: Any = "the snapshot") -> list[str]:
+        """Load ``state`` into the model, optimisers, generators and bookkeeping; returns RNG notes."""
+        check_state_matches(self.model, state.model, source)
+        if state.best_model is not None:
+            check_state_matches(self.model, state.best_model, f"{source} (best model)")
+        missing = sorted(set(self.optimizers) - set(state.optimizers))
+        if missing:
+            raise CheckpointError(f"{source} lacks the state of optimiser(s) {missing}")
+        self.model.load_state_dict(state.model)
+        try:
+            for name, opt in self.optimizers.items():
+                _load_optimizer_state(opt, state.optimizers[name], self.model)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{source}: the optimiser state does not fit this model/engine ({type(e).__name__}: {e})") from None
+        try:
+            notes = set_rng_state(state.rng, self.generator)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        self.history = [dict(r) for r in state.history]
+        self.best_epoch, self.best_score, self.best_model = state.best_epoch, state.best_score, state.best_model
+        self.global_step = state.global_step
+        return notes
+
+    def save(self, state: TrainingState) -> Path | None:
+        if self.ckpt_path is None:
+            return None
+        if state.epoch != self.saved_epoch:
+            save_training_state(self.ckpt_path, state)
+            self.saved_epoch = state.epoch
+        return self.ckpt_path
+
+
+def _first_nonfinite(mains: list[torch.Tensor], perts: list[torch.Tensor]) -> int | None:
+    if not mains:
+        return None
+    both = torch.stack([torch.stack(mains), torch.stack(perts)])
+    bad = ~torch.isfinite(both).all(0)
+    idx = torch.nonzero(bad)
+    return int(idx[0, 0]) if idx.numel() else None  # one host sync
 
 
 def fit(
@@ -84,11 +405,23 @@ def fit(
     val_num_samples: int = 10,
     select_best: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    pretrain_steps: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    checkpoint_metadata: Mapping[str, Any] | None = None,
+    check_every: int | None = None,
+    deterministic: bool = False,
+    compile: bool | dict[str, Any] = False,
+    devices: int = 1,
+    strategy: str | None = None,
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
     Args:
-        x, y: training features ``(N, *model.input_shape)`` in [0, 1] and integer labels.
+        x, y: training features ``(N, *model.input_shape)`` in [0, 1] and integer labels; every class
+            ``0..num_classes-1`` must have at least one training example.
         epochs, batch_size, lr: optimisation schedule (Adam with ``betas``).
         objective: ``"elbo"`` (``Trace_ELBO``), ``"elbo-analytic"``, or a loss callable
             ``loss(model_fn, guide_fn, x, y) -> Tensor`` as ``pyro.infer.SVI`` accepts.
@@ -102,88 +435,351 @@ def fit(
         val_num_samples: latent draws per class when scoring the validation split.
         select_best: restore the weights of the epoch with the best validation ACSA.
         callback: called as ``callback(epoch, record)`` after every epoch.
+        pretrain_steps: steps of the reference code's encoder pre-training (z's mean/covariance matched
+            to the prior, :func:`~dgc_pyro.inference.pretrain.pretrain_encoder`) before the first epoch; 0 skips it.
+        checkpoint_dir: folder for ``training_state.safetensors``, written atomically every
+            ``checkpoint_every`` epochs, after the last epoch, and when the fit is interrupted (Ctrl-C,
+            SIGTERM) or diverges (the last good state).
+        resume: continue from ``checkpoint_dir``'s checkpoint when there is one (start afresh when
+            there is none, so a job script can always pass it).
+        resume_from: continue from this checkpoint folder or file (it must exist); later checkpoints
+            go to ``checkpoint_dir``, or back to the same file when ``checkpoint_dir`` is None.
+            Resuming needs the same data and settings (``epochs`` may grow); on CPU the result is
+            bit-identical to an uninterrupted fit.
+        checkpoint_metadata: JSON-able dict stored in the checkpoint (``dgc-pyro fit`` keeps its run
+            configuration there); a resumed fit keeps the saved one when this is None.
+        check_every: also check the loss for NaN/inf every this many steps (one host sync each);
+            by default it is checked once per epoch.
+        deterministic: run the fit under :func:`dgc_pyro.reproducibility.deterministic_mode`
+            (deterministic torch/cuDNN algorithms; only matters on CUDA).
+        compile: ``torch.compile`` the networks (True, or a dict of compile options); off by default
+            (see :func:`dgc_pyro.inference.engine.compile_networks`).
+        devices, strategy: data-parallel fitting over ``devices`` processes (``strategy="ddp"``: gloo on
+            CPU, nccl on CUDA; under ``torchrun`` the launched ranks), see
+            :mod:`dgc_pyro.inference.distributed`; the fitted weights end up in ``model``.
+
+    Raises:
+        ValueError: bad data or arguments. TrainingDivergedError (a FloatingPointError): the loss
+        became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
+        resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
+    if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes
+        arguments = dict(locals())
+        from dgc_pyro.inference.distributed import fit_distributed
+
+        return fit_distributed(**arguments)
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
-    _check_positive("epochs", epochs, integer=True)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("lr", lr)
+    _check_fit_args(epochs, batch_size, lr, seed, val_fraction, perturbation_rate, classifier_lr, betas,
+                    val_num_samples, checkpoint_every, check_every, pretrain_steps)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {callback!r}")
+    if checkpoint_metadata is not None and not isinstance(checkpoint_metadata, Mapping):
+        raise ValueError(f"checkpoint_metadata must be a dict, got {type(checkpoint_metadata).__name__}")
     loss_fn = get_objective(objective)
-    x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes)
+    x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes, require_all_classes=True)
     if (x_val is None) != (y_val is None):
         raise ValueError("pass both x_val and y_val, or neither")
-
-    seed_everything(seed)
     if x_val is not None:
         x_val, y_val = check_xy(x_val, y_val, input_shape=model.input_shape, num_classes=model.num_classes)
-    elif val_fraction > 0:
-        train_idx, val_idx = stratified_holdout(y.numpy(), val_fraction, seed)
-        x_val, y_val = x[val_idx], y[val_idx]
-        x, y = x[train_idx], y[train_idx]
-
-    counts = np.bincount(y.numpy(), minlength=model.num_classes)
     dev = resolve_device(device)
-    model.to(dev)
-    x_dev = x.to(dev, non_blocking=True)
-    y_dev = y.to(dev, non_blocking=True)
-    reps = repeat_counts(counts, perturbation_rate).to(dev)
 
-    history = History(
-        model=model,
-        config={
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "betas": list(betas),
-            "objective": objective if isinstance(objective, str) else getattr(objective, "__name__", "custom"),
-            "device": str(dev), "seed": seed, "val_fraction": val_fraction,
-            "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
-        },
-        train_counts=counts.tolist(),
-    )
-    step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev)
+    # Where checkpoints come from and go to; every problem here is raised before training starts.
+    ckpt_path = Path(checkpoint_dir) / TRAINING_STATE_FILE if checkpoint_dir is not None else None
+    if ckpt_path is not None and ckpt_path.parent.exists() and not ckpt_path.parent.is_dir():
+        raise ValueError(f"checkpoint_dir {ckpt_path.parent} exists and is not a folder")
+    saved: TrainingState | None = None
+    source: Path | None = None
+    if resume_from is not None:
+        source = training_state_path(resume_from)
+        saved = load_training_state(source)  # FileNotFoundError / CheckpointError
+        if ckpt_path is None:
+            ckpt_path = source
+    elif resume:
+        if ckpt_path is None:
+            raise ValueError("resume=True needs checkpoint_dir (or pass resume_from=DIR)")
+        if ckpt_path.exists():
+            source = ckpt_path
+            saved = load_training_state(source)
+    if saved is not None and saved.epoch > epochs:
+        raise ValueError(f"the checkpoint {source} is at epoch {saved.epoch}, beyond epochs={epochs}")
 
-    n = x_dev.shape[0]
-    num_batches = math.ceil(n / batch_size)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    best_score, best_state = -math.inf, None
-    bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress, leave=False)
-    with pyro.settings.context(module_local_params=True):
+    objective_name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+    resume_config = to_jsonable({
+        "batch_size": batch_size, "lr": lr, "betas": list(betas), "objective": objective_name, "seed": seed,
+        "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
+        "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
+        "select_best": bool(select_best), "pretrain_steps": pretrain_steps,
+    })
+    need_fingerprint = ckpt_path is not None or saved is not None
+    fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
+    if saved is not None:
+        _check_resumable(saved, source, model, resume_config, fingerprint)
+
+    with deterministic_mode(deterministic):
+        seed_everything(seed)
+        train_idx = val_idx = None
+        if x_val is None and val_fraction > 0:
+            if saved is not None and saved.train_idx is not None and saved.val_idx is not None:
+                train_idx, val_idx = saved.train_idx, saved.val_idx
+                if len(train_idx) + len(val_idx) != len(y) or bool((torch.cat([train_idx, val_idx]) >= len(y)).any()):
+                    raise CheckpointError(f"{source}: its validation split does not fit the {len(y)} training examples")
+            else:
+                tr, va = stratified_holdout(y.numpy(), val_fraction, seed)
+                train_idx, val_idx = torch.from_numpy(tr), torch.from_numpy(va)
+            x_val, y_val = x[val_idx], y[val_idx]
+            x, y = x[train_idx], y[train_idx]
+
+        counts = np.bincount(y.numpy(), minlength=model.num_classes)
+        model.to(dev)
+        x_dev = x.to(dev, non_blocking=True)
+        y_dev = y.to(dev, non_blocking=True)
+        reps = repeat_counts(counts, perturbation_rate).to(dev)
+
+        history = History(
+            model=model,
+            config={
+                "epochs": epochs, "batch_size": batch_size, "lr": lr, "betas": list(betas),
+                "objective": objective_name,
+                "device": str(dev), "seed": seed, "val_fraction": val_fraction,
+                "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
+                "pretrain_steps": pretrain_steps,
+            },
+            train_counts=counts.tolist(),
+        )
+        if pretrain_steps and saved is None:
+            pretrain_encoder(model, x_dev, y_dev, pretrain_steps, batch_size=batch_size, lr=lr, betas=betas, seed=seed)
+        step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev,
+                         compile=compile)
+        optimizers = getattr(step, "optimizers", None)
+        if not isinstance(optimizers, dict):
+            raise RuntimeError("make_step must expose the step's optimisers as step.optimizers (a dict)")
+
+        extra = dict(checkpoint_metadata) if checkpoint_metadata is not None else (saved.extra if saved else {})
+        run = _Run(model, step, optimizers, torch.Generator(device=dev).manual_seed(seed), ckpt_path, {
+            "config": resume_config, "model_config": model.config, "fingerprint": fingerprint,
+            "extra": to_jsonable(extra), "train_idx": train_idx, "val_idx": val_idx,
+        })
+        start = 0
+        if saved is not None:
+            notes = run.restore(saved, source=source)
+            if notes:
+                warnings.warn(
+                    f"resuming from {source}: {'; '.join(notes)}; the continued fit is not bit-identical to an "
+                    "uninterrupted one", RuntimeWarning, stacklevel=2,
+                )
+            start = saved.epoch
+            history.resumed_from = start
+            if source == ckpt_path:
+                run.saved_epoch = start
+        history.checkpoint = ckpt_path
+        run.last_good = run.snapshot(start)
+
+        ctx = _Loop(run, x_dev, y_dev, x_val, y_val, counts, batch_size, epochs, checkpoint_every, check_every,
+                    select_best, val_num_samples, callback, progress, lr)
+        ctx.run(start)
+
+        history.epochs = run.history
+        history.best_epoch = run.best_epoch
+        if run.best_model is not None:
+            model.load_state_dict(run.best_model)
+        elif select_best or x_val is None:
+            history.best_epoch = epochs
+        model.eval()
+    return history
+
+
+def _check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
+    if saved.model_config and saved.model_config != to_jsonable(model.config):
+        diff = sorted(k for k in set(saved.model_config) | set(model.config)
+                      if saved.model_config.get(k) != to_jsonable(model.config).get(k))
+        raise CheckpointError(
+            f"cannot resume from {source}: it was written for a different model ("
+            + ", ".join(f"{k}: {saved.model_config.get(k)!r} in the checkpoint, {to_jsonable(model.config).get(k)!r} now" for k in diff)
+            + ")"
+        )
+    check_state_matches(model, saved.model, source)
+    diff = sorted(k for k in set(saved.config) | set(config) if saved.config.get(k) != config.get(k))
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {source}: it was written by a fit with different settings ("
+            + ", ".join(f"{k}={saved.config.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in diff)
+            + "); pass the same settings (only epochs may change)"
+        )
+    if saved.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"cannot resume from {source}: the training data differ from the data it was trained on "
+            "(pass the same x, y and validation data)"
+        )
+
+
+class _Loop:
+    """The epoch loop with divergence checks, checkpoints and interrupt handling."""
+
+    def __init__(self, run: _Run, x: torch.Tensor, y: torch.Tensor, x_val: Any, y_val: Any, counts: np.ndarray,
+                 batch_size: int, epochs: int, checkpoint_every: int, check_every: int | None, select_best: bool,
+                 val_num_samples: int, callback: Any, progress: bool, lr: float) -> None:
+        self.run_ = run
+        self.x, self.y, self.x_val, self.y_val, self.counts = x, y, x_val, y_val, counts
+        self.batch_size, self.epochs = batch_size, epochs
+        self.checkpoint_every, self.check_every = checkpoint_every, check_every
+        self.select_best, self.val_num_samples = select_best, val_num_samples
+        self.callback, self.progress, self.lr = callback, progress, lr
+        self.n = x.shape[0]
+        self.num_batches = math.ceil(self.n / batch_size)
+
+    def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+    def run(self, start: int) -> None:
+        run = self.run_
+        use_signal = run.ckpt_path is not None and threading.current_thread() is threading.main_thread()
+        previous = None
+        if use_signal:
+            def on_sigterm(signum: int, frame: Any) -> None:
+                raise TrainingInterrupted(signum)
+
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            with pyro.settings.context(module_local_params=True):
+                self._epochs(start)
+        except KeyboardInterrupt as exc:
+            if run.ckpt_path is None:
+                raise
+            if use_signal:  # a second SIGTERM must not abort the checkpoint being written
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            path = run.save(run.last_good)
+            interrupted = exc if isinstance(exc, TrainingInterrupted) else TrainingInterrupted(signal.SIGINT)
+            interrupted.checkpoint, interrupted.epoch = path, run.last_good.epoch
+            if interrupted is exc:
+                raise
+            raise interrupted from exc
+        finally:
+            if use_signal:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _epochs(self, start: int) -> None:
+        run = self.run_
+        model = run.model
+        bar = tqdm(range(start + 1, self.epochs + 1), desc="fit", unit="epoch", disable=not self.progress,
+                   leave=False, initial=start, total=self.epochs)
         for epoch in bar:
             model.train()
-            perm = torch.randperm(n, device=dev, generator=generator)
-            loss_sum = torch.zeros((), device=dev)
-            pert_sum = torch.zeros((), device=dev)
-            for b in range(num_batches):
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                main, pert = step(x_dev[idx], y_dev[idx])
-                loss_sum += main
-                pert_sum += pert
+            perm = torch.randperm(self.n, device=self.x.device, generator=run.generator)
+            mains: list[torch.Tensor] = []
+            perts: list[torch.Tensor] = []
+            checked = 0
+            for b in range(self.num_batches):
+                try:
+                    main, pert = run.step(*self.batch(perm, b))
+                except ValueError as e:
+                    # torch.distributions' argument validation: non-finite parameters reached a distribution.
+                    if "found invalid values" not in str(e):
+                        raise
+                    k = _first_nonfinite(mains, perts)
+                    self._diverged(epoch, b if k is None else k, mains, perts, error=e)
+                mains.append(main)
+                perts.append(pert)
+                if self.check_every and (b + 1) % self.check_every == 0:
+                    k = _first_nonfinite(mains[checked:], perts[checked:])
+                    if k is not None:
+                        self._diverged(epoch, checked + k, mains, perts)
+                    checked = b + 1
+            totals = torch.stack([torch.stack(mains).double().sum(), torch.stack(perts).double().sum()]).tolist()
+            if not all(math.isfinite(v) for v in totals):
+                k = _first_nonfinite(mains, perts)
+                self._diverged(epoch, k if k is not None else self.num_batches - 1, mains, perts)
+            run.global_step += self.num_batches
             record: dict[str, float] = {
                 "epoch": epoch,
-                "loss": loss_sum.item() / num_batches,
-                "perturbation_loss": pert_sum.item() / num_batches,
+                "loss": totals[0] / self.num_batches,
+                "perturbation_loss": totals[1] / self.num_batches,
             }
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"the training loss became {record['loss']} in epoch {epoch}; lower the learning rate "
-                    "or check the data"
-                )
-            if x_val is not None:
-                pred = predict(model, x_val, val_num_samples)
-                report = imbalance_report(y_val, pred.labels.cpu(), num_classes=model.num_classes, train_counts=counts)
+            if self.x_val is not None:
+                pred = predict(model, self.x_val, self.val_num_samples)
+                report = imbalance_report(self.y_val, pred.labels.cpu(), num_classes=model.num_classes,
+                                          train_counts=self.counts)
                 record.update({f"val_{k}": v for k, v in report.items()})
-                if select_best and report["acsa"] > best_score:
-                    best_score, history.best_epoch = report["acsa"], epoch
-                    best_state = copy.deepcopy(model.state_dict())
-            history.epochs.append(record)
+                if self.select_best and report["acsa"] > run.best_score:
+                    run.best_score, run.best_epoch = report["acsa"], epoch
+                    run.best_model = _copy_tree(model.state_dict())
+            run.history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "val_acsa")})
-            if callback is not None:
-                callback(epoch, record)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    elif select_best or x_val is None:
-        history.best_epoch = epochs
-    model.eval()
-    return history
+            if self.callback is not None:
+                self.callback(epoch, record)
+            run.last_good = run.snapshot(epoch)
+            if run.ckpt_path is not None and (epoch % self.checkpoint_every == 0 or epoch == self.epochs):
+                run.save(run.last_good)
+
+    def _diverged(self, epoch: int, k: int, mains: list[torch.Tensor], perts: list[torch.Tensor],
+                  error: Exception | None = None) -> None:
+        """Locate the term that blew up in step ``k`` of ``epoch``, reset to the last good state, raise."""
+        run = self.run_
+        good = run.last_good
+        assert good is not None
+        main = float(mains[k]) if k < len(mains) else None
+        pert = float(perts[k]) if k < len(perts) else None
+        terms: dict[str, float] = {}
+        bad_params: list[str] = []
+        note = ""
+        try:
+            # Replay the epoch from the last good state up to step k (same RNG draws on the same
+            # device), then evaluate every site of the model and guide on the offending batch.
+            run.restore(good)
+            perm = torch.randperm(self.n, device=self.x.device, generator=run.generator)
+            for b in range(k):
+                run.step(*self.batch(perm, b))
+            bad_params = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if main is None or not math.isfinite(main):
+                terms = site_terms(run.model, *self.batch(perm, k))
+        except Exception as e:  # noqa: BLE001 - the diagnosis is best effort; the divergence is reported anyway
+            note = f" (replaying the step to find the term failed: {type(e).__name__}: {str(e).splitlines()[0]})"
+        finally:
+            try:
+                run.restore(good)
+            except Exception:  # noqa: BLE001
+                pass
+        if pert is not None and not math.isfinite(pert):
+            terms["perturbation"] = pert
+        nonfinite = [t for t, v in terms.items() if not math.isfinite(v)]
+        path = None
+        if run.ckpt_path is not None:
+            try:
+                path = run.save(good)
+            except OSError as e:
+                note += f" (writing the last good checkpoint failed: {e})"
+        if main is None:
+            detail = str(error).splitlines()[0].split(" to satisfy the constraint")[0] if error else "invalid values"
+            what = f"the loss could not be computed ({detail[:160]}: non-finite values)"
+        else:
+            what = f"the training loss is {main}"
+            if pert is not None and not math.isfinite(pert):
+                what += f" and the perturbation loss is {pert}"
+        parts = []
+        if nonfinite:
+            parts.append("non-finite term(s): " + ", ".join(f"{_describe(t)} = {terms[t]}" for t in nonfinite))
+        main_bad = main is None or not math.isfinite(main)
+        if main_bad and not note and not any(t != "perturbation" for t in nonfinite):
+            parts.append("replaying the step did not reproduce a non-finite model/guide term "
+                         "(a non-deterministic device or objective?)")
+        where = "; ".join(parts)
+        if bad_params:
+            where += ("; " if where else "") + (
+                f"parameters already non-finite before the step: {bad_params[:5]}"
+            )
+        message = (
+            f"training diverged in epoch {epoch}, step {k + 1}/{self.num_batches} "
+            f"(global step {good.global_step + k + 1}): {what}"
+            + (f"; {where}" if where else "") + note
+            + f". The model was reset to the weights after epoch {good.epoch}"
+            + (f"; last good checkpoint: {path}" if path else "")
+            + f". Lower the learning rate (lr={self.lr}) or check the data."
+        )
+        raise TrainingDivergedError(
+            message, epoch=epoch, step=k + 1, global_step=good.global_step + k + 1, loss=main,
+            perturbation_loss=pert, terms=terms, nonfinite_terms=nonfinite, nonfinite_parameters=bad_params,
+            last_good_epoch=good.epoch, checkpoint=path,
+        ) from error
