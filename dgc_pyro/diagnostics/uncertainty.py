@@ -1,0 +1,134 @@
+"""Calibration, uncertainty scores, the reject option and accuracy-coverage curves.
+
+Every function takes either a class-probability matrix ``proba`` ``(N, C)`` (numpy, torch or list)
+or a :class:`~dgc_pyro.inference.Prediction`. The calibration numbers come from
+:mod:`dgc_pyro.metrics`; this module only gathers and extends them.
+
+Uncertainty scores (larger = less certain), all in nats or probability units:
+
+- ``"entropy"``: total predictive entropy H[p(y | x)], in [0, log C];
+- ``"least_confidence"``: 1 - max_c p(y = c | x), in [0, 1 - 1/C];
+- ``"mutual_information"``: epistemic part of the entropy (a :class:`Prediction` only);
+- ``"expected_entropy"``: aleatoric part of the entropy (a :class:`Prediction` only).
+
+The reject option rejects an example when its score is *strictly greater* than the threshold and
+accepts it otherwise (so threshold ``inf`` accepts everything and a negative threshold rejects
+everything).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dgc_pyro.inference.predict import Prediction
+from dgc_pyro.metrics import (
+    _proba_pair,
+    brier_score,
+    expected_calibration_error,
+    negative_log_likelihood,
+    reliability_bins,
+)
+
+__all__ = [
+    "UNCERTAINTY_SCORES",
+    "calibration",
+    "coverage_accuracy_curve",
+    "reject",
+    "reliability",
+    "uncertainty_score",
+]
+
+UNCERTAINTY_SCORES = ("entropy", "least_confidence", "mutual_information", "expected_entropy")
+
+
+def _numpy(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def _proba_of(proba: Any) -> np.ndarray:
+    return _numpy(proba.proba if isinstance(proba, Prediction) else proba)
+
+
+def uncertainty_score(proba: Any, score: str = "entropy") -> np.ndarray:
+    """Per-example uncertainty ``(N,)`` of a probability matrix or a :class:`Prediction`.
+
+    ``score`` is one of :data:`UNCERTAINTY_SCORES`; the entropy decomposition scores need a
+    :class:`Prediction` (a probability matrix does not carry the per-draw posteriors).
+    """
+    if score not in UNCERTAINTY_SCORES:
+        raise ValueError(f"score must be one of {UNCERTAINTY_SCORES}, got {score!r}")
+    if isinstance(proba, Prediction):
+        if score == "least_confidence":
+            return 1.0 - _numpy(proba.proba).max(axis=1)
+        return _numpy(getattr(proba, score)).astype(np.float64)
+    if score in ("mutual_information", "expected_entropy"):
+        raise ValueError(f"score {score!r} needs a Prediction (from dgc_pyro.inference.predict), not a proba matrix")
+    p = _numpy(proba).astype(np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"proba must be a 2-D (n_examples, n_classes) array, got shape {p.shape}")
+    if score == "least_confidence":
+        return 1.0 - p.max(axis=1)
+    return -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1)
+
+
+def reject(proba: Any, threshold: float, score: str = "entropy") -> np.ndarray:
+    """Boolean mask ``(N,)``, True where the example is rejected (``score > threshold``)."""
+    return uncertainty_score(proba, score) > float(threshold)
+
+
+def calibration(y_true: Any, proba: Any, n_bins: int = 15) -> dict[str, float]:
+    """``ece`` (top-label, ``n_bins`` equal-width bins), ``nll`` and ``brier`` of a class posterior."""
+    p = _proba_of(proba)
+    return {
+        "ece": expected_calibration_error(y_true, p, n_bins=n_bins),
+        "nll": negative_log_likelihood(y_true, p),
+        "brier": brier_score(y_true, p),
+    }
+
+
+def reliability(y_true: Any, proba: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Per-bin data of a reliability diagram (see :func:`dgc_pyro.metrics.reliability_bins`)."""
+    return reliability_bins(y_true, _proba_of(proba), n_bins=n_bins)
+
+
+def coverage_accuracy_curve(y_true: Any, proba: Any, score: str = "entropy") -> dict[str, np.ndarray]:
+    """Accuracy and ACSA on the accepted examples as the reject threshold sweeps the scores.
+
+    Examples are accepted from the most to the least certain; one point per distinct score value
+    (ties are accepted together). Returns arrays of equal length, in increasing coverage:
+
+    - ``threshold``: accept examples whose score is <= this value;
+    - ``coverage``: fraction of examples accepted (the last point is 1);
+    - ``accuracy``: accuracy on the accepted examples;
+    - ``acsa``: mean per-class recall on the accepted examples, over the classes that have at least
+      one accepted example (a class whose examples are all rejected is left out rather than counted
+      as recall 0, so that ACSA measures the quality of what is kept).
+    """
+    yt, p = _proba_pair(y_true, _proba_of(proba))
+    s = uncertainty_score(proba, score)
+    if s.shape != yt.shape:
+        raise ValueError(f"the scores have shape {s.shape} but y_true has {yt.size} labels")
+    n, c = p.shape
+    order = np.argsort(s, kind="stable")
+    s_sorted = s[order]
+    y_sorted = yt[order]
+    correct = (p.argmax(axis=1) == yt)[order]
+    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
+    k = ends + 1
+    cum_correct = np.cumsum(correct)[ends]
+    onehot = np.zeros((n, c))
+    onehot[np.arange(n), y_sorted] = 1.0
+    total_c = np.cumsum(onehot, axis=0)[ends]
+    correct_c = np.cumsum(onehot * correct[:, None], axis=0)[ends]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(total_c > 0, correct_c / total_c, np.nan)
+    return {
+        "threshold": s_sorted[ends],
+        "coverage": k / n,
+        "accuracy": cum_correct / k,
+        "acsa": np.nanmean(recall, axis=1),
+    }

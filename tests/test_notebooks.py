@@ -1,0 +1,98 @@
+"""The notebooks run top to bottom (tiny settings) and are committed without outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NAMES = [p.name for p in NOTEBOOKS]
+
+# Tiny settings read by every notebook's parameter cell.
+TINY_ENV = {
+    "DGC_NB_EPOCHS": "1",
+    "DGC_NB_NUM_SAMPLES": "3",
+    "DGC_NB_MAX_TEST": "100",
+    "DGC_NB_NUM_DRAWS": "30",  # PSIS needs at least 25 draws
+    "DGC_NB_NUM_EXAMPLES": "40",
+    "MPLBACKEND": "Agg",
+    # Tiny networks are fastest on one thread, and the machine is shared.
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def test_the_expected_notebooks_exist():
+    assert NAMES == ["01_quickstart.ipynb", "02_custom_model.ipynb", "03_posterior_diagnostics.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "a notebook without code"
+    for cell in code:
+        assert cell.outputs == [], f"{path.name}: a code cell has committed outputs"
+        assert cell.execution_count is None, f"{path.name}: a code cell has an execution count"
+    # The first code cell is the parameter cell and reads the tiny settings from the environment.
+    params = code[0]
+    assert "parameters" in params.metadata.get("tags", [])
+    assert 'os.environ.get("DGC_NB_EPOCHS"' in params.source
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """One kernel on this interpreter (the venv's) for all notebooks, with the tiny settings.
+
+    A kernelspec naming ``sys.executable`` makes the interpreter certain, whatever other ``python3``
+    kernels are installed. The notebooks share the kernel process only to pay the imports (torch,
+    Pyro, ArviZ: many seconds on a shared machine) once: each notebook starts from a namespace cleared
+    with ``%reset -f``, so it still runs top to bottom on its own definitions.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    root = tmp_path_factory.mktemp("kernels")
+    (root / "dgc-test").mkdir()
+    (root / "dgc-test" / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "dgc_pyro test kernel",
+                "language": "python",
+            }
+        )
+    )
+    workdir = tmp_path_factory.mktemp("notebook-cwd")
+    km = KernelManager(kernel_name="dgc-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(root)]))
+    km.start_kernel(env={**os.environ, **TINY_ENV}, cwd=str(workdir))
+    yield km
+    km.shutdown_kernel(now=True)
+
+
+RESET = 'import matplotlib.pyplot as _plt\n_plt.close("all")\n%reset -f'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_notebook_executes(path, kernel):
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(RESET))
+    nb.cells.append(nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.environ['DGC_NB_EPOCHS'])"))
+    NotebookClient(nb, km=kernel, timeout=180).execute()
+    # Every cell ran without error, on this interpreter, with the tiny settings.
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs).split()
+    assert Path(printed[0]) == Path(sys.executable) and printed[1] == TINY_ENV["DGC_NB_EPOCHS"]
+    # The committed file is untouched by the run.
+    assert all(c.outputs == [] for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
