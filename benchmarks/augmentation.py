@@ -1,0 +1,245 @@
+"""Does DGC's synthetic minority data help a plain CNN? A three-arm comparison on one imbalanced subset.
+
+Arms, all the same plain CNN (``dgc_pyro.baselines.fit_baseline("ce", ...)``, same seed, same epochs,
+no validation-based model selection so that no arm selects on synthetic data):
+
+  (a) the imbalanced training subset as is;
+  (b) the subset plus DGC's synthetic minority examples (a DGC is fitted on the subset, then
+      ``dgc_pyro.inference.augment``);
+  (c) the subset plus SMOTE's synthetic examples (imblearn's SMOTE on flattened pixels, clipped to [0, 1]).
+
+(b) and (c) add exactly the same number of examples per class (one imbalanced-learn sampling strategy).
+Every arm is scored on the full test split with ``dgc_pyro.metrics.imbalance_report``, using the
+subset's training counts to name the minority (R_MI) and majority (P_MA) classes.
+
+    python benchmarks/augmentation.py --dataset fashion --data-dir ../shared/data --seed 1 --quick
+    python benchmarks/augmentation.py --dataset fashion --data-dir ../shared/data --seed 1 \\
+        --dgc-epochs 10 --cnn-epochs 5 --out runs/augmentation.json --grid docs/images/augmentation_fashion.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dgc_pyro.baselines import fit_baseline
+from dgc_pyro.data import load_imbalanced, parse_counts
+from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
+from dgc_pyro.experiment import default_recipe, evaluate_model
+from dgc_pyro.inference import augment, fit, synthetic_counts
+from dgc_pyro.io import write_json
+from dgc_pyro.metrics import format_comparison, imbalance_report
+from dgc_pyro.models import DGC
+from dgc_pyro.reproducibility import seed_everything
+
+METRICS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma")
+ARMS = ("imbalanced", "+DGC samples", "+SMOTE")
+# --quick: a tenth of the paper's counts (ratio still 100) and a few epochs: a couple of minutes on 2 cores.
+QUICK = {"divide_counts": 10, "dgc_epochs": 4, "cnn_epochs": 3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--seed", type=int, default=1, help="seed of the imbalanced subset, of every fit and of sampling")
+    p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: the paper's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of both the DGC and the CNNs")
+    p.add_argument("--dgc-epochs", type=int, default=None, help="epochs of the DGC fit (default: the recipe's)")
+    p.add_argument("--cnn-epochs", type=int, default=None, help="epochs of each CNN (default: 20)")
+    p.add_argument("--cnn-batch-size", type=int, default=100)
+    p.add_argument("--cnn-lr", type=float, default=1e-3)
+    p.add_argument("--val-num-samples", type=int, default=2, help="latent draws per class when validating the DGC")
+    p.add_argument("--target-ratio", type=float, default=1.0,
+                   help="grow every class smaller than ratio * n_max to that size (1.0: imblearn's 'auto')")
+    p.add_argument("--filter-threshold", type=float, default=None, help="DGC posterior filter of the samples")
+    p.add_argument("--perturbation-scale", type=float, default=1.0)
+    p.add_argument("--same-steps-control", action="store_true",
+                   help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
+    p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
+    p.add_argument("--quick", action="store_true", help=f"small, fast settings: {QUICK}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--grid", default=None, help="write a PNG grid of real and DGC samples per class here")
+    return p
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+
+def _strategy(counts: np.ndarray, ratio: float) -> str | dict[int, int]:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"--target-ratio must be in (0, 1], got {ratio}")
+    if ratio == 1.0:
+        return "auto"
+    target = math.ceil(ratio * counts.max())
+    return {c: max(int(n), target) for c, n in enumerate(counts)}
+
+
+def _smote(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMOTE's synthetic examples only (imblearn appends them after the originals), clipped to [0, 1]."""
+    from imblearn.over_sampling import SMOTE
+
+    counts = np.bincount(y.numpy())
+    k = int(min(5, counts[counts > 0].min() - 1))
+    if k < 1:
+        raise ValueError("SMOTE needs at least two examples in every class")
+    flat = x.reshape(len(x), -1).numpy()
+    xr, yr = SMOTE(sampling_strategy=strategy, k_neighbors=k, random_state=seed).fit_resample(flat, y.numpy())
+    xs = np.clip(xr[len(x):], 0.0, 1.0).astype(np.float32).reshape((-1, *x.shape[1:]))
+    return torch.from_numpy(xs), torch.from_numpy(yr[len(x):].astype(np.int64))
+
+
+def save_class_grid(path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.Tensor, n_real: int = 2, n_syn: int = 8) -> None:
+    """One row per augmented class: ``n_real`` real examples, a gap, then ``n_syn`` DGC samples."""
+    from io import BytesIO
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dgc_pyro.io import atomic_write_bytes
+
+    classes = [c for c in range(split.num_classes) if (y_syn == c).any()]
+    ncols = n_real + 1 + n_syn
+    fig, axes = plt.subplots(len(classes), ncols, figsize=(ncols * 0.62, len(classes) * 0.62 + 0.35), squeeze=False)
+    for r, c in enumerate(classes):
+        real = split.x_train[split.y_train == c][:n_real]
+        syn = x_syn[y_syn == c][:n_syn]
+        images = list(real) + [None] + list(syn)
+        for k, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if k < len(images) and images[k] is not None:
+                img = images[k].numpy()
+                ax.imshow(img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0)), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].text(-0.15, 0.5, str(split.class_names[c])[:10], transform=axes[r, 0].transAxes, ha="right",
+                        va="center", fontsize=6)
+    fig.suptitle(f"{split.name}: real (left) and DGC samples (right), per augmented class", fontsize=7)
+    fig.subplots_adjust(left=0.12, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05)
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=72)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    counts = args.counts
+    dgc_epochs, cnn_epochs = args.dgc_epochs, args.cnn_epochs
+    if args.quick:
+        if counts is None:
+            base = DIGITS_COUNTS if args.dataset == "digits" else PAPER_COUNTS[args.dataset]
+            counts = tuple(max(4, n // QUICK["divide_counts"]) for n in base)
+        dgc_epochs = dgc_epochs or args.epochs or QUICK["dgc_epochs"]
+        cnn_epochs = cnn_epochs or args.epochs or QUICK["cnn_epochs"]
+    recipe = default_recipe(args.dataset)
+    dgc_epochs = dgc_epochs or args.epochs or recipe.epochs
+    cnn_epochs = cnn_epochs or args.epochs or 20
+    recipe = dataclasses.replace(recipe, epochs=dgc_epochs)
+
+    split = load_imbalanced(args.dataset, args.data_dir, counts=counts, seed=args.seed)
+    train_counts = split.train_counts
+    strategy = _strategy(train_counts, args.target_ratio)
+    wanted = synthetic_counts(split.y_train, strategy)
+    _log(f"{split.name}: train counts {train_counts.tolist()}, test {len(split.y_test)}; "
+         f"synthetic per class {wanted} (strategy {strategy!r})", t0)
+
+    seconds: dict[str, float] = {}
+    # (b) fit a DGC on the subset and decode synthetic minority examples from it.
+    t = time.perf_counter()
+    seed_everything(args.seed)
+    model = DGC(split.input_shape, split.num_classes, latent_dim=recipe.latent_dim, preset=recipe.preset,
+                likelihood=recipe.likelihood, obs_scale=recipe.obs_scale, label_weight=recipe.label_weight)
+    history = fit(
+        model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+        objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
+        val_fraction=recipe.val_fraction, perturbation_rate=recipe.perturbation_rate,
+        val_num_samples=args.val_num_samples, betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
+        callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+    )
+    seconds["dgc_fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,
+                           filter_threshold=args.filter_threshold, seed=args.seed)
+    seconds["dgc_augment"] = time.perf_counter() - t
+    _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
+    if args.grid:
+        save_class_grid(args.grid, split, x_dgc, y_dgc)
+        _log(f"wrote {args.grid}", t0)
+
+    # (c) SMOTE with the same strategy.
+    t = time.perf_counter()
+    x_sm, y_sm = _smote(split.x_train, split.y_train, strategy, args.seed)
+    seconds["smote"] = time.perf_counter() - t
+
+    arms = {
+        ARMS[0]: (split.x_train, split.y_train, cnn_epochs),
+        ARMS[1]: (torch.cat([split.x_train, x_dgc]), torch.cat([split.y_train, y_dgc]), cnn_epochs),
+        ARMS[2]: (torch.cat([split.x_train, x_sm]), torch.cat([split.y_train, y_sm]), cnn_epochs),
+    }
+    if args.same_steps_control:
+        # Over-sampled arms take more gradient steps per epoch; this arm takes as many on the real data alone.
+        same = max(1, round(cnn_epochs * len(arms[ARMS[1]][1]) / len(split.y_train)))
+        arms[f"imbalanced, {same} epochs"] = (split.x_train, split.y_train, same)
+    reports: dict[str, dict[str, float]] = {}
+    for name, (x, y, epochs) in arms.items():
+        t = time.perf_counter()
+        fitted = fit_baseline("ce", x, y, num_classes=split.num_classes, preset=recipe.preset, epochs=epochs,
+                              batch_size=args.cnn_batch_size, lr=args.cnn_lr, device=args.device, seed=args.seed,
+                              val_fraction=0.0)
+        pred = fitted.predict_proba(split.x_test).argmax(-1)
+        reports[f"CNN {name}"] = imbalance_report(split.y_test, pred, num_classes=split.num_classes, train_counts=train_counts)
+        seconds[f"cnn {name}"] = time.perf_counter() - t
+        _log(f"CNN {name}: {len(y)} training examples, ACSA {reports[f'CNN {name}']['acsa']:.4f}", t0)
+    if args.eval_dgc:
+        t = time.perf_counter()
+        reports["DGC itself"], _ = evaluate_model(model, split.x_test, split.y_test, train_counts, recipe.num_samples)
+        seconds["dgc_evaluate"] = time.perf_counter() - t
+
+    seconds["total"] = time.perf_counter() - t0
+    print(format_comparison(reports, metrics=METRICS), flush=True)
+    result = {
+        "command": " ".join(["python", "benchmarks/augmentation.py", *sys.argv[1:]]) if args.argv is None else args.argv,
+        "dataset": split.name,
+        "seed": args.seed,
+        "train_counts": train_counts.tolist(),
+        "test_size": int(len(split.y_test)),
+        "sampling_strategy": strategy,
+        "synthetic_per_class": wanted,
+        "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples, "best_epoch": history.best_epoch,
+                "history": history.epochs, "filter_threshold": args.filter_threshold,
+                "perturbation_scale": args.perturbation_scale},
+        "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0},
+        "reports": reports,
+        "seconds": seconds,
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": history.config["device"]},
+    }
+    if args.out:
+        write_json(args.out, result)
+        _log(f"wrote {args.out}", t0)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result dict (also written to ``--out``)."""
+    args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else " ".join(["python", "benchmarks/augmentation.py", *argv])
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Synthetic minority augmentation: new examples decoded from perturbed latents of real ones.
+
+For a class c, real class-c examples are encoded with the recognition model q(z | x, y = c), their
+latents are perturbed as in the paper's data-perturbation step (fresh noise,
+``z = loc + perturbation_scale * scale * eps``) and decoded through p(x | z) to the likelihood's mean
+image. Unlike the training-time perturbation (which only feeds the classifier head), this produces
+images, so any downstream classifier can be trained on the rebalanced data.
+
+How many examples each class gets follows imbalanced-learn's over-samplers exactly
+(``imblearn.utils.check_sampling_strategy(..., "over-sampling")``). Optionally the samples are
+filtered by the model's own class posterior p(y = c | x).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from imblearn.utils import check_sampling_strategy
+
+from dgc_pyro.data.validation import check_features, check_labels
+from dgc_pyro.inference.predict import predict_proba
+from dgc_pyro.models.dgc import DGC
+from dgc_pyro.models.likelihoods import likelihood_mean
+
+SamplingStrategy = str | float | Mapping[int, int] | Callable[[np.ndarray], Mapping[int, int]]
+
+__all__ = ["augment", "synthetic_counts", "AugmentationWarning"]
+
+
+class AugmentationWarning(UserWarning):
+    """The posterior filter could not fill a class's quota within ``max_rounds`` rounds."""
+
+
+def synthetic_counts(y: Any, sampling_strategy: SamplingStrategy = "auto") -> dict[int, int]:
+    """Number of synthetic examples per class that ``sampling_strategy`` asks for on labels ``y``.
+
+    Exactly imbalanced-learn's over-sampling semantics (``"auto"``, ``"not majority"``,
+    ``"minority"``, ``"not minority"``, ``"all"``, a float for binary problems, a dict of target
+    counts, or a callable returning one). Classes that need nothing are left out.
+    """
+    labels = check_labels(y).numpy()
+    wanted = check_sampling_strategy(sampling_strategy, labels, "over-sampling")
+    return {int(c): int(n) for c, n in wanted.items() if int(n) > 0}
+
+
+def _check_options(perturbation_scale: float, filter_threshold: float | None, num_samples_filter: int,
+                   batch_size: int, max_rounds: int) -> None:
+    if not (isinstance(perturbation_scale, (int, float)) and math.isfinite(perturbation_scale) and perturbation_scale >= 0):
+        raise ValueError(f"perturbation_scale must be a finite number >= 0, got {perturbation_scale!r}")
+    if filter_threshold is not None and not (isinstance(filter_threshold, (int, float)) and 0.0 <= filter_threshold <= 1.0):
+        raise ValueError(f"filter_threshold must be None or a number in [0, 1], got {filter_threshold!r}")
+    for name, value in (("num_samples_filter", num_samples_filter), ("batch_size", batch_size), ("max_rounds", max_rounds)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class _SourceCycler:
+    """Indices of real class-c examples: successive random permutations, so each is used about equally."""
+
+    def __init__(self, members: np.ndarray, rng: np.random.Generator) -> None:
+        self.members = members
+        self.rng = rng
+        self.queue = np.zeros(0, dtype=np.int64)
+
+    def take(self, k: int) -> np.ndarray:
+        while len(self.queue) < k:
+            self.queue = np.concatenate([self.queue, self.rng.permutation(self.members)])
+        out, self.queue = self.queue[:k], self.queue[k:]
+        return out
+
+
+@torch.no_grad()
+def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor: float,
+                      generator: torch.Generator, batch_size: int) -> torch.Tensor:
+    """Mean images of p(x | z) for z = loc + scale_factor * scale * eps, z's from q(z | x, y)."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(model.device)
+        yb = y[start : start + batch_size].to(model.device)
+        loc, scale = model.encode(xb, yb)
+        # Noise is drawn on the CPU from a seeded generator, so a seed gives the same samples on any device.
+        eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype).to(loc.device)
+        z = loc + scale_factor * scale * eps
+        mean = likelihood_mean(model.likelihood_name, model.decoder(z))
+        out.append(mean.clamp(0.0, 1.0).to(torch.float32).cpu())
+    return torch.cat(out)
+
+
+def augment(
+    model: DGC,
+    x: Any,
+    y: Any,
+    sampling_strategy: SamplingStrategy = "auto",
+    *,
+    perturbation_scale: float = 1.0,
+    filter_threshold: float | None = None,
+    num_samples_filter: int = 10,
+    max_rounds: int = 10,
+    seed: int | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic examples that rebalance ``(x, y)``, drawn from the fitted ``model``.
+
+    For every class c that ``sampling_strategy`` asks to grow by n_c examples, n_c real class-c
+    examples are picked (successive random permutations of the class, so each is reused about
+    equally), encoded with q(z | x, c), perturbed with fresh noise
+    ``z = loc + perturbation_scale * scale * eps`` and decoded to the mean image of p(x | z).
+
+    Args:
+        model: a fitted :class:`~dgc_pyro.models.DGC`.
+        x, y: the (imbalanced) training data, ``(N, *model.input_shape)`` in [0, 1] and labels in
+            ``[0, model.num_classes)``.
+        sampling_strategy: imbalanced-learn's over-sampling semantics, validated by
+            ``imblearn.utils.check_sampling_strategy``: ``"auto"`` (= ``"not majority"``),
+            ``"minority"``, ``"not minority"``, ``"all"``, a float (binary problems only: the
+            minority/majority ratio after resampling), a dict ``{class: target_count}``, or a callable
+            ``y -> dict``.
+        perturbation_scale: multiplies the posterior scale of the noise (0 decodes the posterior means;
+            1 samples q(z | x, c)).
+        filter_threshold: if given, keep only samples whose class posterior under the model,
+            ``predict_proba(model, x_new)[:, c]``, is at least this; more are drawn until the quota is
+            met or ``max_rounds`` rounds have passed (then an :class:`AugmentationWarning` is issued and
+            the class gets fewer samples).
+        num_samples_filter: latent draws per class when scoring samples for the filter.
+        max_rounds: most rounds of drawing per class when filtering.
+        seed: makes the choice of source examples and the noise reproducible (None: fresh randomness).
+        batch_size: examples per pass through the networks.
+
+    Returns:
+        ``(x_synthetic, y_synthetic)``: only the new examples, a float32 tensor
+        ``(n, *model.input_shape)`` with values in [0, 1] and int64 labels, grouped by class in
+        increasing class order, on the CPU.
+    """
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    _check_options(perturbation_scale, filter_threshold, num_samples_filter, batch_size, max_rounds)
+    x = check_features(x, input_shape=model.input_shape)
+    y = check_labels(y, num_classes=model.num_classes)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y have different numbers of examples: {x.shape[0]} and {y.shape[0]}")
+    quota = synthetic_counts(y, sampling_strategy)
+
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    labels = y.numpy()
+    cyclers = {c: _SourceCycler(np.flatnonzero(labels == c), rng) for c in quota}
+    kept: dict[int, list[torch.Tensor]] = {c: [] for c in quota}
+    have = {c: 0 for c in quota}
+    drawn = {c: 0 for c in quota}
+    rounds = 1 if filter_threshold is None else max_rounds
+
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(rounds):
+            pending = {c: quota[c] - have[c] for c in quota if have[c] < quota[c]}
+            if not pending:
+                break
+            plan = {}
+            for c, need in pending.items():
+                if filter_threshold is None:
+                    plan[c] = need
+                else:
+                    # Draw in proportion to the acceptance rate seen so far (at least 10%), with some slack.
+                    rate = max(have[c] / drawn[c], 0.1) if drawn[c] else 1.0
+                    plan[c] = min(math.ceil(1.2 * need / rate) + 1, 10 * need + 10)
+            src = np.concatenate([cyclers[c].take(k) for c, k in plan.items()])
+            ys = torch.cat([torch.full((k,), c, dtype=torch.int64) for c, k in plan.items()])
+            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size)
+            if filter_threshold is not None:
+                proba = predict_proba(model, xs, num_samples_filter).cpu()
+                ok = proba[torch.arange(len(ys)), ys] >= filter_threshold
+            else:
+                ok = torch.ones(len(ys), dtype=torch.bool)
+            for c, k in plan.items():
+                drawn[c] += k
+                accepted = xs[(ys == c) & ok][: quota[c] - have[c]]
+                kept[c].append(accepted)
+                have[c] += accepted.shape[0]
+    finally:
+        model.train(was_training)
+
+    short = {c: (have[c], quota[c]) for c in quota if have[c] < quota[c]}
+    if short:
+        detail = ", ".join(f"class {c}: {h} of {q}" for c, (h, q) in short.items())
+        warnings.warn(
+            f"augment: after {max_rounds} rounds only some synthetic samples reached p(y=c | x) >= "
+            f"{filter_threshold} ({detail}); lower filter_threshold or raise max_rounds",
+            AugmentationWarning,
+            stacklevel=2,
+        )
+    parts = [t for c in sorted(kept) for t in kept[c]]
+    if not parts:
+        return torch.zeros((0, *model.input_shape), dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
+    x_syn = torch.cat(parts)
+    y_syn = torch.cat([torch.full((have[c],), c, dtype=torch.int64) for c in sorted(kept)])
+    return x_syn, y_syn

@@ -1,0 +1,275 @@
+"""Synthetic minority augmentation: counts follow imbalanced-learn, samples are valid images, the filter filters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from imblearn.utils import check_sampling_strategy
+
+from dgc_pyro.inference import AugmentationWarning, augment, synthetic_counts
+from dgc_pyro.models import DGC, likelihood_mean
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (1, 8, 8)
+COUNTS = (12, 6, 3, 1)
+augment_module = sys.modules["dgc_pyro.inference.augment"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(len(COUNTS)), COUNTS)
+    x = rng.random((len(y), *SHAPE)).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DGC(SHAPE, num_classes=len(COUNTS), latent_dim=4, likelihood="normal").eval()
+
+
+def _per_class(y: torch.Tensor) -> np.ndarray:
+    return np.bincount(y.numpy(), minlength=len(COUNTS))
+
+
+def test_auto_balances_every_class_to_the_majority(model, data):
+    x, y = data
+    xs, ys = augment(model, x, y, seed=0)
+    assert xs.dtype == torch.float32 and ys.dtype == torch.int64
+    assert xs.shape == (sum(max(COUNTS) - c for c in COUNTS), *SHAPE)
+    assert ys.shape == (xs.shape[0],)
+    assert (_per_class(y) + _per_class(ys)).tolist() == [max(COUNTS)] * len(COUNTS)
+    assert float(xs.min()) >= 0.0 and float(xs.max()) <= 1.0
+    assert torch.equal(ys, ys.sort().values)  # grouped by class, increasing
+    assert 0 not in ys.tolist()  # the majority class gets nothing
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["auto", "not majority", "minority", "not minority", "all", {2: 7, 3: 12}, lambda y: {1: 10}],
+    ids=["auto", "not-majority", "minority", "not-minority", "all", "dict", "callable"],
+)
+def test_counts_match_imblearn(model, data, strategy):
+    x, y = data
+    _, ys = augment(model, x, y, strategy, seed=1)
+    expected = check_sampling_strategy(strategy, y.numpy(), "over-sampling")
+    got = _per_class(ys)
+    for c in range(len(COUNTS)):
+        assert got[c] == expected.get(c, 0), (c, got, expected)
+    assert synthetic_counts(y, strategy) == {int(c): int(n) for c, n in expected.items() if n > 0}
+
+
+def test_dict_strategy_gives_target_totals(model, data):
+    x, y = data
+    _, ys = augment(model, x, y, {3: 9, 1: 6}, seed=0)
+    after = _per_class(y) + _per_class(ys)
+    assert after.tolist() == [12, 6, 3, 9]
+
+
+def test_float_strategy_binary_only(model, data):
+    x, y = data
+    keep = y <= 1  # binary: 12 vs 6
+    _, ys = augment(model, x[keep], y[keep], 0.75, seed=0)
+    assert _per_class(ys).tolist() == [0, 3, 0, 0]  # 0.75 * 12 = 9 = 6 + 3
+    with pytest.raises(ValueError, match="only when the type of target is binary"):
+        augment(model, x, y, 0.5)
+
+
+def test_dict_below_current_count_is_refused(model, data):
+    x, y = data
+    with pytest.raises(ValueError, match="should be greater or equal"):
+        augment(model, x, y, {0: 5})
+
+
+def test_seed_reproducible(model, data):
+    x, y = data
+    a, _ = augment(model, x, y, seed=3)
+    b, _ = augment(model, x, y, seed=3)
+    c, _ = augment(model, x, y, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@torch.no_grad()
+def test_zero_perturbation_decodes_posterior_means_of_sources_equally_often(model, data):
+    x, y = data
+    # Class 2 has 3 real examples and needs 9 more: each source is decoded exactly 3 times.
+    xs, ys = augment(model, x, y, {2: 12}, perturbation_scale=0.0, seed=0)
+    src = x[y == 2]
+    loc, _ = model.encode(src, torch.full((3,), 2))
+    decoded = likelihood_mean(model.likelihood_name, model.decoder(loc))
+    dist = ((xs[:, None] - decoded[None]) ** 2).flatten(2).sum(-1)  # (9, 3)
+    assert float(dist.min(1).values.max()) < 1e-10
+    assert np.bincount(dist.argmin(1).numpy(), minlength=3).tolist() == [3, 3, 3]
+    # With noise the samples differ from the posterior-mean decodes.
+    xn, _ = augment(model, x, y, {2: 12}, perturbation_scale=1.0, seed=0)
+    assert float(((xn[:, None] - decoded[None]) ** 2).flatten(2).sum(-1).min()) > 1e-8
+
+
+def _fake_proba(calls):
+    """Deterministic stand-in for predict_proba: p(y = c | x) = mean pixel value for every c."""
+
+    def fake(model, x, num_samples=10, **kwargs):
+        calls.append((x.shape[0], num_samples))
+        m = x.flatten(1).mean(1, keepdim=True)
+        return m.expand(-1, model.num_classes).clone()
+
+    return fake
+
+
+def test_filter_keeps_only_samples_above_threshold(model, data, monkeypatch):
+    x, y = data
+    unfiltered, _ = augment(model, x, y, seed=0)
+    threshold = float(unfiltered.flatten(1).mean(1).median())  # about half pass
+    calls = []
+    monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
+    xs, ys = augment(model, x, y, seed=0, filter_threshold=threshold, num_samples_filter=3)
+    assert calls and all(s == 3 for _, s in calls)
+    assert (_per_class(y) + _per_class(ys)).tolist() == [max(COUNTS)] * len(COUNTS)  # quota met
+    assert bool((xs.flatten(1).mean(1) >= threshold).all())
+
+
+def test_filter_that_never_passes_warns_and_returns_fewer(model, data, monkeypatch):
+    x, y = data
+    calls = []
+    monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
+    with pytest.warns(AugmentationWarning, match="class 3: 0 of 11"):
+        xs, ys = augment(model, x, y, seed=0, filter_threshold=1.0, max_rounds=3)
+    assert len(calls) == 3
+    assert xs.shape == (0, *SHAPE) and ys.shape == (0,)
+
+
+def test_real_posterior_filter_runs(model, data):
+    x, y = data
+    xs, ys = augment(model, x, y, {3: 3}, seed=0, filter_threshold=0.0, num_samples_filter=2)
+    assert _per_class(ys).tolist() == [0, 0, 0, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"perturbation_scale": -1.0}, "perturbation_scale"),
+        ({"filter_threshold": 1.5}, "filter_threshold"),
+        ({"num_samples_filter": 0}, "num_samples_filter"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_options(model, data, kwargs, match):
+    x, y = data
+    with pytest.raises(ValueError, match=match):
+        augment(model, x, y, **kwargs)
+
+
+def test_bad_inputs(model, data):
+    x, y = data
+    with pytest.raises(ValueError, match="wrong shape"):
+        augment(model, x.reshape(len(x), -1), y)
+    with pytest.raises(ValueError):
+        augment(model, x, y + 10)  # labels beyond num_classes
+    with pytest.raises(ValueError, match="outside"):
+        augment(model, x * 2, y)
+    with pytest.raises(TypeError, match="DGC"):
+        augment(torch.nn.Linear(2, 2), x, y)
+
+
+# --- dgc-pyro augment ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    from dgc_pyro.cli import main
+
+    run = tmp_path_factory.mktemp("fit")
+    argv = ["fit", "--epochs", "2", "--baseline", "none", "--no-progress", "--num-samples", "1", "--out", str(run)]
+    assert main(argv) == 0
+    return run / "model.safetensors"
+
+
+def test_cli_augment_writes_npz_and_grids(digits_checkpoint, tmp_path, capsys):
+    from dgc_pyro.cli import main
+    from dgc_pyro.data import DIGITS_COUNTS
+
+    out = tmp_path / "aug"
+    rc = main(["augment", "--checkpoint", str(digits_checkpoint), "--out", str(out), "--grid-per-class", "8"])
+    assert rc == 0
+    with np.load(out / "synthetic.npz", allow_pickle=False) as f:
+        xs, ys = f["x"], f["y"]
+    assert xs.dtype == np.float32 and ys.dtype == np.int64
+    assert xs.shape == (len(ys), *SHAPE)
+    assert xs.min() >= 0.0 and xs.max() <= 1.0
+    after = np.bincount(ys, minlength=10) + np.array(DIGITS_COUNTS)
+    assert after.tolist() == [max(DIGITS_COUNTS)] * 10
+    grids = sorted(p.name for p in out.glob("grid_class_*.png"))
+    assert grids == [f"grid_class_{c}.png" for c in range(1, 10)]  # class 0 is the majority
+    assert (out / "grid_class_9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed
+    assert f"{sum(DIGITS_COUNTS)}" in printed and f"{10 * max(DIGITS_COUNTS)}" in printed
+
+
+def test_cli_augment_dict_strategy_and_no_grids(digits_checkpoint, tmp_path):
+    from dgc_pyro.cli import main
+
+    out = tmp_path / "aug"
+    rc = main(["augment", "--checkpoint", str(digits_checkpoint), "--out", str(out),
+               "--sampling-strategy", "8:20,9:30", "--grid-per-class", "0"])
+    assert rc == 0
+    with np.load(out / "synthetic.npz") as f:
+        assert np.bincount(f["y"], minlength=10).tolist() == [0] * 8 + [7, 20]
+    assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sampling-strategy", "0.5"], "binary"),
+        (["--counts", "100,90,70,52,40,30,22,17,13,10"], "trained on"),
+        (["--grid-per-class", "-1"], "grid-per-class"),
+    ],
+)
+def test_cli_augment_errors_are_one_line(digits_checkpoint, tmp_path, capsys, extra, message):
+    from dgc_pyro.cli import main
+
+    rc = main(["augment", "--checkpoint", str(digits_checkpoint), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_augment_missing_checkpoint(tmp_path, capsys):
+    from dgc_pyro.cli import main
+
+    assert main(["augment", "--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# --- benchmarks/augmentation.py --------------------------------------------------------------------
+
+
+def test_augmentation_benchmark_smoke_on_digits(tmp_path):
+    import importlib.util
+    import json
+
+    from dgc_pyro.data import DIGITS_COUNTS
+
+    path = REPO / "benchmarks" / "augmentation.py"
+    spec = importlib.util.spec_from_file_location("augmentation_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    result = bench.main(["--dataset", "digits", "--quick", "--epochs", "1", "--val-num-samples", "1",
+                         "--out", str(out), "--grid", str(tmp_path / "grid.png")])
+    quick_counts = [max(4, n // 10) for n in DIGITS_COUNTS]
+    assert result["train_counts"] == quick_counts
+    assert set(result["reports"]) == {"CNN imbalanced", "CNN +DGC samples", "CNN +SMOTE"}
+    for report in result["reports"].values():
+        assert all(0.0 <= report[m] <= 1.0 for m in ("acsa", "gmean", "fmacro", "r_mi", "p_ma"))
+    assert result["synthetic_per_class"] == {c: max(quick_counts) - n for c, n in enumerate(quick_counts) if n < max(quick_counts)}
+    saved = json.loads(out.read_text())
+    assert saved["reports"]["CNN +DGC samples"]["acsa"] == pytest.approx(result["reports"]["CNN +DGC samples"]["acsa"])
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
