@@ -46,25 +46,55 @@ class BackboneClassifier(nn.Module):
         return self.head(self.hidden(self.encoder.features(x)))
 
 
-def _logit_adjusted(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    return F.cross_entropy(logits + tau * prior.log(), y)
+def logit_adjusted_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Logit-adjusted softmax cross-entropy (Menon et al. 2021, Eq. 10): CE(f(x) + tau * log pi, y).
+
+    Prediction uses the unadjusted logits f(x), i.e. the balanced (prior-free) posterior.
+    """
+    return F.cross_entropy(logits + tau * prior.clamp_min(1e-12).log(), y)
 
 
-def _cb_focal(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, beta: float = 0.999, gamma: float = 1.0) -> torch.Tensor:
-    effective = (1.0 - beta ** counts) / (1.0 - beta)
+def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Balanced softmax (Ren et al. 2020, Eq. 4): CE(f(x) + log n, y) with n the per-class training counts."""
+    return F.cross_entropy(logits + counts.clamp_min(1.0).log(), y)
+
+
+def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. (2019) weights (1 - beta) / (1 - beta^n_c), normalised to sum to the number of classes."""
+    effective = (1.0 - beta ** counts.clamp_min(1.0)) / (1.0 - beta)
     weights = 1.0 / effective
-    weights = weights / weights.sum() * len(counts)
+    return weights / weights.sum() * len(counts)
+
+
+def cb_focal_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, beta: float = 0.999, gamma: float = 1.0) -> torch.Tensor:
+    """Class-balanced softmax focal loss (Cui et al. 2019, Eq. 7 with a softmax focal term).
+
+    Mean over the batch of w_y * (1 - p_y)^gamma * (-log p_y), with :func:`class_balanced_weights`
+    (as in the authors' code: the weighted sum divided by the batch size, not by the sum of weights,
+    which would undo part of the re-weighting batch by batch).
+    """
+    weights = class_balanced_weights(counts, beta)
     log_p = F.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
-    focal = (1.0 - log_p.exp()) ** gamma * (-log_p)
-    return (weights[y] * focal).sum() / weights[y].sum()
+    focal = (1.0 - log_p.exp()).clamp_min(0.0) ** gamma * (-log_p)
+    return (weights[y] * focal).mean()
 
 
-def _ldam(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None,
-          max_margin: float = 0.5, s: float = 30.0) -> torch.Tensor:
+def ldam_margins(counts: torch.Tensor, max_margin: float = 0.5) -> torch.Tensor:
+    """LDAM margins Delta_c proportional to n_c^(-1/4), scaled so the largest (smallest class) is ``max_margin``."""
     margins = 1.0 / counts.clamp_min(1.0) ** 0.25
-    margins = margins * (max_margin / margins.max())
-    adjusted = logits - F.one_hot(y, logits.shape[-1]) * margins[y][:, None]
+    return margins * (max_margin / margins.max())
+
+
+def ldam_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None,
+              max_margin: float = 0.5, s: float = 30.0) -> torch.Tensor:
+    """LDAM (Cao et al. 2019, Eq. 13): CE(s * (cos - Delta_y 1_y), y), optionally class-weighted (DRW)."""
+    adjusted = logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype) * ldam_margins(counts, max_margin)[y][:, None]
     return F.cross_entropy(s * adjusted, y, weight=weights)
+
+
+LDAM_SCALE = 30.0
+DRW_BETA = 0.9999
+DRW_START = 0.8  # share of the epochs after which DRW switches on (epoch 160 of 200 in Cao et al.)
 
 
 def baseline_loss(
@@ -74,18 +104,16 @@ def baseline_loss(
     if name == "ce":
         return F.cross_entropy(logits, y)
     if name == "logit_adjusted":
-        return _logit_adjusted(logits, y, counts / counts.sum())
+        return logit_adjusted_loss(logits, y, counts / counts.sum())
     if name == "balanced_softmax":
-        return F.cross_entropy(logits + counts.clamp_min(1.0).log(), y)
+        return balanced_softmax_loss(logits, y, counts)
     if name == "cb_focal":
-        return _cb_focal(logits, y, counts)
+        return cb_focal_loss(logits, y, counts)
     if name == "ldam_drw":
-        weights = None
-        if drw_active:  # deferred re-weighting: class-balanced weights only in the last part of training
-            effective = (1.0 - 0.9999 ** counts) / (1.0 - 0.9999)
-            weights = (1.0 / effective) / (1.0 / effective).sum() * len(counts)
-        # LDAM normalises features and weights; using normalised logits keeps the margins meaningful.
-        return _ldam(logits, y, counts, weights)
+        # Deferred re-weighting: class-balanced weights (beta = 0.9999) only in the last part of training.
+        weights = class_balanced_weights(counts, DRW_BETA) if drw_active else None
+        # The logits are cosines (normalised features and weights, _CosineHead), as in LDAM's NormedLinear.
+        return ldam_loss(logits, y, counts, weights, s=LDAM_SCALE)
     raise ValueError(f"unknown baseline loss {name!r}; choose from {BASELINE_LOSSES}")
 
 
@@ -115,7 +143,7 @@ class FittedBaseline:
         assert self.module is not None
         logits = self.module(x)
         if self.name == "ldam_drw":
-            logits = 30.0 * logits  # the trained scale s of LDAM
+            logits = LDAM_SCALE * logits  # the trained scale s of LDAM
         return logits
 
     def predict(self, x: Any) -> torch.Tensor:
@@ -177,7 +205,7 @@ def fit_baseline(
     fitted = FittedBaseline(name, module, device=dev, num_classes=num_classes, input_shape=input_shape)
     gen = torch.Generator(device=dev).manual_seed(seed)
     best, best_state = -math.inf, None
-    drw_start = int(0.8 * epochs) + 1
+    drw_start = int(DRW_START * epochs) + 1
     for epoch in tqdm(range(1, epochs + 1), desc=name, disable=not progress, leave=False):
         module.train()
         perm = torch.randperm(len(x_dev), device=dev, generator=gen)

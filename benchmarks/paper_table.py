@@ -1,0 +1,258 @@
+"""Reproduce the shape of the DGC paper's Tables 2-3: DGC (both objectives) against modern baselines.
+
+Every method is trained on the paper's imbalanced subset of ``--dataset`` for each seed
+(``load_imbalanced(..., seed=s)``), selects its model on a stratified validation split carved from that
+training subset (never the test set), and is evaluated on the full official test split.
+
+    python benchmarks/paper_table.py --dataset fashion --data-dir ../shared/data --seeds 1 2 3 4 5 --out benchmarks/results/fashion
+    python benchmarks/paper_table.py --dataset fashion --data-dir ../shared/data --seeds 1 2 3 --quick --out /tmp/fashion_quick
+
+Writes ``OUT/runs/<method>_seed<s>.json`` (one per run), ``OUT/summary.json``
+(``{method: {metric: {"mean": .., "std": ..}}}``, std over seeds with ddof=1, 0 for one seed),
+``OUT/config.json`` (the command's settings) and ``OUT/table.md``.
+
+``--quick`` is the CPU preset: the "small" networks on flattened pixels (MLP backbone, for DGC and the
+baselines alike), few epochs and few latent draws, so a 3-seed Fashion table fits in minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
+from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
+from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.experiment import Recipe, default_recipe
+from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
+from dgc_pyro.inference.fit import fit
+from dgc_pyro.inference.predict import SCORING_RULES, predict
+from dgc_pyro.io import write_json
+from dgc_pyro.metrics import expected_calibration_error, imbalance_report
+from dgc_pyro.models.dgc import DGC
+from dgc_pyro.reproducibility import seed_everything
+
+DGC_METHODS = ("dgc_elbo", "dgc_wae_mmd")
+METHODS = DGC_METHODS + BASELINE_LOSSES
+SUMMARY_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece", "acc", "seconds")
+TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("p_ma", "P_MA"), ("ece", "ECE"))
+
+#: DGC's published results (paper Tables 2-3; DGC_METHOD.md), and the paper's strongest baseline ACSA.
+PAPER_DGC: dict[str, dict[str, float]] = {
+    "mnist": {"acsa": 0.9480, "fmacro": 0.9474, "gmean": 0.9704, "r_mi": 0.8276, "p_ma": 0.9270},
+    "fashion": {"acsa": 0.8364, "fmacro": 0.8314, "gmean": 0.9010, "r_mi": 0.8864, "p_ma": 0.6900},
+    "svhn": {"acsa": 0.7493, "fmacro": 0.7535, "gmean": 0.8501, "r_mi": 0.4882, "p_ma": 0.5348},
+    "celeba": {"acsa": 0.6755, "fmacro": 0.6454, "gmean": 0.7779, "r_mi": 0.2987, "p_ma": 0.7603},
+}
+PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
+    "mnist": ("BayesCNN", 0.9158), "fashion": ("mmDGMs", 0.8091), "svhn": ("mmDGMs", 0.7220), "celeba": ("GAMO", 0.6409),
+}
+
+#: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
+QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
+METHOD_LABELS = {
+    "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)", "ce": "CE", "logit_adjusted": "Logit-adjusted CE",
+    "balanced_softmax": "Balanced softmax", "cb_focal": "CB focal", "ldam_drw": "LDAM-DRW",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="imbalanced subsets (and training seeds)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--quick", action="store_true", help="CPU preset: MLP backbone, few epochs, few latent draws")
+    p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every method (default: the recipe's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when DGC predicts")
+    p.add_argument("--rule", choices=SCORING_RULES, default="mixture", help="DGC's scoring rule")
+    p.add_argument("--backbone", choices=("auto", "conv", "mlp"), default="auto",
+                   help="conv: the preset's image networks; mlp: flattened pixels (default: mlp with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument("--resume", action="store_true", help="reuse OUT/runs/*.json written by an earlier call")
+    p.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
+    """The DGC recipe of ``dataset`` with the command's overrides (``--quick``, ``--epochs``, ``--num-samples``)."""
+    recipe = default_recipe(dataset)
+    changes: dict[str, Any] = {}
+    if args.quick:
+        changes.update(epochs=min(recipe.epochs, QUICK["epochs"]), latent_dim=min(recipe.latent_dim, QUICK["latent_dim"]),
+                       num_samples=QUICK["num_samples"], preset="small")
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.num_samples is not None:
+        changes["num_samples"] = args.num_samples
+    return dataclasses.replace(recipe, **changes)
+
+
+def _flat(split: ImbalancedSplit) -> ImbalancedSplit:
+    return dataclasses.replace(
+        split, x_train=split.x_train.reshape(len(split.x_train), -1), x_test=split.x_test.reshape(len(split.x_test), -1),
+        input_shape=(int(np.prod(split.input_shape)),),
+    )
+
+
+def _report(split: ImbalancedSplit, proba: torch.Tensor) -> dict[str, float]:
+    proba = proba.detach().cpu().float()
+    report = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts)
+    report["ece"] = expected_calibration_error(split.y_test, proba)
+    return report
+
+
+def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str, quick: bool) -> dict[str, Any]:
+    """Fit and evaluate one DGC; ``method`` picks the objective (the recipe's ELBO flavour, or WAE-MMD)."""
+    if method == "dgc_elbo":
+        objective = recipe.objective if recipe.objective.startswith("elbo") else "elbo"
+    else:
+        objective = recipe.objective if recipe.objective.startswith("wae-mmd") else "wae-mmd"
+    recipe = dataclasses.replace(recipe, objective=objective)
+    seed_everything(seed)
+    model = DGC(split.input_shape, split.num_classes, latent_dim=recipe.latent_dim, preset=recipe.preset,
+                likelihood=recipe.likelihood, obs_scale=recipe.obs_scale, label_weight=recipe.label_weight)
+    extra = {f: getattr(recipe, f) for f in ("betas", "pretrain_steps") if hasattr(recipe, f)}
+    t0 = time.perf_counter()
+    history = fit(model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                  objective=objective, device=device, seed=seed, progress=False, val_fraction=recipe.val_fraction,
+                  perturbation_rate=recipe.perturbation_rate,
+                  val_num_samples=QUICK["val_num_samples"] if quick else recipe.num_samples, **extra)
+    t1 = time.perf_counter()
+    pred = predict(model, split.x_test, recipe.num_samples, rule=rule)
+    t2 = time.perf_counter()
+    out = _report(split, pred.proba)
+    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
+               recipe=dataclasses.asdict(recipe), rule=rule, history=history.epochs)
+    return out
+
+
+def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str) -> dict[str, Any]:
+    """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size."""
+    t0 = time.perf_counter()
+    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, preset=recipe.preset,
+                          epochs=recipe.epochs, batch_size=recipe.batch_size, lr=1e-3, device=device, seed=seed,
+                          val_fraction=recipe.val_fraction)
+    t1 = time.perf_counter()
+    proba = fitted.predict_proba(split.x_test)
+    t2 = time.perf_counter()
+    out = _report(split, proba)
+    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1,
+               settings={"preset": recipe.preset, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": 1e-3,
+                         "val_fraction": recipe.val_fraction})
+    return out
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed)."""
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for method, results in runs.items():
+        summary[method] = {}
+        for metric in SUMMARY_METRICS:
+            values = np.array([r[metric] for r in results if r.get(metric) is not None], dtype=float)
+            if len(values) == 0:
+                continue
+            summary[method][metric] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            }
+    return summary
+
+
+def _pm(cell: dict[str, float] | None) -> str:
+    if not cell or cell.get("mean") is None or not math.isfinite(cell["mean"]):
+        return "—"
+    return f"{cell['mean']:.4f} ± {cell['std']:.4f}"
+
+
+def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "") -> str:
+    """Markdown table in the shape of the paper's Tables 2-3, with the published DGC row beside ours."""
+    head = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | Wall time (s) |"
+    lines = [f"### {dataset}: mean ± std over seeds {', '.join(map(str, seeds))}", ""]
+    if note:
+        lines += [note, ""]
+    lines += [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    if dataset in PAPER_DGC:
+        paper = PAPER_DGC[dataset]
+        cells = [f"{paper[k]:.4f}" if k in paper else "—" for k, _ in TABLE_COLUMNS]
+        lines.append("| DGC (paper, published) | " + " | ".join(cells) + " | — |")
+    for method, metrics in summary.items():
+        cells = [_pm(metrics.get(k)) for k, _ in TABLE_COLUMNS]
+        t = metrics.get("seconds")
+        wall = f"{t['mean']:.0f}" if t else "—"
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {wall} |")
+    if dataset in PAPER_BEST_BASELINE:
+        name, acsa = PAPER_BEST_BASELINE[dataset]
+        lines += ["", f"Paper's strongest baseline on {dataset}: {name}, ACSA {acsa:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit("--epochs must be at least 1")
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    recipe = recipe_for(args.dataset, args)
+    backbone = args.backbone if args.backbone != "auto" else ("mlp" if args.quick else "conv")
+    started = time.perf_counter()
+    config = {
+        "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
+        "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": dataclasses.asdict(recipe),
+        "counts": args.counts, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    write_json(out / "config.json", config)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        split = None
+        for method in args.methods:
+            path = out / "runs" / f"{method}_seed{seed}.json"
+            if args.resume and path.is_file():
+                runs[method].append(json.loads(path.read_text()))
+                continue
+            if split is None:
+                split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed)
+                if backbone == "mlp":
+                    split = _flat(split)
+            seed_everything(seed)
+            if method in DGC_METHODS:
+                result = run_dgc(method, split, recipe, seed, device, args.rule, args.quick)
+            else:
+                result = run_baseline(method, split, recipe, seed, device)
+            result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
+                          train_counts=split.train_counts.tolist(), test_size=len(split.y_test))
+            write_json(path, result)
+            runs[method].append(result)
+            print(f"seed {seed} {method:>16}: acsa {result['acsa']:.4f} fmacro {result['fmacro']:.4f} "
+                  f"ece {result['ece']:.4f} ({result['seconds']:.0f} s)", flush=True)
+    summary = summarise(runs)
+    write_json(out / "summary.json", summary)
+    note = (f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
+            f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
+            f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule}, "
+            f"{recipe.num_samples} draws/class; total wall time {time.perf_counter() - started:.0f} s.")
+    from dgc_pyro.io import atomic_write_text
+
+    atomic_write_text(out / "table.md", render_table(args.dataset, summary, args.seeds, note))
+    print(render_table(args.dataset, summary, args.seeds, note))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Baselines on DGC's backbone: each loss against its paper's formula, and tiny fits on digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dgc_pyro.baselines import (
+    BASELINE_LOSSES,
+    BASELINES,
+    balanced_softmax_loss,
+    baseline_loss,
+    cb_focal_loss,
+    class_balanced_weights,
+    fit_baseline,
+    ldam_loss,
+    ldam_margins,
+    logit_adjusted_loss,
+)
+from dgc_pyro.metrics import imbalance_report
+
+COUNTS = torch.tensor([400.0, 100.0, 25.0, 4.0])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batch(n: int = 16, c: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def test_logit_adjusted_is_ce_on_logits_plus_log_prior():
+    logits, y = _batch()
+    prior = COUNTS / COUNTS.sum()
+    expected = F.cross_entropy(logits + prior.log(), y)
+    assert logit_adjusted_loss(logits, y, prior).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert baseline_loss("logit_adjusted", logits, y, COUNTS).item() == pytest.approx(expected.item(), rel=1e-6)
+    # tau scales the adjustment
+    expected2 = F.cross_entropy(logits + 2.0 * prior.log(), y)
+    assert logit_adjusted_loss(logits, y, prior, tau=2.0).item() == pytest.approx(expected2.item(), rel=1e-6)
+
+
+def test_balanced_softmax_is_ce_on_logits_plus_log_counts():
+    logits, y = _batch(seed=1)
+    expected = F.cross_entropy(logits + COUNTS.log(), y)
+    assert balanced_softmax_loss(logits, y, COUNTS).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert baseline_loss("balanced_softmax", logits, y, COUNTS).item() == pytest.approx(expected.item(), rel=1e-6)
+    # log n and log prior differ by a constant, which softmax ignores: balanced softmax = logit adjustment (tau 1)
+    assert expected.item() == pytest.approx(logit_adjusted_loss(logits, y, COUNTS / COUNTS.sum()).item(), rel=1e-5)
+
+
+def test_ldam_margins_largest_for_the_smallest_class():
+    m = ldam_margins(COUNTS)
+    assert m.max().item() == pytest.approx(0.5)
+    assert m.argmax().item() == COUNTS.argmin().item()
+    # Delta_c proportional to n_c^(-1/4)
+    ratio = m * COUNTS ** 0.25
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio))
+    assert torch.all(m[:-1] < m[1:])
+
+
+def test_ldam_loss_formula_and_drw_weights():
+    cos, y = _batch(seed=2)
+    cos = torch.tanh(cos)
+    m = ldam_margins(COUNTS)
+    adjusted = cos.clone()
+    adjusted[torch.arange(len(y)), y] -= m[y]
+    assert ldam_loss(cos, y, COUNTS).item() == pytest.approx(F.cross_entropy(30.0 * adjusted, y).item(), rel=1e-6)
+    w = class_balanced_weights(COUNTS, 0.9999)
+    expected = F.cross_entropy(30.0 * adjusted, y, weight=w)
+    assert baseline_loss("ldam_drw", cos, y, COUNTS, drw_active=True).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert baseline_loss("ldam_drw", cos, y, COUNTS, drw_active=False).item() == pytest.approx(
+        F.cross_entropy(30.0 * adjusted, y).item(), rel=1e-6)
+
+
+def test_class_balanced_weights():
+    w = class_balanced_weights(COUNTS, 0.999)
+    assert w.sum().item() == pytest.approx(len(COUNTS))
+    assert torch.all(w[:-1] < w[1:])  # rarer classes weigh more
+    beta = 0.999
+    raw = (1 - beta) / (1 - beta ** COUNTS)
+    assert torch.allclose(w, raw / raw.sum() * len(COUNTS))
+
+
+def test_cb_focal_reduces_to_ce_and_matches_formula():
+    logits, y = _batch(seed=3)
+    # beta = 0: every class weighs 1; gamma = 0: no focal factor -> plain cross-entropy.
+    assert cb_focal_loss(logits, y, COUNTS, beta=0.0, gamma=0.0).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    p = torch.softmax(logits, -1)[torch.arange(len(y)), y]
+    w = class_balanced_weights(COUNTS, 0.999)[y]
+    expected = (w * (1 - p) ** 2.0 * -p.log()).mean()
+    assert cb_focal_loss(logits, y, COUNTS, beta=0.999, gamma=2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_unknown_loss_rejected():
+    logits, y = _batch()
+    with pytest.raises(ValueError):
+        baseline_loss("focal", logits, y, COUNTS)
+    with pytest.raises(ValueError):
+        fit_baseline("nope", torch.rand(4, 3), torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_tiny_fit_beats_chance_on_digits(name, digits):
+    fitted = fit_baseline(name, digits.x_train, digits.y_train, num_classes=10, epochs=6, batch_size=32, lr=3e-3,
+                          device="cpu", seed=0)
+    proba = fitted.predict_proba(digits.x_test)
+    assert proba.shape == (len(digits.y_test), 10)
+    assert torch.allclose(proba.sum(-1), torch.ones(len(proba)), atol=1e-4)
+    acsa = imbalance_report(digits.y_test, proba.argmax(-1), num_classes=10)["acsa"]
+    assert acsa > 0.3, (name, acsa)
+
+
+def test_every_loss_is_listed():
+    assert set(BASELINE_LOSSES) <= set(BASELINES)
+    logits, y = _batch()
+    for name in BASELINE_LOSSES:
+        assert torch.isfinite(baseline_loss(name, logits, y, COUNTS))
