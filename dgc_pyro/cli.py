@@ -1,4 +1,4 @@
-"""Command line interface: ``dgc-pyro fit`` and ``dgc-pyro evaluate``.
+"""Command line interface: ``dgc-pyro fit``, ``dgc-pyro evaluate`` and ``dgc-pyro augment``.
 
 A thin layer over :mod:`dgc_pyro.experiment`; every error a user can cause ends in a one-line message
 and exit status 2, never a traceback.
@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from dgc_pyro.baselines import BASELINES
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
-from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.objectives import OBJECTIVES
 from dgc_pyro.io import CheckpointError
@@ -30,21 +30,37 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dgc-pyro fit: error: ...``) like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _counts_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_counts(text)
+    except ValueError as e:  # argparse shows the message of ArgumentTypeError only
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
     p.add_argument("--dataset", default=dataset_default,
                    help=f"one of {', '.join(DATASETS)}, or an .npz file with x_train, y_train[, x_test, y_test]")
     p.add_argument("--data-dir", default="data", help="root folder of the torchvision datasets (default: ./data)")
     p.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
-    p.add_argument("--counts", type=parse_counts, default=None,
+    p.add_argument("--counts", type=_counts_arg, default=None,
                    help="per-class training counts, e.g. 4000,2000,1000 (default: the paper's Table 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the imbalanced subset and of training")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when predicting")
+    p.add_argument("--test-subset", type=int, default=None,
+                   help="evaluate on a stratified subset of this many test examples (quick checks only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dgc-pyro``."""
-    parser = argparse.ArgumentParser(prog="dgc-pyro", description="Deep generative classification for imbalanced data (Pyro).")
+    parser = _Parser(prog="dgc-pyro", description="Deep generative classification for imbalanced data (Pyro).")
     sub = parser.add_subparsers(dest="command")
 
     f = sub.add_parser("fit", help="fit DGC (and a baseline) on an imbalanced dataset and evaluate it")
@@ -59,17 +75,56 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--perturbation-rate", type=float, default=None, help="the paper's r (0 disables the step)")
     f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
-    f.add_argument("--out", default="runs/latest", help="output folder for metrics.json and model.safetensors")
+    f.add_argument("--out", default=None,
+                   help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")
+    f.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the "
+                        "dataset, counts, seed and recipe saved there (only --epochs, --device, --no-progress may change)")
+    f.add_argument("--deterministic", action="store_true",
+                   help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
     f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--devices", type=int, default=1,
+                   help="data-parallel processes (one per GPU on CUDA; gloo on CPU); under torchrun: processes per node")
+    f.add_argument("--strategy", choices=("ddp",), default=None, help="data-parallel strategy (default: ddp when --devices > 1)")
+    # Unset options are filled in by _cmd_fit, so that --resume can tell which ones were given.
+    f.set_defaults(dataset=None, seed=None, data_dir=None, baseline=None)
 
     e = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
     e.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
     _add_data_args(e, None)
     e.add_argument("--out", default=None, help="write metrics.json here")
+
+    a = sub.add_parser("augment", help="generate synthetic minority examples with a saved model")
+    a.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
+    _add_data_args(a, None)
+    # Unset split options fall back to the checkpoint's, so the same training split is rebuilt.
+    a.set_defaults(seed=None, data_dir=None)
+    a.add_argument("--out", required=True, help="output folder for synthetic.npz and grid_class_<c>.png")
+    a.add_argument("--sampling-strategy", type=_sampling_strategy_arg, default="auto",
+                   help="as imbalanced-learn: auto, minority, not minority, not majority, all, a float "
+                        "(binary only), or target counts such as 8:100,9:100 (default: auto)")
+    a.add_argument("--filter-threshold", type=float, default=None,
+                   help="keep only samples whose class posterior under the model is at least this")
+    a.add_argument("--perturbation-scale", type=float, default=1.0,
+                   help="multiplies the posterior scale of the latent noise (default: 1)")
+    a.add_argument("--grid-per-class", type=int, default=16,
+                   help="synthetic examples shown in each class's PNG grid (0: no grids)")
     return parser
 
 
 def _load_split(args: argparse.Namespace) -> ImbalancedSplit:
+    split = _read_split(args)
+    subset = getattr(args, "test_subset", None)
+    if subset is not None:
+        if subset < split.num_classes:
+            raise UserError(f"--test-subset must be at least the number of classes ({split.num_classes})")
+        if subset < len(split.y_test):
+            _, keep = stratified_holdout(split.y_test.numpy(), subset / len(split.y_test), args.seed)
+            split.x_test, split.y_test = split.x_test[keep], split.y_test[keep]
+    return split
+
+
+def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
     name = args.dataset
     if name.endswith(".npz"):
         path = Path(name)
@@ -83,31 +138,95 @@ def _load_split(args: argparse.Namespace) -> ImbalancedSplit:
         if "x_train" not in data or "y_train" not in data:
             raise UserError(f"{path} must contain arrays x_train and y_train (found {sorted(data)})")
         return split_from_arrays(data["x_train"], data["y_train"], data.get("x_test"), data.get("y_test"), name=path.stem)
-    return load_imbalanced(name, args.data_dir, counts=args.counts, seed=args.seed, download=args.download)
+    try:
+        return load_imbalanced(name, args.data_dir, counts=args.counts, seed=args.seed, download=args.download)
+    except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads
+        raise UserError(str(e)) from None
+
+
+_RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
+                 "objective", "perturbation_rate", "num_samples", "baseline")
+
+
+def _resume_args(args: argparse.Namespace):
+    """Fill ``args`` from the run configuration saved in ``--resume DIR``'s checkpoint; returns the recipe."""
+    from dgc_pyro.checkpoint import load_training_state
+    from dgc_pyro.experiment import Recipe
+
+    out = Path(args.resume)
+    if args.out is not None and Path(args.out) != out:
+        raise UserError(f"--resume {out} continues the run in {out}; drop --out {args.out}")
+    given = [f"--{k.replace('_', '-')}" for k in _RESUME_FIXED if getattr(args, k, None) is not None]
+    if given:
+        raise UserError(
+            f"--resume takes the data and recipe from the checkpoint; drop {', '.join(given)} "
+            "(only --epochs, --device, --no-progress may be given)"
+        )
+    if not out.is_dir():
+        raise FileNotFoundError(f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)")
+    state = load_training_state(out / "checkpoint")
+    run = state.extra.get("run")
+    if not isinstance(run, dict) or "recipe" not in run:
+        raise UserError(f"{out / 'checkpoint'} holds no run configuration; it was not written by dgc-pyro fit")
+    try:
+        recipe = Recipe(**run["recipe"])
+        args.dataset = str(run.get("dataset_arg") or run["dataset"])
+        args.data_dir = str(run.get("data_dir") or "data")
+        args.counts = tuple(int(c) for c in run["counts"]) if run.get("counts") else None
+        args.seed = int(run["seed"])
+        args.baseline = run.get("baseline") or "none"
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{out / 'checkpoint'} has an unusable run configuration ({type(e).__name__}: {e})") from None
+    args.out = str(out)
+    if args.epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=args.epochs)
+    return recipe
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from dgc_pyro.experiment import default_recipe, run_experiment
     from dgc_pyro.metrics import format_comparison
 
-    split = _load_split(args)
-    base = default_recipe(split.name)
-    overrides = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
-        "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
-        "perturbation_rate": args.perturbation_rate, "num_samples": args.num_samples,
-    }
-    recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    resumed = args.resume is not None
+    if resumed:
+        recipe = _resume_args(args)
+        split = _load_split(args)
+    else:
+        args.dataset = "digits" if args.dataset is None else args.dataset
+        args.seed = 0 if args.seed is None else args.seed
+        args.data_dir = "data" if args.data_dir is None else args.data_dir
+        args.baseline = "ce" if args.baseline is None else args.baseline
+        args.out = "runs/latest" if args.out is None else args.out
+        split = _load_split(args)
+        base = default_recipe(split.name)
+        overrides = {
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
+            "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
+            "perturbation_rate": args.perturbation_rate, "num_samples": args.num_samples,
+        }
+        recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
         if getattr(recipe, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")
+    if args.devices < 1:
+        raise UserError("--devices must be at least 1")
+    from dgc_pyro.inference.distributed import is_rank_zero
+
+    rank0 = is_rank_zero()  # under torchrun only rank 0 reports and writes the outputs
     counts = ", ".join(str(c) for c in split.train_counts)
-    print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
+    if rank0:
+        print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
     baseline = None if args.baseline == "none" else args.baseline
+    parallel = {"devices": args.devices, "strategy": args.strategy} if args.devices != 1 or args.strategy else {}
     result = run_experiment(
-        split, recipe, seed=args.seed, device=args.device, baseline=baseline, out_dir=args.out,
-        progress=not args.no_progress, data_config={"data_dir": args.data_dir, "counts": args.counts},
+        split, recipe, seed=args.seed, device=args.device, baseline=baseline if rank0 else None,
+        out_dir=args.out if rank0 else None,
+        progress=not args.no_progress and rank0, checkpoint_dir=Path(args.out) / "checkpoint", resume=resumed,
+        deterministic=args.deterministic, fit_options=parallel,
+        data_config={"data_dir": args.data_dir, "counts": args.counts, "dataset_arg": args.dataset},
     )
+    if not rank0:
+        return 0
     reports = {"DGC": result.metrics}
     if result.baseline_metrics is not None:
         reports[f"baseline ({baseline})"] = result.baseline_metrics
@@ -116,12 +235,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any], ImbalancedSplit]:
+    """Load ``--checkpoint`` and the split it was trained on; options left out are taken from the checkpoint."""
     from dgc_pyro.checkpoint import load_model
-    from dgc_pyro.experiment import evaluate_model
     from dgc_pyro.inference.device import resolve_device
-    from dgc_pyro.io import write_json
-    from dgc_pyro.metrics import format_comparison
 
     model, meta = load_model(args.checkpoint, map_location=resolve_device(args.device))
     saved = meta.get("config", {})
@@ -131,18 +248,157 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserError("--dataset is required: the checkpoint does not name its dataset")
     if args.counts is None and saved.get("counts"):
         args.counts = tuple(saved["counts"])
+    if args.seed is None:
+        args.seed = int(saved.get("seed", 0))
+    if args.data_dir is None:
+        args.data_dir = saved.get("data_dir") or "data"
     split = _load_split(args)
     if tuple(split.input_shape) != tuple(model.input_shape) or split.num_classes != model.num_classes:
         raise UserError(
             f"the checkpoint is for inputs {tuple(model.input_shape)} with {model.num_classes} classes, "
             f"but {split.name} has {tuple(split.input_shape)} with {split.num_classes}"
         )
+    return model, saved, split
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dgc_pyro.experiment import evaluate_model
+    from dgc_pyro.io import write_json
+    from dgc_pyro.metrics import format_comparison
+
+    model, saved, split = _checkpoint_and_split(args)
     train_counts = np.asarray(saved.get("train_counts", split.train_counts))
     num_samples = args.num_samples or saved.get("recipe", {}).get("num_samples", 10)
-    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples)
+    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, saved.get("seed", args.seed))
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
     if args.out:
         write_json(Path(args.out) / "metrics.json", {**report, "checkpoint": str(args.checkpoint), "dataset": split.name})
+    return 0
+
+
+_STRATEGY_NAMES = ("auto", "minority", "not minority", "not majority", "all")
+
+
+def _sampling_strategy_arg(text: str) -> str | float | dict[int, int]:
+    """``--sampling-strategy``: a name, a float, or ``class:count`` pairs separated by commas."""
+    text = text.strip()
+    if text in _STRATEGY_NAMES:
+        return text
+    if ":" in text:
+        out: dict[int, int] = {}
+        for part in text.split(","):
+            c, _, n = part.partition(":")
+            try:
+                out[int(c)] = int(n)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} is not class:count (e.g. 8:100,9:100)") from None
+        return out
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one of {', '.join(_STRATEGY_NAMES)}, a float, or class:count pairs"
+        ) from None
+
+
+def save_augmentation_grid(path: str | Path, real, synthetic, title: str = "", ncols: int = 8) -> None:
+    """PNG grid: a row of real examples above rows of synthetic ones (matplotlib, Agg backend).
+
+    ``real`` and ``synthetic`` are arrays ``(n, C, H, W)`` (C = 1 or 3) or ``(n, D)`` in [0, 1];
+    the file is written atomically.
+    """
+    from io import BytesIO
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dgc_pyro.io import atomic_write_bytes
+
+    def as_image(a: np.ndarray) -> np.ndarray:
+        if a.ndim == 3 and a.shape[0] == 1:
+            return a[0]
+        if a.ndim == 3 and a.shape[0] == 3:
+            return np.transpose(a, (1, 2, 0))
+        flat = a.reshape(-1)
+        side = int(round(flat.size ** 0.5))
+        return flat.reshape(side, side) if side * side == flat.size else flat[None, :]
+
+    real, synthetic = np.asarray(real)[:ncols], np.asarray(synthetic)
+    rows = [("real", real[i : i + ncols]) for i in range(0, len(real), ncols)][:1]
+    rows += [("synthetic", synthetic[i : i + ncols]) for i in range(0, len(synthetic), ncols)]
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * 0.9, len(rows) * 0.95 + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for k in range(ncols):
+            ax = axes[r, k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if k < len(images):
+                ax.imshow(as_image(images[k]), cmap="gray", vmin=0.0, vmax=1.0, aspect="auto" if images[k].ndim == 1 else None)
+            if k == 0:
+                ax.set_ylabel(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    import warnings
+    from io import BytesIO
+
+    from dgc_pyro.inference.augment import augment
+    from dgc_pyro.io import atomic_write_bytes
+
+    if args.grid_per_class < 0:
+        raise UserError("--grid-per-class must be >= 0")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
+    model, saved, split = _checkpoint_and_split(args)
+    before = split.train_counts
+    trained_on = saved.get("train_counts")
+    if trained_on is not None and list(trained_on) != before.tolist():
+        raise UserError(
+            f"the rebuilt training split has per-class counts {before.tolist()}, but the model was trained on "
+            f"{list(trained_on)}; pass the --counts and --seed of the fit"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x_syn, y_syn = augment(
+            model, split.x_train, split.y_train, args.sampling_strategy,
+            perturbation_scale=args.perturbation_scale, filter_threshold=args.filter_threshold,
+            num_samples_filter=args.num_samples or 10, seed=args.seed,
+        )
+    for w in caught:
+        print(f"dgc-pyro augment: warning: {w.message}", file=sys.stderr)
+
+    out = Path(args.out)
+    buf = BytesIO()
+    np.savez_compressed(buf, x=x_syn.numpy(), y=y_syn.numpy())
+    atomic_write_bytes(out / "synthetic.npz", buf.getvalue())
+    added = np.bincount(y_syn.numpy(), minlength=split.num_classes)
+    grids = []
+    if args.grid_per_class > 0:
+        x_real, y_real = split.x_train.numpy(), split.y_train.numpy()
+        x_new, y_new = x_syn.numpy(), y_syn.numpy()
+        for c in np.flatnonzero(added):
+            path = out / f"grid_class_{c}.png"
+            save_augmentation_grid(
+                path, x_real[y_real == c], x_new[y_new == c][: args.grid_per_class],
+                title=f"class {c} ({split.class_names[c]}): real (top row) and DGC samples",
+            )
+            grids.append(path.name)
+    print(f"{'class':>5}  {'name':<16}{'before':>8}{'synthetic':>11}{'after':>8}")
+    for c in range(split.num_classes):
+        print(f"{c:>5}  {str(split.class_names[c])[:15]:<16}{before[c]:>8}{added[c]:>11}{before[c] + added[c]:>8}")
+    print(f"{'all':>5}  {'':<16}{before.sum():>8}{added.sum():>11}{before.sum() + added.sum():>8}")
+    print(f"wrote {out / 'synthetic.npz'}" + (f" and {len(grids)} grids (grid_class_<c>.png)" if grids else ""))
     return 0
 
 
@@ -157,13 +413,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return _cmd_fit(args) if args.command == "fit" else _cmd_evaluate(args)
-    except (UserError, ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
-        print(f"dgc-pyro {args.command}: error: {e}", file=sys.stderr)
+        commands = {"fit": _cmd_fit, "evaluate": _cmd_evaluate, "augment": _cmd_augment}
+        return commands[args.command](args)
+    except (UserError, ValueError, OSError, CheckpointError, FloatingPointError) as e:
+        # Multi-line library messages (e.g. a list of missing files) are folded into the one line.
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"dgc-pyro {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"dgc-pyro {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        checkpoint = getattr(e, "checkpoint", None)
+        where = ""
+        if checkpoint is not None:
+            run_dir = Path(checkpoint).parent.parent
+            where = (f"; saved the state after epoch {e.epoch} in {checkpoint}; continue with: "
+                     f"dgc-pyro fit --resume {run_dir}")
+        print(f"dgc-pyro {args.command}: interrupted{where}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

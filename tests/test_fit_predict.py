@@ -146,3 +146,30 @@ def test_fit_rejects_bad_arguments(digits):
         if torch.cuda.is_available():
             raise ValueError("cuda present: nothing to check")
         fit(model, digits.x_train, digits.y_train, epochs=1, device="cuda", progress=False)
+
+
+def test_label_free_guide_ignores_the_label_and_latent_rule_works(digits):
+    model = _tiny(digits, label_in_guide=False)
+    x = digits.x_test[:5]
+    loc_a, _ = model.encode(x, torch.zeros(5, dtype=torch.long))
+    loc_b, _ = model.encode(x, torch.full((5,), 3))
+    assert torch.equal(loc_a, loc_b)
+    assert DGC.from_config(model.config).label_in_guide is False
+    pred = predict(model, x, num_samples=4, rule="latent")
+    assert pred.log_weights.shape == (5, digits.num_classes, 4)
+    assert torch.allclose(pred.proba.sum(-1), torch.ones(5), atol=1e-5)
+
+
+def test_balanced_prediction_divides_out_the_models_label_prior(fitted, digits):
+    x = digits.x_test[:20]
+    prior = fitted.label_prior()
+    assert prior.shape == (digits.num_classes,) and torch.isclose(prior.sum(), torch.tensor(1.0), atol=1e-5)
+    state = torch.get_rng_state()
+    assert torch.equal(fitted.label_prior(), prior)  # own seed: repeatable ...
+    assert torch.equal(torch.get_rng_state(), state)  # ... and the caller's random state is untouched
+    torch.manual_seed(5)
+    plain = predict(fitted, x, 3)
+    torch.manual_seed(5)
+    balanced = predict(fitted, x, 3, balanced=True)
+    expected = torch.softmax(torch.log(plain.proba) - prior.log(), dim=-1)
+    assert torch.allclose(balanced.proba, expected, atol=1e-5)

@@ -1,9 +1,11 @@
 """Objectives, SVI training, prediction and augmentation for DGC."""
 
+from dgc_pyro.inference.augment import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.inference.engine import ENGINES, make_step
+from dgc_pyro.inference.engine import ENGINES, make_step  # noqa: F401  (public re-export)
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.objectives import OBJECTIVES, get_objective
+from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.predict import (
     Prediction,
     class_log_weights,
@@ -23,5 +25,10 @@ __all__ = [
     "Prediction",
     "class_log_weights",
     "posterior_from_log_weights",
+    "posterior_predictive",
+    "posterior_log_densities",
     "resolve_device",
+    "augment",
+    "synthetic_counts",
+    "AugmentationWarning",
 ]

@@ -1,23 +1,41 @@
 """Training steps: one SVI update of DGC plus the paper's data-perturbation update.
 
-Two engines run the same loss callable over the same model/guide pair:
+Two engines run the same loss over the same Pyro model/guide pair:
 
-- ``engine="torch"`` (default): the objective's differentiable loss, one fused/foreach
-  ``torch.optim.Adam`` over all parameters, data resident on the device and no host synchronisation
-  inside an epoch;
+- ``engine="torch"`` (default): the objective's differentiable loss, one fused (CUDA) / foreach (CPU)
+  ``torch.optim.Adam`` over all parameters, gradients set to None after each step, Pyro/torch argument
+  validation off inside the step, and no host synchronisation: a step returns 0-d device tensors and
+  the epoch loop reads them once per epoch. For the built-in ``"elbo"`` (``Trace_ELBO``) and
+  ``"elbo-analytic"`` (``TraceMeanField_ELBO``) objectives with one particle the loss is computed by
+  :class:`TracedELBO`, the same estimator read off the same model and guide traces without the
+  ``.item()`` calls and NaN hooks that Pyro's implementation makes on every call (each one a device
+  synchronisation on CUDA); other objectives are called as they are;
 - ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
   who compose further Pyro machinery around it.
+
+Inside a data-parallel worker (:mod:`dgc_pyro.inference.distributed`) a step receives the global batch,
+computes the loss on its shard (with the noise the single-process step would have drawn for those
+rows), all-reduces the gradients in one flat buffer and applies the identical Adam update on every rank.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import pyro
+import pyro.infer
 import pyro.optim
 import torch
 from pyro import poutine
+from pyro.nn import PyroModule
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.scale_messenger import ScaleMessenger
+from pyro.poutine.util import site_is_subsample
 
+from dgc_pyro.inference import distributed as _distributed
 from dgc_pyro.inference.objectives import Objective
 from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss
 from dgc_pyro.models.dgc import DGC
@@ -25,7 +43,223 @@ from dgc_pyro.models.dgc import DGC
 ENGINES = ("torch", "svi")
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+__all__ = ["ENGINES", "Step", "TracedELBO", "compile_networks", "make_step", "traced_elbo_kind"]
 
+
+# ----------------------------------------------------------------------------- the sync-free ELBO
+def traced_elbo_kind(loss_fn: Objective) -> str | None:
+    """``"mc"`` / ``"analytic"`` when ``loss_fn`` is the ``differentiable_loss`` of a one-particle
+    ``Trace_ELBO`` / ``TraceMeanField_ELBO`` (what :class:`TracedELBO` computes exactly), else None."""
+    owner = getattr(loss_fn, "__self__", None)
+    if getattr(loss_fn, "__func__", None) is not pyro.infer.Trace_ELBO.differentiable_loss:
+        return None
+    if getattr(owner, "num_particles", None) != 1:
+        return None
+    if type(owner) is pyro.infer.Trace_ELBO:
+        return "mc"
+    if type(owner) is pyro.infer.TraceMeanField_ELBO:
+        return "analytic"
+    return None
+
+
+def _log_prob_sum(site: dict[str, Any]) -> torch.Tensor:
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+
+
+def _sample_sites(trace: poutine.Trace):
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+class TracedELBO:
+    """Negative ELBO of a Pyro model/guide pair from one guide trace and the model replayed against it.
+
+    Computes what ``Trace_ELBO(num_particles=1).differentiable_loss`` (``kind="mc"``) or
+    ``TraceMeanField_ELBO(num_particles=1).differentiable_loss`` (``kind="analytic"``: closed-form
+    KL(q || p) of latent sites where ``kl_divergence`` is registered) computes for fully reparameterised
+    guides, but without host synchronisation: no ``.item()``, no NaN hooks, no validation. Guides with
+    non-reparameterised or enumerated sites are handed to Pyro's own estimator (``fallback``) on the
+    same traces. The trace handlers are built once and reused every step.
+
+    ``elbo(*args, **kwargs)`` returns ``(loss, guide_trace)``.
+    """
+
+    def __init__(self, model_fn: Callable, guide_fn: Callable, kind: str = "mc",
+                 fallback: pyro.infer.ELBO | None = None) -> None:
+        if kind not in ("mc", "analytic"):
+            raise ValueError(f"kind must be 'mc' or 'analytic', got {kind!r}")
+        self.kind = kind
+        self.fallback = fallback
+        self._guide = poutine.trace(guide_fn)
+        self._empty = poutine.Trace()
+        self._replay = ReplayMessenger(trace=self._empty)
+        self._model = poutine.trace(self._replay(model_fn))
+
+    def traces(self, *args: Any, **kwargs: Any) -> tuple[poutine.Trace, poutine.Trace]:
+        """``(model_trace, guide_trace)`` of one draw."""
+        self._guide(*args, **kwargs)
+        guide_tr = self._guide.msngr.trace
+        self._replay.trace = guide_tr
+        try:
+            self._model(*args, **kwargs)
+        finally:
+            self._replay.trace = self._empty
+        return self._model.msngr.trace, guide_tr
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, poutine.Trace]:
+        model_tr, guide_tr = self.traces(*args, **kwargs)
+        return self.loss(model_tr, guide_tr), guide_tr
+
+    def loss(self, model_tr: poutine.Trace, guide_tr: poutine.Trace) -> torch.Tensor:
+        """The negative ELBO from a model trace and the guide trace it was replayed against."""
+        for _, site in _sample_sites(guide_tr):
+            if not site["is_observed"] and (
+                not getattr(site["fn"], "has_rsample", False) or site["infer"].get("enumerate")
+            ):
+                return self._pyro_loss(model_tr, guide_tr)
+        elbo: torch.Tensor | float = 0.0
+        done: set[str] = set()
+        for name, site in _sample_sites(model_tr):
+            guide_site = guide_tr.nodes.get(name)
+            if self.kind == "analytic" and not site["is_observed"] and guide_site is not None:
+                try:
+                    kl = torch.distributions.kl_divergence(guide_site["fn"], site["fn"])
+                except NotImplementedError:
+                    pass
+                else:
+                    kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+                    elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
+                    done.add(name)
+                    continue
+            elbo = elbo + _log_prob_sum(site)
+        for name, site in _sample_sites(guide_tr):
+            if name not in done:
+                elbo = elbo - _log_prob_sum(site)
+        if not torch.is_tensor(elbo):
+            raise ValueError("the model and guide have no sample sites: nothing to fit")
+        return -elbo
+
+    def _pyro_loss(self, model_tr: poutine.Trace, guide_tr: poutine.Trace) -> torch.Tensor:
+        elbo = self.fallback or (pyro.infer.Trace_ELBO() if self.kind == "mc" else pyro.infer.TraceMeanField_ELBO())
+        model_tr.compute_log_prob()
+        guide_tr.compute_score_parts()
+        loss, surrogate = elbo._differentiable_loss_particle(model_tr, guide_tr)
+        return surrogate + (loss - surrogate.detach())
+
+
+# ----------------------------------------------------------------------------- helpers of the step
+def _plain_module_tree(model: torch.nn.Module) -> bool:
+    """True when no PyroModule in ``model`` declares PyroParam or PyroSample attributes."""
+    return all(
+        not m.__dict__.get("_pyro_params") and not m.__dict__.get("_pyro_samples")
+        for m in model.modules()
+        if isinstance(m, PyroModule)
+    )
+
+
+def _bare_method(model: DGC, name: str) -> Callable[..., Any]:
+    """``model.<name>`` without PyroModule's parameter bookkeeping, when that bookkeeping is moot.
+
+    A ``@pyro_method`` enters the module's Pyro context, in which every access to a submodule replays
+    one (empty) ``pyro.param`` statement per parameter through the handler stack: about a quarter of
+    the step time of a small network. The torch engine optimises ``model.parameters()`` directly and
+    never reads those statements, so when the module tree has no PyroParam/PyroSample attributes (whose
+    values do depend on the context) the undecorated method is called: the same computation and the
+    same sample sites. Otherwise the method is returned as it is.
+    """
+    method = getattr(model, name)
+    raw = getattr(getattr(type(model), name), "__wrapped__", None)
+    if raw is None or not _plain_module_tree(model):
+        return method
+    return types.MethodType(raw, model)
+
+
+class _PerExample:
+    """``fn(x, y)`` under ``poutine.scale(1 / denominator)``: a per-example loss, so the learning rate
+    does not depend on the batch size. ``denominator`` defaults to ``len(x)``; the distributed step sets
+    it to the global batch size so that the shards' losses and gradients add up to the global ones."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.denominator: int | None = None
+        self._scales: dict[int, ScaleMessenger] = {}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        n = self.denominator or x.shape[0]
+        scale = self._scales.get(n)
+        if scale is None:
+            scale = self._scales[n] = ScaleMessenger(scale=1.0 / n)
+        with scale:
+            return self.fn(x, y, *args, **kwargs)
+
+
+class _GlobalNoise(Messenger):
+    """Draws the guide's reparameterised Normal noise for the whole global batch and keeps this shard's rows.
+
+    ``torch.distributions.Normal.rsample`` draws ``eps`` of the site's shape and returns loc + eps * scale;
+    here eps is drawn for ``total`` rows from the (identically seeded) generator of every rank and rows
+    ``lo:hi`` are used, so each rank sees exactly the noise that a single process fitting the global batch
+    would have drawn for its examples. Sites of any other form are sampled as usual.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lo = self.hi = self.total = 0
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        if msg["is_observed"] or msg["value"] is not None or msg["args"] or msg["kwargs"]:
+            return
+        base = msg["fn"]
+        while isinstance(base, torch.distributions.Independent):
+            base = base.base_dist
+        if type(base) not in (torch.distributions.Normal, pyro.distributions.Normal):
+            return
+        shape = base.batch_shape
+        if len(shape) == 0 or shape[0] != self.hi - self.lo:
+            return
+        eps = torch.empty((self.total,) + tuple(shape[1:]), dtype=base.loc.dtype, device=base.loc.device).normal_()
+        msg["value"] = base.loc + eps[self.lo : self.hi] * base.scale
+
+
+def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[torch.nn.Parameter],
+                     extra: list[torch.Tensor], with_buffers: bool) -> list[torch.Tensor]:
+    """Sum gradients of ``params`` (and ``extra`` 0-d tensors) over ranks in one collective; with
+    ``with_buffers`` also average the floating-point buffers (BatchNorm running statistics).
+
+    Gradients must already be scaled so that their sum is the global gradient. Returns ``extra`` reduced.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    buffers = [b for b in model.buffers() if b.is_floating_point()] if with_buffers else []
+    parts = [g.reshape(-1) for g in grads] + [b.reshape(-1) / ctx.world_size for b in buffers]
+    parts += [e.detach().reshape(1).to(grads[0].dtype) for e in extra]
+    flat = torch.cat(parts)
+    ctx.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p)
+        offset += g.numel()
+    with torch.no_grad():
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+    return [flat[offset + i] for i in range(len(extra))]
+
+
+def compile_networks(model: DGC, options: dict[str, Any] | None = None) -> DGC:
+    """``torch.compile`` the encoder, decoder and classifier of ``model`` in place (``nn.Module.compile``).
+
+    The state-dict keys do not change, so checkpoints stay compatible. Pyro's tracing, the
+    distributions and the optimiser stay eager. Returns ``model``.
+    """
+    opts = dict(options or {})
+    for net in (model.encoder, model.decoder, model.classifier):
+        net.compile(**opts)
+    return model
+
+
+# ----------------------------------------------------------------------------- the step
 def make_step(
     model: DGC,
     loss_fn: Objective,
@@ -36,49 +270,118 @@ def make_step(
     perturb: bool,
     reps: torch.Tensor,
     device: torch.device,
+    *,
+    compile: bool | dict[str, Any] = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync)."""
-    fused = device.type == "cuda"
-    cls_opt = torch.optim.Adam(model.classifier.parameters(), lr=classifier_lr, betas=betas, foreach=not fused, fused=fused or None)
-    zero = torch.zeros((), device=device)
+    """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
-    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    ``reps``: per-class repetition counts of the perturbation step (on ``device``). ``compile``: True (or
+    a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`).
+    The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
+    """
+    if compile:
+        compile_networks(model, compile if isinstance(compile, dict) else None)
+    ctx = _distributed.current()
+    if ctx is not None:
+        ctx.broadcast_model(model)  # identical starting point on every rank
+    fused = device.type == "cuda"
+    cls_params = list(model.classifier.parameters())
+    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, foreach=not fused, fused=fused or None)
+    zero = torch.zeros((), device=device)
+    max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
+    latent_dim = model.latent_dim
+
+    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int] | None = None) -> torch.Tensor:
         if not perturb:
             return zero
-        loc, scale = guide_normal_params(guide_trace, model, x, y)
-        loss = perturbation_loss(model, loc, scale, y, reps)
+        if shard is None:
+            loc, scale = guide_normal_params(guide_trace, model, x, y)
+            loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps)
+        else:
+            # x, y: the global batch; the guide trace holds this rank's shard. The noise and the
+            # normaliser are the global batch's, so the shards' losses sum to the single-process loss.
+            lo, hi = shard
+            noise = torch.randn((x.shape[0], max_reps, latent_dim), dtype=x.dtype, device=x.device)
+            total = reps[y].sum()
+            if hi > lo:
+                loc, scale = guide_normal_params(guide_trace, model, x[lo:hi], y[lo:hi])
+                loss = perturbation_loss(model, loc, scale, y[lo:hi], reps, max_reps=max_reps,
+                                         noise=noise[lo:hi], total=total)
+                loss.backward()
+            else:
+                loss = zero
+            (loss,) = _flat_all_reduce(ctx, model, cls_params, [loss], with_buffers=False)
+            cls_opt.step()
+            cls_opt.zero_grad(set_to_none=True)
+            return loss
         loss.backward()
         cls_opt.step()
         cls_opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def scaled(fn: Callable[..., Any]) -> Callable[..., Any]:
-        # Per-example loss, so the learning rate does not depend on the batch size.
-        def wrapped(x: torch.Tensor, y: torch.Tensor) -> Any:
-            with poutine.scale(scale=1.0 / x.shape[0]):
-                return fn(x, y)
+    fast = engine == "torch"
+    model_call = _bare_method(model, "model") if fast else model.model
+    guide_call = _bare_method(model, "guide") if fast else model.guide
+    model_fn, guide_fn = _PerExample(model_call), _PerExample(guide_call)
+    noise = None
+    if ctx is not None:
+        noise = _GlobalNoise()
+        guide_fn = _PerExample(noise(guide_call))
 
-        return wrapped
-
-    guide = poutine.trace(model.guide)  # records q(z | x, y) for the perturbation step
-    model_fn, guide_fn = scaled(model.model), scaled(guide)
+    def shard_of(x: torch.Tensor) -> tuple[int, int]:
+        n = x.shape[0]
+        lo, hi = ctx.shard(n)
+        model_fn.denominator = guide_fn.denominator = n
+        noise.lo, noise.hi, noise.total = lo, hi, n
+        return lo, hi
 
     if engine == "svi":
-        svi = pyro.infer.SVI(model_fn, guide_fn, pyro.optim.Adam({"lr": lr, "betas": betas}), loss=loss_fn)
+        if ctx is not None:
+            raise ValueError("data-parallel fitting supports engine='torch' only (engine='svi' is the textbook reference)")
+        traced_guide = poutine.trace(guide_fn)  # records q(z | x, y) for the perturbation step
+        optim = pyro.optim.Adam({"lr": lr, "betas": betas})
+        svi = pyro.infer.SVI(model_fn, traced_guide, optim, loss=loss_fn)
 
         def svi_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            loss = svi.step(x, y)
-            return torch.tensor(loss, device=device), perturbation(guide.trace, x, y)
+            # pyro.infer.SVI collects parameters through Pyro's global param store; a fresh store scope
+            # per step registers exactly this model's parameters, so other models cannot leak in.
+            with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
+                loss = svi.step(x, y)
+            return torch.tensor(loss, device=device), perturbation(traced_guide.trace, x, y)
 
+        svi_step.optimizers = {"main": optim, "perturbation": cls_opt}  # for checkpoints (fit.py)
         return svi_step
 
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, foreach=not fused, fused=fused or None)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr, betas=betas, foreach=not fused, fused=fused or None)
+    kind = traced_elbo_kind(loss_fn)
+    traced = TracedELBO(model_fn, guide_fn, kind, fallback=loss_fn.__self__) if kind else None
+    recorder = poutine.trace(guide_fn) if traced is None else None  # records q(z | x, y) for the perturbation step
+
+    def loss_and_guide_trace(x: torch.Tensor, y: torch.Tensor):
+        if traced is not None:
+            return traced(x, y)
+        return loss_fn(model_fn, recorder, x, y), recorder.trace
 
     def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = loss_fn(model_fn, guide_fn, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach(), perturbation(guide.trace, x, y)
+        with pyro.validation_enabled(False):
+            if ctx is None:
+                loss, guide_tr = loss_and_guide_trace(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach(), perturbation(guide_tr, x, y)
+            lo, hi = shard_of(x)
+            if hi > lo:
+                loss, guide_tr = loss_and_guide_trace(x[lo:hi], y[lo:hi])
+                loss.backward()
+            else:  # fewer examples than ranks in this (last) batch
+                loss, guide_tr = zero, None
+            (loss,) = _flat_all_reduce(ctx, model, params, [loss], with_buffers=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss, perturbation(guide_tr, x, y, (lo, hi))
 
+    torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (fit.py)
     return torch_step
+

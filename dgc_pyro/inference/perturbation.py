@@ -38,12 +38,40 @@ def guide_normal_params(guide_trace, model: DGC, x: torch.Tensor, y: torch.Tenso
 
 
 def perturbation_loss(
-    model: DGC, loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, reps_per_class: torch.Tensor
+    model: DGC,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    y: torch.Tensor,
+    reps_per_class: torch.Tensor,
+    *,
+    max_reps: int | None = None,
+    noise: torch.Tensor | None = None,
+    total: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of p(y | z) on latents re-drawn from q(z | x, y), minority examples repeated."""
+    """Mean cross-entropy of p(y | z) on latents re-drawn from q(z | x, y), minority examples repeated.
+
+    Example i of class c contributes ``reps_per_class[c]`` fresh draws z = loc_i + scale_i * eps; the
+    loss is the mean cross-entropy over all those draws. The draws are laid out as a fixed
+    ``(n, max_reps)`` grid with the surplus masked out, so the shapes never depend on the labels' values
+    and no host synchronisation is needed (a ``repeat_interleave`` by a tensor of counts would need one).
+
+    Args:
+        max_reps: a static upper bound of ``reps_per_class`` (default: its maximum, one host sync;
+            the training engine computes it once per fit).
+        noise: standard-normal draws ``(n, max_reps, latent_dim)`` (default: fresh ``torch.randn``).
+        total: the normaliser (default: the number of draws of this batch, ``reps_per_class[y].sum()``);
+            the distributed engine passes the global batch's count so the shards' losses add up.
+    """
     reps = reps_per_class[y]
-    loc = loc.repeat_interleave(reps, dim=0)
-    scale = scale.repeat_interleave(reps, dim=0)
-    y_rep = y.repeat_interleave(reps, dim=0)
-    z = loc + scale * torch.randn_like(loc)
-    return F.cross_entropy(model.label_logits(z), y_rep)
+    if max_reps is None:
+        max_reps = int(reps_per_class.max())
+    n, k = loc.shape[0], loc.shape[-1]
+    if noise is None:
+        noise = torch.randn((n, max_reps, k), dtype=loc.dtype, device=loc.device)
+    z = loc[:, None, :] + scale[:, None, :] * noise  # (n, max_reps, k)
+    logits = model.label_logits(z.reshape(n * max_reps, k))
+    ce = F.cross_entropy(logits, y[:, None].expand(n, max_reps).reshape(-1), reduction="none").reshape(n, max_reps)
+    keep = torch.arange(max_reps, device=loc.device) < reps[:, None]
+    if total is None:
+        total = reps.sum()
+    return torch.where(keep, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum() / total

@@ -7,24 +7,47 @@ For every example x and class c, z_s ~ q(z | x, c) for s = 1..S and
 so that logmeanexp_s log w_{s,c} is the importance-weighted estimate of log p(x, y = c) and the class
 posterior is its softmax over c. All classes, draws and examples of a chunk go through the networks in
 one vectorised pass (a ``pyro.plate("particles")`` around the model and guide).
+
+Chunks are sized automatically (``max_rows=None``) from the model's activation sizes, measured once per
+model: on CUDA a quarter of the free memory divided by one network row's working set; on CPU, where a
+convolutional decoder runs about twice as fast on ~100-200 rows as on 1000+ (its activations then stay in
+cache), the largest activation of a chunk is kept near 16 MiB and the working set under 512 MiB.
+
+``channels_last`` switches 4-D (convolution) weights to the channels-last layout for the call (restored
+afterwards): float32 all the same, about 2x faster transposed convolutions on CPU, so it is on by
+default on CPU (``channels_last=None``) and on CUDA together with ``autocast="bf16"``, which runs the
+networks (not the log densities, which stay float32) under bfloat16 autocast for tensor cores; autocast
+is off by default, so predictions are float32 unless asked otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Iterator, Literal
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
 
 from dgc_pyro.data.validation import check_features
+from dgc_pyro.inference.engine import _bare_method
 from dgc_pyro.models.dgc import DGC
 
-ScoringRule = Literal["mixture", "iw", "paper"]
-SCORING_RULES = ("mixture", "iw", "paper")
-DEFAULT_MAX_ROWS = 8192
+ScoringRule = Literal["mixture", "iw", "paper", "latent"]
+SCORING_RULES = ("mixture", "iw", "paper", "latent")
+DEFAULT_MAX_ROWS = 8192  # a fixed chunk size for callers that want one; predict's default is automatic
+AUTOCAST_CHOICES = (None, "bf16")
+#: Chunk budgets: on CPU the working set and the largest single activation (cache), on CUDA a share of
+#: the free memory.
+CPU_CHUNK_BYTES = 512 * 2**20
+CPU_ACTIVATION_BYTES = 16 * 2**20
+CUDA_CHUNK_SHARE = 0.25
+_ROW_LIMITS = {"cpu": (64, 32768), "cuda": (1024, 1 << 20)}
+_ROW_BYTES: "weakref.WeakKeyDictionary[DGC, tuple[int, int]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -39,6 +62,9 @@ class Prediction:
         mutual_information: ``entropy - expected_entropy`` (epistemic part, >= 0).
         spread: standard deviation over draws of the predicted class's per-draw probability.
         log_weights: ``(N, C, S)`` log importance weights, kept for diagnostics.
+        rejected: ``(N,)`` bool mask of the reject option (``predict(..., reject_threshold=t)``):
+            True where the uncertainty score exceeds ``t``; None when no threshold was given.
+            ``labels`` always holds the argmax; :attr:`labels_with_reject` has -1 where rejected.
     """
 
     labels: torch.Tensor
@@ -48,6 +74,14 @@ class Prediction:
     mutual_information: torch.Tensor
     spread: torch.Tensor
     log_weights: torch.Tensor
+    rejected: torch.Tensor | None = None
+
+    @property
+    def labels_with_reject(self) -> torch.Tensor:
+        """``labels`` with -1 for rejected examples (``labels`` itself when no reject option was used)."""
+        if self.rejected is None:
+            return self.labels
+        return torch.where(self.rejected, torch.full_like(self.labels, -1), self.labels)
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -64,12 +98,21 @@ def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Norm
 
 def _log_weight_chunk(model: DGC, x: torch.Tensor, num_samples: int, rule: str) -> torch.Tensor:
     n, c = x.shape[0], model.num_classes
+    # The same model and guide, without PyroModule's per-parameter bookkeeping where it is moot.
+    guide_fn, model_fn = _bare_method(model, "guide"), _bare_method(model, "model")
+    if rule == "latent":
+        # q(z | x) taken as the posterior: p(y | x) ~ mean_s p(y | z_s), no importance weights. Only a
+        # trained label-free guide (label_in_guide=False) makes q(z | x) meaningful.
+        with pyro.plate("particles", num_samples, dim=-2):
+            guide_tr = poutine.trace(guide_fn).get_trace(x, None)
+        log_py = torch.log_softmax(model.label_logits(guide_tr.nodes["z"]["value"]), dim=-1)  # (S, n, c)
+        return log_py.permute(1, 2, 0)
     # Class-major tiling: row j*n + i holds example i under class hypothesis j.
     xc = x.repeat((c,) + (1,) * (x.dim() - 1))
     yc = torch.arange(c, device=x.device).repeat_interleave(n)
     with pyro.plate("particles", num_samples, dim=-2):
-        guide_tr = poutine.trace(model.guide).get_trace(xc, yc)
-        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(xc, yc)
+        guide_tr = poutine.trace(guide_fn).get_trace(xc, yc)
+        model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(xc, yc)
     z = guide_tr.nodes["z"]["value"]  # (S, c*n, k)
     log_px = model_tr.nodes["x"]["fn"].log_prob(xc)  # (S, c*n)
     if rule == "mixture":
@@ -100,34 +143,154 @@ def class_log_weights(
     num_samples: int = 10,
     *,
     rule: ScoringRule = "mixture",
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = None,
+    autocast: str | None = None,
+    channels_last: bool | None = None,
 ) -> torch.Tensor:
     """Log importance weights ``(N, C, S)`` of every class hypothesis for every example.
 
     ``rule="mixture"`` (default) draws S latents from each q(z | x, c) and weights all S*C of them
     against the mixture of the C proposals (D = S*C draws shared by every class); ``rule="iw"`` is the
-    importance-weighted estimate of log p(x, y=c) with q(z | x, c) alone (D = S); ``rule="paper"`` is
+    importance-weighted estimate of log p(x, y=c) with q(z | x, c) alone (D = S); ``rule="latent"``
+    averages p(y | z) over S draws of the label-free q(z | x) (for ``label_in_guide=False``); ``rule="paper"`` is
     Eq. 9 of the paper (log p(x | z) + log p(y = c | z), without the prior and proposal terms). Examples are processed
-    in chunks of at most ``max_rows`` network rows (examples x classes x draws) to bound memory.
+    in chunks of at most ``max_rows`` network rows (examples x classes x draws) to bound memory;
+    ``None`` sizes them from the device's memory and the model (:func:`auto_max_rows`).
+    ``autocast="bf16"`` runs the networks under bfloat16 autocast (their outputs and every log density
+    stay float32); ``channels_last`` (default: on CPU, and on CUDA with autocast) uses channels-last
+    convolution weights for the call. The result is float32 either way.
     """
     if rule not in SCORING_RULES:
         raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if autocast not in AUTOCAST_CHOICES:
+        raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     x = check_features(x, input_shape=model.input_shape)
     per_example = model.num_classes * int(num_samples)
-    chunk = max(1, max_rows // per_example)
     was_training = model.training
     model.eval()
+    if channels_last is None:
+        channels_last = model.device.type == "cpu" or autocast is not None
     out = []
     try:
-        with pyro.settings.context(module_local_params=True):
+        if max_rows is None:
+            max_rows = auto_max_rows(model, rule)
+        chunk = max(1, int(max_rows) // per_example)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(pyro.settings.context(module_local_params=True))
+            if channels_last:
+                stack.enter_context(_channels_last(model))
+            if autocast is not None:
+                stack.enter_context(_network_autocast(model, torch.bfloat16))
             for start in range(0, x.shape[0], chunk):
                 xb = x[start : start + chunk].to(model.device, non_blocking=True)
-                out.append(_log_weight_chunk(model, xb, int(num_samples), rule))
+                if channels_last and xb.dim() == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                out.append(_log_weight_chunk(model, xb, int(num_samples), rule).float())
     finally:
         model.train(was_training)
     return torch.cat(out, dim=0)
+
+
+# ----------------------------------------------------------------------------- chunk sizes
+def _row_bytes(model: DGC) -> tuple[int, int]:
+    """``(working set, largest activation)`` in bytes per network row of a no-grad prediction pass,
+    measured once per model.
+
+    The working set is three times the largest activation of the encoder, decoder and classifier (a
+    layer's input, its output and a workspace live together) plus the mixture rule's per-row block of
+    C x k log densities (about five temporaries of it), at the parameters' element size.
+    """
+    cached = _ROW_BYTES.get(model)
+    if cached is not None:
+        return cached
+    largest = [1]
+
+    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if torch.is_tensor(t):
+                largest[0] = max(largest[0], t.numel())
+
+    nets = (model.encoder, model.decoder, model.classifier)
+    handles = [m.register_forward_hook(record) for net in nets for m in net.modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = model._zero.new_zeros((1, *model.input_shape))
+            loc, _ = model.encode(x, None)
+            model.label_logits(loc)
+            model.decoder(loc)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    elem = next(iter(model.parameters())).element_size()
+    row = (elem * (3 * largest[0] + 5 * model.num_classes * model.latent_dim), elem * largest[0])
+    _ROW_BYTES[model] = row
+    return row
+
+
+def auto_max_rows(model: DGC, rule: str = "mixture") -> int:
+    """Network rows per vectorised pass for ``model`` on its device (see the module docstring)."""
+    device = model.device
+    lo, hi = _ROW_LIMITS.get(device.type, _ROW_LIMITS["cpu"])
+    working_set, activation = _row_bytes(model)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        rows = int(CUDA_CHUNK_SHARE * free // working_set)
+    else:
+        rows = int(min(CPU_CHUNK_BYTES // working_set, CPU_ACTIVATION_BYTES // activation))
+    return max(lo, min(hi, rows))
+
+
+# ----------------------------------------------------------------------------- autocast / channels-last
+@contextlib.contextmanager
+def _network_autocast(model: DGC, dtype: torch.dtype) -> Iterator[None]:
+    """Run the encoder, decoder and classifier under autocast, handing float32 outputs to the model."""
+    device_type = model.device.type
+    active: list[torch.autocast] = []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        ctx = torch.autocast(device_type=device_type, dtype=dtype)
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        active.pop().__exit__(None, None, None)
+        if isinstance(output, tuple):
+            return tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in output)
+        return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+    nets = (model.encoder, model.decoder, model.classifier)
+    handles = [net.register_forward_pre_hook(enter) for net in nets]
+    handles += [net.register_forward_hook(leave) for net in nets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while active:
+            active.pop().__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _channels_last(model: DGC) -> Iterator[None]:
+    """Channels-last 4-D weights for the duration of the block (restored afterwards)."""
+    four_d = [t for t in list(model.parameters()) + list(model.buffers()) if t.dim() == 4]
+    if not four_d:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def posterior_from_log_weights(log_w: torch.Tensor) -> Prediction:
@@ -166,10 +329,35 @@ def predict(
     num_samples: int = 10,
     *,
     rule: ScoringRule = "mixture",
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = None,
+    reject_threshold: float | None = None,
+    reject_score: str = "entropy",
+    autocast: str | None = None,
+    channels_last: bool | None = None,
+    balanced: bool = False,
 ) -> Prediction:
-    """Predicted labels with predictive entropy, its aleatoric/epistemic split and the spread over draws."""
-    return posterior_from_log_weights(class_log_weights(model, x, num_samples, rule=rule, max_rows=max_rows))
+    """Predicted labels with predictive entropy, its aleatoric/epistemic split and the spread over draws.
+
+    With ``reject_threshold`` the prediction also carries the reject option: ``rejected`` is True
+    where ``reject_score`` (``"entropy"``, ``"least_confidence"`` = 1 - max proba,
+    ``"mutual_information"`` or ``"expected_entropy"``) is strictly greater than the threshold.
+    ``max_rows``, ``autocast`` and ``channels_last``: see :func:`class_log_weights`.
+    With ``balanced=True`` the class scores are log p(x | y = c) instead of log p(x, y = c): the model's own
+    label marginal p(y) (:meth:`DGC.label_prior`) is divided out, the Bayes rule for a class-balanced
+    test distribution, which is what ACSA measures.
+    """
+    log_w = class_log_weights(
+        model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last)
+    if balanced:
+        log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
+        log_w = log_w - log_prior[None, :, None]
+    pred = posterior_from_log_weights(log_w)
+    if reject_threshold is not None:
+        from dgc_pyro.diagnostics.uncertainty import reject  # local: diagnostics imports this module
+
+        mask = reject(pred, reject_threshold, reject_score)
+        pred.rejected = torch.as_tensor(mask, dtype=torch.bool, device=pred.labels.device)
+    return pred
 
 
 def predict_proba(
@@ -178,7 +366,11 @@ def predict_proba(
     num_samples: int = 10,
     *,
     rule: ScoringRule = "mixture",
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = None,
+    autocast: str | None = None,
+    channels_last: bool | None = None,
+    balanced: bool = False,
 ) -> torch.Tensor:
-    """Class posterior p(y | x) as an ``(N, C)`` tensor whose rows sum to one."""
-    return predict(model, x, num_samples, rule=rule, max_rows=max_rows).proba
+    """Class posterior p(y | x) as an ``(N, C)`` tensor whose rows sum to one (see :func:`predict`)."""
+    return predict(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, balanced=balanced,
+                   channels_last=channels_last).proba

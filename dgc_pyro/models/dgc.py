@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -30,6 +32,8 @@ class DGC(PyroModule):
         obs_scale: standard deviation of the ``"normal"`` likelihood.
         label_weight: multiplies the log-likelihood of ``"y"`` during training (``poutine.scale``);
             the pixel term has as many terms as the image has pixels, so 1.0 lets x dominate.
+        label_in_guide: True (the paper) joins the one-hot label to the encoder, q(z | x, y); False makes
+            the guide q(z | x), so that z must carry the class information that is in x.
         encoder, decoder, classifier: optional custom networks replacing the defaults; they must
             follow the call conventions of :class:`Encoder`, :class:`Decoder`, :class:`Classifier`.
 
@@ -47,6 +51,7 @@ class DGC(PyroModule):
         likelihood: str = "bernoulli",
         obs_scale: float = 0.1,
         label_weight: float = 1.0,
+        label_in_guide: bool = True,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         classifier: nn.Module | None = None,
@@ -56,19 +61,24 @@ class DGC(PyroModule):
         # so that two models never share parameters through the global store).
         with pyro.settings.context(module_local_params=True):
             super().__init__()
+        if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
+            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape!r}")
+        input_shape = tuple(input_shape)
+        if not input_shape or not all(_is_int(s) and s > 0 for s in input_shape):
+            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape!r}")
         input_shape = tuple(int(s) for s in input_shape)
-        if not input_shape or any(s <= 0 for s in input_shape):
-            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {input_shape}")
-        if int(num_classes) < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not _is_int(latent_dim) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        for name, value in (("obs_scale", obs_scale), ("label_weight", label_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or not value > 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
-        if not label_weight > 0:
-            raise ValueError(f"label_weight must be positive, got {label_weight}")
         self.input_shape = input_shape
         self.num_classes = int(num_classes)
         self.latent_dim = int(latent_dim)
@@ -76,6 +86,7 @@ class DGC(PyroModule):
         self.likelihood_name = likelihood
         self.obs_scale = float(obs_scale)
         self.label_weight = float(label_weight)
+        self.label_in_guide = bool(label_in_guide)
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
             name for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier)) if net is not None
@@ -99,6 +110,7 @@ class DGC(PyroModule):
             "likelihood": self.likelihood_name,
             "obs_scale": self.obs_scale,
             "label_weight": self.label_weight,
+            "label_in_guide": self.label_in_guide,
             "custom_networks": list(self.custom_networks),
         }
 
@@ -114,7 +126,7 @@ class DGC(PyroModule):
         missing = [k for k in keys if k not in config]
         if missing:
             raise ValueError(f"model config lacks {missing}")
-        return cls(**{k: config[k] for k in keys})
+        return cls(**{k: config[k] for k in keys}, label_in_guide=bool(config.get("label_in_guide", True)))
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +146,18 @@ class DGC(PyroModule):
         """Logits of p(y | z)."""
         return self.classifier(z)
 
+    @torch.no_grad()
+    def label_prior(self, num_samples: int = 4096, seed: int = 0) -> torch.Tensor:
+        """The model's marginal label distribution p(y) = E_p(z)[p(y | z)], estimated from prior draws.
+
+        Drawn with its own seed inside ``torch.random.fork_rng`` so the caller's random state is untouched.
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            z = self.prior((num_samples,)).sample()
+            return torch.softmax(self.label_logits(z), dim=-1).mean(0)
+
     def one_hot(self, y: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """One-hot labels for the encoder; all zeros when ``y`` is None (label-agnostic q(z | x))."""
         if y is None:
@@ -141,8 +165,8 @@ class DGC(PyroModule):
         return nn.functional.one_hot(y.long(), self.num_classes).to(self._zero.dtype)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale of q(z | x, y)."""
-        return self.encoder(x, self.one_hot(y, x.shape[0]))
+        """Location and scale of q(z | x, y) (of q(z | x) when the model was built with ``label_in_guide=False``)."""
+        return self.encoder(x, self.one_hot(y if self.label_in_guide else None, x.shape[0]))
 
     # ------------------------------------------------------------------ Pyro model and guide
     @pyro_method
@@ -171,6 +195,10 @@ class DGC(PyroModule):
             f"input_shape={self.input_shape}, num_classes={self.num_classes}, latent_dim={self.latent_dim}, "
             f"preset={self.preset!r}, likelihood={self.likelihood_name!r}"
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _batch_size(x: torch.Tensor | None, y: torch.Tensor | None, num_examples: int | None) -> int:
