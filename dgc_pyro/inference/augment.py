@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from imblearn.utils import check_sampling_strategy
 
 from dgc_pyro.data.validation import check_features, check_labels
 from dgc_pyro.inference.predict import predict_proba
@@ -44,6 +43,7 @@ def synthetic_counts(y: Any, sampling_strategy: SamplingStrategy = "auto") -> di
     counts, or a callable returning one). Classes that need nothing are left out.
     """
     labels = check_labels(y).numpy()
+    from imblearn.utils import check_sampling_strategy  # imported here: imblearn is slow to import
     wanted = check_sampling_strategy(sampling_strategy, labels, "over-sampling")
     return {int(c): int(n) for c, n in wanted.items() if int(n) > 0}
 
