@@ -27,3 +27,12 @@ def digits():
     from dgc_pyro.data import load_imbalanced
 
     return load_imbalanced("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, above all on a shared machine (opt in per module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

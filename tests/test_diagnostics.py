@@ -22,13 +22,7 @@ from dgc_pyro.models import DGC  # noqa: E402
 K = 4  # classes 0..3 of digits: a model learns them in a second
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, above all on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit_tiny(digits, seed: int = 0, epochs: int = 4, latent_dim: int = 4) -> DGC:
