@@ -369,7 +369,10 @@ class _Run:
         if self.ckpt_path is None:
             return None
         if state.epoch != self.saved_epoch:
-            save_training_state(self.ckpt_path, state)
+            from dgc_pyro.inference.distributed import is_rank_zero  # local: distributed imports this module
+
+            if is_rank_zero():  # data-parallel ranks hold identical states: one writer is enough
+                save_training_state(self.ckpt_path, state)
             self.saved_epoch = state.epoch
         return self.ckpt_path
 
