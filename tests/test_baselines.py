@@ -23,12 +23,7 @@ from dgc_pyro.metrics import imbalance_report
 COUNTS = torch.tensor([400.0, 100.0, 25.0, 4.0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 16, c: int = 4, seed: int = 0):

@@ -170,10 +170,4 @@ def test_fit_with_pretraining_and_a_custom_wae_loss(digits):
     assert math.isfinite(hist.losses[0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks run fastest single-threaded, and the test machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,12 +26,7 @@ from dgc_pyro.models.dgc import DGC
 FIT_KW = dict(batch_size=64, progress=False, val_num_samples=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
