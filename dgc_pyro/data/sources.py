@@ -164,6 +164,26 @@ def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
     return ImageSource(name, split, labels, (1, 28, 28), class_names, load)
 
 
+class _OptionalMD5:
+    """Mixin for torchvision datasets: md5 integrity checks only when ``verify_md5`` (i.e. on download).
+
+    Subclasses say which files must exist via ``_files_present``; reading stays torchvision's own code.
+    """
+
+    def __init__(self, *args: Any, verify_md5: bool = True, **kwargs: Any) -> None:
+        # Set before torchvision's __init__, which runs the integrity check.
+        self._verify_md5 = verify_md5
+        super().__init__(*args, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        if self._verify_md5:
+            return super()._check_integrity()  # type: ignore[misc]
+        return self._files_present()
+
+    def _files_present(self) -> bool:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------------
 # SVHN
 
@@ -172,20 +192,13 @@ def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
 def _svhn_class() -> type:
     from torchvision import datasets
 
-    class _SVHN(datasets.SVHN):
+    class _SVHN(_OptionalMD5, datasets.SVHN):
         """torchvision's SVHN, checking only that the file exists unless ``verify_md5``.
 
         The md5 check is the only thing bypassed; reading is torchvision's own code.
         """
 
-        def __init__(self, *args: Any, verify_md5: bool = True, **kwargs: Any) -> None:
-            # Set before torchvision's __init__, which runs the integrity check.
-            self._verify_md5 = verify_md5
-            super().__init__(*args, **kwargs)
-
-        def _check_integrity(self) -> bool:
-            if self._verify_md5:
-                return super()._check_integrity()
+        def _files_present(self) -> bool:
             return os.path.isfile(os.path.join(self.root, self.filename))
 
     return _SVHN
@@ -228,20 +241,14 @@ _CELEBA_FILES = (
 def _celeba_class() -> type:
     from torchvision import datasets
 
-    class _CelebA(datasets.CelebA):
+    class _CelebA(_OptionalMD5, datasets.CelebA):
         """torchvision's CelebA, checking only that the files exist unless ``verify_md5``.
 
         torchvision md5-checks the five annotation files before reading them; that check is the
         only thing bypassed here (``download=True`` keeps it). Parsing is torchvision's own code.
         """
 
-        def __init__(self, *args: Any, verify_md5: bool = True, **kwargs: Any) -> None:
-            self._verify_md5 = verify_md5
-            super().__init__(*args, **kwargs)
-
-        def _check_integrity(self) -> bool:
-            if self._verify_md5:
-                return super()._check_integrity()
+        def _files_present(self) -> bool:
             base = os.path.join(self.root, self.base_folder)
             return all(os.path.isfile(os.path.join(base, f)) for f in _CELEBA_FILES) and os.path.isdir(
                 os.path.join(base, "img_align_celeba")
