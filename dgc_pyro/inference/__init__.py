@@ -2,7 +2,7 @@
 
 from dgc_pyro.inference.augment import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.inference.engine import ENGINES, make_step  # noqa: F401  (public re-export)
+from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.objectives import OBJECTIVES, get_objective
 from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
@@ -18,6 +18,7 @@ __all__ = [
     "fit",
     "History",
     "ENGINES",
+    "make_step",
     "OBJECTIVES",
     "get_objective",
     "predict",

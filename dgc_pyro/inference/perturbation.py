@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dgc_pyro.models.dgc import DGC
+from dgc_pyro.models.dgc import DGC, unwrap_normal
 
 
 def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch.Tensor:
@@ -28,10 +28,8 @@ def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch
 def guide_normal_params(guide_trace, model: DGC, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Detached (loc, scale) of q(z | x, y) from a recorded guide trace, re-encoding only for non-Normal guides."""
     node = guide_trace.nodes.get("z") if guide_trace is not None else None
-    d = node["fn"] if node is not None else None
-    while d is not None and hasattr(d, "base_dist"):
-        d = d.base_dist
-    if isinstance(d, torch.distributions.Normal):
+    d = unwrap_normal(node["fn"] if node is not None else None)
+    if d is not None:
         return d.loc.detach(), d.scale.detach()
     with torch.no_grad():
         return model.encode(x, y)

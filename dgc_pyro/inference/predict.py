@@ -35,7 +35,7 @@ from pyro import poutine
 
 from dgc_pyro.data.validation import check_features
 from dgc_pyro.inference.engine import _bare_method
-from dgc_pyro.models.dgc import DGC
+from dgc_pyro.models.dgc import DGC, unwrap_normal
 
 ScoringRule = Literal["mixture", "iw", "paper", "latent"]
 SCORING_RULES = ("mixture", "iw", "paper", "latent")
@@ -89,11 +89,10 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Normal:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    if not isinstance(fn, torch.distributions.Normal):
+    normal = unwrap_normal(fn)
+    if normal is None:
         raise TypeError(f'the "mixture" rule needs a Normal guide for "z", got {type(fn).__name__}')
-    return fn
+    return normal
 
 
 def _log_weight_chunk(model: DGC, x: torch.Tensor, num_samples: int, rule: str) -> torch.Tensor:

@@ -201,6 +201,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def unwrap_normal(fn: torch.distributions.Distribution | None) -> torch.distributions.Normal | None:
+    """The Normal under ``Independent``/expanded wrappers of a site's distribution (None if there is none).
+
+    The default guide's ``"z"`` is such a Normal; code that needs its loc and scale (the perturbation step,
+    the mixture scoring rule) reads them through this one function.
+    """
+    while fn is not None and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn if isinstance(fn, torch.distributions.Normal) else None
+
+
 def _batch_size(x: torch.Tensor | None, y: torch.Tensor | None, num_examples: int | None) -> int:
     if x is not None:
         return x.shape[0]
@@ -211,4 +222,4 @@ def _batch_size(x: torch.Tensor | None, y: torch.Tensor | None, num_examples: in
     return int(num_examples)
 
 
-__all__ = ["DGC", "Encoder", "Decoder", "Classifier"]
+__all__ = ["DGC", "Encoder", "Decoder", "Classifier", "unwrap_normal"]

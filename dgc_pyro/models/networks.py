@@ -205,11 +205,6 @@ def _mlp(sizes: Sequence[int], final_activation: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def is_image_shape(input_shape: Sequence[int]) -> bool:
-    """True for the shapes that get convolutional networks (not for 8x8 digits, which use an MLP)."""
-    return tuple(input_shape) in {s for s, _ in CONV_SPECS}
-
-
 def build_networks(
     input_shape: Sequence[int], num_classes: int, latent_dim: int, preset: str = "small"
 ) -> tuple[Encoder, Decoder, Classifier]:
