@@ -127,6 +127,8 @@ class FittedBaseline:
     device: torch.device = torch.device("cpu")
     num_classes: int = 0
     input_shape: tuple[int, ...] = ()
+    #: best validation ACSA (the selected epoch's), None without a validation split
+    val_acsa: float | None = None
 
     @torch.no_grad()
     def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
@@ -222,5 +224,6 @@ def fit_baseline(
                 best, best_state = acsa, copy.deepcopy(module.state_dict())
     if best_state is not None:
         module.load_state_dict(best_state)
+        fitted.val_acsa = float(best)
     module.eval()
     return fitted

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default=None)
     f.add_argument("--objective", choices=sorted(OBJECTIVES), default=None)
     f.add_argument("--perturbation-rate", type=float, default=None, help="the paper's r (0 disables the step)")
+    f.add_argument("--label-weight", type=float, default=None, help="weight of log p(y | z) in the objective")
+    f.add_argument("--obs-scale", type=float, default=None, help="sigma of the normal pixel likelihood")
+    f.add_argument("--logit-adjustment", type=float, default=None,
+                   help="tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off")
+    f.add_argument("--guide", choices=("x", "xy"), default=None,
+                   help="x: label-free q(z | x); xy: the paper's q(z | x, y) (default: the dataset's recipe)")
     f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
     f.add_argument("--out", default=None,
@@ -107,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only samples whose class posterior under the model is at least this")
     a.add_argument("--perturbation-scale", type=float, default=1.0,
                    help="multiplies the posterior scale of the latent noise (default: 1)")
+    a.add_argument("--output", choices=("mean", "residual"), default="mean",
+                   help="synthetic images: the decoded mean image, or the real source image plus the decoded "
+                        "change of its latent (keeps the source's detail)")
     a.add_argument("--grid-per-class", type=int, default=16,
                    help="synthetic examples shown in each class's PNG grid (0: no grids)")
     return parser
@@ -145,7 +154,8 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 
 
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
-                 "objective", "perturbation_rate", "num_samples", "baseline")
+                 "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
+                 "logit_adjustment", "guide")
 
 
 def _resume_args(args: argparse.Namespace):
@@ -203,6 +213,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
             "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
             "perturbation_rate": args.perturbation_rate, "num_samples": args.num_samples,
+            "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
+            "label_in_guide": None if args.guide is None else args.guide == "xy",
         }
         recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
@@ -373,7 +385,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         x_syn, y_syn = augment(
             model, split.x_train, split.y_train, args.sampling_strategy,
             perturbation_scale=args.perturbation_scale, filter_threshold=args.filter_threshold,
-            num_samples_filter=args.num_samples or 10, seed=args.seed,
+            num_samples_filter=args.num_samples or 10, seed=args.seed, output=args.output,
         )
     for w in caught:
         print(f"dgc-pyro augment: warning: {w.message}", file=sys.stderr)

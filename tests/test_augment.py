@@ -111,6 +111,24 @@ def test_zero_perturbation_decodes_posterior_means_of_sources_equally_often(mode
     assert float(((xn[:, None] - decoded[None]) ** 2).flatten(2).sum(-1).min()) > 1e-8
 
 
+def test_residual_output_is_the_source_plus_the_decoded_change(model, data):
+    x, y = data
+    # Without noise the decoded change is zero: every sample is one of its class's real examples.
+    xs, ys = augment(model, x, y, {2: 12}, perturbation_scale=0.0, seed=0, output="residual")
+    src = x[y == 2]
+    dist = ((xs[:, None] - src[None]) ** 2).flatten(2).sum(-1)  # (9, 3)
+    assert float(dist.min(1).values.max()) < 1e-10
+    assert np.bincount(dist.argmin(1).numpy(), minlength=3).tolist() == [3, 3, 3]
+    # With noise: the same draws as output="mean" (same seed), moved onto the source images.
+    xm, _ = augment(model, x, y, {2: 12}, perturbation_scale=1.0, seed=0)
+    xr, _ = augment(model, x, y, {2: 12}, perturbation_scale=1.0, seed=0, output="residual")
+    assert xr.shape == xm.shape and float(xr.min()) >= 0.0 and float(xr.max()) <= 1.0
+    assert float(((xr[:, None] - src[None]) ** 2).flatten(2).sum(-1).min()) > 1e-8
+    nearest_real = ((xr[:, None] - src[None]) ** 2).flatten(2).sum(-1).min(1).values
+    nearest_mean = ((xm[:, None] - src[None]) ** 2).flatten(2).sum(-1).min(1).values
+    assert (nearest_real < nearest_mean).all()  # closer to the real data than the blurry mean images
+
+
 def _fake_proba(calls):
     """Deterministic stand-in for predict_proba: p(y = c | x) = mean pixel value for every c."""
 
@@ -157,6 +175,7 @@ def test_real_posterior_filter_runs(model, data):
         ({"filter_threshold": 1.5}, "filter_threshold"),
         ({"num_samples_filter": 0}, "num_samples_filter"),
         ({"batch_size": 0}, "batch_size"),
+        ({"output": "sample"}, "output"),
     ],
 )
 def test_bad_options(model, data, kwargs, match):

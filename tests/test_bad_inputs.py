@@ -150,6 +150,12 @@ API_CASES = [
          "likelihood must be one of"),
     Case("DGC", "obs_scale=0", lambda c: DGC((1, 8, 8), 3, obs_scale=0), ValueError,
          "obs_scale must be a positive finite number, got 0"),
+    Case("DGC", "a class prior of the wrong length", lambda c: DGC((1, 8, 8), 3, class_prior=[5, 1]), ValueError,
+         "class_prior must have one entry per class (3), got shape (2,)"),
+    Case("DGC", "a class prior with an empty class", lambda c: DGC((1, 8, 8), 3, class_prior=[5, 0, 1]), ValueError,
+         "class_prior entries must be positive and finite"),
+    Case("DGC", "logit_adjustment=-1", lambda c: DGC((1, 8, 8), 3, class_prior=[5, 2, 1], logit_adjustment=-1.0),
+         ValueError, "logit_adjustment must be a finite number >= 0, got -1.0"),
     # metrics
     Case("imbalance_report", "y_true and y_pred of different lengths", lambda c: imbalance_report([0, 1, 2], [0, 1]),
          ValueError, "y_true and y_pred have different lengths (3 vs 2)"),

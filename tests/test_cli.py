@@ -62,12 +62,33 @@ def test_fit_on_arrays_from_an_npz_file(tmp_path):
     assert metrics["baseline"] is None and metrics["config"]["train_counts"] == [30, 12, 6]
 
 
+def test_fit_with_the_label_free_logit_adjusted_model_and_evaluate_reproduces_it(tmp_path):
+    out = tmp_path / "la"
+    assert main(["fit", "--epochs", "2", "--no-progress", "--out", str(out), "--baseline", "none", "--guide", "x",
+                 "--logit-adjustment", "1", "--label-weight", "20", "--obs-scale", "0.3", "--likelihood", "normal"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    recipe = metrics["config"]["recipe"]
+    assert recipe["label_in_guide"] is False and recipe["logit_adjustment"] == 1.0 and recipe["obs_scale"] == 0.3
+    _, meta = load_checkpoint(out / "model.safetensors")
+    assert meta["model"]["label_in_guide"] is False
+    prior = np.array(meta["model"]["class_prior"])
+    counts = np.array(metrics["config"]["train_counts"])
+    assert np.allclose(prior, counts / counts.sum())
+    again = tmp_path / "again"
+    assert main(["evaluate", "--checkpoint", str(out / "model.safetensors"), "--out", str(again)]) == 0
+    reloaded = json.loads((again / "metrics.json").read_text())
+    for key in METRIC_KEYS:  # balanced prediction again (the class prior travels in the checkpoint)
+        assert reloaded[key] == pytest.approx(metrics[key])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["fit", "--dataset", "mnist", "--data-dir", "{tmp}"], "download"),
         (["fit", "--counts", "500,10"], "counts|class"),
         (["fit", "--epochs", "0"], "epochs"),
+        (["fit", "--logit-adjustment", "-1"], "logit_adjustment"),
+        (["fit", "--label-weight", "0"], "label_weight"),
         (["evaluate", "--checkpoint", "{tmp}/missing.safetensors"], "missing.safetensors"),
     ],
 )

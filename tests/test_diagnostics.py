@@ -190,6 +190,15 @@ def test_khat_separates_light_and_heavy_tailed_weights():
     np.testing.assert_allclose(ess_equal, 30.0)
 
 
+def test_a_latent_rule_prediction_has_no_importance_weights_to_diagnose(tiny):
+    model, x, _, pred = tiny
+    assert pred.rule == "mixture"
+    latent = predict(model, x[:5], 30, rule="latent")
+    assert latent.rule == "latent"
+    with pytest.raises(ValueError, match="no importance sampling"):
+        dg.importance_diagnostics(latent)
+
+
 def test_khat_needs_enough_draws(tiny):
     model, x, _, _ = tiny
     lw = class_log_weights(model, x[:5], 10, rule="iw")  # only 10 draws per class

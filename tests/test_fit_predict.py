@@ -173,3 +173,43 @@ def test_balanced_prediction_divides_out_the_models_label_prior(fitted, digits):
     balanced = predict(fitted, x, 3, balanced=True)
     expected = torch.softmax(torch.log(plain.proba) - prior.log(), dim=-1)
     assert torch.allclose(balanced.proba, expected, atol=1e-5)
+
+
+def test_balanced_prediction_of_a_logit_adjusted_model_drops_the_prior_offset(digits):
+    counts = np.bincount(digits.y_train.numpy(), minlength=digits.num_classes)
+    model = _tiny(digits, class_prior=counts, label_in_guide=False)
+    x = digits.x_test[:7]
+    torch.manual_seed(3)
+    plain = predict(model, x, 1)  # default rule of a label-free guide: "latent"
+    torch.manual_seed(3)
+    balanced = predict(model, x, 1, balanced=True)
+    # one draw: p_bal(y | z) = softmax(f(z)) = softmax(log p(y | z) - tau log pi)
+    expected = torch.softmax(torch.log(plain.proba) - model.label_offset, dim=-1)
+    assert torch.allclose(balanced.proba, expected, atol=1e-5)
+    assert not torch.allclose(balanced.proba, plain.proba, atol=1e-3)
+    assert model.label_logits(torch.zeros(1, model.latent_dim)).sub(
+        model.classifier(torch.zeros(1, model.latent_dim))).abs().max() > 0  # the offset is back after predict
+
+
+def test_default_rule_of_a_label_free_model_is_latent(digits):
+    model = _tiny(digits, label_in_guide=False)
+    x = digits.x_test[:4]
+    torch.manual_seed(1)
+    default = predict(model, x, 3)
+    torch.manual_seed(1)
+    latent = predict(model, x, 3, rule="latent")
+    assert default.log_weights.shape == (4, digits.num_classes, 3)
+    assert torch.equal(default.proba, latent.proba)
+
+
+def test_logit_adjusted_fit_runs_and_validates_balanced(digits):
+    from dgc_pyro.experiment import Recipe
+
+    recipe = Recipe(epochs=2, batch_size=32, latent_dim=4, logit_adjustment=1.0, label_in_guide=False, label_weight=10.0)
+    with pytest.raises(ValueError, match="class counts"):
+        recipe.build_model(digits.input_shape, digits.num_classes)
+    model = recipe.build_model(digits.input_shape, digits.num_classes, digits.train_counts)
+    assert model.has_class_prior and not model.label_in_guide and recipe.balanced
+    hist = fit(model, digits.x_train, digits.y_train, epochs=2, batch_size=32, progress=False, val_fraction=0.2,
+               val_num_samples=2)
+    assert all(0.0 <= e["val_acsa"] <= 1.0 for e in hist.epochs)

@@ -123,3 +123,60 @@ def test_two_models_do_not_share_parameters_through_the_param_store():
     la, lb = tr_a.nodes["z"]["fn"].base_dist.loc, tr_b.nodes["z"]["fn"].base_dist.loc
     assert not torch.allclose(la, lb)
     assert len(pyro.get_param_store()) == 0
+
+
+def test_class_prior_shifts_the_label_logits_by_tau_log_pi():
+    torch.manual_seed(0)
+    model = DGC((4,), 3, latent_dim=2, class_prior=[6, 3, 1], logit_adjustment=0.5)
+    z = torch.randn(5, 2)
+    plain = model.classifier(z)
+    expected = plain + 0.5 * torch.tensor([0.6, 0.3, 0.1]).log()
+    assert torch.allclose(model.label_logits(z), expected, atol=1e-6)
+    with model.balanced_labels():
+        assert torch.allclose(model.label_logits(z), plain)
+    assert torch.allclose(model.label_logits(z), expected, atol=1e-6)  # restored on exit
+    assert model.has_class_prior and not DGC((4,), 3).has_class_prior
+
+
+def test_class_prior_survives_the_config_and_stays_out_of_the_state_dict():
+    model = DGC((4,), 3, latent_dim=2, class_prior=[2.0, 1.0, 1.0], logit_adjustment=1.0)
+    clone = DGC.from_config(model.config)
+    assert clone.config == model.config
+    assert clone.class_prior == pytest.approx([0.5, 0.25, 0.25])
+    assert torch.allclose(clone.label_offset, model.label_offset)
+    assert "label_offset" not in model.state_dict()
+    # a config written before class priors existed still loads, without one
+    old = {k: v for k, v in model.config.items() if k not in ("class_prior", "logit_adjustment")}
+    assert not DGC.from_config(old).has_class_prior
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(class_prior=[1.0, 2.0]), "one entry per class"),
+        (dict(class_prior=[1.0, 0.0, 2.0]), "positive"),
+        (dict(class_prior=[1.0, float("nan"), 2.0]), "positive and finite"),
+        (dict(class_prior=[1.0, 1.0, 1.0], logit_adjustment=-1.0), "logit_adjustment"),
+    ],
+)
+def test_bad_class_priors_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DGC((4,), 3, **kwargs)
+
+
+def test_default_rule_follows_the_guide():
+    assert DGC((4,), 3).default_rule == "mixture"
+    assert DGC((4,), 3, label_in_guide=False).default_rule == "latent"
+
+
+def test_log_variance_clamp_passes_gradients_outside_its_bounds():
+    from dgc_pyro.models.networks import LOG_VAR_BOUNDS, clamp_log_var
+
+    v = torch.tensor([-1e4, -31.0, 0.5, 25.0, 1e8], requires_grad=True)
+    out = clamp_log_var(v)
+    assert torch.equal(out, v.detach().clamp(*LOG_VAR_BOUNDS))  # the forward pass is exactly the clamp
+    # KL(N(0, e^v) || N(0, 1)) per dimension: its gradient must reach v even where v is clipped, or a
+    # dimension past the upper bound could never come back (it did, with the paper's networks)
+    kl = 0.5 * (out.exp() - out - 1.0)
+    kl.sum().backward()
+    assert (v.grad[3:] > 0).all() and (v.grad[:2] < 0).all()

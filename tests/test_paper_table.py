@@ -89,3 +89,32 @@ def test_render_table_has_paper_row(paper_table):
     text = paper_table.render_table("fashion", summary, [1, 2])
     assert "| DGC (paper, published) | 0.8364 | 0.8314 | 0.9010 | 0.8864 | 0.6900 | — | — |" in text
     assert "| DGC, ELBO (ours) | 0.5000 ± 0.0100" in text
+
+
+def test_collect_summarises_existing_runs_without_fitting(paper_table, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--dataset", "digits", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+              "--counts", "12,10,8,6,5,4,4,3,3,3", "--out", str(out)]
+    # two "per-seed processes", as benchmarks/gpu_suite.sh runs them
+    assert paper_table.main(common + ["--seeds", "1", "--methods", "ce", "dgc_elbo"]) == 0
+    assert paper_table.main(common + ["--seeds", "2", "--methods", "ce"]) == 0
+    before = sorted(p.name for p in (out / "runs").iterdir())
+    assert paper_table.main(common + ["--seeds", "1", "2", "--methods", "ce", "dgc_elbo", "--collect"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == before  # nothing was fitted
+    assert "seed 2 dgc_elbo: no" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"ce", "dgc_elbo"}
+    assert summary["ce"]["acsa"]["std"] >= 0.0 and summary["dgc_elbo"]["acsa"]["std"] == 0.0  # 2 seeds vs 1
+    run = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
+    assert run["val_acsa"] is not None and 0.0 <= run["val_acsa"] <= 1.0
+    assert "collected from per-seed runs" in (out / "table.md").read_text()
+
+
+def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo_paper_guide_la", "--out", str(out)]
+    assert paper_table.main(argv) == 0
+    run = json.loads((out / "runs" / "dgc_elbo_paper_guide_la_seed1.json").read_text())
+    assert run["recipe"]["label_in_guide"] is True and run["recipe"]["logit_adjustment"] == 1.0
+    assert run["rule"] == "mixture"

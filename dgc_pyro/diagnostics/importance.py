@@ -82,6 +82,11 @@ def importance_diagnostics(log_weights: Any) -> dict[str, Any]:
         one unreliable class estimate makes the whole posterior of that example unreliable).
     """
     if isinstance(log_weights, Prediction):
+        if log_weights.rule == "latent":
+            raise ValueError(
+                'this prediction used rule="latent", which averages p(y | z) over q(z | x) without importance '
+                'weights; there is no importance sampling to diagnose (predict with rule="mixture" or "iw")'
+            )
         log_weights = log_weights.log_weights
     lw = log_weights.detach().cpu().numpy() if hasattr(log_weights, "detach") else np.asarray(log_weights)
     lw = lw.astype(np.float64)

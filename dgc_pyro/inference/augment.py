@@ -3,7 +3,8 @@
 For a class c, real class-c examples are encoded with the recognition model q(z | x, y = c), their
 latents are perturbed as in the paper's data-perturbation step (fresh noise,
 ``z = loc + perturbation_scale * scale * eps``) and decoded through p(x | z) to the likelihood's mean
-image. Unlike the training-time perturbation (which only feeds the classifier head), this produces
+image, or (``output="residual"``) to the real example plus the decoded change of its latent. Unlike the
+training-time perturbation (which only feeds the classifier head), this produces
 images, so any downstream classifier can be trained on the rebalanced data.
 
 How many examples each class gets follows imbalanced-learn's over-samplers exactly
@@ -27,6 +28,7 @@ from dgc_pyro.models.dgc import DGC
 from dgc_pyro.models.likelihoods import likelihood_mean
 
 SamplingStrategy = str | float | Mapping[int, int] | Callable[[np.ndarray], Mapping[int, int]]
+OUTPUTS = ("mean", "residual")
 
 __all__ = ["augment", "synthetic_counts", "AugmentationWarning"]
 
@@ -49,7 +51,9 @@ def synthetic_counts(y: Any, sampling_strategy: SamplingStrategy = "auto") -> di
 
 
 def _check_options(perturbation_scale: float, filter_threshold: float | None, num_samples_filter: int,
-                   batch_size: int, max_rounds: int) -> None:
+                   batch_size: int, max_rounds: int, output: str = "mean") -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if not (isinstance(perturbation_scale, (int, float)) and math.isfinite(perturbation_scale) and perturbation_scale >= 0):
         raise ValueError(f"perturbation_scale must be a finite number >= 0, got {perturbation_scale!r}")
     if filter_threshold is not None and not (isinstance(filter_threshold, (int, float)) and 0.0 <= filter_threshold <= 1.0):
@@ -76,8 +80,9 @@ class _SourceCycler:
 
 @torch.no_grad()
 def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor: float,
-                      generator: torch.Generator, batch_size: int) -> torch.Tensor:
-    """Mean images of p(x | z) for z = loc + scale_factor * scale * eps, z's from q(z | x, y)."""
+                      generator: torch.Generator, batch_size: int, output: str = "mean") -> torch.Tensor:
+    """Images decoded from z = loc + scale_factor * scale * eps, z's from q(z | x, y): the mean of p(x | z)
+    (``output="mean"``), or ``x + mean(z) - mean(loc)`` (``"residual"``), clipped to [0, 1]."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(model.device)
@@ -87,6 +92,8 @@ def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor
         eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype).to(loc.device)
         z = loc + scale_factor * scale * eps
         mean = likelihood_mean(model.likelihood_name, model.decoder(z))
+        if output == "residual":
+            mean = xb + mean - likelihood_mean(model.likelihood_name, model.decoder(loc))
         out.append(mean.clamp(0.0, 1.0).to(torch.float32).cpu())
     return torch.cat(out)
 
@@ -103,6 +110,7 @@ def augment(
     max_rounds: int = 10,
     seed: int | None = None,
     batch_size: int = 256,
+    output: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic examples that rebalance ``(x, y)``, drawn from the fitted ``model``.
 
@@ -130,6 +138,9 @@ def augment(
         max_rounds: most rounds of drawing per class when filtering.
         seed: makes the choice of source examples and the noise reproducible (None: fresh randomness).
         batch_size: examples per pass through the networks.
+        output: ``"mean"`` returns the mean image of p(x | z); ``"residual"`` returns the source example
+            plus the decoded change of its latent, ``x + E[x | z] - E[x | loc]``, which keeps the detail of
+            the real image that the (blurry) mean image loses, and varies it along the decoder.
 
     Returns:
         ``(x_synthetic, y_synthetic)``: only the new examples, a float32 tensor
@@ -138,7 +149,7 @@ def augment(
     """
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
-    _check_options(perturbation_scale, filter_threshold, num_samples_filter, batch_size, max_rounds)
+    _check_options(perturbation_scale, filter_threshold, num_samples_filter, batch_size, max_rounds, output)
     x = check_features(x, input_shape=model.input_shape)
     y = check_labels(y, num_classes=model.num_classes)
     if x.shape[0] != y.shape[0]:
@@ -171,7 +182,8 @@ def augment(
                     plan[c] = min(math.ceil(1.2 * need / rate) + 1, 10 * need + 10)
             src = np.concatenate([cyclers[c].take(k) for c, k in plan.items()])
             ys = torch.cat([torch.full((k,), c, dtype=torch.int64) for c, k in plan.items()])
-            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size)
+            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
+                                   output)
             if filter_threshold is not None:
                 proba = predict_proba(model, xs, num_samples_filter).cpu()
                 ok = proba[torch.arange(len(ys)), ys] >= filter_threshold

@@ -702,7 +702,7 @@ class _Loop:
                 "perturbation_loss": totals[1] / self.num_batches,
             }
             if self.x_val is not None:
-                pred = predict(model, self.x_val, self.val_num_samples)
+                pred = predict(model, self.x_val, self.val_num_samples, balanced=model.has_class_prior)
                 report = imbalance_report(self.y_val, pred.labels.cpu(), num_classes=model.num_classes,
                                           train_counts=self.counts)
                 record.update({f"val_{k}": v for k, v in report.items()})

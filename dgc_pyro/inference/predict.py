@@ -62,6 +62,7 @@ class Prediction:
         mutual_information: ``entropy - expected_entropy`` (epistemic part, >= 0).
         spread: standard deviation over draws of the predicted class's per-draw probability.
         log_weights: ``(N, C, S)`` log importance weights, kept for diagnostics.
+        rule: the scoring rule that produced ``log_weights`` (None when built by hand).
         rejected: ``(N,)`` bool mask of the reject option (``predict(..., reject_threshold=t)``):
             True where the uncertainty score exceeds ``t``; None when no threshold was given.
             ``labels`` always holds the argmax; :attr:`labels_with_reject` has -1 where rejected.
@@ -75,6 +76,7 @@ class Prediction:
     spread: torch.Tensor
     log_weights: torch.Tensor
     rejected: torch.Tensor | None = None
+    rule: str | None = None
 
     @property
     def labels_with_reject(self) -> torch.Tensor:
@@ -141,14 +143,15 @@ def class_log_weights(
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule = "mixture",
+    rule: ScoringRule | None = None,
     max_rows: int | None = None,
     autocast: str | None = None,
     channels_last: bool | None = None,
 ) -> torch.Tensor:
     """Log importance weights ``(N, C, S)`` of every class hypothesis for every example.
 
-    ``rule="mixture"`` (default) draws S latents from each q(z | x, c) and weights all S*C of them
+    ``rule=None`` (default) takes the model's :attr:`~DGC.default_rule`: ``"mixture"`` for the paper's
+    label-conditioned guide, ``"latent"`` for a label-free one. ``rule="mixture"`` draws S latents from each q(z | x, c) and weights all S*C of them
     against the mixture of the C proposals (D = S*C draws shared by every class); ``rule="iw"`` is the
     importance-weighted estimate of log p(x, y=c) with q(z | x, c) alone (D = S); ``rule="latent"``
     averages p(y | z) over S draws of the label-free q(z | x) (for ``label_in_guide=False``); ``rule="paper"`` is
@@ -159,10 +162,12 @@ def class_log_weights(
     stay float32); ``channels_last`` (default: on CPU, and on CUDA with autocast) uses channels-last
     convolution weights for the call. The result is float32 either way.
     """
-    if rule not in SCORING_RULES:
-        raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    if rule is None:
+        rule = model.default_rule
+    if rule not in SCORING_RULES:
+        raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if autocast not in AUTOCAST_CHOICES:
@@ -327,7 +332,7 @@ def predict(
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule = "mixture",
+    rule: ScoringRule | None = None,
     max_rows: int | None = None,
     reject_threshold: float | None = None,
     reject_score: str = "entropy",
@@ -341,16 +346,19 @@ def predict(
     where ``reject_score`` (``"entropy"``, ``"least_confidence"`` = 1 - max proba,
     ``"mutual_information"`` or ``"expected_entropy"``) is strictly greater than the threshold.
     ``max_rows``, ``autocast`` and ``channels_last``: see :func:`class_log_weights`.
-    With ``balanced=True`` the class scores are log p(x | y = c) instead of log p(x, y = c): the model's own
-    label marginal p(y) (:meth:`DGC.label_prior`) is divided out, the Bayes rule for a class-balanced
-    test distribution, which is what ACSA measures.
+    With ``balanced=True`` the prediction targets a class-balanced test distribution, which is what ACSA
+    measures: a model built with ``class_prior`` scores with its prior-free label likelihood softmax(f(z))
+    (:meth:`DGC.balanced_labels`); any other model has its own label marginal p(y) (:meth:`DGC.label_prior`)
+    divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c).
     """
-    log_w = class_log_weights(
-        model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last)
-    if balanced:
+    with model.balanced_labels() if balanced else contextlib.nullcontext():
+        log_w = class_log_weights(
+            model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last)
+    if balanced and not model.has_class_prior:
         log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
         log_w = log_w - log_prior[None, :, None]
     pred = posterior_from_log_weights(log_w)
+    pred.rule = rule or model.default_rule
     if reject_threshold is not None:
         from dgc_pyro.diagnostics.uncertainty import reject  # local: diagnostics imports this module
 
@@ -364,7 +372,7 @@ def predict_proba(
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule = "mixture",
+    rule: ScoringRule | None = None,
     max_rows: int | None = None,
     autocast: str | None = None,
     channels_last: bool | None = None,

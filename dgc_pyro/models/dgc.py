@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyro
@@ -34,6 +35,12 @@ class DGC(PyroModule):
             the pixel term has as many terms as the image has pixels, so 1.0 lets x dominate.
         label_in_guide: True (the paper) joins the one-hot label to the encoder, q(z | x, y); False makes
             the guide q(z | x), so that z must carry the class information that is in x.
+        class_prior: training class frequencies (counts or probabilities, length C). With it the label
+            likelihood is p(y | z) = softmax(f(z) + tau * log pi) (logit adjustment, Menon et al. 2021): the
+            network f is free of the training imbalance, and :meth:`balanced_labels` (used by
+            ``predict(..., balanced=True)``) scores with softmax(f(z)), the label likelihood under a uniform
+            class prior. None (default): p(y | z) = softmax(f(z)).
+        logit_adjustment: tau above (1.0 is the Bayes-consistent choice); ignored without ``class_prior``.
         encoder, decoder, classifier: optional custom networks replacing the defaults; they must
             follow the call conventions of :class:`Encoder`, :class:`Decoder`, :class:`Classifier`.
 
@@ -52,6 +59,8 @@ class DGC(PyroModule):
         obs_scale: float = 0.1,
         label_weight: float = 1.0,
         label_in_guide: bool = True,
+        class_prior: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        logit_adjustment: float = 1.0,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         classifier: nn.Module | None = None,
@@ -75,6 +84,10 @@ class DGC(PyroModule):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(value) or not value > 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if isinstance(logit_adjustment, bool) or not isinstance(logit_adjustment, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(logit_adjustment) or logit_adjustment < 0:
+            raise ValueError(f"logit_adjustment must be a finite number >= 0, got {logit_adjustment!r}")
+        prior = _check_class_prior(class_prior, int(num_classes)) if class_prior is not None else None
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if likelihood not in LIKELIHOODS:
@@ -87,6 +100,9 @@ class DGC(PyroModule):
         self.obs_scale = float(obs_scale)
         self.label_weight = float(label_weight)
         self.label_in_guide = bool(label_in_guide)
+        self.class_prior = prior
+        self.logit_adjustment = float(logit_adjustment)
+        self._offset_active = True
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
             name for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier)) if net is not None
@@ -96,6 +112,9 @@ class DGC(PyroModule):
         self.classifier = classifier if classifier is not None else default_cls
         # Buffers move with .to(device), so the prior is created on the model's device.
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        # Rebuilt from the config (class_prior, logit_adjustment), so not part of the state dict.
+        offset = torch.zeros(self.num_classes) if prior is None else self.logit_adjustment * torch.tensor(prior).log()
+        self.register_buffer("label_offset", offset.float(), persistent=False)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -111,6 +130,8 @@ class DGC(PyroModule):
             "obs_scale": self.obs_scale,
             "label_weight": self.label_weight,
             "label_in_guide": self.label_in_guide,
+            "class_prior": self.class_prior,
+            "logit_adjustment": self.logit_adjustment,
             "custom_networks": list(self.custom_networks),
         }
 
@@ -126,7 +147,8 @@ class DGC(PyroModule):
         missing = [k for k in keys if k not in config]
         if missing:
             raise ValueError(f"model config lacks {missing}")
-        return cls(**{k: config[k] for k in keys}, label_in_guide=bool(config.get("label_in_guide", True)))
+        return cls(**{k: config[k] for k in keys}, label_in_guide=bool(config.get("label_in_guide", True)),
+                   class_prior=config.get("class_prior"), logit_adjustment=float(config.get("logit_adjustment", 1.0)))
 
     @property
     def device(self) -> torch.device:
@@ -143,8 +165,36 @@ class DGC(PyroModule):
         return make_likelihood(self.likelihood_name, self.decoder(z), len(self.input_shape), self.obs_scale)
 
     def label_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits of p(y | z)."""
-        return self.classifier(z)
+        """Logits of p(y | z): the classifier's, shifted by tau * log pi when a class prior is set
+        (not inside :meth:`balanced_labels`)."""
+        logits = self.classifier(z)
+        if self.class_prior is not None and self._offset_active:
+            logits = logits + self.label_offset
+        return logits
+
+    @property
+    def default_rule(self) -> str:
+        """The scoring rule :func:`~dgc_pyro.inference.predict` uses unless told otherwise: ``"mixture"``
+        (importance sampling over the C class-conditional proposals) for a label-conditioned guide,
+        ``"latent"`` (p(y | z) averaged over q(z | x)) for a label-free one."""
+        return "mixture" if self.label_in_guide else "latent"
+
+    @property
+    def has_class_prior(self) -> bool:
+        """True when p(y | z) carries the training class prior (``class_prior`` was given)."""
+        return self.class_prior is not None
+
+    @contextlib.contextmanager
+    def balanced_labels(self) -> Iterator[None]:
+        """Within the block p(y | z) = softmax(f(z)): the label likelihood under a uniform class prior.
+
+        Only meaningful for models built with ``class_prior``; for others it changes nothing.
+        """
+        previous, self._offset_active = self._offset_active, False
+        try:
+            yield
+        finally:
+            self._offset_active = previous
 
     @torch.no_grad()
     def label_prior(self, num_samples: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -195,6 +245,16 @@ class DGC(PyroModule):
             f"input_shape={self.input_shape}, num_classes={self.num_classes}, latent_dim={self.latent_dim}, "
             f"preset={self.preset!r}, likelihood={self.likelihood_name!r}"
         )
+
+
+def _check_class_prior(prior: Any, num_classes: int) -> list[float]:
+    """Normalised class frequencies as a list; rejects wrong lengths and non-positive or non-finite entries."""
+    values = np.asarray(prior.detach().cpu() if torch.is_tensor(prior) else prior, dtype=np.float64).reshape(-1)
+    if values.shape != (num_classes,):
+        raise ValueError(f"class_prior must have one entry per class ({num_classes}), got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError("class_prior entries must be positive and finite (an empty class has no prior frequency)")
+    return (values / values.sum()).tolist()
 
 
 def _is_int(value: Any) -> bool:

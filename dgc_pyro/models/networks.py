@@ -61,14 +61,28 @@ class Encoder(nn.Module):
     def heads(self, features: torch.Tensor, y_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian parameters from precomputed features and a (possibly zero) one-hot label."""
         h = self.joint(torch.cat([features, y_onehot.to(features.dtype)], dim=-1))
-        # The reference code clips log-variance at +-50; a tighter floor keeps exp() finite in fp16/bf16.
-        log_var = self.log_var(h).clamp(-30.0, 20.0)
-        return self.loc(h), torch.exp(0.5 * log_var)
+        return self.loc(h), torch.exp(0.5 * clamp_log_var(self.log_var(h)))
 
     def forward(self, x: torch.Tensor, y_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_shape = x.shape[: x.dim() - len(self.input_shape)]
         loc, scale = self.heads(self.features(x), y_onehot.reshape(-1, self.num_classes))
         return loc.reshape(batch_shape + (-1,)), scale.reshape(batch_shape + (-1,))
+
+
+LOG_VAR_BOUNDS = (-30.0, 20.0)
+
+
+def clamp_log_var(log_var: torch.Tensor, bounds: tuple[float, float] = LOG_VAR_BOUNDS) -> torch.Tensor:
+    """Log-variance clipped to ``bounds`` in the forward pass, with an identity (straight-through) gradient.
+
+    The reference code clips at +-50; the tighter bounds keep exp() finite in fp16/bf16. A plain clamp
+    has zero gradient outside the bounds, which makes them a trap: once a latent dimension's log-variance
+    passes the upper bound for every input (seen with the paper's 28x28 networks at lr 1e-3: the loss
+    froze at ~7e8, three dimensions at KL 0.5 e^20 each), the KL term can no longer pull it back. With
+    the gradient passed straight through, the KL keeps pushing it back inside.
+    """
+    # clipped + 0 in the forward pass (exactly the clamp); d/d log_var = 1 everywhere in the backward pass
+    return log_var.clamp(*bounds).detach() + (log_var - log_var.detach())
 
 
 class Decoder(nn.Module):
