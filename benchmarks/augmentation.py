@@ -38,7 +38,6 @@ from dgc_pyro.experiment import default_recipe, evaluate_model
 from dgc_pyro.inference import augment, fit, synthetic_counts
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import format_comparison, imbalance_report
-from dgc_pyro.models import DGC
 from dgc_pyro.reproducibility import seed_everything
 
 METRICS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma")
@@ -63,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grow every class smaller than ratio * n_max to that size (1.0: imblearn's 'auto')")
     p.add_argument("--filter-threshold", type=float, default=None, help="DGC posterior filter of the samples")
     p.add_argument("--perturbation-scale", type=float, default=1.0)
+    p.add_argument("--output", choices=("mean", "residual"), default="mean",
+                   help="augment's output: the decoded mean image, or the real image plus the decoded change")
     p.add_argument("--same-steps-control", action="store_true",
                    help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
     p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
@@ -162,8 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # (b) fit a DGC on the subset and decode synthetic minority examples from it.
     t = time.perf_counter()
     seed_everything(args.seed)
-    model = DGC(split.input_shape, split.num_classes, latent_dim=recipe.latent_dim, preset=recipe.preset,
-                likelihood=recipe.likelihood, obs_scale=recipe.obs_scale, label_weight=recipe.label_weight)
+    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     history = fit(
         model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
         objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds["dgc_fit"] = time.perf_counter() - t
     t = time.perf_counter()
     x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,
-                           filter_threshold=args.filter_threshold, seed=args.seed)
+                           filter_threshold=args.filter_threshold, seed=args.seed, output=args.output)
     seconds["dgc_augment"] = time.perf_counter() - t
     _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
     if args.grid:
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "synthetic_per_class": wanted,
         "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples, "best_epoch": history.best_epoch,
                 "history": history.epochs, "filter_threshold": args.filter_threshold,
-                "perturbation_scale": args.perturbation_scale},
+                "perturbation_scale": args.perturbation_scale, "output": args.output},
         "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0},
         "reports": reports,
         "seconds": seconds,

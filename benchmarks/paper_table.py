@@ -40,12 +40,21 @@ from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import SCORING_RULES, predict
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import expected_calibration_error, imbalance_report
-from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import seed_everything
 
-DGC_METHODS = ("dgc_elbo", "dgc_wae_mmd")
+#: DGC rows: the objective family of each, and recipe changes on top of the dataset's recipe (for
+#: fashion/mnist: label-free q(z | x), logit-adjusted p(y | z), label_weight 1000, Normal(0.3) pixels).
+#: ``dgc_elbo_paper_guide`` is the paper's structure: q(z | x, y), plain p(y | z), the first ablation's weights.
+PAPER_GUIDE = {"label_in_guide": True, "logit_adjustment": 0.0, "label_weight": 100.0, "obs_scale": 0.1}
+DGC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dgc_elbo": ("elbo", {}),
+    "dgc_wae_mmd": ("wae-mmd", {}),
+    "dgc_elbo_paper_guide": ("elbo", PAPER_GUIDE),
+    "dgc_elbo_paper_guide_la": ("elbo", {**PAPER_GUIDE, "logit_adjustment": 1.0}),
+}
+DGC_METHODS = tuple(DGC_VARIANTS)
 METHODS = DGC_METHODS + BASELINE_LOSSES
-SUMMARY_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece", "acc", "seconds")
+SUMMARY_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece", "acc", "val_acsa", "seconds")
 TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("p_ma", "P_MA"), ("ece", "ECE"))
 
 #: DGC's published results (paper Tables 2-3; DGC_METHOD.md), and the paper's strongest baseline ACSA.
@@ -62,7 +71,10 @@ PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
 #: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
 QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
 METHOD_LABELS = {
-    "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)", "ce": "CE", "logit_adjusted": "Logit-adjusted CE",
+    "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)",
+    "dgc_elbo_paper_guide": "DGC, ELBO, paper's q(z|x,y) (ours)",
+    "dgc_elbo_paper_guide_la": "DGC, ELBO, paper's q(z|x,y) + logit-adjusted p(y|z) (ours)",
+    "ce": "CE", "logit_adjusted": "Logit-adjusted CE",
     "balanced_softmax": "Balanced softmax", "cb_focal": "CB focal", "ldam_drw": "LDAM-DRW",
 }
 
@@ -78,10 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every method (default: the recipe's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when DGC predicts")
-    p.add_argument("--rule", choices=SCORING_RULES, default="mixture", help="DGC's scoring rule")
+    p.add_argument("--rule", choices=SCORING_RULES, default=None,
+                   help="DGC's scoring rule (default: the model's, mixture for q(z|x,y) and latent for q(z|x))")
     p.add_argument("--backbone", choices=("auto", "conv", "mlp"), default="auto",
                    help="conv: the preset's image networks; mlp: flattened pixels (default: mlp with --quick)")
+    p.add_argument("--preset", choices=("small", "paper"), default=None,
+                   help="network preset of DGC and every baseline (default: the recipe's; 'small' with --quick)")
+    p.add_argument("--val-num-samples", type=int, default=None,
+                   help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument("--collect", action="store_true",
+                   help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
     p.add_argument("--resume", action="store_true", help="reuse OUT/runs/*.json written by an earlier call")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -98,6 +117,8 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
         changes["epochs"] = args.epochs
     if args.num_samples is not None:
         changes["num_samples"] = args.num_samples
+    if args.preset is not None:
+        changes["preset"] = args.preset
     return dataclasses.replace(recipe, **changes)
 
 
@@ -115,27 +136,28 @@ def _report(split: ImbalancedSplit, proba: torch.Tensor) -> dict[str, float]:
     return report
 
 
-def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str, quick: bool) -> dict[str, Any]:
-    """Fit and evaluate one DGC; ``method`` picks the objective (the recipe's ELBO flavour, or WAE-MMD)."""
-    if method == "dgc_elbo":
-        objective = recipe.objective if recipe.objective.startswith("elbo") else "elbo"
-    else:
-        objective = recipe.objective if recipe.objective.startswith("wae-mmd") else "wae-mmd"
-    recipe = dataclasses.replace(recipe, objective=objective)
+def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str | None,
+            val_num_samples: int) -> dict[str, Any]:
+    """Fit and evaluate one DGC row of :data:`DGC_VARIANTS` (objective family and recipe changes)."""
+    family, changes = DGC_VARIANTS[method]
+    objective = recipe.objective if recipe.objective.startswith(family) else family
+    recipe = dataclasses.replace(recipe, objective=objective, **changes)
     seed_everything(seed)
-    model = DGC(split.input_shape, split.num_classes, latent_dim=recipe.latent_dim, preset=recipe.preset,
-                likelihood=recipe.likelihood, obs_scale=recipe.obs_scale, label_weight=recipe.label_weight)
+    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     extra = {f: getattr(recipe, f) for f in ("betas", "pretrain_steps") if hasattr(recipe, f)}
     t0 = time.perf_counter()
     history = fit(model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                   objective=objective, device=device, seed=seed, progress=False, val_fraction=recipe.val_fraction,
                   perturbation_rate=recipe.perturbation_rate,
-                  val_num_samples=QUICK["val_num_samples"] if quick else recipe.num_samples, **extra)
+                  val_num_samples=val_num_samples, **extra)
     t1 = time.perf_counter()
-    pred = predict(model, split.x_test, recipe.num_samples, rule=rule)
+    pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
+    rule = rule or model.default_rule
     t2 = time.perf_counter()
     out = _report(split, pred.proba)
+    val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
+               val_acsa=max(val) if val else None,
                recipe=dataclasses.asdict(recipe), rule=rule, history=history.epochs)
     return out
 
@@ -150,7 +172,7 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
-    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1,
+    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
                settings={"preset": recipe.preset, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": 1e-3,
                          "val_fraction": recipe.val_fraction})
     return out
@@ -223,8 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = None
         for method in args.methods:
             path = out / "runs" / f"{method}_seed{seed}.json"
-            if args.resume and path.is_file():
+            if (args.resume or args.collect) and path.is_file():
                 runs[method].append(json.loads(path.read_text()))
+                continue
+            if args.collect:
+                print(f"seed {seed} {method}: no {path}, left out", flush=True)
                 continue
             if split is None:
                 split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed)
@@ -232,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     split = _flat(split)
             seed_everything(seed)
             if method in DGC_METHODS:
-                result = run_dgc(method, split, recipe, seed, device, args.rule, args.quick)
+                val_s = args.val_num_samples or (QUICK["val_num_samples"] if args.quick else recipe.num_samples)
+                result = run_dgc(method, split, recipe, seed, device, args.rule, val_s)
             else:
                 result = run_baseline(method, split, recipe, seed, device)
             result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
@@ -241,12 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs[method].append(result)
             print(f"seed {seed} {method:>16}: acsa {result['acsa']:.4f} fmacro {result['fmacro']:.4f} "
                   f"ece {result['ece']:.4f} ({result['seconds']:.0f} s)", flush=True)
+    runs = {m: r for m, r in runs.items() if r}
     summary = summarise(runs)
     write_json(out / "summary.json", summary)
     note = (f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
             f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
-            f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule}, "
-            f"{recipe.num_samples} draws/class; total wall time {time.perf_counter() - started:.0f} s.")
+            f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
+            f"{recipe.num_samples} draws/class; "
+            + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 
     atomic_write_text(out / "table.md", render_table(args.dataset, summary, args.seeds, note))

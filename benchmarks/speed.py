@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import pyro
@@ -41,6 +39,7 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from dgc_pyro.inference.device import resolve_device
+from dgc_pyro.io import write_json
 from dgc_pyro.inference.engine import make_step
 from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.predict import posterior_from_log_weights, predict
@@ -260,6 +259,8 @@ def bench_predict(
         f"vec_s{s}": (lambda i, s=s: predict(model, x, s, **extra)) for s in samples
     }
     runs[f"loop_s{loop_samples}"] = lambda i: predict_loop_proba(model, x, loop_samples)
+    if autocast:  # the float32 figure beside the autocast one
+        runs[f"vec_s{loop_samples}_fp32"] = lambda i: predict(model, x, loop_samples)
     has_conv = any(p.dim() == 4 for p in model.parameters())
     if has_conv:  # separate the layout's share of the speed-up from the vectorisation's
         runs[f"vec_s{loop_samples}_nchw"] = lambda i: predict(model, x, loop_samples, channels_last=False, **extra)
@@ -269,6 +270,8 @@ def bench_predict(
     out = {f"predict_examples_per_s_{k}": num_examples / statistics.median(v) for k, v in times.items()}
     vec, loop = times[f"vec_s{loop_samples}"], times[f"loop_s{loop_samples}"]
     out[f"predict_speedup_s{loop_samples}"] = _median_ratio(loop, vec)
+    if autocast:
+        out[f"predict_speedup_s{loop_samples}_fp32"] = _median_ratio(loop, times[f"vec_s{loop_samples}_fp32"])
     if has_conv:
         out[f"predict_speedup_s{loop_samples}_nchw"] = _median_ratio(loop, times[f"vec_s{loop_samples}_nchw"])
     return out
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "latent_dim": latent, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "pyro": pyro.__version__,
         "python": platform.python_version(), "parameters": sum(p.numel() for p in model.parameters()),
+        "autocast": autocast, "predict_examples": args.predict_examples,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     figures.update(bench_train(model, args.batch_size, args.steps, args.repeats, args.warmup, device))
     if args.compile:
@@ -341,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     if "predict_examples_per_s_vec_s10_nchw" in figures:
         rows.append(("predict vectorised S=10, NCHW weights", figures["predict_examples_per_s_vec_s10_nchw"],
                      f"speed-up {figures['predict_speedup_s10_nchw']:.2f} (vectorisation alone)"))
+    if "predict_examples_per_s_vec_s10_fp32" in figures:
+        rows.append(("predict vectorised S=10, float32", figures["predict_examples_per_s_vec_s10_fp32"],
+                     f"speed-up {figures['predict_speedup_s10_fp32']:.2f} (without autocast)"))
     rows.append(("predict loop S=10", figures["predict_examples_per_s_loop_s10"], ""))
     rows.append(("predict_speedup_s10", None, f"{figures['predict_speedup_s10']:.2f}"))
     rows.append(("peak RSS (MiB)", None, f"{figures['peak_rss_mib']:.0f}"))
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, eps, note in rows:
         print(f"{name:<36} {'' if eps is None else f'{eps:12.1f}':>12}  {note}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
     return 0
 
 
