@@ -62,6 +62,9 @@ class DGCSampler(BaseOverSampler):
         Seeds the fit (weights, mini-batches) and the sampling.
     filter_threshold : float or None, default=None
         Keep only synthetic examples whose class posterior under the model is at least this.
+    output : {"mean", "residual"}, default="mean"
+        What a synthetic example is: the decoded mean image, or the real source example plus the decoded
+        change of its latent (keeps the source's detail; see :func:`dgc_pyro.inference.augment`).
     progress : bool, default=False
         Show a progress bar while fitting.
 
@@ -94,6 +97,7 @@ class DGCSampler(BaseOverSampler):
         "objective": [StrOptions(set(OBJECTIVES)), callable],
         "device": [str, torch.device],
         "filter_threshold": [None, Interval(numbers.Real, 0, 1, closed="both")],
+        "output": [StrOptions({"mean", "residual"})],
         "progress": ["boolean"],
     }
 
@@ -112,6 +116,7 @@ class DGCSampler(BaseOverSampler):
         device="auto",
         random_state=None,
         filter_threshold=None,
+        output="mean",
         progress=False,
     ):
         super().__init__(sampling_strategy=sampling_strategy)
@@ -126,6 +131,7 @@ class DGCSampler(BaseOverSampler):
         self.device = device
         self.random_state = random_state
         self.filter_threshold = filter_threshold
+        self.output = output
         self.progress = progress
 
     def _check_X_y(self, X, y, accept_sparse=None):
@@ -172,7 +178,8 @@ class DGCSampler(BaseOverSampler):
 
         index_of = {label: i for i, label in enumerate(self.classes_.tolist())}
         targets = {index_of[label]: int(counts[index_of[label]] + n) for label, n in self.sampling_strategy_.items()}
-        x_syn, y_syn = augment(self.model_, x_model, y_idx, targets, filter_threshold=self.filter_threshold, seed=seed)
+        x_syn, y_syn = augment(self.model_, x_model, y_idx, targets, filter_threshold=self.filter_threshold, seed=seed,
+                               output=self.output)
         added = np.bincount(y_syn.numpy(), minlength=len(self.classes_))
         self.n_synthetic_ = {label: int(added[index_of[label]]) for label in self.sampling_strategy_}
 

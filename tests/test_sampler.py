@@ -93,12 +93,28 @@ def test_clone_and_get_params():
     assert not hasattr(copy, "model_")
 
 
+def test_residual_output_stays_near_the_real_examples(flat):
+    x, y = flat
+    xr_mean, _ = DGCSampler(random_state=0, **FAST).fit_resample(x, y)
+    xr_res, yr = DGCSampler(random_state=0, output="residual", **FAST).fit_resample(x, y)
+    assert np.bincount(yr).tolist() == [30, 30, 30]
+    assert xr_res.min() >= 0.0 and xr_res.max() <= 1.0
+    syn_mean, syn_res, real = xr_mean[len(x):], xr_res[len(x):], x
+
+    def nearest(a):
+        return ((a[:, None, :] - real[None, :, :]) ** 2).sum(-1).min(1)
+
+    assert np.median(nearest(syn_res)) < np.median(nearest(syn_mean))
+
+
 def test_parameters_are_validated(flat):
     x, y = flat
     with pytest.raises(InvalidParameterError, match="epochs"):
         DGCSampler(epochs=0).fit_resample(x, y)
     with pytest.raises(InvalidParameterError, match="likelihood"):
         DGCSampler(likelihood="poisson").fit_resample(x, y)
+    with pytest.raises(InvalidParameterError, match="output"):
+        DGCSampler(output="sample").fit_resample(x, y)
     with pytest.raises(ValueError, match="input_shape"):
         DGCSampler(input_shape=(1, 7, 7), **FAST).fit_resample(x, y)
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
