@@ -34,7 +34,7 @@ import torch
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
-from dgc_pyro.experiment import Recipe, default_recipe
+from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import SCORING_RULES, predict
@@ -45,7 +45,7 @@ from dgc_pyro.reproducibility import seed_everything
 #: DGC rows: the objective family of each, and recipe changes on top of the dataset's recipe (for
 #: fashion/mnist: label-free q(z | x), logit-adjusted p(y | z), label_weight 1000, Normal(0.3) pixels).
 #: ``dgc_elbo_paper_guide`` is the paper's structure: q(z | x, y), plain p(y | z), the first ablation's weights.
-PAPER_GUIDE = {"label_in_guide": True, "logit_adjustment": 0.0, "label_weight": 100.0, "obs_scale": 0.1}
+PAPER_GUIDE = {f: getattr(PAPER_GUIDE_28, f) for f in ("label_in_guide", "logit_adjustment", "label_weight", "obs_scale")}
 DGC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dgc_elbo": ("elbo", {}),
     "dgc_wae_mmd": ("wae-mmd", {}),
@@ -152,13 +152,12 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
                   val_num_samples=val_num_samples, **extra)
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
-    rule = rule or model.default_rule
     t2 = time.perf_counter()
     out = _report(split, pred.proba)
     val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
                val_acsa=max(val) if val else None,
-               recipe=dataclasses.asdict(recipe), rule=rule, history=history.epochs)
+               recipe=dataclasses.asdict(recipe), rule=pred.rule, history=history.epochs)
     return out
 
 

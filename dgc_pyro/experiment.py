@@ -6,7 +6,6 @@ CLI can do.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +57,6 @@ class Recipe:
 
     def build_model(self, input_shape: tuple[int, ...], num_classes: int, train_counts: np.ndarray | None = None) -> DGC:
         """The DGC this recipe describes; ``train_counts`` sets the class prior of a logit-adjusted recipe."""
-        if not (math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0):
-            raise ValueError(f"logit_adjustment must be a finite number >= 0 (0 turns it off), got {self.logit_adjustment!r}")
         prior = None
         if self.logit_adjustment > 0:
             if train_counts is None:
@@ -67,8 +64,7 @@ class Recipe:
             prior = np.asarray(train_counts, dtype=np.float64)
         return DGC(input_shape, num_classes, latent_dim=self.latent_dim, preset=self.preset, likelihood=self.likelihood,
                    obs_scale=self.obs_scale, label_weight=self.label_weight, label_in_guide=self.label_in_guide,
-                   class_prior=prior,
-                   logit_adjustment=self.logit_adjustment if prior is not None else 1.0)
+                   class_prior=prior, logit_adjustment=self.logit_adjustment)
 
 
 # Defaults per dataset: the embedded digits default must finish in well under 3 minutes on 2 CPU cores.
