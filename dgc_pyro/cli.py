@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
     f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--engine", choices=("torch", "graph", "svi"), default="torch",
+                   help="training step: torch (traces the Pyro model every step), graph (captured once and "
+                        "replayed, faster on small networks and GPUs), svi (textbook pyro.infer.SVI)")
+    f.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (with --engine graph: the captured graph); slow to start")
     f.add_argument("--devices", type=int, default=1,
                    help="data-parallel processes (one per GPU on CUDA; gloo on CPU); under torchrun: processes per node")
     f.add_argument("--strategy", choices=("ddp",), default=None, help="data-parallel strategy (default: ddp when --devices > 1)")
@@ -229,12 +234,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if rank0:
         print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
     baseline = None if args.baseline == "none" else args.baseline
-    parallel = {"devices": args.devices, "strategy": args.strategy} if args.devices != 1 or args.strategy else {}
+    fit_options: dict[str, Any] = {"engine": args.engine}
+    if args.compile:
+        fit_options["compile"] = True
+    if args.devices != 1 or args.strategy:
+        fit_options.update(devices=args.devices, strategy=args.strategy)
     result = run_experiment(
         split, recipe, seed=args.seed, device=args.device, baseline=baseline if rank0 else None,
         out_dir=args.out if rank0 else None,
         progress=not args.no_progress and rank0, checkpoint_dir=Path(args.out) / "checkpoint", resume=resumed,
-        deterministic=args.deterministic, fit_options=parallel,
+        deterministic=args.deterministic, fit_options=fit_options,
         data_config={"data_dir": args.data_dir, "counts": args.counts, "dataset_arg": args.dataset},
     )
     if not rank0:

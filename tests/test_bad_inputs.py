@@ -109,6 +109,8 @@ API_CASES = [
          "perturbation_rate must be a finite number >= 0, got -1"),
     Case("fit", "seed=-1", lambda c: _fit(c, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
     Case("fit", "an unknown engine", lambda c: _fit(c, engine="jax"), ValueError, "engine must be one of"),
+    Case("fit", "engine='graph' with devices=2", lambda c: _fit(c, engine="graph", devices=2), ValueError,
+         "data-parallel fitting supports engine='torch' only, not engine='graph'"),
     Case("fit", "an unknown objective", lambda c: _fit(c, objective="foo"), ValueError, "unknown objective 'foo'"),
     Case("fit", "x_val without y_val", lambda c: _fit(c, x_val=X), ValueError, "pass both x_val and y_val, or neither"),
     Case("fit", "resume=True without checkpoint_dir", lambda c: _fit(c, resume=True), ValueError,

@@ -7,6 +7,7 @@ the fast paths compute the same numbers as the slow ones, so that the benchmark 
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
 import math
 import sys
@@ -24,6 +25,7 @@ from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.perturbation import perturbation_loss
 from dgc_pyro.inference.predict import auto_max_rows, class_log_weights, posterior_from_log_weights
 from dgc_pyro.models import DGC
+from sync_spy import SyncSpy as _SyncSpy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,45 +156,6 @@ def test_traced_elbo_hands_non_reparameterised_guides_to_pyro():
     assert g_got.item() == pytest.approx(g_expected.item(), rel=1e-6)
 
 
-class _SyncSpy:
-    """Records Python-level host synchronisations (item, tolist, bool/int/float of a tensor, nonzero,
-    repeat_interleave without output_size) made outside torch.optim while active."""
-
-    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self._saved = {}
-
-    def __enter__(self):
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def spy(t, *args, _name=name, _original=original, **kwargs):
-                caller = sys._getframe(1).f_code.co_filename
-                if "torch/optim" not in caller.replace("\\", "/"):
-                    self.calls.append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
-                return _original(t, *args, **kwargs)
-
-            setattr(torch.Tensor, name, spy)
-        self._saved_ri = torch.repeat_interleave
-
-        def repeat_interleave(*args, **kwargs):
-            if "output_size" not in kwargs:
-                self.calls.append("repeat_interleave without output_size")
-            return self._saved_ri(*args, **kwargs)
-
-        torch.repeat_interleave = repeat_interleave
-        return self
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        torch.repeat_interleave = self._saved_ri
-        return False
-
-
 @pytest.mark.parametrize("objective", ["elbo", "elbo-analytic"])
 def test_torch_step_makes_no_host_sync(objective):
     """Neither the loss, the backward pass nor the perturbation step reads a tensor back to the host."""
@@ -316,3 +279,15 @@ def test_compiled_networks_fit_a_tiny_model():
     assert set(model.state_dict()) == keys  # in-place compile: checkpoints are unaffected
     assert compile_networks(_model(), {"backend": "eager"}) is not None
     torch._dynamo.reset()
+
+
+def test_speed_benchmark_runs_end_to_end(tmp_path, capsys):
+    """The benchmark's plumbing (every contender, the JSON figures), at a size that times nothing meaningful."""
+    out = tmp_path / "speed.json"
+    assert speed.main(["--shape", "1,8,8", "--repeats", "2", "--steps", "1", "--warmup", "2", "--predict-examples", "6",
+                       "--predict-repeats", "1", "--samples", "1,10", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for key in ("train_ratio", "train_ratio_torch_engine", "train_ratio_svi", "predict_speedup_s10",
+                "train_first_step_s_graph", "peak_rss_mib"):
+        assert figures[key] > 0, key
+    assert "train (a)  ours, engine='graph'" in capsys.readouterr().out

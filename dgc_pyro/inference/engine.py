@@ -10,6 +10,10 @@ Two engines run the same loss over the same Pyro model/guide pair:
   :class:`TracedELBO`, the same estimator read off the same model and guide traces without the
   ``.item()`` calls and NaN hooks that Pyro's implementation makes on every call (each one a device
   synchronisation on CUDA); other objectives are called as they are;
+- ``engine="graph"``: the ``"torch"`` engine's loss, with its gradients, captured once per batch shape as
+  a graph of aten operations (:class:`~dgc_pyro.inference.capture.CapturedGradients`) and replayed, so
+  the Pyro model and guide are traced once instead of every step; with ``compile`` the graph (not the
+  networks) goes to ``torch.compile``. Single process only;
 - ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
   who compose further Pyro machinery around it.
 
@@ -36,11 +40,12 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.util import site_is_subsample
 
 from dgc_pyro.inference import distributed as _distributed
+from dgc_pyro.inference.capture import CapturedGradients
 from dgc_pyro.inference.objectives import Objective
 from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss
 from dgc_pyro.models.dgc import DGC
 
-ENGINES = ("torch", "svi")
+ENGINES = ("torch", "graph", "svi")
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = ["ENGINES", "Step", "TracedELBO", "compile_networks", "make_step", "traced_elbo_kind"]
@@ -276,12 +281,17 @@ def make_step(
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
     ``reps``: per-class repetition counts of the perturbation step (on ``device``). ``compile``: True (or
-    a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`).
+    a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`), or, with
+    ``engine="graph"``, the captured graph of the loss and its gradients.
     The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
     """
-    if compile:
-        compile_networks(model, compile if isinstance(compile, dict) else None)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ctx = _distributed.current()
+    if engine == "graph" and ctx is not None:
+        raise ValueError("data-parallel fitting supports engine='torch' only")
+    if compile and engine != "graph":
+        compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
         ctx.broadcast_model(model)  # identical starting point on every rank
     fused = device.type == "cuda"
@@ -291,11 +301,12 @@ def make_step(
     max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
     latent_dim = model.latent_dim
 
-    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int] | None = None) -> torch.Tensor:
+    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int] | None = None,
+                     guide_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if not perturb:
             return zero
         if shard is None:
-            loc, scale = guide_normal_params(guide_trace, model, x, y)
+            loc, scale = guide_params or guide_normal_params(guide_trace, model, x, y)
             loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps)
         else:
             # x, y: the global batch; the guide trace holds this rank's shard. The noise and the
@@ -319,7 +330,7 @@ def make_step(
         cls_opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    fast = engine == "torch"
+    fast = engine in ("torch", "graph")
     model_call = _bare_method(model, "model") if fast else model.model
     guide_call = _bare_method(model, "guide") if fast else model.guide
     model_fn, guide_fn = _PerExample(model_call), _PerExample(guide_call)
@@ -362,6 +373,24 @@ def make_step(
         if traced is not None:
             return traced(x, y)
         return loss_fn(model_fn, recorder, x, y), recorder.trace
+
+    if engine == "graph":
+        def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            loss, guide_tr = loss_and_guide_trace(x, y)
+            return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
+
+        captured = CapturedGradients(model, captured_loss, compile=compile)
+
+        def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with pyro.validation_enabled(False):
+                loss, *guide_params = captured(x, y)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss, perturbation(None, x, y, guide_params=tuple(guide_params) if perturb else None)
+
+        graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
+        graph_step.captured = captured
+        return graph_step
 
     def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with pyro.validation_enabled(False):

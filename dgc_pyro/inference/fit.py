@@ -434,7 +434,11 @@ def fit(
             selection (never the test set); 0 disables it unless ``x_val``/``y_val`` are given.
         perturbation_rate: the paper's rate r of the data-perturbation step (0 turns it off).
         classifier_lr: learning rate of the perturbation step's optimiser (default: ``lr``).
-        engine: ``"torch"`` (fast, default) or ``"svi"`` (``pyro.infer.SVI``).
+        engine: ``"torch"`` (fast, default: the model and guide traced every step), ``"graph"`` (the same
+            loss and gradients captured once per batch shape as an aten graph and replayed, without the
+            per-step tracing; bit-identical to ``"torch"`` for models whose Python control flow does not
+            depend on data or on Python-side randomness, see :mod:`dgc_pyro.inference.capture`) or
+            ``"svi"`` (``pyro.infer.SVI``).
         val_num_samples: latent draws per class when scoring the validation split.
         select_best: restore the weights of the epoch with the best validation ACSA.
         callback: called as ``callback(epoch, record)`` after every epoch.
@@ -456,7 +460,8 @@ def fit(
         deterministic: run the fit under :func:`dgc_pyro.reproducibility.deterministic_mode`
             (deterministic torch/cuDNN algorithms; only matters on CUDA).
         compile: ``torch.compile`` the networks (True, or a dict of compile options); off by default
-            (see :func:`dgc_pyro.inference.engine.compile_networks`).
+            (see :func:`dgc_pyro.inference.engine.compile_networks`). With ``engine="graph"`` the captured
+            graph of the loss and its gradients is compiled instead.
         devices, strategy: data-parallel fitting over ``devices`` processes (``strategy="ddp"``: gloo on
             CPU, nccl on CUDA; under ``torchrun`` the launched ranks), see
             :mod:`dgc_pyro.inference.distributed`; the fitted weights end up in ``model``.
@@ -466,6 +471,8 @@ def fit(
         became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
         resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
+    if engine == "graph" and (devices != 1 or strategy is not None):
+        raise ValueError("data-parallel fitting supports engine='torch' only, not engine='graph'")
     if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed

@@ -212,7 +212,11 @@ class DGC(PyroModule):
         """One-hot labels for the encoder; all zeros when ``y`` is None (label-agnostic q(z | x))."""
         if y is None:
             return self._zero.new_zeros(batch_size, self.num_classes)
-        return nn.functional.one_hot(y.long(), self.num_classes).to(self._zero.dtype)
+        # A comparison against arange instead of F.one_hot, which checks the labels' range on every call
+        # (a host synchronisation on CUDA) and cannot be captured in a graph; labels are range-checked
+        # where they enter (fit, predict), so an out-of-range label here would only give a zero row.
+        classes = torch.arange(self.num_classes, device=y.device)
+        return (y.long()[..., None] == classes).to(self._zero.dtype)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Location and scale of q(z | x, y) (of q(z | x) when the model was built with ``label_in_guide=False``)."""
