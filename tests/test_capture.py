@@ -221,3 +221,17 @@ def test_prior_sites_with_expand_are_captured():
     _, want = _run(eager, "torch", "elbo", batches)
     _, got = _run(base, "graph", "elbo", batches)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_a_replay_reads_the_module_s_current_buffers():
+    """A buffer replaced after capture (as ``.to(...)`` may do) is the one the next replay uses."""
+    holder = nn.Module()
+    holder.lin = nn.Linear(3, 1)
+    holder.register_buffer("shift", torch.tensor(0.0))
+    captured = CapturedGradients(holder, lambda x: (((holder.lin(x) + holder.shift) ** 2).mean(),))
+    x = torch.randn(5, 3)
+    captured(x)
+    holder.shift = torch.tensor(5.0)
+    (loss,) = captured(x)
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(((holder.lin(x) + 5.0) ** 2).mean().item(), rel=1e-6)

@@ -83,6 +83,7 @@ class CapturedGradients:
         self.compile_options: dict[str, Any] | None = (
             None if compile is False else dict(compile) if isinstance(compile, dict) else {})
         self._graphs: dict[tuple, tuple[Callable[..., Any], list[bool]]] = {}
+        self._slots: tuple[list[tuple[dict, str]], list[tuple[dict, str]]] = ([], [])
 
     @property
     def num_graphs(self) -> int:
@@ -92,7 +93,18 @@ class CapturedGradients:
     def _state(self) -> tuple[list[str], list[nn.Parameter], list[str], list[torch.Tensor]]:
         named = [(n, p) for n, p in self._bound.named_parameters() if p.requires_grad]
         buffers = list(self._bound.named_buffers())
+        # Where each tensor lives, so that a replay reads the module's current tensors (a buffer replaced
+        # by .to(...) included) without walking the module tree every step (~0.1 ms on these models).
+        owners = dict(self._bound.named_modules(remove_duplicate=False))
+        self._slots = (
+            [(owners[n.rpartition(".")[0]]._parameters, n.rpartition(".")[2]) for n, _ in named],
+            [(owners[n.rpartition(".")[0]]._buffers, n.rpartition(".")[2]) for n, _ in buffers],
+        )
         return [n for n, _ in named], [p for _, p in named], [n for n, _ in buffers], [b for _, b in buffers]
+
+    def _current(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        p_slots, b_slots = self._slots
+        return [d[k] for d, k in p_slots], [d[k] for d, k in b_slots]
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[Callable[..., Any], list[bool]]:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -138,7 +150,7 @@ class CapturedGradients:
         if entry is None:
             entry = self._graphs[key] = self._capture(args)
         run, used = entry
-        _, params, _, buffers = self._state()
+        params, buffers = self._current()
         with torch.no_grad():  # the graph computes the gradients itself: no autograd record of the replay
             out = run(params, buffers, *args)
             n_out = len(out) - sum(used)
@@ -154,5 +166,6 @@ class CapturedGradients:
         return tuple(out[:n_out])
 
     def reset(self) -> None:
-        """Forget every captured graph (the next call captures afresh), e.g. after changing the model."""
+        """Forget every captured graph (the next call captures afresh), e.g. after adding parameters,
+        submodules or buffers to the module, or changing which parameters require gradients."""
         self._graphs.clear()
