@@ -112,6 +112,20 @@ def test_resume_svi_engine(digits, tmp_path):
     assert_same_params(m2, m_ref)
 
 
+def test_resume_graph_engine_matches_the_uninterrupted_torch_engine_fit(digits, straight, tmp_path):
+    """engine='graph' captures afresh after a resume and ends where the uninterrupted traced fit ends."""
+    m_ref, h_ref = straight
+    m1 = new_model(digits)
+    fit(m1, digits.x_train, digits.y_train, epochs=2, checkpoint_dir=tmp_path, engine="graph", **FIT_KW)
+    m2 = DGC(digits.input_shape, 10, latent_dim=4)
+    h2 = fit(m2, digits.x_train, digits.y_train, epochs=4, resume_from=tmp_path, engine="graph", **FIT_KW)
+    assert h2.resumed_from == 2 and h2.best_epoch == h_ref.best_epoch
+    assert h2.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    ref = m_ref.state_dict()
+    for key, value in m2.state_dict().items():
+        torch.testing.assert_close(value, ref[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_resume_true_without_checkpoint_starts_afresh(digits, tmp_path):
     m = new_model(digits)
     h = fit(m, digits.x_train, digits.y_train, epochs=1, checkpoint_dir=tmp_path / "new", resume=True, **FIT_KW)
