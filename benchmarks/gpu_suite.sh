@@ -21,13 +21,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SEEDS="1 2"; EPOCHS=1; PRESET=small; COUNTS="--counts 60,40,30,20,15,10,8,6,5,4"
   SPEED_PAPER="--repeats 2 --steps 1 --warmup 1 --predict-examples 8 --predict-repeats 1 --samples 1,10"
   SPEED_SMALL="$SPEED_PAPER"; AUG="--dgc-epochs 1 --cnn-epochs 1 --counts 60,40,30,20,15,10,8,6,5,4"
-  T_SPEED=120; T_TABLE=300; NUM_SAMPLES=2; export OMP_NUM_THREADS=1
+  T_SPEED=120; T_TABLE=300; NUM_SAMPLES=2; COMPILE_MODE=""; export OMP_NUM_THREADS=1
 else
   DEVICE=cuda; SEEDS="1 2 3 4 5"; EPOCHS=30; PRESET=${PRESET:-paper}; COUNTS=""
   SPEED_PAPER="--repeats 21 --steps 2 --predict-examples 500 --predict-repeats 2 --autocast bf16"
   SPEED_SMALL="--repeats 11 --steps 2 --predict-examples 1000 --predict-repeats 2 --autocast bf16"
   AUG="--same-steps-control"
-  T_SPEED=100; T_TABLE=${T_TABLE:-300}; NUM_SAMPLES=10; export OMP_NUM_THREADS=1
+  T_SPEED=100; T_TABLE=${T_TABLE:-300}; NUM_SAMPLES=10; COMPILE_MODE=${COMPILE_MODE-reduce-overhead}; export OMP_NUM_THREADS=1
 fi
 METHODS=${METHODS:-"dgc_elbo logit_adjusted cb_focal dgc_wae_mmd ce balanced_softmax ldam_drw dgc_elbo_paper_guide"}
 PHASES=${PHASES:-"speed table augmentation"}
@@ -47,7 +47,11 @@ stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
       --json "$WORK/speed_paper.json" > "$WORK/speed_paper.log" 2>&1; echo "speed paper rc=$?"
   timeout $(( T_SPEED / 2 )) $PY benchmarks/speed.py --device $DEVICE --preset small --shape 1,28,28 $SPEED_SMALL \
       --json "$WORK/speed_small.json" > "$WORK/speed_small.log" 2>&1; echo "speed small rc=$?"
-  cat "$WORK/speed_paper.log" "$WORK/speed_small.log" | grep -v Warning
+  # engine='graph' with its captured graph compiled by inductor, and replayed as CUDA graphs
+  timeout $T_SPEED $PY benchmarks/speed.py --device $DEVICE --preset small --shape 1,28,28 $SPEED_SMALL --compile \
+      ${COMPILE_MODE:+--compile-mode $COMPILE_MODE} --json "$WORK/speed_small_compiled.json" > "$WORK/speed_small_compiled.log" 2>&1
+  echo "speed small compiled rc=$?"
+  cat "$WORK/speed_paper.log" "$WORK/speed_small.log" "$WORK/speed_small_compiled.log" | grep -v Warning
   fi
 
   stamp "phase 2: paper table (one process per seed) and augmentation, side by side"

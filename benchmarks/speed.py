@@ -211,7 +211,7 @@ def make_model(shape: tuple[int, ...], num_classes: int, latent_dim: int, preset
 
 def bench_train(
     model: DGC, batch_size: int, steps: int, repeats: int, warmup: int, device: torch.device, num_batches: int = 8,
-    compile_graph: bool = False,
+    compile_graph: bool | dict[str, object] = False,
 ) -> dict[str, object]:
     """Seconds per training step of our engines and of the hand-written step on the same batches.
 
@@ -239,7 +239,7 @@ def bench_train(
     steps_fn = {"ours": engine_step("ours", "torch"), "graph": engine_step("graph", "graph"),
                 "svi": engine_step("svi", "svi"), "hand": make_handwritten_step(models["hand"])}
     if compile_graph:
-        steps_fn["graph_compiled"] = engine_step("graph_compiled", "graph", compile=True)
+        steps_fn["graph_compiled"] = engine_step("graph_compiled", "graph", compile=compile_graph)
     runs = {k: (lambda i, f=f: f(*batches[i % num_batches])) for k, f in steps_fn.items()}
     out: dict[str, object] = {}
     with pyro.settings.context(module_local_params=True):
@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="prediction autocast (CUDA; CPUs with AMX/AVX512-BF16)")
     p.add_argument("--compile", action="store_true",
                    help="also time engine='graph' with its captured graph compiled by torch.compile (inductor)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of --compile (e.g. reduce-overhead: CUDA graphs on the GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -346,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "pyro": pyro.__version__,
         "python": platform.python_version(), "parameters": sum(p.numel() for p in model.parameters()),
         "autocast": autocast, "predict_examples": args.predict_examples,
+        "compile": args.compile, "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     figures.update(bench_train(model, args.batch_size, args.steps, args.repeats, args.warmup, device,
-                               compile_graph=args.compile))
+                               compile_graph=({"mode": args.compile_mode} if args.compile_mode else True) if args.compile else False))
     figures.update(bench_predict(model, args.predict_examples, samples, args.predict_repeats, device, autocast=autocast))
     figures.update(_peak_memory(device))
 

@@ -163,6 +163,10 @@ class CapturedGradients:
                     p.grad = g
                 else:
                     p.grad.add_(g)
+        if self.compile_options is not None:
+            # A compiled graph may hand out buffers that its next replay reuses (CUDA graphs under
+            # mode="reduce-overhead"); the loss and extras outlive the step, so they get their own memory.
+            return tuple(o.clone() for o in out[:n_out])
         return tuple(out[:n_out])
 
     def reset(self) -> None:
