@@ -133,7 +133,7 @@ def _fake_proba(calls):
     """Deterministic stand-in for predict_proba: p(y = c | x) = mean pixel value for every c."""
 
     def fake(model, x, num_samples=10, **kwargs):
-        calls.append((x.shape[0], num_samples))
+        calls.append((x.shape[0], num_samples, kwargs.get("balanced", False)))
         m = x.flatten(1).mean(1, keepdim=True)
         return m.expand(-1, model.num_classes).clone()
 
@@ -147,7 +147,7 @@ def test_filter_keeps_only_samples_above_threshold(model, data, monkeypatch):
     calls = []
     monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
     xs, ys = augment(model, x, y, seed=0, filter_threshold=threshold, num_samples_filter=3)
-    assert calls and all(s == 3 for _, s in calls)
+    assert calls and all(s == 3 and balanced for _, s, balanced in calls)  # class-balanced scoring by default
     assert (_per_class(y) + _per_class(ys)).tolist() == [max(COUNTS)] * len(COUNTS)  # quota met
     assert bool((xs.flatten(1).mean(1) >= threshold).all())
 
@@ -160,6 +160,14 @@ def test_filter_that_never_passes_warns_and_returns_fewer(model, data, monkeypat
         xs, ys = augment(model, x, y, seed=0, filter_threshold=1.0, max_rounds=3)
     assert len(calls) == 3
     assert xs.shape == (0, *SHAPE) and ys.shape == (0,)
+
+
+def test_filter_can_score_with_the_training_prior(model, data, monkeypatch):
+    x, y = data
+    calls = []
+    monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
+    augment(model, x, y, {3: 2}, seed=0, filter_threshold=0.0, filter_balanced=False)
+    assert calls and not any(balanced for _, _, balanced in calls)
 
 
 def test_real_posterior_filter_runs(model, data):

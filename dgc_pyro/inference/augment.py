@@ -107,6 +107,7 @@ def augment(
     perturbation_scale: float = 1.0,
     filter_threshold: float | None = None,
     num_samples_filter: int = 10,
+    filter_balanced: bool = True,
     max_rounds: int = 10,
     seed: int | None = None,
     batch_size: int = 256,
@@ -135,6 +136,10 @@ def augment(
             met or ``max_rounds`` rounds have passed (then an :class:`AugmentationWarning` is issued and
             the class gets fewer samples).
         num_samples_filter: latent draws per class when scoring samples for the filter.
+        filter_balanced: score the filter with the class-balanced posterior (``predict(...,
+            balanced=True)``), which asks whether a sample looks like class c rather than whether c is
+            likely a priori; with the training prior (False) a minority class's own samples rarely reach
+            a high threshold.
         max_rounds: most rounds of drawing per class when filtering.
         seed: makes the choice of source examples and the noise reproducible (None: fresh randomness).
         batch_size: examples per pass through the networks.
@@ -185,7 +190,7 @@ def augment(
             xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
                                    output)
             if filter_threshold is not None:
-                proba = predict_proba(model, xs, num_samples_filter).cpu()
+                proba = predict_proba(model, xs, num_samples_filter, balanced=bool(filter_balanced)).cpu()
                 ok = proba[torch.arange(len(ys)), ys] >= filter_threshold
             else:
                 ok = torch.ones(len(ys), dtype=torch.bool)
