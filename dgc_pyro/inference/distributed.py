@@ -170,8 +170,9 @@ def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str |
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"devices must be a positive integer, got {devices!r}")
-    if fit_kwargs.get("engine", "torch") != "torch":
-        raise ValueError("data-parallel fitting supports engine='torch' only (engine='svi' is the textbook reference)")
+    engine = fit_kwargs.get("engine", "torch")
+    if engine != "torch":
+        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
     if not dist.is_available():
         raise ValueError("torch.distributed is not available in this PyTorch build")
     if _CURRENT is not None:

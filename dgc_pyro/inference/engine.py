@@ -288,8 +288,8 @@ def make_step(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ctx = _distributed.current()
-    if engine == "graph" and ctx is not None:
-        raise ValueError("data-parallel fitting supports engine='torch' only")
+    if ctx is not None and engine != "torch":
+        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
     if compile and engine != "graph":
         compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
@@ -347,8 +347,6 @@ def make_step(
         return lo, hi
 
     if engine == "svi":
-        if ctx is not None:
-            raise ValueError("data-parallel fitting supports engine='torch' only (engine='svi' is the textbook reference)")
         traced_guide = poutine.trace(guide_fn)  # records q(z | x, y) for the perturbation step
         optim = pyro.optim.Adam({"lr": lr, "betas": betas})
         svi = pyro.infer.SVI(model_fn, traced_guide, optim, loss=loss_fn)
@@ -386,7 +384,7 @@ def make_step(
                 loss, *guide_params = captured(x, y)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss, perturbation(None, x, y, guide_params=tuple(guide_params) if perturb else None)
+            return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
 
         graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
         graph_step.captured = captured

@@ -471,8 +471,6 @@ def fit(
         became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
         resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
-    if engine == "graph" and (devices != 1 or strategy is not None):
-        raise ValueError("data-parallel fitting supports engine='torch' only, not engine='graph'")
     if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed
