@@ -4,6 +4,8 @@ PYTHON ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch's CUDA wheels are ~3 GB and the venv ~6 GB; pip's wheel cache would add another 3 GB on disk.
+PIP_FLAGS ?= --no-cache-dir
 
 .PHONY: demo test install clean
 
@@ -18,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.12 not found (install python3.12 or pyenv's 3.12)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
 clean:
