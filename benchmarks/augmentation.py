@@ -15,6 +15,11 @@ subset's training counts to name the minority (R_MI) and majority (P_MA) classes
     python benchmarks/augmentation.py --dataset fashion --data-dir ../shared/data --seed 1 --quick
     python benchmarks/augmentation.py --dataset fashion --data-dir ../shared/data --seed 1 \\
         --dgc-epochs 10 --cnn-epochs 5 --out runs/augmentation.json --grid docs/images/augmentation_fashion.png
+    python benchmarks/augmentation.py --collect runs/seed*.json --out runs/summary.json
+
+``--collect`` reads finished runs of one configuration (different seeds) and prints, per seed and on average,
+every arm's ACSA and R_MI, and the paired differences of (b) against (a) and (c): mean, 95% t-interval,
+two-sided paired t-test and the number of seeds (b) wins.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid", default=None, help="write a PNG grid of real and DGC samples per class here")
+    p.add_argument("--collect", nargs="+", default=None, metavar="RUN_JSON",
+                   help="summarise finished runs (one per seed) instead of running; --out writes the summary")
     return p
 
 
@@ -234,9 +241,125 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# What may differ between runs that --collect pools: the seed and where the outputs went.
+_PER_RUN_KEYS = {"seed", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class"}
+_PER_RUN_DGC_KEYS = {"best_epoch", "history"}
+
+
+def _configuration(result: Mapping[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in result.items() if k not in _PER_RUN_KEYS}
+    config["dgc"] = {k: v for k, v in result.get("dgc", {}).items() if k not in _PER_RUN_DGC_KEYS}
+    return config
+
+
+def compare_seeds(
+    results: Sequence[Mapping[str, Any]],
+    arm: str = "CNN " + ARMS[1],
+    against: Sequence[str] = ("CNN " + ARMS[0], "CNN " + ARMS[2]),
+    metrics: Sequence[str] = ("acsa", "r_mi"),
+) -> dict[str, Any]:
+    """Pool runs of one configuration over seeds: per-arm mean ± std and paired differences of ``arm``.
+
+    Every run must share the configuration (dataset, recipe, CNN settings, filter, ...) and have a distinct
+    seed; a mismatch raises ``ValueError`` naming the field, so runs of different settings are never averaged.
+    """
+    from scipy import stats
+
+    if not results:
+        raise ValueError("no runs to collect")
+    seeds = [int(r["seed"]) for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate seeds among the runs: {sorted(seeds)}")
+    reference = _configuration(results[0])
+    for seed, r in zip(seeds, results):
+        config = _configuration(r)
+        for key in sorted(set(reference) | set(config)):
+            if config.get(key) != reference.get(key):
+                raise ValueError(f"run of seed {seed} differs from seed {seeds[0]} in {key!r}: "
+                                 f"{config.get(key)!r} vs {reference.get(key)!r}")
+    order = np.argsort(seeds)
+    results = [results[i] for i in order]
+    seeds = [seeds[i] for i in order]
+    arms = [arm, *against]
+    for name in arms:
+        missing = [s for s, r in zip(seeds, results) if name not in r["reports"]]
+        if missing:
+            raise ValueError(f"arm {name!r} missing from the runs of seeds {missing}")
+    values = {name: {m: np.array([r["reports"][name][m] for r in results], dtype=float) for m in metrics}
+              for name in arms}
+    n = len(results)
+    summary: dict[str, Any] = {"seeds": seeds, "configuration": reference, "arms": {}, "paired": {}}
+    for name in arms:
+        summary["arms"][name] = {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if n > 1 else None,
+                                     "per_seed": v.tolist()} for m, v in values[name].items()}
+    for other in against:
+        cells = {}
+        for m in metrics:
+            diff = values[arm][m] - values[other][m]
+            cell: dict[str, Any] = {"mean": float(diff.mean()), "wins": int((diff > 0).sum()),
+                                    "losses": int((diff < 0).sum()), "n": n,
+                                    "std": None, "ci95": None, "p_value": None}
+            if n > 1:
+                sd = float(diff.std(ddof=1))
+                half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+                cell.update(std=sd, ci95=[float(diff.mean()) - half, float(diff.mean()) + half])
+                if sd > 0:
+                    cell["p_value"] = float(stats.ttest_rel(values[arm][m], values[other][m]).pvalue)
+            cells[m] = cell
+        summary["paired"][f"{arm} - {other}"] = cells
+    return summary
+
+
+def render_comparison(summary: Mapping[str, Any]) -> str:
+    """Markdown: one row per arm (per-seed ``metric`` pairs and means), then the paired differences."""
+    seeds = summary["seeds"]
+    metrics = list(next(iter(summary["arms"].values())))
+    label = " / ".join(metrics)
+    lines = [f"| arm ({label}) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for name, cells in summary["arms"].items():
+        per_seed = [" / ".join(f"{cells[m]['per_seed'][i]:.4f}" for m in metrics) for i in range(len(seeds))]
+        mean = " / ".join(f"{cells[m]['mean']:.4f}" for m in metrics)
+        lines.append(f"| {name} | " + " | ".join(per_seed) + f" | {mean} |")
+    lines += ["", "| paired difference | metric | mean | 95% CI | p (paired t) | wins / losses of n |",
+              "|---|---|---|---|---|---|"]
+    for pair, cells in summary["paired"].items():
+        for m, c in cells.items():
+            ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "—"
+            p = f"{c['p_value']:.3f}" if c["p_value"] is not None else "—"
+            lines.append(f"| {pair} | {m} | {c['mean']:+.4f} | {ci} | {p} | {c['wins']} / {c['losses']} of {c['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def collect(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
+    """Read run JSONs, compare them over seeds, print the markdown and optionally write the summary JSON."""
+    import json
+
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read run {path}: {err}") from err
+        if "reports" not in results[-1] or "seed" not in results[-1]:
+            raise ValueError(f"{path} is not an augmentation.py run (no 'reports' or 'seed')")
+    summary = compare_seeds(results)
+    summary["runs"] = [str(p) for p in paths]
+    print(render_comparison(summary), flush=True)
+    if out:
+        write_json(out, summary)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (also written to ``--out``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.collect:
+        try:
+            return collect(args.collect, args.out)
+        except ValueError as err:
+            parser.error(str(err))
     args.argv = None if argv is None else " ".join(["python", "benchmarks/augmentation.py", *argv])
     return run(args)
 

@@ -278,16 +278,21 @@ def test_cli_augment_missing_checkpoint(tmp_path, capsys):
 # --- benchmarks/augmentation.py --------------------------------------------------------------------
 
 
-def test_augmentation_benchmark_smoke_on_digits(tmp_path):
+def _load_augmentation_benchmark():
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("augmentation_benchmark", REPO / "benchmarks" / "augmentation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_augmentation_benchmark_smoke_on_digits(tmp_path):
     import json
 
     from dgc_pyro.data import DIGITS_COUNTS
 
-    path = REPO / "benchmarks" / "augmentation.py"
-    spec = importlib.util.spec_from_file_location("augmentation_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_augmentation_benchmark()
     out = tmp_path / "result.json"
     result = bench.main(["--dataset", "digits", "--quick", "--epochs", "1", "--val-num-samples", "1",
                          "--out", str(out), "--grid", str(tmp_path / "grid.png")])
@@ -300,3 +305,50 @@ def test_augmentation_benchmark_smoke_on_digits(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["reports"]["CNN +DGC samples"]["acsa"] == pytest.approx(result["reports"]["CNN +DGC samples"]["acsa"])
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_run(seed: int, dgc: float, plain: float, smote: float, threshold: float | None = 0.9) -> dict:
+    report = lambda v: {"acsa": v, "r_mi": v - 0.1}  # noqa: E731
+    return {"seed": seed, "dataset": "fashion", "command": f"... --seed {seed}", "train_counts": [4, 2],
+            "dgc": {"filter_threshold": threshold, "best_epoch": seed, "history": []},
+            "cnn": {"epochs": 20}, "reports": {"CNN +DGC samples": report(dgc), "CNN imbalanced": report(plain),
+                                               "CNN +SMOTE": report(smote)}}
+
+
+def test_collect_pairs_runs_by_seed(tmp_path, capsys):
+    import json
+
+    bench = _load_augmentation_benchmark()
+    runs = [_fake_run(3, 0.83, 0.80, 0.79), _fake_run(1, 0.81, 0.82, 0.78), _fake_run(2, 0.85, 0.80, 0.80)]
+    paths = []
+    for r in runs:
+        paths.append(tmp_path / f"seed{r['seed']}.json")
+        paths[-1].write_text(json.dumps(r))
+    summary = bench.main(["--collect", *map(str, paths), "--out", str(tmp_path / "summary.json")])
+    assert summary["seeds"] == [1, 2, 3]
+    assert summary["arms"]["CNN +DGC samples"]["acsa"]["per_seed"] == pytest.approx([0.81, 0.85, 0.83])
+    vs_plain = summary["paired"]["CNN +DGC samples - CNN imbalanced"]["acsa"]
+    diffs = np.array([-0.01, 0.05, 0.03])
+    assert vs_plain["mean"] == pytest.approx(diffs.mean())
+    assert (vs_plain["wins"], vs_plain["losses"], vs_plain["n"]) == (2, 1, 3)
+    assert vs_plain["ci95"][0] < diffs.mean() < vs_plain["ci95"][1]
+    from scipy import stats
+
+    assert vs_plain["p_value"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    vs_smote = summary["paired"]["CNN +DGC samples - CNN +SMOTE"]["r_mi"]
+    assert (vs_smote["wins"], vs_smote["losses"]) == (3, 0)
+    assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [1, 2, 3]
+    assert "| CNN +DGC samples - CNN imbalanced | acsa | +0.0233 |" in capsys.readouterr().out
+
+
+def test_collect_refuses_runs_of_different_configurations(tmp_path):
+    bench = _load_augmentation_benchmark()
+    with pytest.raises(ValueError, match="seed 2 differs .* 'dgc'"):
+        bench.compare_seeds([_fake_run(1, 0.8, 0.8, 0.8), _fake_run(2, 0.8, 0.8, 0.8, threshold=None)])
+    with pytest.raises(ValueError, match="duplicate seeds"):
+        bench.compare_seeds([_fake_run(1, 0.8, 0.8, 0.8), _fake_run(1, 0.8, 0.8, 0.8)])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--collect", str(bad)])
+    assert exit_info.value.code == 2
