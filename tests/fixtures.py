@@ -9,8 +9,11 @@ on ``sys.path`` because the folder has no ``__init__.py``).
 
 from __future__ import annotations
 
+import importlib.util
 import struct
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +209,16 @@ def write_celeba_fixture(
         for fname, _, _, _ in rows:
             f.write(f"{fname}  69  109  106  113   77  142   73  152  108  154\n")
     return {"folder": base, "labels": expected}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"dgc_benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before executing so dataclasses and pickling inside the script can resolve the module.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ from imblearn.utils import check_sampling_strategy
 
 from dgc_pyro.inference import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.models import DGC, likelihood_mean
+from fixtures import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
 COUNTS = (12, 6, 3, 1)
 augment_module = sys.modules["dgc_pyro.inference.augment"]
@@ -278,21 +277,12 @@ def test_cli_augment_missing_checkpoint(tmp_path, capsys):
 # --- benchmarks/augmentation.py --------------------------------------------------------------------
 
 
-def _load_augmentation_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("augmentation_benchmark", REPO / "benchmarks" / "augmentation.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_augmentation_benchmark_smoke_on_digits(tmp_path):
     import json
 
     from dgc_pyro.data import DIGITS_COUNTS
 
-    bench = _load_augmentation_benchmark()
+    bench = load_benchmark("augmentation")
     out = tmp_path / "result.json"
     result = bench.main(["--dataset", "digits", "--quick", "--epochs", "1", "--val-num-samples", "1",
                          "--out", str(out), "--grid", str(tmp_path / "grid.png")])
@@ -318,7 +308,7 @@ def _fake_run(seed: int, dgc: float, plain: float, smote: float, threshold: floa
 def test_collect_pairs_runs_by_seed(tmp_path, capsys):
     import json
 
-    bench = _load_augmentation_benchmark()
+    bench = load_benchmark("augmentation")
     runs = [_fake_run(3, 0.83, 0.80, 0.79), _fake_run(1, 0.81, 0.82, 0.78), _fake_run(2, 0.85, 0.80, 0.80)]
     paths = []
     for r in runs:
@@ -342,7 +332,7 @@ def test_collect_pairs_runs_by_seed(tmp_path, capsys):
 
 
 def test_collect_refuses_runs_of_different_configurations(tmp_path):
-    bench = _load_augmentation_benchmark()
+    bench = load_benchmark("augmentation")
     with pytest.raises(ValueError, match="seed 2 differs .* 'dgc'"):
         bench.compare_seeds([_fake_run(1, 0.8, 0.8, 0.8), _fake_run(2, 0.8, 0.8, 0.8, threshold=None)])
     with pytest.raises(ValueError, match="duplicate seeds"):

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from fixtures import write_celeba_fixture, write_mnist_fixture, write_svhn_fixture
+from fixtures import load_benchmark, write_celeba_fixture, write_mnist_fixture, write_svhn_fixture
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("paper_table", REPO / "benchmarks" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def paper_table():
-    return _load_script()
+    return load_benchmark("paper_table")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -25,20 +23,12 @@ from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.perturbation import perturbation_loss
 from dgc_pyro.inference.predict import auto_max_rows, class_log_weights, posterior_from_log_weights
 from dgc_pyro.models import DGC
+from fixtures import load_benchmark
 from sync_spy import SyncSpy as _SyncSpy
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_speed():
-    spec = importlib.util.spec_from_file_location("dgc_speed_benchmark", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load_speed()
+speed = load_benchmark("speed")
 
 
 def _model(shape=(1, 8, 8), likelihood="bernoulli", latent_dim=16, **kwargs) -> DGC:
