@@ -19,6 +19,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.12 not found (install python3.12 or pyenv's 3.12)"; exit 2; }
+	@avail=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$avail" -ge 9 ] || \
+		echo "warning: $$avail GiB free on this disk; torch with its CUDA libraries needs about 9 GiB to install" >&2
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
