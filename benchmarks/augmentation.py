@@ -121,6 +121,8 @@ def save_class_grid(path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.T
     from dgc_pyro.io import atomic_write_bytes
 
     classes = [c for c in range(split.num_classes) if (y_syn == c).any()]
+    if not classes:
+        raise ValueError("no synthetic samples to show in a grid")
     ncols = n_real + 1 + n_syn
     fig, axes = plt.subplots(len(classes), ncols, figsize=(ncols * 0.62, len(classes) * 0.62 + 0.35), squeeze=False)
     for r, c in enumerate(classes):
@@ -184,9 +186,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            filter_threshold=args.filter_threshold, seed=args.seed, output=args.output)
     seconds["dgc_augment"] = time.perf_counter() - t
     _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
-    if args.grid:
+    if args.grid and len(y_dgc):
         save_class_grid(args.grid, split, x_dgc, y_dgc)
         _log(f"wrote {args.grid}", t0)
+    elif args.grid:
+        _log(f"no DGC samples passed the filter: no grid written to {args.grid}", t0)
 
     # (c) SMOTE with the same strategy.
     t = time.perf_counter()

@@ -342,3 +342,16 @@ def test_collect_refuses_runs_of_different_configurations(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--collect", str(bad)])
     assert exit_info.value.code == 2
+
+
+def test_class_grid_refuses_an_empty_sample_set(tmp_path):
+    from types import SimpleNamespace
+
+    bench = load_benchmark("augmentation")
+    split = SimpleNamespace(num_classes=3, x_train=torch.rand(6, 1, 4, 4), y_train=torch.tensor([0, 0, 1, 1, 2, 2]),
+                            class_names=["a", "b", "c"], name="toy")
+    with pytest.raises(ValueError, match="no synthetic samples"):
+        bench.save_class_grid(tmp_path / "grid.png", split, torch.empty(0, 1, 4, 4), torch.empty(0, dtype=torch.long))
+    assert not (tmp_path / "grid.png").exists()
+    bench.save_class_grid(tmp_path / "grid.png", split, torch.rand(2, 1, 4, 4), torch.tensor([1, 2]))
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
