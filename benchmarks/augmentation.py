@@ -6,9 +6,14 @@ no validation-based model selection so that no arm selects on synthetic data):
   (a) the imbalanced training subset as is;
   (b) the subset plus DGC's synthetic minority examples (a DGC is fitted on the subset, then
       ``dgc_pyro.inference.augment``);
-  (c) the subset plus SMOTE's synthetic examples (imblearn's SMOTE on flattened pixels, clipped to [0, 1]).
+  (c) the subset plus SMOTE's synthetic examples (imblearn's SMOTE on flattened pixels, clipped to [0, 1]);
+  (d) optional (``--arms ... ros``): the subset plus copies of its own images (imblearn's RandomOverSampler),
+      the control that tells whether the generative model adds anything over repeating the minority images.
 
-(b) and (c) add exactly the same number of examples per class (one imbalanced-learn sampling strategy).
+(b), (c) and (d) add exactly the same number of examples per class (one imbalanced-learn sampling strategy).
+``--arms`` picks the arms; without ``dgc`` no DGC is fitted. On the CPU every arm is deterministic given the seed,
+so runs of one configuration with different ``--arms`` can be pooled by ``--collect``, which checks that an arm
+present in two runs of a seed has the same scores in both.
 Every arm is scored on the full test split with ``dgc_pyro.metrics.imbalance_report``, using the
 subset's training counts to name the minority (R_MI) and majority (P_MA) classes.
 
@@ -40,13 +45,14 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.data import load_imbalanced, parse_counts
 from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
 from dgc_pyro.experiment import default_recipe, evaluate_model
-from dgc_pyro.inference import augment, fit, synthetic_counts
+from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import format_comparison, imbalance_report
 from dgc_pyro.reproducibility import seed_everything
 
 METRICS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma")
-ARMS = ("imbalanced", "+DGC samples", "+SMOTE")
+ARMS = ("imbalanced", "+DGC samples", "+SMOTE", "+random over-sampling")
+ARM_KEYS = {"imbalanced": ARMS[0], "dgc": ARMS[1], "smote": ARMS[2], "ros": ARMS[3]}
 # --quick: a tenth of the paper's counts (ratio still 100) and a few epochs: a couple of minutes on 2 cores.
 QUICK = {"divide_counts": 10, "dgc_epochs": 4, "cnn_epochs": 3}
 
@@ -69,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation-scale", type=float, default=1.0)
     p.add_argument("--output", choices=("mean", "residual"), default="mean",
                    help="augment's output: the decoded mean image, or the real image plus the decoded change")
+    p.add_argument("--arms", nargs="+", choices=tuple(ARM_KEYS), default=["imbalanced", "dgc", "smote"],
+                   help="which arms to train (ros: random over-sampling, the copies-of-real-images control)")
     p.add_argument("--same-steps-control", action="store_true",
                    help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
     p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
@@ -107,6 +115,16 @@ def _smote(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) -> tuple[torch
     xr, yr = SMOTE(sampling_strategy=strategy, k_neighbors=k, random_state=seed).fit_resample(flat, y.numpy())
     xs = np.clip(xr[len(x):], 0.0, 1.0).astype(np.float32).reshape((-1, *x.shape[1:]))
     return torch.from_numpy(xs), torch.from_numpy(yr[len(x):].astype(np.int64))
+
+
+def _random_oversampling(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copies imblearn's RandomOverSampler adds (appended after the originals), as images."""
+    from imblearn.over_sampling import RandomOverSampler
+
+    sampler = RandomOverSampler(sampling_strategy=strategy, random_state=seed)
+    sampler.fit_resample(np.zeros((len(y), 1)), y.numpy())
+    extra = torch.from_numpy(sampler.sample_indices_[len(y):].astype(np.int64))
+    return x[extra].clone(), y[extra].clone()
 
 
 def save_class_grid(path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.Tensor, n_real: int = 2, n_syn: int = 8) -> None:
@@ -169,42 +187,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
          f"synthetic per class {wanted} (strategy {strategy!r})", t0)
 
     seconds: dict[str, float] = {}
-    # (b) fit a DGC on the subset and decode synthetic minority examples from it.
-    t = time.perf_counter()
-    seed_everything(args.seed)
-    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    history = fit(
-        model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-        objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
-        val_fraction=recipe.val_fraction, perturbation_rate=recipe.perturbation_rate,
-        val_num_samples=args.val_num_samples, betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
-        callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
-    )
-    seconds["dgc_fit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,
-                           filter_threshold=args.filter_threshold, seed=args.seed, output=args.output)
-    seconds["dgc_augment"] = time.perf_counter() - t
-    _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
-    if args.grid and len(y_dgc):
-        save_class_grid(args.grid, split, x_dgc, y_dgc)
-        _log(f"wrote {args.grid}", t0)
-    elif args.grid:
-        _log(f"no DGC samples passed the filter: no grid written to {args.grid}", t0)
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # arm -> the examples it adds to the subset
+    history = None
+    if "dgc" in args.arms:
+        # (b) fit a DGC on the subset and decode synthetic minority examples from it.
+        t = time.perf_counter()
+        seed_everything(args.seed)
+        model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
+        history = fit(
+            model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+            objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
+            val_fraction=recipe.val_fraction, perturbation_rate=recipe.perturbation_rate,
+            val_num_samples=args.val_num_samples, betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
+            callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+        )
+        seconds["dgc_fit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,
+                               filter_threshold=args.filter_threshold, seed=args.seed, output=args.output)
+        seconds["dgc_augment"] = time.perf_counter() - t
+        extra[ARM_KEYS["dgc"]] = (x_dgc, y_dgc)
+        _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
+        if args.grid and len(y_dgc):
+            save_class_grid(args.grid, split, x_dgc, y_dgc)
+            _log(f"wrote {args.grid}", t0)
+        elif args.grid:
+            _log(f"no DGC samples passed the filter: no grid written to {args.grid}", t0)
+    for key, sampler in (("smote", _smote), ("ros", _random_oversampling)):
+        # (c), (d): the same strategy, from imbalanced-learn
+        if key in args.arms:
+            t = time.perf_counter()
+            extra[ARM_KEYS[key]] = sampler(split.x_train, split.y_train, strategy, args.seed)
+            seconds[key] = time.perf_counter() - t
 
-    # (c) SMOTE with the same strategy.
-    t = time.perf_counter()
-    x_sm, y_sm = _smote(split.x_train, split.y_train, strategy, args.seed)
-    seconds["smote"] = time.perf_counter() - t
-
-    arms = {
-        ARMS[0]: (split.x_train, split.y_train, cnn_epochs),
-        ARMS[1]: (torch.cat([split.x_train, x_dgc]), torch.cat([split.y_train, y_dgc]), cnn_epochs),
-        ARMS[2]: (torch.cat([split.x_train, x_sm]), torch.cat([split.y_train, y_sm]), cnn_epochs),
-    }
+    arms: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for name in ARMS:
+        if name == ARMS[0] and "imbalanced" in args.arms:
+            arms[name] = (split.x_train, split.y_train, cnn_epochs)
+        elif name in extra:
+            x_add, y_add = extra[name]
+            arms[name] = (torch.cat([split.x_train, x_add]), torch.cat([split.y_train, y_add]), cnn_epochs)
     if args.same_steps_control:
         # Over-sampled arms take more gradient steps per epoch; this arm takes as many on the real data alone.
-        same = max(1, round(cnn_epochs * len(arms[ARMS[1]][1]) / len(split.y_train)))
+        same = max(1, round(cnn_epochs * (len(split.y_train) + sum(wanted.values())) / len(split.y_train)))
         arms[f"imbalanced, {same} epochs"] = (split.x_train, split.y_train, same)
     reports: dict[str, dict[str, float]] = {}
     for name, (x, y, epochs) in arms.items():
@@ -216,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reports[f"CNN {name}"] = imbalance_report(split.y_test, pred, num_classes=split.num_classes, train_counts=train_counts)
         seconds[f"cnn {name}"] = time.perf_counter() - t
         _log(f"CNN {name}: {len(y)} training examples, ACSA {reports[f'CNN {name}']['acsa']:.4f}", t0)
-    if args.eval_dgc:
+    if args.eval_dgc and history is not None:
         t = time.perf_counter()
         reports["DGC itself"], _ = evaluate_model(model, split.x_test, split.y_test, train_counts, recipe.num_samples)
         seconds["dgc_evaluate"] = time.perf_counter() - t
@@ -231,13 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_size": int(len(split.y_test)),
         "sampling_strategy": strategy,
         "synthetic_per_class": wanted,
-        "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples, "best_epoch": history.best_epoch,
-                "history": history.epochs, "filter_threshold": args.filter_threshold,
+        "arms": list(args.arms),
+        "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples,
+                "best_epoch": history.best_epoch if history else None,
+                "history": history.epochs if history else [], "filter_threshold": args.filter_threshold,
                 "perturbation_scale": args.perturbation_scale, "output": args.output},
         "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0},
         "reports": reports,
         "seconds": seconds,
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": history.config["device"]},
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": str(resolve_device(args.device))},
     }
     if args.out:
         write_json(args.out, result)
@@ -246,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # What may differ between runs that --collect pools: the seed and where the outputs went.
-_PER_RUN_KEYS = {"seed", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class"}
+_PER_RUN_KEYS = {"seed", "arms", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class"}
 _PER_RUN_DGC_KEYS = {"best_epoch", "history"}
 
 
@@ -256,16 +283,29 @@ def _configuration(result: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _check_one_configuration(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """The shared configuration of ``results``; ``ValueError`` naming the first field where one differs."""
+    reference = _configuration(results[0])
+    for name, r in zip(names, results):
+        config = _configuration(r)
+        for key in sorted(set(reference) | set(config)):
+            if config.get(key) != reference.get(key):
+                raise ValueError(f"{name} differs from {names[0]} in {key!r}: "
+                                 f"{config.get(key)!r} vs {reference.get(key)!r}")
+    return reference
+
+
 def compare_seeds(
     results: Sequence[Mapping[str, Any]],
     arm: str = "CNN " + ARMS[1],
-    against: Sequence[str] = ("CNN " + ARMS[0], "CNN " + ARMS[2]),
+    against: Sequence[str] | None = None,
     metrics: Sequence[str] = ("acsa", "r_mi"),
 ) -> dict[str, Any]:
     """Pool runs of one configuration over seeds: per-arm mean ± std and paired differences of ``arm``.
 
     Every run must share the configuration (dataset, recipe, CNN settings, filter, ...) and have a distinct
     seed; a mismatch raises ``ValueError`` naming the field, so runs of different settings are never averaged.
+    ``against`` defaults to every other arm that all runs have.
     """
     from scipy import stats
 
@@ -274,16 +314,13 @@ def compare_seeds(
     seeds = [int(r["seed"]) for r in results]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"duplicate seeds among the runs: {sorted(seeds)}")
-    reference = _configuration(results[0])
-    for seed, r in zip(seeds, results):
-        config = _configuration(r)
-        for key in sorted(set(reference) | set(config)):
-            if config.get(key) != reference.get(key):
-                raise ValueError(f"run of seed {seed} differs from seed {seeds[0]} in {key!r}: "
-                                 f"{config.get(key)!r} vs {reference.get(key)!r}")
+    reference = _check_one_configuration(results, [f"run of seed {seed}" for seed in seeds])
     order = np.argsort(seeds)
     results = [results[i] for i in order]
     seeds = [seeds[i] for i in order]
+    if against is None:
+        against = [name for name in (f"CNN {a}" for a in ARMS)
+                   if name != arm and all(name in r["reports"] for r in results)]
     arms = [arm, *against]
     for name in arms:
         missing = [s for s, r in zip(seeds, results) if name not in r["reports"]]
@@ -335,6 +372,31 @@ def render_comparison(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_runs(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """One result per seed: runs of a seed with different ``--arms`` are joined into one.
+
+    An arm present in two runs of a seed must have the same scores in both: the pairing of arms across runs
+    rests on every arm being deterministic given the seed, and this is where that is checked.
+    """
+    if results:
+        _check_one_configuration(results, names)
+    merged: dict[int, dict[str, Any]] = {}
+    source: dict[tuple[int, str], str] = {}
+    for name, result in zip(names, results):
+        seed = int(result["seed"])
+        into = merged.setdefault(seed, {**result, "reports": {}})
+        for arm, report in result["reports"].items():
+            if arm in into["reports"] and into["reports"][arm] != report:
+                raise ValueError(f"seed {seed}: arm {arm!r} scores differently in {source[seed, arm]} and {name} "
+                                 f"(ACSA {into['reports'][arm].get('acsa')} vs {report.get('acsa')}); "
+                                 "the runs are not of one configuration, or not deterministic")
+            into["reports"][arm] = report
+            source[seed, arm] = name
+        if result.get("dgc", {}).get("history"):
+            into["dgc"] = result["dgc"]
+    return list(merged.values())
+
+
 def collect(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
     """Read run JSONs, compare them over seeds, print the markdown and optionally write the summary JSON."""
     import json
@@ -347,7 +409,7 @@ def collect(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[
             raise ValueError(f"cannot read run {path}: {err}") from err
         if "reports" not in results[-1] or "seed" not in results[-1]:
             raise ValueError(f"{path} is not an augmentation.py run (no 'reports' or 'seed')")
-    summary = compare_seeds(results)
+    summary = compare_seeds(merge_runs(results, [str(p) for p in paths]))
     summary["runs"] = [str(p) for p in paths]
     print(render_comparison(summary), flush=True)
     if out:

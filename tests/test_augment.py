@@ -355,3 +355,39 @@ def test_class_grid_refuses_an_empty_sample_set(tmp_path):
     assert not (tmp_path / "grid.png").exists()
     bench.save_class_grid(tmp_path / "grid.png", split, torch.rand(2, 1, 4, 4), torch.tensor([1, 2]))
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_oversampling_arm_without_a_dgc(tmp_path):
+    from dgc_pyro.data import DIGITS_COUNTS
+
+    bench = load_benchmark("augmentation")
+    result = bench.main(["--dataset", "digits", "--quick", "--epochs", "1", "--arms", "imbalanced", "ros"])
+    assert set(result["reports"]) == {"CNN imbalanced", "CNN +random over-sampling"}
+    assert result["dgc"]["best_epoch"] is None and "dgc_fit" not in result["seconds"]
+    assert result["arms"] == ["imbalanced", "ros"]
+    # the copies are real training images, as many per class as the strategy asks
+    split_counts = np.array([max(4, n // 10) for n in DIGITS_COUNTS])
+    x = torch.rand(int(split_counts.sum()), 1, 2, 2)
+    y = torch.repeat_interleave(torch.arange(len(split_counts)), torch.from_numpy(split_counts))
+    x_add, y_add = bench._random_oversampling(x, y, "auto", seed=0)
+    assert np.bincount(y_add.numpy(), minlength=len(split_counts)).tolist() == (split_counts.max() - split_counts).tolist()
+    matches = (x_add[:, None] == x[None]).flatten(2).all(-1)
+    assert matches.any(1).all()
+    assert (y[matches.float().argmax(1)] == y_add).all()
+
+
+def test_collect_joins_runs_of_one_seed_and_checks_shared_arms(tmp_path):
+    bench = load_benchmark("augmentation")
+    dgc_run = _fake_run(1, 0.83, 0.80, 0.79)
+    ros_run = _fake_run(1, 0.0, 0.80, 0.0)
+    ros_run["reports"] = {"CNN imbalanced": ros_run["reports"]["CNN imbalanced"],
+                          "CNN +random over-sampling": {"acsa": 0.81, "r_mi": 0.71}}
+    merged = bench.merge_runs([dgc_run, ros_run], ["dgc.json", "ros.json"])
+    assert len(merged) == 1
+    assert set(merged[0]["reports"]) == {"CNN +DGC samples", "CNN imbalanced", "CNN +SMOTE", "CNN +random over-sampling"}
+    summary = bench.compare_seeds(merged + bench.merge_runs([_fake_run(2, 0.8, 0.8, 0.8)], ["2.json"]))
+    # seed 2 has no random over-sampling arm, so the default comparison leaves that arm out
+    assert set(summary["paired"]) == {"CNN +DGC samples - CNN imbalanced", "CNN +DGC samples - CNN +SMOTE"}
+    ros_run["reports"]["CNN imbalanced"] = {"acsa": 0.70, "r_mi": 0.6}
+    with pytest.raises(ValueError, match="'CNN imbalanced' scores differently in dgc.json and ros.json"):
+        bench.merge_runs([dgc_run, ros_run], ["dgc.json", "ros.json"])
