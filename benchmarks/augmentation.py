@@ -392,8 +392,6 @@ def merge_runs(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> li
                                  "the runs are not of one configuration, or not deterministic")
             into["reports"][arm] = report
             source[seed, arm] = name
-        if result.get("dgc", {}).get("history"):
-            into["dgc"] = result["dgc"]
     return list(merged.values())
 
 

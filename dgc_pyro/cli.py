@@ -18,6 +18,7 @@ from dgc_pyro.baselines import BASELINES
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.inference.device import DEVICE_CHOICES
+from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.objectives import OBJECTIVES
 from dgc_pyro.io import CheckpointError
 from dgc_pyro.models.likelihoods import LIKELIHOODS
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
     f.add_argument("--no-progress", action="store_true")
-    f.add_argument("--engine", choices=("torch", "graph", "svi"), default="torch",
+    f.add_argument("--engine", choices=ENGINES, default="torch",
                    help="training step: torch (traces the Pyro model every step), graph (captured once and "
                         "replayed, faster on small networks and GPUs), svi (textbook pyro.infer.SVI)")
     f.add_argument("--compile", action="store_true",

@@ -55,6 +55,7 @@ import torch.distributed as dist
 __all__ = [
     "STRATEGIES",
     "DistContext",
+    "check_engine",
     "current",
     "fit_distributed",
     "is_rank_zero",
@@ -131,6 +132,12 @@ def launched_by_torchrun() -> bool:
     return all(os.environ.get(k) for k in _TORCHRUN_VARS)
 
 
+def check_engine(engine: str) -> None:
+    """Data-parallel runs take ``engine="torch"`` only: the graph and SVI engines are single-process."""
+    if engine != "torch":
+        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
+
+
 def _device_plan(device: Any, devices: int) -> tuple[str, str]:
     """``(device type, backend)`` for ``devices`` processes; errors when there are not enough GPUs."""
     from dgc_pyro.inference.device import resolve_device
@@ -170,9 +177,7 @@ def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str |
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"devices must be a positive integer, got {devices!r}")
-    engine = fit_kwargs.get("engine", "torch")
-    if engine != "torch":
-        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
+    check_engine(fit_kwargs.get("engine", "torch"))
     if not dist.is_available():
         raise ValueError("torch.distributed is not available in this PyTorch build")
     if _CURRENT is not None:

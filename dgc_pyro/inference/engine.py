@@ -288,8 +288,8 @@ def make_step(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     ctx = _distributed.current()
-    if ctx is not None and engine != "torch":
-        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
+    if ctx is not None:
+        _distributed.check_engine(engine)
     if compile and engine != "graph":
         compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
