@@ -34,6 +34,7 @@ import torch
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.data.transforms import TRANSFORMS
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network preset of DGC and every baseline (default: the recipe's; 'small' with --quick)")
     p.add_argument("--val-num-samples", type=int, default=None,
                    help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
+    p.add_argument("--transform", choices=("none", *TRANSFORMS), default=None,
+                   help="random training-time transform of every batch, for DGC and every baseline alike")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true",
                    help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
@@ -119,6 +122,8 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
         changes["num_samples"] = args.num_samples
     if args.preset is not None:
         changes["preset"] = args.preset
+    if args.transform is not None:
+        changes["transform"] = None if args.transform == "none" else args.transform
     return dataclasses.replace(recipe, **changes)
 
 
@@ -149,7 +154,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     history = fit(model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                   objective=objective, device=device, seed=seed, progress=False, val_fraction=recipe.val_fraction,
                   perturbation_rate=recipe.perturbation_rate,
-                  val_num_samples=val_num_samples, **extra)
+                  val_num_samples=val_num_samples, transform=recipe.transform, **extra)
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
     t2 = time.perf_counter()
@@ -166,14 +171,14 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     t0 = time.perf_counter()
     fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, preset=recipe.preset,
                           epochs=recipe.epochs, batch_size=recipe.batch_size, lr=1e-3, device=device, seed=seed,
-                          val_fraction=recipe.val_fraction)
+                          val_fraction=recipe.val_fraction, transform=recipe.transform)
     t1 = time.perf_counter()
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
                settings={"preset": recipe.preset, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": 1e-3,
-                         "val_fraction": recipe.val_fraction})
+                         "val_fraction": recipe.val_fraction, "transform": recipe.transform})
     return out
 
 
@@ -231,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     recipe = recipe_for(args.dataset, args)
     backbone = args.backbone if args.backbone != "auto" else ("mlp" if args.quick else "conv")
+    if recipe.transform is not None and backbone == "mlp":
+        raise SystemExit(f"--transform {recipe.transform} shifts image pixels; it needs --backbone conv")
     started = time.perf_counter()
     config = {
         "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
@@ -272,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = (f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
             f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
             f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
-            f"{recipe.num_samples} draws/class; "
+            f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'} (every method); "
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dgc_pyro.data.splits import stratified_holdout
+from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.metrics import imbalance_report
@@ -176,15 +177,23 @@ def fit_baseline(
     seed: int = 0,
     val_fraction: float = 0.1,
     progress: bool = False,
+    transform: str | Transform | None = None,
 ) -> FittedBaseline:
-    """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC."""
+    """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
+
+    ``transform`` randomly transforms every training batch as in :func:`dgc_pyro.inference.fit`
+    (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`).
+    """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
     x, y = check_xy(x, y, num_classes=num_classes)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
+    batch_transform = resolve_transform(transform, input_shape)
     seed_everything(seed)
     if name == "logistic":
+        if batch_transform is not None:
+            raise ValueError("the logistic baseline is fitted in one call by scikit-learn and takes no transform")
         clf = LogisticRegression(max_iter=2000, C=1.0)
         clf.fit(x.reshape(len(x), -1).numpy(), y.numpy())
         if list(clf.classes_) != list(range(num_classes)):
@@ -213,7 +222,8 @@ def fit_baseline(
         perm = torch.randperm(len(x_dev), device=dev, generator=gen)
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
-            logits = module(x_dev[idx])
+            xb = x_dev[idx] if batch_transform is None else batch_transform(x_dev[idx], gen)
+            logits = module(xb)
             loss = baseline_loss(name, logits, y_dev[idx], counts, drw_active=epoch >= drw_start)
             loss.backward()
             opt.step()

@@ -17,6 +17,7 @@ import numpy as np
 from dgc_pyro.baselines import BASELINES
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
+from dgc_pyro.data.transforms import TRANSFORMS
 from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.objectives import OBJECTIVES
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off")
     f.add_argument("--guide", choices=("x", "xy"), default=None,
                    help="x: label-free q(z | x); xy: the paper's q(z | x, y) (default: the dataset's recipe)")
+    f.add_argument("--transform", choices=("none", *TRANSFORMS), default=None,
+                   help="random training-time transform of every batch, for DGC and the baseline: shift (up to 2 "
+                        "pixels) or shift-flip (also a horizontal flip; not for digits)")
     f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
     f.add_argument("--out", default=None,
@@ -161,7 +165,7 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
                  "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
-                 "logit_adjustment", "guide")
+                 "logit_adjustment", "guide", "transform")
 
 
 def _resume_args(args: argparse.Namespace):
@@ -223,6 +227,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "label_in_guide": None if args.guide is None else args.guide == "xy",
         }
         recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if args.transform is not None:
+            recipe = dataclasses.replace(recipe, transform=None if args.transform == "none" else args.transform)
     for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
         if getattr(recipe, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")

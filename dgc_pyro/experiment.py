@@ -49,6 +49,8 @@ class Recipe:
     logit_adjustment: float = 0.0
     #: the paper's q(z | x, y) (True) or a label-free q(z | x), scored with the "latent" rule (False)
     label_in_guide: bool = True
+    #: random training-time transform of every batch (None, "shift", "shift-flip"; dgc_pyro.data.transforms)
+    transform: str | None = None
 
     @property
     def balanced(self) -> bool:
@@ -171,7 +173,7 @@ def run_experiment(
         epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, objective=recipe.objective,
         device=device, seed=seed, progress=progress, val_fraction=recipe.val_fraction,
         perturbation_rate=recipe.perturbation_rate, val_num_samples=recipe.num_samples,
-        betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
+        betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps, transform=recipe.transform,
         checkpoint_dir=checkpoint_dir, resume=resume, deterministic=deterministic, **(fit_options or {}),
         checkpoint_metadata={"run": {
             "dataset": split.name, "seed": seed, "recipe": recipe.__dict__, "baseline": baseline, **(data_config or {}),
@@ -186,7 +188,7 @@ def run_experiment(
         fitted = fit_baseline(
             baseline, split.x_train, split.y_train, num_classes=split.num_classes, preset=recipe.preset,
             epochs=recipe.epochs, batch_size=recipe.batch_size, lr=min(recipe.lr, 1e-3), device=device, seed=seed,
-            val_fraction=recipe.val_fraction, progress=progress,
+            val_fraction=recipe.val_fraction, progress=progress, transform=recipe.transform,
         )
         proba = fitted.predict_proba(split.x_test)
         baseline_metrics = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts)

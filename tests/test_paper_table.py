@@ -109,3 +109,17 @@ def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     run = json.loads((out / "runs" / "dgc_elbo_paper_guide_la_seed1.json").read_text())
     assert run["recipe"]["label_in_guide"] is True and run["recipe"]["logit_adjustment"] == 1.0
     assert run["rule"] == "mixture"
+
+
+def test_transform_reaches_every_method_and_needs_images(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--backbone", "conv", "--epochs", "1", "--num-samples", "2",
+            "--device", "cpu", "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted",
+            "--transform", "shift", "--out", str(out)]
+    assert paper_table.main(argv) == 0
+    dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
+    la = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
+    assert dgc["recipe"]["transform"] == "shift" and la["settings"]["transform"] == "shift"
+    assert "training transform shift (every method)" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="--transform shift shifts image pixels; it needs --backbone conv"):
+        paper_table.main([a if a != "conv" else "mlp" for a in argv])

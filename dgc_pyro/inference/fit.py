@@ -45,6 +45,7 @@ from dgc_pyro.checkpoint import (
 )
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.validation import check_xy
+from dgc_pyro.data.transforms import Transform, resolve_transform, transform_name
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
@@ -419,6 +420,7 @@ def fit(
     compile: bool | dict[str, Any] = False,
     devices: int = 1,
     strategy: str | None = None,
+    transform: str | Transform | None = None,
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -465,6 +467,10 @@ def fit(
         devices, strategy: data-parallel fitting over ``devices`` processes (``strategy="ddp"``: gloo on
             CPU, nccl on CUDA; under ``torchrun`` the launched ranks), see
             :mod:`dgc_pyro.inference.distributed`; the fitted weights end up in ``model``.
+        transform: random training-time transform of every batch (``"shift"``, ``"shift-flip"`` or a
+            callable ``transform(x, generator)``, :mod:`dgc_pyro.data.transforms`); it draws from the fit's
+            generator, so seeded fits stay reproducible. Validation data is never transformed. With
+            ``devices > 1`` a callable must be picklable (a module-level function), as the ranks are spawned.
 
     Raises:
         ValueError: bad data or arguments. TrainingDivergedError (a FloatingPointError): the loss
@@ -488,6 +494,7 @@ def fit(
         raise ValueError(f"checkpoint_metadata must be a dict, got {type(checkpoint_metadata).__name__}")
     loss_fn = get_objective(objective)
     x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes, require_all_classes=True)
+    batch_transform = resolve_transform(transform, model.input_shape)
     if (x_val is None) != (y_val is None):
         raise ValueError("pass both x_val and y_val, or neither")
     if x_val is not None:
@@ -519,7 +526,7 @@ def fit(
         "batch_size": batch_size, "lr": lr, "betas": list(betas), "objective": objective_name, "seed": seed,
         "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
         "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
-        "select_best": bool(select_best), "pretrain_steps": pretrain_steps,
+        "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_name(transform),
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -553,7 +560,7 @@ def fit(
                 "objective": objective_name,
                 "device": str(dev), "seed": seed, "val_fraction": val_fraction,
                 "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
-                "pretrain_steps": pretrain_steps,
+                "pretrain_steps": pretrain_steps, "transform": transform_name(transform),
             },
             train_counts=counts.tolist(),
         )
@@ -586,7 +593,7 @@ def fit(
         run.last_good = run.snapshot(start)
 
         ctx = _Loop(run, x_dev, y_dev, x_val, y_val, counts, batch_size, epochs, checkpoint_every, check_every,
-                    select_best, val_num_samples, callback, progress, lr)
+                    select_best, val_num_samples, callback, progress, lr, batch_transform)
         ctx.run(start)
 
         history.epochs = run.history
@@ -628,19 +635,24 @@ class _Loop:
 
     def __init__(self, run: _Run, x: torch.Tensor, y: torch.Tensor, x_val: Any, y_val: Any, counts: np.ndarray,
                  batch_size: int, epochs: int, checkpoint_every: int, check_every: int | None, select_best: bool,
-                 val_num_samples: int, callback: Any, progress: bool, lr: float) -> None:
+                 val_num_samples: int, callback: Any, progress: bool, lr: float,
+                 transform: Transform | None = None) -> None:
         self.run_ = run
         self.x, self.y, self.x_val, self.y_val, self.counts = x, y, x_val, y_val, counts
         self.batch_size, self.epochs = batch_size, epochs
         self.checkpoint_every, self.check_every = checkpoint_every, check_every
         self.select_best, self.val_num_samples = select_best, val_num_samples
         self.callback, self.progress, self.lr = callback, progress, lr
+        self.transform = transform
         self.n = x.shape[0]
         self.num_batches = math.ceil(self.n / batch_size)
 
     def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-        return self.x[idx], self.y[idx]
+        x = self.x[idx]
+        if self.transform is not None:
+            x = self.transform(x, self.run_.generator)
+        return x, self.y[idx]
 
     def run(self, start: int) -> None:
         run = self.run_
