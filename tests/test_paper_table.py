@@ -123,3 +123,14 @@ def test_transform_reaches_every_method_and_needs_images(paper_table, tmp_path):
     assert "training transform shift (every method)" in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="--transform shift shifts image pixels; it needs --backbone conv"):
         paper_table.main([a if a != "conv" else "mlp" for a in argv])
+
+
+def test_committed_fashion_summary_has_the_promised_shape(paper_table):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fashion" / "summary.json"
+    summary = json.loads(path.read_text())
+    assert {"dgc_elbo", "dgc_wae_mmd", *paper_table.BASELINE_LOSSES} <= set(summary)
+    for method in ("dgc_elbo", "dgc_wae_mmd", *paper_table.BASELINE_LOSSES):
+        for metric in METRICS:
+            cell = summary[method][metric]
+            assert set(cell) == {"mean", "std"}, (method, metric)
+            assert 0.0 <= cell["mean"] <= 1.0 and 0.0 <= cell["std"] < 0.5, (method, metric)
