@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from dgc_pyro.baselines import fit_baseline
-from dgc_pyro.data import load_imbalanced, parse_counts
+from dgc_pyro.data import TRANSFORMS, load_imbalanced, parse_counts
 from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
 from dgc_pyro.experiment import default_recipe, evaluate_model
 from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augment's output: the decoded mean image, or the real image plus the decoded change")
     p.add_argument("--arms", nargs="+", choices=tuple(ARM_KEYS), default=["imbalanced", "dgc", "smote"],
                    help="which arms to train (ros: random over-sampling, the copies-of-real-images control)")
+    p.add_argument("--transform", choices=("none", *TRANSFORMS), default="none",
+                   help="random training-time transform of the DGC fit and of every CNN arm alike")
     p.add_argument("--same-steps-control", action="store_true",
                    help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
     p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = default_recipe(args.dataset)
     dgc_epochs = dgc_epochs or args.epochs or recipe.epochs
     cnn_epochs = cnn_epochs or args.epochs or 20
-    recipe = dataclasses.replace(recipe, epochs=dgc_epochs)
+    transform = None if args.transform == "none" else args.transform
+    recipe = dataclasses.replace(recipe, epochs=dgc_epochs, transform=transform)
 
     split = load_imbalanced(args.dataset, args.data_dir, counts=counts, seed=args.seed)
     train_counts = split.train_counts
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
             val_fraction=recipe.val_fraction, perturbation_rate=recipe.perturbation_rate,
             val_num_samples=args.val_num_samples, betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
-            callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+            transform=recipe.transform, callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
         )
         seconds["dgc_fit"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -236,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         fitted = fit_baseline("ce", x, y, num_classes=split.num_classes, preset=recipe.preset, epochs=epochs,
                               batch_size=args.cnn_batch_size, lr=args.cnn_lr, device=args.device, seed=args.seed,
-                              val_fraction=0.0)
+                              val_fraction=0.0, transform=transform)
         pred = fitted.predict_proba(split.x_test).argmax(-1)
         reports[f"CNN {name}"] = imbalance_report(split.y_test, pred, num_classes=split.num_classes, train_counts=train_counts)
         seconds[f"cnn {name}"] = time.perf_counter() - t
@@ -261,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "best_epoch": history.best_epoch if history else None,
                 "history": history.epochs if history else [], "filter_threshold": args.filter_threshold,
                 "perturbation_scale": args.perturbation_scale, "output": args.output},
-        "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0},
+        "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0,
+                **({"transform": transform} if transform else {})},
         "reports": reports,
         "seconds": seconds,
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": str(resolve_device(args.device))},
@@ -280,6 +284,9 @@ _PER_RUN_DGC_KEYS = {"best_epoch", "history"}
 def _configuration(result: Mapping[str, Any]) -> dict[str, Any]:
     config = {k: v for k, v in result.items() if k not in _PER_RUN_KEYS}
     config["dgc"] = {k: v for k, v in result.get("dgc", {}).items() if k not in _PER_RUN_DGC_KEYS}
+    if isinstance(config["dgc"].get("recipe"), dict) and config["dgc"]["recipe"].get("transform") is None:
+        # runs written before Recipe had a transform field are the same configuration as transform=None
+        config["dgc"]["recipe"] = {k: v for k, v in config["dgc"]["recipe"].items() if k != "transform"}
     return config
 
 
