@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from dgc_pyro.baselines import fit_baseline
-from dgc_pyro.data import TRANSFORMS, load_imbalanced, parse_counts
+from dgc_pyro.data import load_imbalanced, parse_counts
 from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
+from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.experiment import default_recipe, evaluate_model
 from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
 from dgc_pyro.io import write_json
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augment's output: the decoded mean image, or the real image plus the decoded change")
     p.add_argument("--arms", nargs="+", choices=tuple(ARM_KEYS), default=["imbalanced", "dgc", "smote"],
                    help="which arms to train (ros: random over-sampling, the copies-of-real-images control)")
-    p.add_argument("--transform", choices=("none", *TRANSFORMS), default="none",
+    p.add_argument("--transform", choices=TRANSFORM_CHOICES, default="none",
                    help="random training-time transform of the DGC fit and of every CNN arm alike")
     p.add_argument("--same-steps-control", action="store_true",
                    help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = default_recipe(args.dataset)
     dgc_epochs = dgc_epochs or args.epochs or recipe.epochs
     cnn_epochs = cnn_epochs or args.epochs or 20
-    transform = None if args.transform == "none" else args.transform
+    transform = transform_option(args.transform)
     recipe = dataclasses.replace(recipe, epochs=dgc_epochs, transform=transform)
 
     split = load_imbalanced(args.dataset, args.data_dir, counts=counts, seed=args.seed)

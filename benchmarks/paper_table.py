@@ -34,7 +34,7 @@ import torch
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
-from dgc_pyro.data.transforms import TRANSFORMS
+from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network preset of DGC and every baseline (default: the recipe's; 'small' with --quick)")
     p.add_argument("--val-num-samples", type=int, default=None,
                    help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
-    p.add_argument("--transform", choices=("none", *TRANSFORMS), default=None,
+    p.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and every baseline alike")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true",
@@ -123,7 +123,7 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
     if args.preset is not None:
         changes["preset"] = args.preset
     if args.transform is not None:
-        changes["transform"] = None if args.transform == "none" else args.transform
+        changes["transform"] = transform_option(args.transform)
     return dataclasses.replace(recipe, **changes)
 
 

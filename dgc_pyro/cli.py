@@ -17,7 +17,7 @@ import numpy as np
 from dgc_pyro.baselines import BASELINES
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
-from dgc_pyro.data.transforms import TRANSFORMS
+from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.objectives import OBJECTIVES
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off")
     f.add_argument("--guide", choices=("x", "xy"), default=None,
                    help="x: label-free q(z | x); xy: the paper's q(z | x, y) (default: the dataset's recipe)")
-    f.add_argument("--transform", choices=("none", *TRANSFORMS), default=None,
+    f.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and the baseline: shift (up to 2 "
                         "pixels) or shift-flip (also a horizontal flip; not for digits)")
     f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
@@ -228,7 +228,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         }
         recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if args.transform is not None:
-            recipe = dataclasses.replace(recipe, transform=None if args.transform == "none" else args.transform)
+            recipe = dataclasses.replace(recipe, transform=transform_option(args.transform))
     for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
         if getattr(recipe, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")

@@ -11,7 +11,16 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE
 from dgc_pyro.cli import main as cli_main
 from dgc_pyro.data import load_imbalanced
-from dgc_pyro.data.transforms import TRANSFORMS, random_hflip, random_shift, resolve_transform, shift_flip
+from dgc_pyro.data.transforms import (
+    TRANSFORM_CHOICES,
+    TRANSFORMS,
+    random_hflip,
+    random_shift,
+    resolve_transform,
+    shift_flip,
+    transform_name,
+    transform_option,
+)
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.io import CheckpointError
 from dgc_pyro.models.dgc import DGC
@@ -81,6 +90,12 @@ def test_random_hflip_mirrors_about_half_the_images():
 def test_resolve_transform_names_the_problem():
     assert resolve_transform(None, (1, 8, 8)) is None and resolve_transform("none", (1, 8, 8)) is None
     assert set(TRANSFORMS) == {"shift", "shift-flip"}
+    assert resolve_transform("shift", (1, 8, 8)) is random_shift
+    assert TRANSFORM_CHOICES == ("none", "shift", "shift-flip")
+    assert transform_option("none") is None and transform_option(None) is None
+    assert transform_option("shift-flip") == "shift-flip"
+    # "none" and None are one setting, so a checkpoint written with one resumes with the other
+    assert transform_name("none") is None and transform_name(None) is None and transform_name("shift") == "shift"
 
     def mine(x, g):
         return x

@@ -15,7 +15,6 @@ Whole batches are transformed with one gather, never a Python loop over examples
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,13 @@ TRANSFORMS: dict[str, Transform] = {
     "shift": random_shift,
     "shift-flip": shift_flip,
 }
+#: what a command line offers (``--transform``): "none" or a name of :data:`TRANSFORMS`
+TRANSFORM_CHOICES = ("none", *TRANSFORMS)
+
+
+def transform_option(choice: str | None) -> str | None:
+    """The recipe value of a ``--transform`` choice: None for ``"none"`` (and for None), else the name."""
+    return None if choice is None or choice == "none" else choice
 
 
 def resolve_transform(spec: str | Transform | None, input_shape: tuple[int, ...]) -> Transform | None:
@@ -72,11 +78,11 @@ def resolve_transform(spec: str | Transform | None, input_shape: tuple[int, ...]
             f"transform {spec!r} shifts image pixels and needs inputs shaped (C, H, W); these are shaped "
             f"{tuple(input_shape)} (flat features: use transform=None, or an image backbone)"
         )
-    return partial(TRANSFORMS[spec])
+    return TRANSFORMS[spec]
 
 
 def transform_name(spec: str | Transform | None) -> str | None:
-    """A JSON-able name of ``spec`` for configs and checkpoints."""
+    """A JSON-able name of ``spec`` for configs and checkpoints (``"none"`` and None both give None)."""
     if spec is None or isinstance(spec, str):
-        return spec
+        return transform_option(spec)
     return getattr(spec, "__name__", type(spec).__name__)
