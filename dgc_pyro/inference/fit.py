@@ -44,8 +44,8 @@ from dgc_pyro.checkpoint import (
     training_state_path,
 )
 from dgc_pyro.data.splits import stratified_holdout
-from dgc_pyro.data.validation import check_xy
 from dgc_pyro.data.transforms import Transform, resolve_transform, transform_name
+from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
@@ -495,6 +495,7 @@ def fit(
     loss_fn = get_objective(objective)
     x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes, require_all_classes=True)
     batch_transform = resolve_transform(transform, model.input_shape)
+    transform_label = transform_name(transform)
     if (x_val is None) != (y_val is None):
         raise ValueError("pass both x_val and y_val, or neither")
     if x_val is not None:
@@ -526,7 +527,7 @@ def fit(
         "batch_size": batch_size, "lr": lr, "betas": list(betas), "objective": objective_name, "seed": seed,
         "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
         "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
-        "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_name(transform),
+        "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_label,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -560,7 +561,7 @@ def fit(
                 "objective": objective_name,
                 "device": str(dev), "seed": seed, "val_fraction": val_fraction,
                 "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
-                "pretrain_steps": pretrain_steps, "transform": transform_name(transform),
+                "pretrain_steps": pretrain_steps, "transform": transform_label,
             },
             train_counts=counts.tolist(),
         )
