@@ -199,11 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed_everything(args.seed)
         model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
         history = fit(
-            model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-            objective=recipe.objective, device=args.device, seed=args.seed, progress=False,
-            val_fraction=recipe.val_fraction, perturbation_rate=recipe.perturbation_rate,
-            val_num_samples=args.val_num_samples, betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps,
-            transform=recipe.transform, callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+            model, split.x_train, split.y_train, **recipe.fit_options(), device=args.device, seed=args.seed,
+            progress=False, val_num_samples=args.val_num_samples, callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
         )
         seconds["dgc_fit"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -35,7 +35,7 @@ from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
-from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe
+from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import SCORING_RULES, predict
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
     p.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and every baseline alike")
+    p.add_argument("--recipe-set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="change fields of the DGC recipe (dgc_pyro.experiment.Recipe), e.g. perturbation_rate=0; a DGC "
+                        "row's own changes win, and the fields the baselines share (epochs, batch_size, preset, "
+                        "val_fraction, transform) change them too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true",
                    help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
@@ -124,6 +128,10 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
         changes["preset"] = args.preset
     if args.transform is not None:
         changes["transform"] = transform_option(args.transform)
+    try:
+        changes.update(recipe_overrides(args.recipe_set))
+    except ValueError as err:
+        raise SystemExit(f"--recipe-set: {err}") from None
     return dataclasses.replace(recipe, **changes)
 
 
@@ -149,12 +157,9 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     recipe = dataclasses.replace(recipe, objective=objective, **changes)
     seed_everything(seed)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    extra = {f: getattr(recipe, f) for f in ("betas", "pretrain_steps") if hasattr(recipe, f)}
     t0 = time.perf_counter()
-    history = fit(model, split.x_train, split.y_train, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                  objective=objective, device=device, seed=seed, progress=False, val_fraction=recipe.val_fraction,
-                  perturbation_rate=recipe.perturbation_rate,
-                  val_num_samples=val_num_samples, transform=recipe.transform, **extra)
+    history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed, progress=False,
+                  val_num_samples=val_num_samples)
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
     t2 = time.perf_counter()

@@ -6,7 +6,10 @@ CLI can do.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,17 @@ class Recipe:
     label_in_guide: bool = True
     #: random training-time transform of every batch (None, "shift", "shift-flip"; dgc_pyro.data.transforms)
     transform: str | None = None
+    #: class frequencies of the perturbation step's logit adjustment ("train" or "perturbed"; see fit)
+    perturbation_prior: str = "train"
+
+    def fit_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
+        the data, device, seed and validation settings)."""
+        return {
+            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "objective": self.objective,
+            "val_fraction": self.val_fraction, "perturbation_rate": self.perturbation_rate, "betas": tuple(self.betas),
+            "pretrain_steps": self.pretrain_steps, "transform": self.transform, "perturbation_prior": self.perturbation_prior,
+        }
 
     @property
     def balanced(self) -> bool:
@@ -102,6 +116,43 @@ PAPER_RECIPES["fashion"] = PAPER_RECIPES["mnist"]  # the reference code has no f
 def default_recipe(dataset: str) -> Recipe:
     """The recipe the CLI uses for ``dataset`` when no option overrides it."""
     return DEFAULT_RECIPES.get(dataset, Recipe())
+
+
+def recipe_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``FIELD=VALUE`` strings into :class:`Recipe` changes, each value converted to its field's type.
+
+    ``none`` gives None where the field's default is None; booleans take true/false/1/0; a tuple field
+    takes comma-separated numbers. Unknown fields and unconvertible values raise ValueError naming them.
+    """
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name:
+            raise ValueError(f"recipe override {item!r} is not FIELD=VALUE")
+        if name not in fields:
+            raise ValueError(f"recipe override {item!r}: no field {name!r}; fields: {', '.join(fields)}")
+        default = fields[name].default
+        try:
+            if default is None:
+                value: Any = None if text.lower() == "none" else text
+            elif isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = text.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                value = tuple(float(v) for v in text.split(","))
+                if len(value) != len(default):
+                    raise ValueError(f"expected {len(default)} comma-separated numbers")
+            else:
+                value = type(default)(text)
+        except ValueError as err:
+            raise ValueError(f"recipe override {item!r}: {err}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"recipe override {item!r}: the value must be finite")
+        changes[name] = value
+    return changes
 
 
 @dataclass
@@ -169,11 +220,8 @@ def run_experiment(
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     t0 = time.perf_counter()
     history = fit(
-        model, split.x_train, split.y_train,
-        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, objective=recipe.objective,
-        device=device, seed=seed, progress=progress, val_fraction=recipe.val_fraction,
-        perturbation_rate=recipe.perturbation_rate, val_num_samples=recipe.num_samples,
-        betas=tuple(recipe.betas), pretrain_steps=recipe.pretrain_steps, transform=recipe.transform,
+        model, split.x_train, split.y_train, **recipe.fit_options(),
+        device=device, seed=seed, progress=progress, val_num_samples=recipe.num_samples,
         checkpoint_dir=checkpoint_dir, resume=resume, deterministic=deterministic, **(fit_options or {}),
         checkpoint_metadata={"run": {
             "dataset": split.name, "seed": seed, "recipe": recipe.__dict__, "baseline": baseline, **(data_config or {}),

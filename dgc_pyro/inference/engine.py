@@ -277,12 +277,14 @@ def make_step(
     device: torch.device,
     *,
     compile: bool | dict[str, Any] = False,
+    perturbation_offset: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
     ``reps``: per-class repetition counts of the perturbation step (on ``device``). ``compile``: True (or
     a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`), or, with
-    ``engine="graph"``, the captured graph of the loss and its gradients.
+    ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
+    perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
     The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
     """
     if engine not in ENGINES:
@@ -307,7 +309,7 @@ def make_step(
             return zero
         if shard is None:
             loc, scale = guide_params or guide_normal_params(guide_trace, model, x, y)
-            loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps)
+            loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps, offset=perturbation_offset)
         else:
             # x, y: the global batch; the guide trace holds this rank's shard. The noise and the
             # normaliser are the global batch's, so the shards' losses sum to the single-process loss.
@@ -317,7 +319,7 @@ def make_step(
             if hi > lo:
                 loc, scale = guide_normal_params(guide_trace, model, x[lo:hi], y[lo:hi])
                 loss = perturbation_loss(model, loc, scale, y[lo:hi], reps, max_reps=max_reps,
-                                         noise=noise[lo:hi], total=total)
+                                         noise=noise[lo:hi], total=total, offset=perturbation_offset)
                 loss.backward()
             else:
                 loss = zero

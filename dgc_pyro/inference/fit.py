@@ -49,7 +49,7 @@ from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
-from dgc_pyro.inference.perturbation import repeat_counts
+from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS, perturbation_offset, repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.io import CheckpointError, to_jsonable
@@ -421,6 +421,7 @@ def fit(
     devices: int = 1,
     strategy: str | None = None,
     transform: str | Transform | None = None,
+    perturbation_prior: str = "train",
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -471,6 +472,10 @@ def fit(
             callable ``transform(x, generator)``, :mod:`dgc_pyro.data.transforms`); it draws from the fit's
             generator, so seeded fits stay reproducible. Validation data is never transformed. With
             ``devices > 1`` a callable must be picklable (a module-level function), as the ranks are spawned.
+        perturbation_prior: for a logit-adjusted model (built with ``class_prior``), the class frequencies
+            whose log the perturbation step adds to its logits: ``"train"`` (the training prior, as in the
+            main step) or ``"perturbed"`` (the frequencies of the step's re-drawn latents, which the
+            minority repeats make nearly uniform); see :mod:`dgc_pyro.inference.perturbation`.
 
     Raises:
         ValueError: bad data or arguments. TrainingDivergedError (a FloatingPointError): the loss
@@ -488,6 +493,8 @@ def fit(
                     val_num_samples, checkpoint_every, check_every, pretrain_steps)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if perturbation_prior not in PERTURBATION_PRIORS:
+        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {perturbation_prior!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {callback!r}")
     if checkpoint_metadata is not None and not isinstance(checkpoint_metadata, Mapping):
@@ -528,6 +535,8 @@ def fit(
         "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
         "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
         "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_label,
+        # Left out at its default, so checkpoints written before the option existed still resume.
+        **({"perturbation_prior": perturbation_prior} if perturbation_prior != "train" else {}),
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -562,13 +571,14 @@ def fit(
                 "device": str(dev), "seed": seed, "val_fraction": val_fraction,
                 "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
                 "pretrain_steps": pretrain_steps, "transform": transform_label,
+                "perturbation_prior": perturbation_prior,
             },
             train_counts=counts.tolist(),
         )
         if pretrain_steps and saved is None:
             pretrain_encoder(model, x_dev, y_dev, pretrain_steps, batch_size=batch_size, lr=lr, betas=betas, seed=seed)
         step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev,
-                         compile=compile)
+                         compile=compile, perturbation_offset=perturbation_offset(model, reps, perturbation_prior))
         optimizers = getattr(step, "optimizers", None)
         if not isinstance(optimizers, dict):
             raise RuntimeError("make_step must expose the step's optimisers as step.optimizers (a dict)")

@@ -3,6 +3,12 @@
 After each main step, every example of class c in the batch has its q(z | x, y) parameters repeated
 ``floor(1 + rate * (n_max - n_c) / n_c)`` times (the reference code's rule), z is redrawn with fresh
 noise and a separate optimiser updates p(y | z) alone. No images are decoded.
+
+With a logit-adjusted label likelihood (a model built with ``class_prior``) the main step adds
+tau * log pi to the logits, pi the training class frequencies. The perturbation step's draws do not
+follow pi: class c appears n_c * reps_c times. ``perturbation_prior="perturbed"`` gives the step the
+offset of the frequencies it actually sees (:func:`perturbation_offset`), so both steps fit the same
+balanced classifier; ``"train"`` (the default) keeps the training prior's offset in both.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import torch
 from torch.nn import functional as F
 
 from dgc_pyro.models.dgc import DGC, unwrap_normal
+
+#: Which class frequencies the perturbation step's logit adjustment follows (see the module docs).
+PERTURBATION_PRIORS = ("train", "perturbed")
 
 
 def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch.Tensor:
@@ -23,6 +32,22 @@ def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch
     safe = counts.clamp_min(1.0)
     reps = torch.floor(1.0 + rate * (n_max - counts) / safe)
     return torch.where(counts > 0, reps, torch.ones_like(reps)).long()
+
+
+def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:
+    """The logit offset of the perturbation step, or None to use ``model.label_logits`` unchanged.
+
+    ``"train"``: None (the model's own offset, tau * log pi). ``"perturbed"``: tau * log pi', with
+    pi'_c proportional to pi_c * reps_c, the class frequencies of the step's re-drawn latents. Models
+    without a class prior have no offset, so both settings give None.
+    """
+    if prior not in PERTURBATION_PRIORS:
+        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
+    if prior == "train" or not model.has_class_prior:
+        return None
+    pi = torch.tensor(model.class_prior, dtype=torch.float64) * reps_per_class.detach().cpu().double()
+    offset = model.logit_adjustment * (pi / pi.sum()).log()
+    return offset.to(dtype=model.label_offset.dtype, device=model.label_offset.device)
 
 
 def guide_normal_params(guide_trace, model: DGC, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +70,7 @@ def perturbation_loss(
     max_reps: int | None = None,
     noise: torch.Tensor | None = None,
     total: torch.Tensor | float | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of p(y | z) on latents re-drawn from q(z | x, y), minority examples repeated.
 
@@ -59,6 +85,8 @@ def perturbation_loss(
         noise: standard-normal draws ``(n, max_reps, latent_dim)`` (default: fresh ``torch.randn``).
         total: the normaliser (default: the number of draws of this batch, ``reps_per_class[y].sum()``);
             the distributed engine passes the global batch's count so the shards' losses add up.
+        offset: logit offset replacing the model's class-prior offset (:func:`perturbation_offset`);
+            None keeps ``model.label_logits`` as it is.
     """
     reps = reps_per_class[y]
     if max_reps is None:
@@ -67,7 +95,11 @@ def perturbation_loss(
     if noise is None:
         noise = torch.randn((n, max_reps, k), dtype=loc.dtype, device=loc.device)
     z = loc[:, None, :] + scale[:, None, :] * noise  # (n, max_reps, k)
-    logits = model.label_logits(z.reshape(n * max_reps, k))
+    if offset is None:
+        logits = model.label_logits(z.reshape(n * max_reps, k))
+    else:
+        with model.balanced_labels():
+            logits = model.label_logits(z.reshape(n * max_reps, k)) + offset
     ce = F.cross_entropy(logits, y[:, None].expand(n, max_reps).reshape(-1), reduction="none").reshape(n, max_reps)
     keep = torch.arange(max_reps, device=loc.device) < reps[:, None]
     if total is None:
