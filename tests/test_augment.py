@@ -155,10 +155,32 @@ def test_filter_that_never_passes_warns_and_returns_fewer(model, data, monkeypat
     x, y = data
     calls = []
     monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
-    with pytest.warns(AugmentationWarning, match="class 3: 0 of 11"):
+    with pytest.warns(AugmentationWarning, match="class 3: 0 of 11, stopped after round 2 of 3 with 0 of 135 draws"):
         xs, ys = augment(model, x, y, seed=0, filter_threshold=1.0, max_rounds=3)
-    assert len(calls) == 3
+    assert len(calls) == 2  # no class could fill its quota in the last round, so it is not drawn
     assert xs.shape == (0, *SHAPE) and ys.shape == (0,)
+
+
+def test_hopeless_classes_stop_early_however_many_rounds_are_allowed(model, data, monkeypatch):
+    x, y = data
+    calls = []
+    monkeypatch.setattr(augment_module, "predict_proba", _fake_proba(calls))
+    with pytest.warns(AugmentationWarning, match="class 3: 0 of 11, stopped after round 3 of 10 with 0 of 255 draws"):
+        augment(model, x, y, seed=0, filter_threshold=1.0, max_rounds=10)
+    # Round 1 draws each quota (6, 9, 11) with slack, later rounds ten times it plus 10 (70, 100, 120). Class 3
+    # stops after round 3 (3/255 of 7 x 120 draws < 11), classes 1 and 2 after round 4.
+    assert len(calls) == 4
+    drawn = sum(n for n, _, _ in calls)
+    assert drawn == (9 + 12 + 15) + 2 * (70 + 100 + 120) + (70 + 100)
+    assert drawn < (9 + 12 + 15) + 9 * (70 + 100 + 120) / 3  # a third of what ten full rounds would draw
+
+
+def test_a_low_but_sufficient_acceptance_rate_is_not_given_up():
+    hopeless = augment_module._hopeless
+    assert not hopeless(need=100, passed=30, drawn=1000, rounds_left=5)  # (30 + 3) / 1000 of 5 x 1010 draws: 167
+    assert hopeless(need=100, passed=5, drawn=1000, rounds_left=5)  # (5 + 3) / 1000 of the same: 40
+    assert hopeless(need=100, passed=0, drawn=1000, rounds_left=1)
+    assert not hopeless(need=0, passed=0, drawn=10, rounds_left=0)
 
 
 def test_filter_can_score_with_the_training_prior(model, data, monkeypatch):

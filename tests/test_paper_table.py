@@ -134,3 +134,16 @@ def test_committed_fashion_summary_has_the_promised_shape(paper_table):
             cell = summary[method][metric]
             assert set(cell) == {"mean", "std"}, (method, metric)
             assert 0.0 <= cell["mean"] <= 1.0 and 0.0 <= cell["std"] < 0.5, (method, metric)
+
+
+def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "--out", str(out),
+            "--recipe-set", "perturbation_prior=perturbed", "label_weight=300"]
+    assert paper_table.main(argv) == 0
+    run = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
+    assert run["recipe"]["perturbation_prior"] == "perturbed" and run["recipe"]["label_weight"] == 300.0
+    assert json.loads((out / "config.json").read_text())["recipe"]["label_weight"] == 300.0
+    with pytest.raises(SystemExit, match="--recipe-set: recipe override 'lable_weight=3': no field 'lable_weight'"):
+        paper_table.main(argv[:-2] + ["lable_weight=3"])

@@ -98,6 +98,20 @@ def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor
     return torch.cat(out)
 
 
+def _round_cap(need: int, rate: float) -> int:
+    """Draws of one filtering round for a class: the need over the acceptance rate so far, with slack, capped."""
+    return min(math.ceil(1.2 * need / rate) + 1, 10 * need + 10)
+
+
+def _hopeless(need: int, passed: int, drawn: int, rounds_left: int) -> bool:
+    """Whether even an optimistic acceptance rate, ``(passed + 3) / drawn`` (the "rule of three" 95% upper
+    bound when nothing passed), could not fill ``need`` in the draws the remaining rounds allow."""
+    if need <= 0:
+        return False
+    capacity = rounds_left * _round_cap(need, 0.1)
+    return (passed + 3) / drawn * capacity < need
+
+
 def augment(
     model: DGC,
     x: Any,
@@ -134,7 +148,9 @@ def augment(
         filter_threshold: if given, keep only samples whose class posterior under the model,
             ``predict_proba(model, x_new)[:, c]``, is at least this; more are drawn until the quota is
             met or ``max_rounds`` rounds have passed (then an :class:`AugmentationWarning` is issued and
-            the class gets fewer samples).
+            the class gets fewer samples). A class stops early when even an optimistic bound on its
+            acceptance rate could not fill its quota in the rounds left, so a model that cannot pass its
+            own filter does not spend all ``max_rounds`` rounds at ten times the quota each.
         num_samples_filter: latent draws per class when scoring samples for the filter.
         filter_balanced: score the filter with the class-balanced posterior (``predict(...,
             balanced=True)``), which asks whether a sample looks like class c rather than whether c is
@@ -168,13 +184,15 @@ def augment(
     kept: dict[int, list[torch.Tensor]] = {c: [] for c in quota}
     have = {c: 0 for c in quota}
     drawn = {c: 0 for c in quota}
+    passed = {c: 0 for c in quota}
+    given_up: dict[int, int] = {}  # class -> the round after which drawing stopped
     rounds = 1 if filter_threshold is None else max_rounds
 
     was_training = model.training
     model.eval()
     try:
-        for _ in range(rounds):
-            pending = {c: quota[c] - have[c] for c in quota if have[c] < quota[c]}
+        for done in range(rounds):
+            pending = {c: quota[c] - have[c] for c in quota if have[c] < quota[c] and c not in given_up}
             if not pending:
                 break
             plan = {}
@@ -184,7 +202,7 @@ def augment(
                 else:
                     # Draw in proportion to the acceptance rate seen so far (at least 10%), with some slack.
                     rate = max(have[c] / drawn[c], 0.1) if drawn[c] else 1.0
-                    plan[c] = min(math.ceil(1.2 * need / rate) + 1, 10 * need + 10)
+                    plan[c] = _round_cap(need, rate)
             src = np.concatenate([cyclers[c].take(k) for c, k in plan.items()])
             ys = torch.cat([torch.full((k,), c, dtype=torch.int64) for c, k in plan.items()])
             xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
@@ -196,18 +214,27 @@ def augment(
                 ok = torch.ones(len(ys), dtype=torch.bool)
             for c, k in plan.items():
                 drawn[c] += k
-                accepted = xs[(ys == c) & ok][: quota[c] - have[c]]
+                passing = xs[(ys == c) & ok]
+                passed[c] += passing.shape[0]
+                accepted = passing[: quota[c] - have[c]]
                 kept[c].append(accepted)
                 have[c] += accepted.shape[0]
+                if filter_threshold is not None and _hopeless(quota[c] - have[c], passed[c], drawn[c], rounds - done - 1):
+                    given_up[c] = done + 1
     finally:
         model.train(was_training)
 
     short = {c: (have[c], quota[c]) for c in quota if have[c] < quota[c]}
     if short:
-        detail = ", ".join(f"class {c}: {h} of {q}" for c, (h, q) in short.items())
+        detail = ", ".join(
+            f"class {c}: {h} of {q}"
+            + (f", stopped after round {given_up[c]} of {max_rounds} with {passed[c]} of {drawn[c]} draws passing"
+               if c in given_up else "")
+            for c, (h, q) in short.items()
+        )
         warnings.warn(
-            f"augment: after {max_rounds} rounds only some synthetic samples reached p(y=c | x) >= "
-            f"{filter_threshold} ({detail}); lower filter_threshold or raise max_rounds",
+            f"augment: too few synthetic samples reached p(y=c | x) >= {filter_threshold} within {max_rounds} rounds "
+            f"({detail}); lower filter_threshold or raise max_rounds",
             AugmentationWarning,
             stacklevel=2,
         )
