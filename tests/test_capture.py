@@ -23,6 +23,7 @@ from dgc_pyro.inference import fit
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import get_objective
+from dgc_pyro.inference.perturbation import perturbation_offset
 from dgc_pyro.models import DGC
 from sync_spy import SyncSpy
 
@@ -70,6 +71,18 @@ def test_graph_engine_matches_the_torch_engine_step_for_step(shape, objective, k
     assert a.keys() == b.keys()
     for key in a:  # parameters, and the BatchNorm running statistics the capture must not disturb
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_graph_engine_captures_the_perturbation_steps_own_offset():
+    shape = (1, 8, 8)
+    model = _model(shape, label_in_guide=False, class_prior=[0.3] + [0.7 / 9] * 9, logit_adjustment=1.0)
+    offset = perturbation_offset(model, torch.arange(1, 11), "perturbed")
+    batches = _batches(shape, (32, 32))
+    _, want = _run(copy.deepcopy(model), "torch", "elbo", batches, perturbation_offset=offset)
+    _, got = _run(copy.deepcopy(model), "graph", "elbo", batches, perturbation_offset=offset)
+    _, train_prior = _run(copy.deepcopy(model), "graph", "elbo", batches)
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert got[1] != pytest.approx(train_prior[1], rel=1e-3)  # the first step's perturbation loss
 
 
 def test_graph_engine_draws_fresh_noise_every_step():

@@ -201,7 +201,7 @@ def augment(
                     plan[c] = need
                 else:
                     # Draw in proportion to the acceptance rate seen so far (at least 10%), with some slack.
-                    rate = max(have[c] / drawn[c], 0.1) if drawn[c] else 1.0
+                    rate = max(passed[c] / drawn[c], 0.1) if drawn[c] else 1.0
                     plan[c] = _round_cap(need, rate)
             src = np.concatenate([cyclers[c].take(k) for c, k in plan.items()])
             ys = torch.cat([torch.full((k,), c, dtype=torch.int64) for c, k in plan.items()])
