@@ -14,6 +14,7 @@ from pyro import poutine
 from dgc_pyro.inference import OBJECTIVES, fit, get_objective
 from dgc_pyro.inference.objectives import IMQ_SCALES, mmd_imq, wae_mmd_loss
 from dgc_pyro.models import DGC
+from fixtures import load_benchmark
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -171,3 +172,38 @@ def test_fit_with_pretraining_and_a_custom_wae_loss(digits):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _FixedEncoder:
+    """Stands in for a fitted DGC: ``encode`` returns fixed codes (what latent_spread reads)."""
+
+    label_in_guide = False
+
+    def __init__(self, loc, scale):
+        self.loc, self.scale = loc, scale
+
+    def eval(self):
+        return self
+
+    def encode(self, x, y):
+        return self.loc, self.scale
+
+
+def test_latent_spread_reads_posterior_width_against_the_spread_of_the_codes():
+    bench = load_benchmark("posterior_scale")
+    y = torch.tensor([0, 0, 1, 1])
+    loc = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0], [12.0, 12.0]])  # class means 1 and 11 in each dim
+    scale = torch.full((4, 2), 0.25)
+    s = bench.latent_spread(_FixedEncoder(loc, scale), torch.zeros(4, 1), y, num_classes=2)
+    assert s["posterior_sd"] == pytest.approx(0.25)
+    assert s["within_class_sd"] == pytest.approx(2.0 ** 0.5)
+    assert s["between_class_sd"] == pytest.approx(torch.tensor([1.0, 11.0]).std().item())
+
+
+def test_posterior_scale_script_prints_a_row_per_objective(capsys):
+    bench = load_benchmark("posterior_scale")
+    assert bench.main(["--dataset", "digits", "--epochs", "1", "--objectives", "elbo-analytic", "wae-mmd",
+                       "--max-examples", "200"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo") or line.startswith("| wae")]
+    assert [r.split("|")[1].strip() for r in rows] == ["elbo-analytic", "wae-mmd"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
