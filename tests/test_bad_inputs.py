@@ -107,6 +107,8 @@ API_CASES = [
     Case("fit", "val_fraction=1.0", lambda c: _fit(c, val_fraction=1.0), ValueError, "val_fraction must be in [0, 1), got 1.0"),
     Case("fit", "perturbation_rate=-1", lambda c: _fit(c, perturbation_rate=-1), ValueError,
          "perturbation_rate must be a finite number >= 0, got -1"),
+    Case("fit", "an unknown perturbation_prior", lambda c: _fit(c, perturbation_prior="uniform"), ValueError,
+         "perturbation_prior must be one of ('train', 'perturbed'), got 'uniform'"),
     Case("fit", "seed=-1", lambda c: _fit(c, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
     Case("fit", "an unknown engine", lambda c: _fit(c, engine="jax"), ValueError, "engine must be one of"),
     Case("fit", "engine='graph' with devices=2", lambda c: _fit(c, engine="graph", devices=2), ValueError,
