@@ -413,3 +413,14 @@ def test_collect_joins_runs_of_one_seed_and_checks_shared_arms(tmp_path):
     ros_run["reports"]["CNN imbalanced"] = {"acsa": 0.70, "r_mi": 0.6}
     with pytest.raises(ValueError, match="'CNN imbalanced' scores differently in dgc.json and ros.json"):
         bench.merge_runs([dgc_run, ros_run], ["dgc.json", "ros.json"])
+
+
+def test_filter_cost_benchmark_compares_the_early_stop_with_all_rounds(model, data):
+    bench = load_benchmark("augment_filter_cost")
+    x, y = data
+    original = augment_module._hopeless
+    stop = bench.run_filter(model, x, y, threshold=1.0, seed=0, early_stop=True)
+    full = bench.run_filter(model, x, y, threshold=1.0, seed=0, early_stop=False)
+    assert stop["kept"] == full["kept"] == 0 and "stopped after round" in stop["warning"]
+    assert stop["rounds"] < full["rounds"] == 10 and stop["scored"] < full["scored"]
+    assert augment_module._hopeless is original  # the early stop is switched back on afterwards
