@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from dgc_pyro.checkpoint import load_training_state, save_training_state, training_state_path
 from dgc_pyro.experiment import Recipe, recipe_overrides
 from dgc_pyro.inference import fit
 from dgc_pyro.inference.perturbation import perturbation_loss, perturbation_offset, repeat_counts
@@ -100,6 +101,19 @@ def test_resume_refuses_a_changed_perturbation_prior(tmp_path):
         _fit(counts, "train", checkpoint_dir=tmp_path, resume=True)
     history, _ = _fit(counts, "perturbed", checkpoint_dir=tmp_path, resume=True)
     assert history.resumed_from == 2
+
+
+def test_a_checkpoint_written_before_the_option_resumes_with_the_training_prior(tmp_path):
+    counts = np.array([24, 12, 8, 4])
+    _fit(counts, "train", checkpoint_dir=tmp_path)
+    path = training_state_path(tmp_path)
+    state = load_training_state(path)
+    assert state.config.pop("perturbation_prior") == "train"
+    save_training_state(path, state)  # as an older dgc_pyro wrote it: no perturbation_prior setting
+    history, _ = _fit(counts, "train", checkpoint_dir=tmp_path, resume=True)
+    assert history.resumed_from == 2
+    with pytest.raises(ValueError, match="perturbation_prior='train' in the checkpoint, 'perturbed' now"):
+        _fit(counts, "perturbed", checkpoint_dir=tmp_path, resume=True)
 
 
 def test_recipe_fit_options_are_fit_arguments_and_follow_the_recipe():

@@ -49,7 +49,7 @@ from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
-from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS, perturbation_offset, repeat_counts
+from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.io import CheckpointError, to_jsonable
@@ -493,8 +493,7 @@ def fit(
                     val_num_samples, checkpoint_every, check_every, pretrain_steps)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if perturbation_prior not in PERTURBATION_PRIORS:
-        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {perturbation_prior!r}")
+    check_perturbation_prior(perturbation_prior)  # before any data work; the offset is built after the split
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {callback!r}")
     if checkpoint_metadata is not None and not isinstance(checkpoint_metadata, Mapping):
@@ -535,8 +534,7 @@ def fit(
         "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
         "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
         "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_label,
-        # Left out at its default, so checkpoints written before the option existed still resume.
-        **({"perturbation_prior": perturbation_prior} if perturbation_prior != "train" else {}),
+        "perturbation_prior": perturbation_prior,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -617,6 +615,10 @@ def fit(
     return history
 
 
+#: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
+_RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train"}
+
+
 def _check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
     if saved.model_config and saved.model_config != to_jsonable(model.config):
         diff = sorted(k for k in set(saved.model_config) | set(model.config)
@@ -627,11 +629,12 @@ def _check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict
             + ")"
         )
     check_state_matches(model, saved.model, source)
-    diff = sorted(k for k in set(saved.config) | set(config) if saved.config.get(k) != config.get(k))
+    saved_config = {**_RESUME_DEFAULTS, **saved.config}
+    diff = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
     if diff:
         raise CheckpointError(
             f"cannot resume from {source}: it was written by a fit with different settings ("
-            + ", ".join(f"{k}={saved.config.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in diff)
+            + ", ".join(f"{k}={saved_config.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in diff)
             + "); pass the same settings (only epochs may change)"
         )
     if saved.fingerprint != fingerprint:

@@ -34,6 +34,12 @@ def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch
     return torch.where(counts > 0, reps, torch.ones_like(reps)).long()
 
 
+def check_perturbation_prior(prior: str) -> None:
+    """Raise ValueError naming ``prior`` unless it is one of :data:`PERTURBATION_PRIORS`."""
+    if prior not in PERTURBATION_PRIORS:
+        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
+
+
 def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:
     """The logit offset of the perturbation step, or None to use ``model.label_logits`` unchanged.
 
@@ -41,8 +47,7 @@ def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "
     pi'_c proportional to pi_c * reps_c, the class frequencies of the step's re-drawn latents. Models
     without a class prior have no offset, so both settings give None.
     """
-    if prior not in PERTURBATION_PRIORS:
-        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
+    check_perturbation_prior(prior)
     if prior == "train" or not model.has_class_prior:
         return None
     pi = torch.tensor(model.class_prior, dtype=torch.float64) * reps_per_class.detach().cpu().double()
