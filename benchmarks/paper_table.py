@@ -35,6 +35,7 @@ from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
+from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
@@ -70,6 +71,8 @@ PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
 }
 
 #: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
+#: Adam's rate for every baseline (DGC's is its recipe's)
+BASELINE_LR = 1e-3
 QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
 METHOD_LABELS = {
     "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)",
@@ -101,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
     p.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and every baseline alike")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="learning-rate schedule of DGC and every baseline alike (default: the recipe's, constant)")
     p.add_argument("--recipe-set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="change fields of the DGC recipe (dgc_pyro.experiment.Recipe), e.g. perturbation_rate=0; a DGC "
                         "row's own changes win, and the fields the baselines share (epochs, batch_size, preset, "
-                        "val_fraction, transform) change them too")
+                        "val_fraction, transform, lr_schedule) change them too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true",
                    help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
@@ -128,6 +133,8 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
         changes["preset"] = args.preset
     if args.transform is not None:
         changes["transform"] = transform_option(args.transform)
+    if args.lr_schedule is not None:
+        changes["lr_schedule"] = args.lr_schedule
     try:
         changes.update(recipe_overrides(args.recipe_set))
     except ValueError as err:
@@ -174,16 +181,15 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str) -> dict[str, Any]:
     """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size."""
     t0 = time.perf_counter()
-    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, preset=recipe.preset,
-                          epochs=recipe.epochs, batch_size=recipe.batch_size, lr=1e-3, device=device, seed=seed,
-                          val_fraction=recipe.val_fraction, transform=recipe.transform)
+    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes,
+                          **recipe.baseline_options(), lr=BASELINE_LR, device=device, seed=seed)
     t1 = time.perf_counter()
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
-               settings={"preset": recipe.preset, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": 1e-3,
-                         "val_fraction": recipe.val_fraction, "transform": recipe.transform})
+               best_epoch=fitted.best_epoch, history=fitted.history,
+               settings={**recipe.baseline_options(), "lr": BASELINE_LR})
     return out
 
 
@@ -284,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = (f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
             f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
             f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
-            f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'} (every method); "
+            f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'}, "
+            f"{recipe.lr_schedule} learning rate (every method); "
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
 from dgc_pyro.inference.device import resolve_device
+from dgc_pyro.inference.schedule import check_lr_schedule, lr_factor, set_lr
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.networks import build_networks
 from dgc_pyro.reproducibility import seed_everything
@@ -130,6 +131,10 @@ class FittedBaseline:
     input_shape: tuple[int, ...] = ()
     #: best validation ACSA (the selected epoch's), None without a validation split
     val_acsa: float | None = None
+    #: one record per epoch: ``epoch``, ``lr`` (the epoch's first step) and, with a validation split, ``val_acsa``
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: the epoch whose weights the module holds (the best on validation, else the last)
+    best_epoch: int | None = None
 
     @torch.no_grad()
     def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
@@ -178,14 +183,17 @@ def fit_baseline(
     val_fraction: float = 0.1,
     progress: bool = False,
     transform: str | Transform | None = None,
+    lr_schedule: str = "constant",
 ) -> FittedBaseline:
     """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
 
     ``transform`` randomly transforms every training batch as in :func:`dgc_pyro.inference.fit`
-    (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`).
+    (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`); ``lr_schedule``
+    (``"constant"`` or ``"cosine"``) decays Adam's rate as DGC's fit does (:mod:`dgc_pyro.inference.schedule`).
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    check_lr_schedule(lr_schedule)
     x, y = check_xy(x, y, num_classes=num_classes)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
@@ -215,12 +223,18 @@ def fit_baseline(
     x_dev, y_dev = x.to(dev), y.to(dev)
     fitted = FittedBaseline(name, module, device=dev, num_classes=num_classes, input_shape=input_shape)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    best, best_state = -math.inf, None
+    best, best_state, best_epoch = -math.inf, None, epochs
     drw_start = int(DRW_START * epochs) + 1
+    steps_per_epoch = math.ceil(len(x_dev) / batch_size)
+    total_steps, step = epochs * steps_per_epoch, 0
     for epoch in tqdm(range(1, epochs + 1), desc=name, disable=not progress, leave=False):
         module.train()
         perm = torch.randperm(len(x_dev), device=dev, generator=gen)
+        record: dict[str, float] = {"epoch": epoch, "lr": lr * lr_factor(lr_schedule, step, total_steps)}
         for i in range(0, len(perm), batch_size):
+            if lr_schedule != "constant":
+                set_lr(opt, lr * lr_factor(lr_schedule, step, total_steps))
+            step += 1
             idx = perm[i : i + batch_size]
             xb = x_dev[idx] if batch_transform is None else batch_transform(x_dev[idx], gen)
             logits = module(xb)
@@ -230,10 +244,13 @@ def fit_baseline(
             opt.zero_grad(set_to_none=True)
         if x_val is not None:
             acsa = imbalance_report(y_val, fitted.predict(x_val), num_classes=num_classes, train_counts=counts_np)["acsa"]
+            record["val_acsa"] = float(acsa)
             if acsa > best:
-                best, best_state = acsa, copy.deepcopy(module.state_dict())
+                best, best_state, best_epoch = acsa, copy.deepcopy(module.state_dict()), epoch
+        fitted.history.append(record)
     if best_state is not None:
         module.load_state_dict(best_state)
         fitted.val_acsa = float(best)
+    fitted.best_epoch = best_epoch
     module.eval()
     return fitted

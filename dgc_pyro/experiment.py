@@ -56,6 +56,8 @@ class Recipe:
     transform: str | None = None
     #: class frequencies of the perturbation step's logit adjustment ("train" or "perturbed"; see fit)
     perturbation_prior: str = "train"
+    #: learning-rate schedule ("constant" or "cosine"; dgc_pyro.inference.schedule)
+    lr_schedule: str = "constant"
 
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
@@ -64,6 +66,15 @@ class Recipe:
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "objective": self.objective,
             "val_fraction": self.val_fraction, "perturbation_rate": self.perturbation_rate, "betas": tuple(self.betas),
             "pretrain_steps": self.pretrain_steps, "transform": self.transform, "perturbation_prior": self.perturbation_prior,
+            "lr_schedule": self.lr_schedule,
+        }
+
+    def baseline_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~dgc_pyro.baselines.fit_baseline` that a baseline run beside this
+        recipe shares with it: the backbone preset and the training protocol (the caller sets ``lr``)."""
+        return {
+            "preset": self.preset, "epochs": self.epochs, "batch_size": self.batch_size,
+            "val_fraction": self.val_fraction, "transform": self.transform, "lr_schedule": self.lr_schedule,
         }
 
     @property
@@ -234,9 +245,8 @@ def run_experiment(
     baseline_metrics = None
     if baseline is not None:
         fitted = fit_baseline(
-            baseline, split.x_train, split.y_train, num_classes=split.num_classes, preset=recipe.preset,
-            epochs=recipe.epochs, batch_size=recipe.batch_size, lr=min(recipe.lr, 1e-3), device=device, seed=seed,
-            val_fraction=recipe.val_fraction, progress=progress, transform=recipe.transform,
+            baseline, split.x_train, split.y_train, num_classes=split.num_classes, **recipe.baseline_options(),
+            lr=min(recipe.lr, 1e-3), device=device, seed=seed, progress=progress,
         )
         proba = fitted.predict_proba(split.x_test)
         baseline_metrics = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts)

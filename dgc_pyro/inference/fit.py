@@ -52,6 +52,7 @@ from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
+from dgc_pyro.inference.schedule import check_lr_schedule, lr_factor, set_lr
 from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
@@ -422,6 +423,7 @@ def fit(
     strategy: str | None = None,
     transform: str | Transform | None = None,
     perturbation_prior: str = "train",
+    lr_schedule: str = "constant",
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -476,6 +478,9 @@ def fit(
             whose log the perturbation step adds to its logits: ``"train"`` (the training prior, as in the
             main step) or ``"perturbed"`` (the frequencies of the step's re-drawn latents, which the
             minority repeats make nearly uniform); see :mod:`dgc_pyro.inference.perturbation`.
+        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: both optimisers' rates decay from ``lr``
+            and ``classifier_lr`` to 0 over the fit's steps (:mod:`dgc_pyro.inference.schedule`). The cosine
+            spans ``epochs``, so a resumed cosine fit must keep them.
 
     Raises:
         ValueError: bad data or arguments. TrainingDivergedError (a FloatingPointError): the loss
@@ -494,6 +499,7 @@ def fit(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_perturbation_prior(perturbation_prior)  # before any data work; the offset is built after the split
+    check_lr_schedule(lr_schedule)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {callback!r}")
     if checkpoint_metadata is not None and not isinstance(checkpoint_metadata, Mapping):
@@ -534,7 +540,9 @@ def fit(
         "val_fraction": val_fraction, "explicit_val": x_val is not None, "perturbation_rate": perturbation_rate,
         "classifier_lr": classifier_lr or lr, "engine": engine, "val_num_samples": val_num_samples,
         "select_best": bool(select_best), "pretrain_steps": pretrain_steps, "transform": transform_label,
-        "perturbation_prior": perturbation_prior,
+        "perturbation_prior": perturbation_prior, "lr_schedule": lr_schedule,
+        # the cosine's length is part of every step's rate, so such a fit cannot grow its epochs on resume
+        "schedule_epochs": epochs if lr_schedule != "constant" else None,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -569,7 +577,7 @@ def fit(
                 "device": str(dev), "seed": seed, "val_fraction": val_fraction,
                 "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
                 "pretrain_steps": pretrain_steps, "transform": transform_label,
-                "perturbation_prior": perturbation_prior,
+                "perturbation_prior": perturbation_prior, "lr_schedule": lr_schedule,
             },
             train_counts=counts.tolist(),
         )
@@ -602,7 +610,8 @@ def fit(
         run.last_good = run.snapshot(start)
 
         ctx = _Loop(run, x_dev, y_dev, x_val, y_val, counts, batch_size, epochs, checkpoint_every, check_every,
-                    select_best, val_num_samples, callback, progress, lr, batch_transform)
+                    select_best, val_num_samples, callback, progress, lr, batch_transform,
+                    schedule=lr_schedule, base_lrs={"main": lr, "perturbation": classifier_lr or lr})
         ctx.run(start)
 
         history.epochs = run.history
@@ -616,7 +625,7 @@ def fit(
 
 
 #: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
-_RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train"}
+_RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None}
 
 
 def _check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
@@ -650,7 +659,8 @@ class _Loop:
     def __init__(self, run: _Run, x: torch.Tensor, y: torch.Tensor, x_val: Any, y_val: Any, counts: np.ndarray,
                  batch_size: int, epochs: int, checkpoint_every: int, check_every: int | None, select_best: bool,
                  val_num_samples: int, callback: Any, progress: bool, lr: float,
-                 transform: Transform | None = None) -> None:
+                 transform: Transform | None = None, schedule: str = "constant",
+                 base_lrs: dict[str, float] | None = None) -> None:
         self.run_ = run
         self.x, self.y, self.x_val, self.y_val, self.counts = x, y, x_val, y_val, counts
         self.batch_size, self.epochs = batch_size, epochs
@@ -660,6 +670,16 @@ class _Loop:
         self.transform = transform
         self.n = x.shape[0]
         self.num_batches = math.ceil(self.n / batch_size)
+        self.schedule, self.base_lrs = schedule, dict(base_lrs or {})
+        self.total_steps = epochs * self.num_batches
+
+    def set_step_lr(self, step: int) -> float:
+        """Apply the schedule's rates for global step ``step`` to every optimiser; returns the main rate."""
+        factor = lr_factor(self.schedule, step, self.total_steps)
+        if self.schedule != "constant":
+            for name, opt in self.run_.optimizers.items():
+                set_lr(opt, self.base_lrs[name] * factor)
+        return self.lr * factor
 
     def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
@@ -706,7 +726,10 @@ class _Loop:
             mains: list[torch.Tensor] = []
             perts: list[torch.Tensor] = []
             checked = 0
+            epoch_lr = self.set_step_lr(run.global_step)
             for b in range(self.num_batches):
+                if b:
+                    self.set_step_lr(run.global_step + b)
                 try:
                     main, pert = run.step(*self.batch(perm, b))
                 except ValueError as e:
@@ -731,6 +754,7 @@ class _Loop:
                 "epoch": epoch,
                 "loss": totals[0] / self.num_batches,
                 "perturbation_loss": totals[1] / self.num_batches,
+                "lr": epoch_lr,
             }
             if self.x_val is not None:
                 pred = predict(model, self.x_val, self.val_num_samples, balanced=model.has_class_prior)
@@ -765,7 +789,9 @@ class _Loop:
             run.restore(good)
             perm = torch.randperm(self.n, device=self.x.device, generator=run.generator)
             for b in range(k):
+                self.set_step_lr(good.global_step + b)
                 run.step(*self.batch(perm, b))
+            self.set_step_lr(good.global_step + k)
             bad_params = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
             if main is None or not math.isfinite(main):
                 terms = site_terms(run.model, *self.batch(perm, k))

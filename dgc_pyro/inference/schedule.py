@@ -1,0 +1,60 @@
+"""Learning-rate schedules shared by DGC's :func:`~dgc_pyro.inference.fit` and the baselines.
+
+A schedule is a pure function of the step count, not an optimiser-side object with its own state: the
+learning rate of step ``t`` (0-based, over ``total`` steps) is ``lr * lr_factor(schedule, t, total)``.
+A resumed fit therefore continues the schedule exactly from its global step, and DGC and the baselines
+decay alike when a benchmark gives them the same schedule.
+
+- ``"constant"``: the base learning rate throughout (the paper's recipe, and the default).
+- ``"cosine"``: half a cosine from the base rate down to 0 over the whole fit (Loshchilov & Hutter 2017,
+  without restarts or warm-up).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import pyro.optim
+import torch
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(name: Any) -> str:
+    """``name`` if it is one of :data:`LR_SCHEDULES`; a ValueError naming the choices otherwise."""
+    if not isinstance(name, str) or name not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    return name
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The multiplier of the base learning rate for step ``step`` (0-based) of ``total``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim, lr: float) -> None:
+    """Set the learning rate of every parameter group of ``optimizer``.
+
+    A ``pyro.optim.PyroOptim`` holds one torch optimiser per parameter and creates more as it meets new
+    parameters; both the existing ones and the arguments of those to come are updated.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        groups: Iterable[dict[str, Any]] = optimizer.param_groups
+    elif isinstance(optimizer, pyro.optim.PyroOptim):
+        if not isinstance(optimizer.pt_optim_args, dict):
+            raise TypeError("cannot schedule a PyroOptim whose optim_args is a callable; it sets its own rates")
+        optimizer.pt_optim_args["lr"] = lr
+        groups = [g for o in optimizer.optim_objs.values() for g in o.param_groups]
+    else:
+        raise TypeError(f"cannot set the learning rate of a {type(optimizer).__name__}")
+    for group in groups:
+        # fused/capturable Adam may hold lr as a tensor; fill it in place so captured graphs see the change
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
