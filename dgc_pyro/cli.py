@@ -22,6 +22,7 @@ from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS
 from dgc_pyro.inference.objectives import OBJECTIVES
+from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.io import CheckpointError
 from dgc_pyro.models.likelihoods import LIKELIHOODS
 from dgc_pyro.models.networks import PRESETS
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--perturbation-prior", choices=PERTURBATION_PRIORS, default=None,
                    help="with --logit-adjustment: the class frequencies of the perturbation step's offset, the "
                         "training prior (train) or those of its re-drawn latents (perturbed)")
+    f.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="learning-rate schedule of DGC and the baseline alike: constant (default) or cosine (decays "
+                        "to 0 over the fit)")
     f.add_argument("--label-weight", type=float, default=None, help="weight of log p(y | z) in the objective")
     f.add_argument("--obs-scale", type=float, default=None, help="sigma of the normal pixel likelihood")
     f.add_argument("--logit-adjustment", type=float, default=None,
@@ -169,7 +173,7 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
                  "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
-                 "logit_adjustment", "guide", "transform", "perturbation_prior")
+                 "logit_adjustment", "guide", "transform", "perturbation_prior", "lr_schedule")
 
 
 def _resume_args(args: argparse.Namespace):
@@ -227,7 +231,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
             "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
             "perturbation_rate": args.perturbation_rate, "perturbation_prior": args.perturbation_prior,
-            "num_samples": args.num_samples,
+            "lr_schedule": args.lr_schedule, "num_samples": args.num_samples,
             "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
             "label_in_guide": None if args.guide is None else args.guide == "xy",
         }

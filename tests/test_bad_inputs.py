@@ -109,6 +109,8 @@ API_CASES = [
          "perturbation_rate must be a finite number >= 0, got -1"),
     Case("fit", "an unknown perturbation_prior", lambda c: _fit(c, perturbation_prior="uniform"), ValueError,
          "perturbation_prior must be one of ('train', 'perturbed'), got 'uniform'"),
+    Case("fit", "an unknown lr_schedule", lambda c: _fit(c, lr_schedule="linear"), ValueError,
+         "lr_schedule must be one of ('constant', 'cosine'), got 'linear'"),
     Case("fit", "seed=-1", lambda c: _fit(c, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
     Case("fit", "an unknown engine", lambda c: _fit(c, engine="jax"), ValueError, "engine must be one of"),
     Case("fit", "engine='graph' with devices=2", lambda c: _fit(c, engine="graph", devices=2), ValueError,

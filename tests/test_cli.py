@@ -66,11 +66,14 @@ def test_fit_with_the_label_free_logit_adjusted_model_and_evaluate_reproduces_it
     out = tmp_path / "la"
     assert main(["fit", "--epochs", "2", "--no-progress", "--out", str(out), "--baseline", "none", "--guide", "x",
                  "--logit-adjustment", "1", "--label-weight", "20", "--obs-scale", "0.3", "--likelihood", "normal",
-                 "--perturbation-prior", "perturbed"]) == 0
+                 "--perturbation-prior", "perturbed", "--lr-schedule", "cosine"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     recipe = metrics["config"]["recipe"]
     assert recipe["label_in_guide"] is False and recipe["logit_adjustment"] == 1.0 and recipe["obs_scale"] == 0.3
     assert recipe["perturbation_prior"] == "perturbed" and metrics["history"]["config"]["perturbation_prior"] == "perturbed"
+    assert recipe["lr_schedule"] == "cosine" and metrics["history"]["config"]["lr_schedule"] == "cosine"
+    lrs = [r["lr"] for r in metrics["history"]["epochs"]]
+    assert lrs[0] == recipe["lr"] and lrs[1] < lrs[0]
     _, meta = load_checkpoint(out / "model.safetensors")
     assert meta["model"]["label_in_guide"] is False
     prior = np.array(meta["model"]["class_prior"])

@@ -72,6 +72,17 @@ def test_two_processes_match_one_process(digits, single):
     assert not model.training
 
 
+def test_two_processes_follow_the_same_cosine_schedule(digits):
+    x, y = _data(digits)
+    reference = _model(digits)
+    ref = fit(reference, x, y, perturbation_rate=0.6, lr_schedule="cosine", **FIT)
+    model = _model(digits)
+    history = fit(model, x, y, perturbation_rate=0.6, lr_schedule="cosine", devices=2, strategy="ddp", **FIT)
+    assert [e["lr"] for e in history.epochs] == [e["lr"] for e in ref.epochs] and history.epochs[1]["lr"] < FIT["lr"]
+    assert history.losses == pytest.approx(ref.losses, rel=1e-5)
+    assert _max_diff(model, reference) < 1e-5
+
+
 def test_torchrun_style_group_of_one_matches_plain_fit(digits, single, monkeypatch):
     """With the launcher's variables set, fit joins the process group in place (no spawning)."""
     reference, ref_history = single

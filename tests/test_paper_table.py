@@ -120,7 +120,7 @@ def test_transform_reaches_every_method_and_needs_images(paper_table, tmp_path):
     dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     la = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
     assert dgc["recipe"]["transform"] == "shift" and la["settings"]["transform"] == "shift"
-    assert "training transform shift (every method)" in (out / "table.md").read_text()
+    assert "training transform shift, constant learning rate (every method)" in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="--transform shift shifts image pixels; it needs --backbone conv"):
         paper_table.main([a if a != "conv" else "mlp" for a in argv])
 
@@ -147,3 +147,18 @@ def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_tabl
     assert json.loads((out / "config.json").read_text())["recipe"]["label_weight"] == 300.0
     with pytest.raises(SystemExit, match="--recipe-set: recipe override 'lable_weight=3': no field 'lable_weight'"):
         paper_table.main(argv[:-2] + ["lable_weight=3"])
+
+
+def test_lr_schedule_reaches_dgc_and_every_baseline(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "2", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted", "--out", str(out),
+            "--lr-schedule", "cosine"]
+    assert paper_table.main(argv) == 0
+    dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
+    base = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
+    assert dgc["recipe"]["lr_schedule"] == "cosine" and base["settings"]["lr_schedule"] == "cosine"
+    for run in (dgc, base):  # epoch 2 starts half way down the cosine
+        assert [r["epoch"] for r in run["history"]] == [1, 2]
+        assert run["history"][0]["lr"] > run["history"][1]["lr"] > 0
+    assert base["best_epoch"] in (1, 2) and "cosine learning rate (every method)" in (out / "table.md").read_text()
