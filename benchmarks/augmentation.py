@@ -48,7 +48,7 @@ from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.experiment import default_recipe, evaluate_model
 from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
 from dgc_pyro.io import write_json
-from dgc_pyro.metrics import format_comparison, imbalance_report
+from dgc_pyro.metrics import format_comparison, format_paired, imbalance_report, paired_difference
 from dgc_pyro.reproducibility import seed_everything
 
 METRICS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma")
@@ -312,8 +312,6 @@ def compare_seeds(
     seed; a mismatch raises ``ValueError`` naming the field, so runs of different settings are never averaged.
     ``against`` defaults to every other arm that all runs have.
     """
-    from scipy import stats
-
     if not results:
         raise ValueError("no runs to collect")
     seeds = [int(r["seed"]) for r in results]
@@ -339,19 +337,7 @@ def compare_seeds(
         summary["arms"][name] = {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if n > 1 else None,
                                      "per_seed": v.tolist()} for m, v in values[name].items()}
     for other in against:
-        cells = {}
-        for m in metrics:
-            diff = values[arm][m] - values[other][m]
-            cell: dict[str, Any] = {"mean": float(diff.mean()), "wins": int((diff > 0).sum()),
-                                    "losses": int((diff < 0).sum()), "n": n,
-                                    "std": None, "ci95": None, "p_value": None}
-            if n > 1:
-                sd = float(diff.std(ddof=1))
-                half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-                cell.update(std=sd, ci95=[float(diff.mean()) - half, float(diff.mean()) + half])
-                if sd > 0:
-                    cell["p_value"] = float(stats.ttest_rel(values[arm][m], values[other][m]).pvalue)
-            cells[m] = cell
+        cells = {m: paired_difference(values[arm][m], values[other][m]) for m in metrics}
         summary["paired"][f"{arm} - {other}"] = cells
     return summary
 
@@ -367,14 +353,7 @@ def render_comparison(summary: Mapping[str, Any]) -> str:
         per_seed = [" / ".join(f"{cells[m]['per_seed'][i]:.4f}" for m in metrics) for i in range(len(seeds))]
         mean = " / ".join(f"{cells[m]['mean']:.4f}" for m in metrics)
         lines.append(f"| {name} | " + " | ".join(per_seed) + f" | {mean} |")
-    lines += ["", "| paired difference | metric | mean | 95% CI | p (paired t) | wins / losses of n |",
-              "|---|---|---|---|---|---|"]
-    for pair, cells in summary["paired"].items():
-        for m, c in cells.items():
-            ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "—"
-            p = f"{c['p_value']:.3f}" if c["p_value"] is not None else "—"
-            lines.append(f"| {pair} | {m} | {c['mean']:+.4f} | {ci} | {p} | {c['wins']} / {c['losses']} of {c['n']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + format_paired(summary["paired"])
 
 
 def merge_runs(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:

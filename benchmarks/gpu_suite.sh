@@ -9,7 +9,8 @@
 #   benchmarks/gpu_suite.sh OUT DATA_DIR            # the GPU run
 #   SMOKE=1 benchmarks/gpu_suite.sh OUT DATA_DIR    # a tiny CPU dry run of the same commands
 #   PHASES="table" PRESET=small T_TABLE=320 benchmarks/gpu_suite.sh OUT DATA_DIR   # a part, other settings
-#   (TRANSFORM=none|shift|shift-flip: the training transform of every table method, default shift-flip)
+#   (TRANSFORM=none|shift|shift-flip: the training transform of every table method, default shift-flip;
+#    LR_SCHEDULE=constant|cosine: their learning-rate schedule, default cosine, the table's protocol since session 7)
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT DATA_DIR}
 DATA=${2:?usage: gpu_suite.sh OUT DATA_DIR}
@@ -31,6 +32,7 @@ else
   T_SPEED=100; T_TABLE=${T_TABLE:-300}; NUM_SAMPLES=10; COMPILE_MODE=${COMPILE_MODE-reduce-overhead}; export OMP_NUM_THREADS=1
 fi
 TRANSFORM=${TRANSFORM:-shift-flip}   # the CPU table's protocol since session 5 (none: the session-2 protocol)
+LR_SCHEDULE=${LR_SCHEDULE:-cosine}   # the table's protocol since session 7 (constant: sessions 2-6)
 METHODS=${METHODS:-"dgc_elbo logit_adjusted cb_focal dgc_wae_mmd ce balanced_softmax ldam_drw dgc_elbo_paper_guide"}
 # Augmentation is answered on the CPU (RESULTS.md, ten seeds); add it to PHASES for a GPU replication.
 PHASES=${PHASES:-"speed table"}
@@ -62,7 +64,7 @@ stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
   has table && for s in $SEEDS; do
     timeout $T_TABLE $PY benchmarks/paper_table.py --dataset fashion --data-dir "$DATA" --seeds $s --backbone conv \
         --preset $PRESET --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $COUNTS \
-        --transform $TRANSFORM --methods $METHODS --out "$TABLE" > "$WORK/table_seed$s.log" 2>&1 &
+        --transform $TRANSFORM --lr-schedule $LR_SCHEDULE --methods $METHODS --out "$TABLE" > "$WORK/table_seed$s.log" 2>&1 &
     pids+=($!)
   done
   has augmentation && for s in 1 2 3; do
@@ -77,7 +79,7 @@ stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
   stamp "collect"
   has table && $PY benchmarks/paper_table.py --dataset fashion --data-dir "$DATA" --seeds $SEEDS --backbone conv --preset $PRESET \
       --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $COUNTS --methods $METHODS \
-      --transform $TRANSFORM --collect --out "$TABLE" 2>&1 | tail -n 20
+      --transform $TRANSFORM --lr-schedule $LR_SCHEDULE --collect --out "$TABLE" 2>&1 | tail -n 20
   stamp "done"
 } 2>&1 | tee "$WORK/suite.log"
 

@@ -41,7 +41,7 @@ from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import SCORING_RULES, predict
 from dgc_pyro.io import write_json
-from dgc_pyro.metrics import expected_calibration_error, imbalance_report
+from dgc_pyro.metrics import expected_calibration_error, format_paired, imbalance_report, paired_difference
 from dgc_pyro.reproducibility import seed_everything
 
 #: DGC rows: the objective family of each, and recipe changes on top of the dataset's recipe (for
@@ -209,6 +209,31 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict
     return summary
 
 
+#: metrics of the paired comparison of the DGC row with every other method
+PAIRED_METRICS = ("acsa", "ece")
+
+
+def paired_comparisons(runs: dict[str, list[dict[str, Any]]], reference: str = "dgc_elbo",
+                       metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"<reference> - <method>": {metric: paired_difference cell}}`` over the seeds both methods ran.
+
+    Empty when ``reference`` has no runs. A method that shares no seed with it is left out.
+    """
+    ref = {int(r["seed"]): r for r in runs.get(reference, [])}
+    pairs: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, results in runs.items():
+        if method == reference:
+            continue
+        common = sorted(set(ref) & {int(r["seed"]) for r in results})
+        if not common:
+            continue
+        other = {int(r["seed"]): r for r in results}
+        pairs[f"{reference} - {method}"] = {
+            m: paired_difference([ref[s][m] for s in common], [other[s][m] for s in common]) for m in metrics
+        }
+    return pairs
+
+
 def _pm(cell: dict[str, float] | None) -> str:
     if not cell or cell.get("mean") is None or not math.isfinite(cell["mean"]):
         return "—"
@@ -295,8 +320,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 
-    atomic_write_text(out / "table.md", render_table(args.dataset, summary, args.seeds, note))
-    print(render_table(args.dataset, summary, args.seeds, note))
+    table = render_table(args.dataset, summary, args.seeds, note)
+    pairs = paired_comparisons(runs)
+    write_json(out / "paired.json", pairs)
+    if pairs:
+        table += ("\nPaired over seeds (DGC, ELBO minus each method; positive ACSA and negative ECE favour DGC):\n\n"
+                  + format_paired(pairs))
+    atomic_write_text(out / "table.md", table)
+    print(table)
     return 0
 
 

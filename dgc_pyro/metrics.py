@@ -45,6 +45,8 @@ __all__ = [
     "negative_log_likelihood",
     "brier_score",
     "reliability_bins",
+    "paired_difference",
+    "format_paired",
 ]
 
 IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
@@ -400,3 +402,51 @@ def brier_score(y_true: Any, proba: Any) -> float:
     onehot = np.zeros_like(p)
     onehot[np.arange(yt.size), yt] = 1.0
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing two methods over seeds
+# ---------------------------------------------------------------------------------------
+
+
+def paired_difference(a: Any, b: Any) -> dict[str, Any]:
+    """Paired comparison of two methods' scores over the same seeds (``a[i]`` and ``b[i]`` share seed i).
+
+    Returns the mean difference ``a - b``, its sample std, a 95% Student-t interval, the two-sided paired
+    t-test's p-value (None when fewer than two seeds or every difference is equal), and the seeds ``a``
+    wins and loses.
+    """
+    from scipy import stats
+
+    x, z = np.asarray(_to_numpy(a), dtype=float), np.asarray(_to_numpy(b), dtype=float)
+    if x.ndim != 1 or x.shape != z.shape:
+        raise ValueError(f"paired_difference needs two 1-D score arrays of one length, got shapes {x.shape} and {z.shape}")
+    if len(x) == 0:
+        raise ValueError("paired_difference needs at least one pair of scores")
+    if not (np.isfinite(x).all() and np.isfinite(z).all()):
+        raise ValueError("paired_difference: the scores contain NaN or inf")
+    diff = x - z
+    n = len(diff)
+    cell: dict[str, Any] = {"mean": float(diff.mean()), "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
+                            "n": n, "std": None, "ci95": None, "p_value": None}
+    if n > 1:
+        sd = float(diff.std(ddof=1))
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+        cell.update(std=sd, ci95=[float(diff.mean()) - half, float(diff.mean()) + half])
+        if sd > 0:
+            cell["p_value"] = float(stats.ttest_rel(x, z).pvalue)
+    return cell
+
+
+def format_paired(pairs: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Markdown table of :func:`paired_difference` cells, ``{"A - B": {metric: cell}}``, one row per pair and metric.
+
+    The last column counts the seeds where A scores higher and lower than B (for an error metric such as ECE,
+    higher is worse)."""
+    lines = ["| paired difference | metric | mean | 95% CI | p (paired t) | seeds A > B / A < B of n |", "|---|---|---|---|---|---|"]
+    for pair, cells in pairs.items():
+        for metric, c in cells.items():
+            ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "—"
+            p = f"{c['p_value']:.3f}" if c["p_value"] is not None else "—"
+            lines.append(f"| {pair} | {metric} | {c['mean']:+.4f} | {ci} | {p} | {c['wins']} / {c['losses']} of {c['n']} |")
+    return "\n".join(lines) + "\n"

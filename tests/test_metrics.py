@@ -329,3 +329,52 @@ class TestCalibration:
     def test_bad_n_bins(self):
         with pytest.raises(ValueError, match="n_bins"):
             expected_calibration_error([0], [[1.0, 0.0]], n_bins=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Paired comparisons over seeds
+# ---------------------------------------------------------------------------------------
+
+
+def test_paired_difference_matches_scipy_and_the_t_interval():
+    from scipy import stats
+
+    from dgc_pyro.metrics import paired_difference
+
+    a, b = [0.86, 0.87, 0.85, 0.88], [0.85, 0.88, 0.83, 0.86]
+    cell = paired_difference(a, b)
+    diff = np.subtract(a, b)
+    assert cell["mean"] == pytest.approx(diff.mean()) and cell["std"] == pytest.approx(diff.std(ddof=1))
+    half = stats.t.ppf(0.975, 3) * diff.std(ddof=1) / 2
+    assert cell["ci95"] == pytest.approx([diff.mean() - half, diff.mean() + half])
+    assert cell["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert (cell["wins"], cell["losses"], cell["n"]) == (3, 1, 4)
+    # one seed: no spread, no interval; equal differences: no p-value
+    one = paired_difference(torch.tensor([0.9]), np.array([0.8]))
+    assert one["mean"] == pytest.approx(0.1) and one["ci95"] is None and one["p_value"] is None
+    same = paired_difference([1.0, 2.0], [0.5, 1.5])
+    assert same["std"] == 0 and same["p_value"] is None and same["ci95"] == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize("a, b, match", [
+    ([1.0, 2.0], [1.0], "two 1-D score arrays of one length"),
+    ([[1.0]], [[1.0]], "two 1-D score arrays of one length"),
+    ([], [], "at least one pair"),
+    ([1.0, float("nan")], [1.0, 2.0], "NaN or inf"),
+])
+def test_paired_difference_names_bad_input(a, b, match):
+    from dgc_pyro.metrics import paired_difference
+
+    with pytest.raises(ValueError, match=match):
+        paired_difference(a, b)
+
+
+def test_format_paired_rows():
+    from dgc_pyro.metrics import format_paired, paired_difference
+
+    text = format_paired({"A - B": {"acsa": paired_difference([0.9, 0.8], [0.7, 0.75]),
+                                    "ece": paired_difference([0.02], [0.04])}})
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| paired difference | metric | mean | 95% CI")
+    assert lines[2].startswith("| A - B | acsa | +0.1250 | [") and lines[2].endswith("| 2 / 0 of 2 |")
+    assert lines[3] == "| A - B | ece | -0.0200 | — | — | 0 / 1 of 1 |"

@@ -161,4 +161,24 @@ def test_lr_schedule_reaches_dgc_and_every_baseline(paper_table, tmp_path):
     for run in (dgc, base):  # epoch 2 starts half way down the cosine
         assert [r["epoch"] for r in run["history"]] == [1, 2]
         assert run["history"][0]["lr"] > run["history"][1]["lr"] > 0
-    assert base["best_epoch"] in (1, 2) and "cosine learning rate (every method)" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert base["best_epoch"] in (1, 2) and "cosine learning rate (every method)" in table
+    pairs = json.loads((out / "paired.json").read_text())
+    cell = pairs["dgc_elbo - logit_adjusted"]["acsa"]
+    assert cell["n"] == 1 and cell["mean"] == pytest.approx(dgc["acsa"] - base["acsa"])
+    assert "| dgc_elbo - logit_adjusted | acsa |" in table
+
+
+def test_paired_comparisons_use_the_seeds_both_methods_ran(paper_table):
+    def run(seed, acsa, ece=0.05):
+        return {"seed": seed, "acsa": acsa, "ece": ece}
+
+    runs = {"dgc_elbo": [run(1, 0.86), run(2, 0.87), run(3, 0.85)],
+            "ce": [run(3, 0.83), run(1, 0.84)],  # seed 2 missing, order differs
+            "ldam_drw": [run(9, 0.8)]}  # no seed in common: left out
+    pairs = paper_table.paired_comparisons(runs)
+    assert list(pairs) == ["dgc_elbo - ce"]
+    assert pairs["dgc_elbo - ce"]["acsa"]["n"] == 2
+    assert pairs["dgc_elbo - ce"]["acsa"]["mean"] == pytest.approx(((0.86 - 0.84) + (0.85 - 0.83)) / 2)
+    assert pairs["dgc_elbo - ce"]["ece"]["mean"] == pytest.approx(0.0)
+    assert paper_table.paired_comparisons({"ce": runs["ce"]}) == {}
