@@ -119,6 +119,47 @@ def test_label_term_and_no_kl_term():
     assert _loss_value(wae_mmd_loss(lam=0.0), model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_kl_weight_adds_the_analytic_elbo_kl():
+    """wae-mmd-kl without the MMD is the negative ELBO with the closed-form KL, on the same draw of z."""
+    x, y = _toy(16)
+    model = DGC((6,), 2, latent_dim=3, likelihood="normal", obs_scale=0.3)
+    with_kl = _loss_value(wae_mmd_loss(lam=0.0, kl_weight=1.0), model, x, y)
+    pyro.set_rng_seed(0)
+    with pyro.settings.context(module_local_params=True):
+        neg_elbo = get_objective("elbo-analytic")(model.model, model.guide, x, y)
+    assert with_kl.item() == pytest.approx(neg_elbo.item(), rel=1e-5)
+    without = _loss_value(wae_mmd_loss(lam=0.0), model, x, y)
+    half = _loss_value(wae_mmd_loss(lam=0.0, kl_weight=0.5), model, x, y)
+    assert (half - without).item() == pytest.approx(0.5 * (with_kl - without).item(), rel=1e-5)
+    assert (with_kl - without).item() > 0
+    # the registered objective: KL weight 1 and the paper's MMD penalty
+    assert "kl_weight=1.0" in get_objective("wae-mmd-kl").__name__
+
+
+def test_kl_term_falls_back_to_the_one_draw_estimate_without_a_closed_form():
+    class MixturePrior(DGC):
+        def prior(self, batch_shape):
+            shape = tuple(batch_shape)
+            mix = dist.Categorical(self._zero.new_ones(shape + (2,)))
+            locs = torch.stack([self._zero.new_full(shape + (self.latent_dim,), v) for v in (-1.0, 1.0)], -2)
+            comp = dist.Normal(locs, torch.ones_like(locs)).to_event(1)
+            return dist.MixtureSameFamily(mix, comp)
+
+    x, y = _toy(8)
+    model = MixturePrior((6,), 2, latent_dim=3)
+    with_kl = _loss_value(wae_mmd_loss(lam=0.0, kl_weight=1.0), model, x, y)
+    pyro.set_rng_seed(0)
+    with pyro.settings.context(module_local_params=True):
+        neg_elbo = get_objective("elbo")(model.model, model.guide, x, y)  # Trace_ELBO: the same one-draw estimate
+    assert with_kl.item() == pytest.approx(neg_elbo.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_kl_weight_is_validated(bad):
+    with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
+        wae_mmd_loss(kl_weight=bad)
+
+
 class ShiftedPrior(DGC):
     def prior(self, batch_shape):
         loc = self._zero.new_full(tuple(batch_shape) + (self.latent_dim,), 6.0)
@@ -207,3 +248,17 @@ def test_posterior_scale_script_prints_a_row_per_objective(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo") or line.startswith("| wae")]
     assert [r.split("|")[1].strip() for r in rows] == ["elbo-analytic", "wae-mmd"]
     assert all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_the_kl_term_keeps_the_posterior_from_collapsing(digits):
+    """The WAE-MMD collapse of benchmarks/posterior_scale.py, in small: the KL term keeps q(z | x) wide."""
+    posterior_scale = load_benchmark("posterior_scale")
+    sd = {}
+    for objective in ("wae-mmd", "wae-mmd-kl"):
+        torch.manual_seed(0)
+        model = DGC(digits.input_shape, digits.num_classes, latent_dim=8, likelihood="normal", obs_scale=0.3,
+                    label_weight=10.0, label_in_guide=False)
+        fit(model, digits.x_train, digits.y_train, epochs=6, batch_size=32, lr=3e-3, objective=objective, device="cpu",
+            progress=False, val_fraction=0, seed=0)
+        sd[objective] = posterior_scale.latent_spread(model, digits.x_train, digits.y_train, digits.num_classes)["posterior_sd"]
+    assert sd["wae-mmd-kl"] > 3 * sd["wae-mmd"], sd
