@@ -183,16 +183,17 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 
 def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str) -> dict[str, Any]:
     """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size."""
+    options = recipe.baseline_options()
     t0 = time.perf_counter()
-    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes,
-                          **recipe.baseline_options(), lr=BASELINE_LR, device=device, seed=seed)
+    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
+                          lr=BASELINE_LR, device=device, seed=seed)
     t1 = time.perf_counter()
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
                best_epoch=fitted.best_epoch, history=fitted.history,
-               settings={**recipe.baseline_options(), "lr": BASELINE_LR})
+               settings={**options, "lr": BASELINE_LR})
     return out
 
 

@@ -24,7 +24,7 @@ from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.inference.schedule import check_lr_schedule, lr_factor, set_lr
+from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.networks import build_networks
 from dgc_pyro.reproducibility import seed_everything
@@ -230,10 +230,9 @@ def fit_baseline(
     for epoch in tqdm(range(1, epochs + 1), desc=name, disable=not progress, leave=False):
         module.train()
         perm = torch.randperm(len(x_dev), device=dev, generator=gen)
-        record: dict[str, float] = {"epoch": epoch, "lr": lr * lr_factor(lr_schedule, step, total_steps)}
+        record: dict[str, float] = {"epoch": epoch}
         for i in range(0, len(perm), batch_size):
-            if lr_schedule != "constant":
-                set_lr(opt, lr * lr_factor(lr_schedule, step, total_steps))
+            record.setdefault("lr", scheduled_lr(opt, lr, lr_schedule, step, total_steps))  # keeps the epoch's first
             step += 1
             idx = perm[i : i + batch_size]
             xb = x_dev[idx] if batch_transform is None else batch_transform(x_dev[idx], gen)

@@ -14,7 +14,7 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import load_training_state, save_training_state, training_state_path
 from dgc_pyro.experiment import Recipe
 from dgc_pyro.inference import fit
-from dgc_pyro.inference.schedule import LR_SCHEDULES, check_lr_schedule, lr_factor, set_lr
+from dgc_pyro.inference.schedule import LR_SCHEDULES, check_lr_schedule, lr_factor, scheduled_lr, set_lr
 from dgc_pyro.models import DGC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +54,17 @@ def test_set_lr_on_a_torch_optimiser_and_a_pyro_optimiser_including_parameters_i
         set_lr({"lr": 1}, 0.1)
     with pytest.raises(TypeError, match="optim_args is a callable"):
         set_lr(pyro.optim.Adam(lambda name, param: {"lr": 1e-3}), 0.1)
+
+
+def test_scheduled_lr_sets_the_rate_and_constant_leaves_the_optimiser_alone():
+    a = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([a], lr=1e-3)
+    assert scheduled_lr(opt, 2e-3, "cosine", 5, 10) == pytest.approx(1e-3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    opt.param_groups[0]["lr"] = 7e-4  # a rate set by hand stays under the constant schedule
+    assert scheduled_lr(opt, 2e-3, "constant", 5, 10) == 2e-3 and opt.param_groups[0]["lr"] == 7e-4
+    # an optimiser that sets its own rates cannot be scheduled, but runs unscheduled
+    assert scheduled_lr(pyro.optim.Adam(lambda name, param: {"lr": 1e-3}), 1e-3, "constant", 0, 10) == 1e-3
 
 
 def _data(n=60, d=6, classes=3, seed=0):

@@ -52,7 +52,7 @@ from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
-from dgc_pyro.inference.schedule import check_lr_schedule, lr_factor, set_lr
+from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
 from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
@@ -675,11 +675,9 @@ class _Loop:
 
     def set_step_lr(self, step: int) -> float:
         """Apply the schedule's rates for global step ``step`` to every optimiser; returns the main rate."""
-        factor = lr_factor(self.schedule, step, self.total_steps)
-        if self.schedule != "constant":
-            for name, opt in self.run_.optimizers.items():
-                set_lr(opt, self.base_lrs[name] * factor)
-        return self.lr * factor
+        rates = {name: scheduled_lr(opt, self.base_lrs[name], self.schedule, step, self.total_steps)
+                 for name, opt in self.run_.optimizers.items()}
+        return rates["main"]
 
     def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = perm[b * self.batch_size : (b + 1) * self.batch_size]

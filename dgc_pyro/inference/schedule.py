@@ -58,3 +58,15 @@ def set_lr(optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim, lr: float) -
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+def scheduled_lr(optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim, base_lr: float, schedule: str, step: int,
+                 total: int) -> float:
+    """The rate of step ``step`` (of ``total``) under ``schedule``, set on ``optimizer``; returns it.
+
+    Under ``"constant"`` the optimiser is left as it was built, so the default path touches no optimiser.
+    """
+    rate = base_lr * lr_factor(schedule, step, total)
+    if schedule != "constant":
+        set_lr(optimizer, rate)
+    return rate
