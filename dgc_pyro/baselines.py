@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from dgc_pyro.arguments import check_fraction, check_positive, check_seed
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
@@ -193,6 +194,11 @@ def fit_baseline(
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    check_positive("epochs", epochs, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("lr", lr)
+    check_seed(seed)
+    check_fraction("val_fraction", val_fraction)
     check_lr_schedule(lr_schedule)
     x, y = check_xy(x, y, num_classes=num_classes)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)

@@ -24,6 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, save_model
 from dgc_pyro.cli import main
 from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imbalanced, parse_counts, stratified_holdout
@@ -57,6 +58,10 @@ class Case:
 
 def _fit(ctx, x=X, y=Y, **kw):
     return fit(ctx.model, x, y, **{"epochs": 1, "progress": False, **kw})
+
+
+def _fit_baseline(**kw):
+    return fit_baseline("ce", X, Y, **{"epochs": 1, **kw})
 
 
 API_CASES = [
@@ -128,6 +133,16 @@ API_CASES = [
          "checkpoint_every must be positive and finite, got 0"),
     Case("fit", "resume_from a pickle", lambda c: _fit(c, resume_from=c.tmp / "evil.pt"), CheckpointError,
          "{tmp}/evil.pt is not a valid dgc_pyro checkpoint: not a safetensors file or truncated/corrupted"),
+    # baselines: the same protocol checks as fit
+    Case("fit_baseline", "epochs=0", lambda c: _fit_baseline(epochs=0), ValueError, "epochs must be positive and finite, got 0"),
+    Case("fit_baseline", "batch_size=0", lambda c: _fit_baseline(batch_size=0), ValueError,
+         "batch_size must be positive and finite, got 0"),
+    Case("fit_baseline", "epochs=1.5", lambda c: _fit_baseline(epochs=1.5), ValueError, "epochs must be an integer, got 1.5"),
+    Case("fit_baseline", "lr=-1", lambda c: _fit_baseline(lr=-1), ValueError, "lr must be positive and finite, got -1"),
+    Case("fit_baseline", "seed=-1", lambda c: _fit_baseline(seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
+    Case("fit_baseline", "val_fraction=1.5", lambda c: _fit_baseline(val_fraction=1.5), ValueError,
+         "val_fraction must be in [0, 1), got 1.5"),
+    Case("fit_baseline", "an unknown baseline", lambda c: fit_baseline("svm", X, Y), ValueError, "unknown baseline 'svm'"),
     # prediction
     Case("predict", "x flattened (n, 64)", lambda c: predict(c.model, X.reshape(12, 64)), ValueError,
          "x has the wrong shape: expected (n, 1, 8, 8), got (12, 64)"),

@@ -360,7 +360,7 @@ def make_step(
                 loss = svi.step(x, y)
             return torch.tensor(loss, device=device), perturbation(traced_guide.trace, x, y)
 
-        svi_step.optimizers = {"main": optim, "perturbation": cls_opt}  # for checkpoints (fit.py)
+        svi_step.optimizers = {"main": optim, "perturbation": cls_opt}  # for checkpoints (resume.py)
         return svi_step
 
     params = list(model.parameters())
@@ -411,6 +411,6 @@ def make_step(
             opt.zero_grad(set_to_none=True)
             return loss, perturbation(guide_tr, x, y, (lo, hi))
 
-    torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (fit.py)
+    torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (resume.py)
     return torch_step
 

@@ -18,7 +18,6 @@ Reliability features of the loop (see ``docs/reliability.md``):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import signal
 import threading
@@ -31,10 +30,9 @@ import numpy as np
 import pyro
 import pyro.optim
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from dgc_pyro.arguments import check_betas, check_fraction, check_non_negative, check_positive, check_seed
 from dgc_pyro.checkpoint import (
     TRAINING_STATE_FILE,
     TrainingState,
@@ -47,43 +45,26 @@ from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform, transform_name
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.inference.device import resolve_device
+from dgc_pyro.inference.divergence import TrainingDivergedError, describe_term, first_nonfinite, site_terms
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
+from dgc_pyro.inference.resume import (
+    check_resumable,
+    copy_tree,
+    data_fingerprint,
+    load_optimizer_state,
+    optimizer_state,
+)
 from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
 from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import deterministic_mode, get_rng_state, seed_everything, set_rng_state
 
-__all__ = ["History", "TrainingDivergedError", "TrainingInterrupted", "fit"]
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The training loss (or the perturbation step's loss) became NaN or infinite.
-
-    Attributes: ``epoch`` and ``step`` (1-based, within the epoch) and ``global_step`` of the first
-    non-finite step; ``loss`` / ``perturbation_loss`` of that step (None when the loss could not be
-    computed); ``terms`` (per-site values found by replaying the step), ``nonfinite_terms`` (their
-    names), ``nonfinite_parameters`` (parameters already non-finite before the step), ``last_good_epoch``
-    (the epoch whose weights the model was reset to) and ``checkpoint`` (the last good checkpoint file,
-    or None without ``checkpoint_dir``).
-    """
-
-    def __init__(self, message: str, **info: Any) -> None:
-        super().__init__(message)
-        self.epoch: int = info.get("epoch", 0)
-        self.step: int = info.get("step", 0)
-        self.global_step: int = info.get("global_step", 0)
-        self.loss: float | None = info.get("loss")
-        self.perturbation_loss: float | None = info.get("perturbation_loss")
-        self.terms: dict[str, float] = info.get("terms", {})
-        self.nonfinite_terms: list[str] = info.get("nonfinite_terms", [])
-        self.nonfinite_parameters: list[str] = info.get("nonfinite_parameters", [])
-        self.last_good_epoch: int = info.get("last_good_epoch", 0)
-        self.checkpoint: Path | None = info.get("checkpoint")
+__all__ = ["History", "TrainingDivergedError", "TrainingInterrupted", "fit", "site_terms"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -136,170 +117,25 @@ class History:
 # Argument checks
 
 
-def _check_positive(name: str, value: Any, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a {'positive integer' if integer else 'positive number'}, got {value!r}")
-    if integer and not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-
-
 def _check_fit_args(
     epochs: Any, batch_size: Any, lr: Any, seed: Any, val_fraction: Any, perturbation_rate: Any,
     classifier_lr: Any, betas: Any, val_num_samples: Any, checkpoint_every: Any, check_every: Any,
     pretrain_steps: Any,
 ) -> None:
-    _check_positive("epochs", epochs, integer=True)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("val_num_samples", val_num_samples, integer=True)
-    _check_positive("checkpoint_every", checkpoint_every, integer=True)
+    check_positive("epochs", epochs, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("lr", lr)
+    check_positive("val_num_samples", val_num_samples, integer=True)
+    check_positive("checkpoint_every", checkpoint_every, integer=True)
     if check_every is not None:
-        _check_positive("check_every", check_every, integer=True)
+        check_positive("check_every", check_every, integer=True)
     if classifier_lr is not None:
-        _check_positive("classifier_lr", classifier_lr)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, (int, np.integer)) or pretrain_steps < 0:
-        raise ValueError(f"pretrain_steps must be a non-negative integer, got {pretrain_steps!r}")
-    if (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating))
-            or not 0.0 <= val_fraction < 1.0):
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if (isinstance(perturbation_rate, bool) or not isinstance(perturbation_rate, (int, float, np.floating))
-            or not math.isfinite(perturbation_rate) or perturbation_rate < 0):
-        raise ValueError(f"perturbation_rate must be a finite number >= 0, got {perturbation_rate!r}")
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}") from None
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-
-
-def _fingerprint(*tensors: torch.Tensor | None) -> str:
-    """A cheap identity of the training data: shapes, dtypes and (a strided sample of) the values."""
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"<none>")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        flat = t.reshape(-1)
-        stride = max(1, flat.numel() // (1 << 22))
-        h.update(flat[::stride].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Snapshots of the training state
-
-
-def _copy_tree(obj: Any) -> Any:
-    """Deep copy of a nested state with every tensor copied to CPU (nothing aliases live state)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _copy_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copy_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_copy_tree(v) for v in obj)
-    return obj
-
-
-_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
-
-
-def _optimizer_state(opt: Any, model: DGC) -> dict[str, Any]:
-    if isinstance(opt, torch.optim.Optimizer):
-        return _copy_tree(opt.state_dict())
-    if isinstance(opt, pyro.optim.PyroOptim):
-        names = {id(p): n for n, p in model.named_parameters()}
-        per_param = {}
-        for p, o in opt.optim_objs.items():
-            if id(p) not in names:
-                raise RuntimeError("the svi engine's optimiser holds a parameter that is not the model's; cannot checkpoint it")
-            per_param[names[id(p)]] = _copy_tree(o.state_dict())
-        return {"per_param": per_param}
-    raise TypeError(f"cannot checkpoint an optimiser of type {type(opt).__name__}")
-
-
-def _load_torch_optimizer(opt: torch.optim.Optimizer, saved: Any) -> None:
-    state = _copy_tree(saved)
-    # Keep this run's implementation choices (fused on CUDA, foreach on CPU) over the saved ones.
-    for g_saved, g_now in zip(state.get("param_groups", []), opt.param_groups):
-        for k in _IMPL_KEYS:
-            if k in g_now:
-                g_saved[k] = g_now[k]
-    opt.load_state_dict(state)
-
-
-def _load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
-    if isinstance(opt, torch.optim.Optimizer):
-        _load_torch_optimizer(opt, saved)
-    elif isinstance(opt, pyro.optim.PyroOptim):
-        params = dict(model.named_parameters())
-        per_param = saved["per_param"]
-        unknown = sorted(set(per_param) - set(params))
-        if unknown:
-            raise ValueError(f"optimiser state for unknown parameters {unknown[:5]}")
-        opt.optim_objs.clear()
-        opt.grad_clip.clear()
-        for name, st in per_param.items():
-            p = params[name]
-            # PyroOptim creates one torch optimiser per parameter on first sight; create them now so
-            # that their state can be loaded (its set_state keys by param-store name, which
-            # module-local parameters do not have).
-            o = opt._get_optim(p)
-            _load_torch_optimizer(o, st)
-            opt.optim_objs[p] = o
-            opt.grad_clip[p] = opt._get_grad_clip(p)
-    else:
-        raise TypeError(f"cannot restore an optimiser of type {type(opt).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Divergence diagnosis
-
-_TERM_NAMES = {
-    "x": "reconstruction term -log p(x | z)",
-    "y": "label term -log p(y | z)",
-    "z": "KL term log q(z | x, y) - log p(z)",
-    "perturbation": "perturbation step's cross-entropy",
-}
-
-
-def _describe(term: str) -> str:
-    return f"{term!r} ({_TERM_NAMES[term]})" if term in _TERM_NAMES else repr(term)
-
-
-def site_terms(model: DGC, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Per-site contributions to the per-example negative ELBO on one batch, with validation off.
-
-    Observed sites give ``-log p(site | ...)``; latent sites give ``log q - log p`` at the guide's draw
-    (the Monte Carlo KL term). Scaled like the training loss (``1 / len(x)``, ``label_weight`` on
-    ``"y"``). Non-finite values are reported, never raised.
-    """
-    terms: dict[str, float] = {}
-    with torch.no_grad(), pyro.validation_enabled(False), poutine.scale(scale=1.0 / x.shape[0]):
-        guide_tr = poutine.trace(model.guide).get_trace(x, y)
-        model_tr = poutine.trace(poutine.replay(model.model, trace=guide_tr)).get_trace(x, y)
-
-        def log_prob(node: dict[str, Any]) -> float:
-            return float((node["fn"].log_prob(node["value"]) * node["scale"]).sum())
-
-        for name, node in model_tr.nodes.items():
-            if node["type"] != "sample" or site_is_subsample(node):
-                continue
-            if node["is_observed"]:
-                terms[name] = -log_prob(node)
-            elif name in guide_tr.nodes:
-                terms[name] = log_prob(guide_tr.nodes[name]) - log_prob(node)
-            else:
-                terms[name] = -log_prob(node)
-    return terms
+        check_positive("classifier_lr", classifier_lr)
+    check_seed(seed)
+    check_non_negative("pretrain_steps", pretrain_steps, integer=True)
+    check_fraction("val_fraction", val_fraction)
+    check_non_negative("perturbation_rate", perturbation_rate)
+    check_betas(betas)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +165,8 @@ class _Run:
         return TrainingState(
             epoch=epoch,
             global_step=self.global_step,
-            model=_copy_tree(self.model.state_dict()),
-            optimizers={name: _optimizer_state(o, self.model) for name, o in self.optimizers.items()},
+            model=copy_tree(self.model.state_dict()),
+            optimizers={name: optimizer_state(o, self.model) for name, o in self.optimizers.items()},
             rng=get_rng_state(self.generator),
             history=[dict(r) for r in self.history],
             best_epoch=self.best_epoch,
@@ -355,7 +191,7 @@ class _Run:
         self.model.load_state_dict(state.model)
         try:
             for name, opt in self.optimizers.items():
-                _load_optimizer_state(opt, state.optimizers[name], self.model)
+                load_optimizer_state(opt, state.optimizers[name], self.model)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"{source}: the optimiser state does not fit this model/engine ({type(e).__name__}: {e})") from None
         try:
@@ -377,15 +213,6 @@ class _Run:
                 save_training_state(self.ckpt_path, state)
             self.saved_epoch = state.epoch
         return self.ckpt_path
-
-
-def _first_nonfinite(mains: list[torch.Tensor], perts: list[torch.Tensor]) -> int | None:
-    if not mains:
-        return None
-    both = torch.stack([torch.stack(mains), torch.stack(perts)])
-    bad = ~torch.isfinite(both).all(0)
-    idx = torch.nonzero(bad)
-    return int(idx[0, 0]) if idx.numel() else None  # one host sync
 
 
 def fit(
@@ -545,9 +372,9 @@ def fit(
         "schedule_epochs": epochs if lr_schedule != "constant" else None,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
-    fingerprint = _fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
+    fingerprint = data_fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
     if saved is not None:
-        _check_resumable(saved, source, model, resume_config, fingerprint)
+        check_resumable(saved, source, model, resume_config, fingerprint)
 
     with deterministic_mode(deterministic):
         seed_everything(seed)
@@ -622,35 +449,6 @@ def fit(
             history.best_epoch = epochs
         model.eval()
     return history
-
-
-#: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
-_RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None}
-
-
-def _check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
-    if saved.model_config and saved.model_config != to_jsonable(model.config):
-        diff = sorted(k for k in set(saved.model_config) | set(model.config)
-                      if saved.model_config.get(k) != to_jsonable(model.config).get(k))
-        raise CheckpointError(
-            f"cannot resume from {source}: it was written for a different model ("
-            + ", ".join(f"{k}: {saved.model_config.get(k)!r} in the checkpoint, {to_jsonable(model.config).get(k)!r} now" for k in diff)
-            + ")"
-        )
-    check_state_matches(model, saved.model, source)
-    saved_config = {**_RESUME_DEFAULTS, **saved.config}
-    diff = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
-    if diff:
-        raise CheckpointError(
-            f"cannot resume from {source}: it was written by a fit with different settings ("
-            + ", ".join(f"{k}={saved_config.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in diff)
-            + "); pass the same settings (only epochs may change)"
-        )
-    if saved.fingerprint != fingerprint:
-        raise CheckpointError(
-            f"cannot resume from {source}: the training data differ from the data it was trained on "
-            "(pass the same x, y and validation data)"
-        )
 
 
 class _Loop:
@@ -734,18 +532,18 @@ class _Loop:
                     # torch.distributions' argument validation: non-finite parameters reached a distribution.
                     if "found invalid values" not in str(e):
                         raise
-                    k = _first_nonfinite(mains, perts)
+                    k = first_nonfinite(mains, perts)
                     self._diverged(epoch, b if k is None else k, mains, perts, error=e)
                 mains.append(main)
                 perts.append(pert)
                 if self.check_every and (b + 1) % self.check_every == 0:
-                    k = _first_nonfinite(mains[checked:], perts[checked:])
+                    k = first_nonfinite(mains[checked:], perts[checked:])
                     if k is not None:
                         self._diverged(epoch, checked + k, mains, perts)
                     checked = b + 1
             totals = torch.stack([torch.stack(mains).double().sum(), torch.stack(perts).double().sum()]).tolist()
             if not all(math.isfinite(v) for v in totals):
-                k = _first_nonfinite(mains, perts)
+                k = first_nonfinite(mains, perts)
                 self._diverged(epoch, k if k is not None else self.num_batches - 1, mains, perts)
             run.global_step += self.num_batches
             record: dict[str, float] = {
@@ -761,7 +559,7 @@ class _Loop:
                 record.update({f"val_{k}": v for k, v in report.items()})
                 if self.select_best and report["acsa"] > run.best_score:
                     run.best_score, run.best_epoch = report["acsa"], epoch
-                    run.best_model = _copy_tree(model.state_dict())
+                    run.best_model = copy_tree(model.state_dict())
             run.history.append(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "val_acsa")})
             if self.callback is not None:
@@ -818,7 +616,7 @@ class _Loop:
                 what += f" and the perturbation loss is {pert}"
         parts = []
         if nonfinite:
-            parts.append("non-finite term(s): " + ", ".join(f"{_describe(t)} = {terms[t]}" for t in nonfinite))
+            parts.append("non-finite term(s): " + ", ".join(f"{describe_term(t)} = {terms[t]}" for t in nonfinite))
         main_bad = main is None or not math.isfinite(main)
         if main_bad and not note and not any(t != "perturbation" for t in nonfinite):
             parts.append("replaying the step did not reproduce a non-finite model/guide term "
