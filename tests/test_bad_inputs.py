@@ -28,6 +28,7 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, save_model
 from dgc_pyro.cli import main
 from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imbalanced, parse_counts, stratified_holdout
+from dgc_pyro.inference.augment import augment
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
 from dgc_pyro.io import CheckpointError
@@ -143,6 +144,12 @@ API_CASES = [
     Case("fit_baseline", "val_fraction=1.5", lambda c: _fit_baseline(val_fraction=1.5), ValueError,
          "val_fraction must be in [0, 1), got 1.5"),
     Case("fit_baseline", "an unknown baseline", lambda c: fit_baseline("svm", X, Y), ValueError, "unknown baseline 'svm'"),
+    # augmentation
+    Case("augment", "an unknown sampling_strategy", lambda c: augment(c.model, X, Y, sampling_strategy="more"), ValueError,
+         "sampling_strategy must be one of ('auto', 'minority', 'not majority', 'not minority', 'all'), a float, "
+         "a dict of target counts or a callable, got 'more'"),
+    Case("augment", "x flattened (n, 64)", lambda c: augment(c.model, X.reshape(12, 64), Y), ValueError,
+         "x has the wrong shape: expected (n, 1, 8, 8), got (12, 64)"),
     # prediction
     Case("predict", "x flattened (n, 64)", lambda c: predict(c.model, X.reshape(12, 64)), ValueError,
          "x has the wrong shape: expected (n, 1, 8, 8), got (12, 64)"),

@@ -33,6 +33,10 @@ OUTPUTS = ("mean", "residual")
 __all__ = ["augment", "synthetic_counts", "AugmentationWarning"]
 
 
+#: The named over-sampling strategies of imbalanced-learn.
+SAMPLING_STRATEGY_NAMES = ("auto", "minority", "not majority", "not minority", "all")
+
+
 class AugmentationWarning(UserWarning):
     """The posterior filter could not fill a class's quota within ``max_rounds`` rounds."""
 
@@ -45,6 +49,10 @@ def synthetic_counts(y: Any, sampling_strategy: SamplingStrategy = "auto") -> di
     counts, or a callable returning one). Classes that need nothing are left out.
     """
     labels = check_labels(y).numpy()
+    if isinstance(sampling_strategy, str) and sampling_strategy not in SAMPLING_STRATEGY_NAMES:
+        # imbalanced-learn's own message lists its internal functions; name the choices instead
+        raise ValueError(f"sampling_strategy must be one of {SAMPLING_STRATEGY_NAMES}, a float, a dict of target "
+                         f"counts or a callable, got {sampling_strategy!r}")
     from imblearn.utils import check_sampling_strategy  # imported here: imblearn is slow to import
     wanted = check_sampling_strategy(sampling_strategy, labels, "over-sampling")
     return {int(c): int(n) for c, n in wanted.items() if int(n) > 0}
