@@ -31,6 +31,7 @@ from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imb
 from dgc_pyro.inference.augment import augment
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
+from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.io import CheckpointError
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
@@ -144,6 +145,13 @@ API_CASES = [
     Case("fit_baseline", "val_fraction=1.5", lambda c: _fit_baseline(val_fraction=1.5), ValueError,
          "val_fraction must be in [0, 1), got 1.5"),
     Case("fit_baseline", "an unknown baseline", lambda c: fit_baseline("svm", X, Y), ValueError, "unknown baseline 'svm'"),
+    # encoder pre-training
+    Case("pretrain_encoder", "steps=-1", lambda c: pretrain_encoder(c.model, X, Y, steps=-1), ValueError,
+         "steps must be a non-negative integer, got -1"),
+    Case("pretrain_encoder", "batch_size=1", lambda c: pretrain_encoder(c.model, X, Y, steps=1, batch_size=1), ValueError,
+         "batch_size must be at least 2 (a covariance needs two draws), got 1"),
+    Case("pretrain_encoder", "lr=0", lambda c: pretrain_encoder(c.model, X, Y, steps=1, lr=0), ValueError,
+         "lr must be positive and finite, got 0"),
     # augmentation
     Case("augment", "an unknown sampling_strategy", lambda c: augment(c.model, X, Y, sampling_strategy="more"), ValueError,
          "sampling_strategy must be one of ('auto', 'minority', 'not majority', 'not minority', 'all'), a float, "

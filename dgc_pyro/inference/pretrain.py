@@ -12,6 +12,7 @@ from typing import Any
 import pyro
 import torch
 
+from dgc_pyro.arguments import check_betas, check_non_negative, check_positive
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.models.dgc import DGC
 
@@ -45,9 +46,11 @@ def pretrain_encoder(
     """
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if int(batch_size) < 2:
+    check_non_negative("steps", steps, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("lr", lr)
+    check_betas(betas)
+    if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (a covariance needs two draws), got {batch_size}")
     x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes)
     dev = model.device
