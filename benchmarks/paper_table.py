@@ -72,9 +72,9 @@ PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
     "mnist": ("BayesCNN", 0.9158), "fashion": ("mmDGMs", 0.8091), "svhn": ("mmDGMs", 0.7220), "celeba": ("GAMO", 0.6409),
 }
 
-#: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
 #: Adam's rate for every baseline (DGC's is its recipe's)
 BASELINE_LR = 1e-3
+#: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
 QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
 METHOD_LABELS = {
     "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)",
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", action="store_true",
                    help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
     p.add_argument("--resume", action="store_true", help="reuse OUT/runs/*.json written by an earlier call")
+    p.add_argument("--collect-from", nargs="+", default=[], metavar="DIR",
+                   help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)")
+    p.add_argument("--reference", choices=METHODS, default="dgc_elbo",
+                   help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)")
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -272,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.epochs is not None and args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
+    if args.collect_from and not args.collect:
+        raise SystemExit("--collect-from pools finished runs; it needs --collect")
+    missing = [d for d in args.collect_from if not (Path(d) / "runs").is_dir()]
+    if missing:
+        raise SystemExit(f"--collect-from: no runs/ folder in {', '.join(missing)}")
     device = str(resolve_device(args.device))
     out = Path(args.out)
     recipe = recipe_for(args.dataset, args)
@@ -290,7 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         split = None
         for method in args.methods:
-            path = out / "runs" / f"{method}_seed{seed}.json"
+            name = f"{method}_seed{seed}.json"
+            path = out / "runs" / name
+            if args.collect and not path.is_file():
+                path = next((p for p in (Path(d) / "runs" / name for d in args.collect_from) if p.is_file()), path)
             if (args.resume or args.collect) and path.is_file():
                 runs[method].append(json.loads(path.read_text()))
                 continue
@@ -325,11 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dgc_pyro.io import atomic_write_text
 
     table = render_table(args.dataset, summary, args.seeds, note)
-    pairs = paired_comparisons(runs)
+    pairs = paired_comparisons(runs, reference=args.reference)
     write_json(out / "paired.json", pairs)
     if pairs:
-        table += ("\nPaired over seeds (DGC, ELBO minus each method; positive ACSA and negative ECE favour DGC):\n\n"
-                  + format_paired(pairs))
+        table += (f"\nPaired over seeds ({METHOD_LABELS.get(args.reference, args.reference)} minus each method; positive ACSA "
+                  "and negative ECE favour it):\n\n" + format_paired(pairs))
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0

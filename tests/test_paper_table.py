@@ -101,6 +101,29 @@ def test_collect_summarises_existing_runs_without_fitting(paper_table, tmp_path,
     assert "collected from per-seed runs" in (out / "table.md").read_text()
 
 
+def test_collect_from_pools_runs_of_other_tables_and_reference_sets_the_pairs(paper_table, tmp_path):
+    common = ["--dataset", "digits", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+              "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "ce", "logit_adjusted"]
+    first, second, pooled = tmp_path / "a", tmp_path / "b", tmp_path / "pooled"
+    assert paper_table.main(common + ["--seeds", "1", "--out", str(first)]) == 0
+    assert paper_table.main(common + ["--seeds", "2", "--out", str(second)]) == 0
+    argv = common + ["--seeds", "1", "2", "--collect", "--collect-from", str(first), str(second),
+                     "--reference", "logit_adjusted", "--out", str(pooled)]
+    assert paper_table.main(argv) == 0
+    assert not (pooled / "runs").exists()  # nothing fitted, nothing copied
+    runs = {s: json.loads((d / "runs" / f"ce_seed{s}.json").read_text())["acsa"] for s, d in ((1, first), (2, second))}
+    summary = json.loads((pooled / "summary.json").read_text())
+    assert summary["ce"]["acsa"]["mean"] == pytest.approx((runs[1] + runs[2]) / 2)
+    pairs = json.loads((pooled / "paired.json").read_text())
+    assert set(pairs) == {"logit_adjusted - ce"} and pairs["logit_adjusted - ce"]["acsa"]["n"] == 2
+    assert "Paired over seeds (Logit-adjusted CE minus each method" in (pooled / "table.md").read_text()
+    with pytest.raises(SystemExit, match="--collect-from pools finished runs; it needs --collect"):
+        paper_table.main([a for a in argv if a != "--collect"])
+    with pytest.raises(SystemExit, match="--collect-from: no runs/ folder in"):
+        paper_table.main(common + ["--seeds", "1", "--collect", "--collect-from", str(tmp_path / "nowhere"),
+                                   "--out", str(pooled)])
+
+
 def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
