@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse OUT/runs/*.json written by an earlier call")
     p.add_argument("--collect-from", nargs="+", default=[], metavar="DIR",
                    help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)")
-    p.add_argument("--reference", choices=METHODS, default="dgc_elbo",
+    p.add_argument("--reference", choices=METHODS, default=None,
                    help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.epochs is not None and args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
+    if args.reference is not None and args.reference not in args.methods:
+        raise SystemExit(f"--reference {args.reference} is not among --methods")
+    reference = args.reference or "dgc_elbo"
     if args.collect_from and not args.collect:
         raise SystemExit("--collect-from pools finished runs; it needs --collect")
     missing = [d for d in args.collect_from if not (Path(d) / "runs").is_dir()]
@@ -337,10 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dgc_pyro.io import atomic_write_text
 
     table = render_table(args.dataset, summary, args.seeds, note)
-    pairs = paired_comparisons(runs, reference=args.reference)
+    pairs = paired_comparisons(runs, reference=reference)
     write_json(out / "paired.json", pairs)
     if pairs:
-        table += (f"\nPaired over seeds ({METHOD_LABELS.get(args.reference, args.reference)} minus each method; positive ACSA "
+        table += (f"\nPaired over seeds ({METHOD_LABELS.get(reference, reference)} minus each method; positive ACSA "
                   "and negative ECE favour it):\n\n" + format_paired(pairs))
     atomic_write_text(out / "table.md", table)
     print(table)

@@ -119,6 +119,8 @@ def test_collect_from_pools_runs_of_other_tables_and_reference_sets_the_pairs(pa
     assert "Paired over seeds (Logit-adjusted CE minus each method" in (pooled / "table.md").read_text()
     with pytest.raises(SystemExit, match="--collect-from pools finished runs; it needs --collect"):
         paper_table.main([a for a in argv if a != "--collect"])
+    with pytest.raises(SystemExit, match="--reference dgc_elbo is not among --methods"):
+        paper_table.main(common + ["--seeds", "1", "--collect", "--reference", "dgc_elbo", "--out", str(pooled)])
     with pytest.raises(SystemExit, match="--collect-from: no runs/ folder in"):
         paper_table.main(common + ["--seeds", "1", "--collect", "--collect-from", str(tmp_path / "nowhere"),
                                    "--out", str(pooled)])
