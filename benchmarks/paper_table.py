@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)")
     p.add_argument("--reference", choices=METHODS, default=None,
                    help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)")
+    p.add_argument("--also-last", action="store_true",
+                   help="also score each method's last-epoch weights on the test split (run['last_epoch']) and add the "
+                        "paired last-minus-selected comparison to the table (baselines are fitted a second time)")
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -164,20 +167,34 @@ def _report(split: ImbalancedSplit, proba: torch.Tensor) -> dict[str, float]:
 
 
 def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str | None,
-            val_num_samples: int) -> dict[str, Any]:
-    """Fit and evaluate one DGC row of :data:`DGC_VARIANTS` (objective family and recipe changes)."""
+            val_num_samples: int, also_last: bool = False) -> dict[str, Any]:
+    """Fit and evaluate one DGC row of :data:`DGC_VARIANTS` (objective family and recipe changes).
+
+    With ``also_last`` the weights of the last epoch are kept by a callback and scored too (``out["last_epoch"]``).
+    """
     family, changes = DGC_VARIANTS[method]
     objective = recipe.objective if recipe.objective.startswith(family) else family
     recipe = dataclasses.replace(recipe, objective=objective, **changes)
     seed_everything(seed)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     t0 = time.perf_counter()
+    last: dict[str, torch.Tensor] = {}
+
+    def keep_last(epoch: int, record: dict[str, float]) -> None:
+        if epoch == recipe.epochs:
+            last.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
     history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed, progress=False,
-                  val_num_samples=val_num_samples)
+                  val_num_samples=val_num_samples, callback=keep_last if also_last else None)
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
     t2 = time.perf_counter()
     out = _report(split, pred.proba)
+    if also_last:
+        model.load_state_dict(last)
+        model.eval()
+        last_pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
+        out["last_epoch"] = {**_report(split, last_pred.proba), "epoch": recipe.epochs}
     val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
                val_acsa=max(val) if val else None,
@@ -185,8 +202,13 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     return out
 
 
-def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str) -> dict[str, Any]:
-    """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size."""
+def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str,
+                 also_last: bool = False) -> dict[str, Any]:
+    """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size.
+
+    With ``also_last`` the same fit is repeated with ``select_best=False`` (same seed, same trajectory) and its
+    last-epoch weights are scored too (``out["last_epoch"]``).
+    """
     options = recipe.baseline_options()
     t0 = time.perf_counter()
     fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
@@ -198,6 +220,14 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
                best_epoch=fitted.best_epoch, history=fitted.history,
                settings={**options, "lr": BASELINE_LR})
+    if also_last:
+        if fitted.best_epoch == options["epochs"]:
+            last_proba = proba
+        else:
+            last_fit = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
+                                    lr=BASELINE_LR, device=device, seed=seed, select_best=False)
+            last_proba = last_fit.predict_proba(split.x_test)
+        out["last_epoch"] = {**_report(split, last_proba), "epoch": options["epochs"]}
     return out
 
 
@@ -239,6 +269,19 @@ def paired_comparisons(runs: dict[str, list[dict[str, Any]]], reference: str = "
         pairs[f"{reference} - {method}"] = {
             m: paired_difference([ref[s][m] for s in common], [other[s][m] for s in common]) for m in metrics
         }
+    return pairs
+
+
+def last_epoch_comparisons(runs: dict[str, list[dict[str, Any]]],
+                           metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"<method>: last - selected": {metric: paired_difference cell}}`` for the runs scored with ``--also-last``."""
+    pairs: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, results in runs.items():
+        scored = [r for r in results if "last_epoch" in r]
+        if scored:
+            pairs[f"{method}: last - selected"] = {
+                m: paired_difference([r["last_epoch"][m] for r in scored], [r[m] for r in scored]) for m in metrics
+            }
     return pairs
 
 
@@ -319,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed_everything(seed)
             if method in DGC_METHODS:
                 val_s = args.val_num_samples or (QUICK["val_num_samples"] if args.quick else recipe.num_samples)
-                result = run_dgc(method, split, recipe, seed, device, args.rule, val_s)
+                result = run_dgc(method, split, recipe, seed, device, args.rule, val_s, also_last=args.also_last)
             else:
-                result = run_baseline(method, split, recipe, seed, device)
+                result = run_baseline(method, split, recipe, seed, device, also_last=args.also_last)
             result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
                           train_counts=split.train_counts.tolist(), test_size=len(split.y_test))
             write_json(path, result)
@@ -345,6 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pairs:
         table += (f"\nPaired over seeds ({METHOD_LABELS.get(reference, reference)} minus each method; positive ACSA "
                   "and negative ECE favour it):\n\n" + format_paired(pairs))
+    last_pairs = last_epoch_comparisons(runs)
+    if last_pairs:
+        write_json(out / "paired_last_epoch.json", last_pairs)
+        table += ("\nLast epoch minus the epoch selected on validation, paired over seeds (test split):\n\n"
+                  + format_paired(last_pairs))
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0

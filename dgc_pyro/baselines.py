@@ -185,12 +185,15 @@ def fit_baseline(
     progress: bool = False,
     transform: str | Transform | None = None,
     lr_schedule: str = "constant",
+    select_best: bool = True,
 ) -> FittedBaseline:
     """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
 
     ``transform`` randomly transforms every training batch as in :func:`dgc_pyro.inference.fit`
     (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`); ``lr_schedule``
     (``"constant"`` or ``"cosine"``) decays Adam's rate as DGC's fit does (:mod:`dgc_pyro.inference.schedule`).
+    ``select_best`` keeps the weights of the epoch with the best validation ACSA, as in ``fit``; with False the
+    last epoch's weights are kept (the validation ACSA is still recorded in ``history``).
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
@@ -250,12 +253,14 @@ def fit_baseline(
         if x_val is not None:
             acsa = imbalance_report(y_val, fitted.predict(x_val), num_classes=num_classes, train_counts=counts_np)["acsa"]
             record["val_acsa"] = float(acsa)
-            if acsa > best:
+            if select_best and acsa > best:
                 best, best_state, best_epoch = acsa, copy.deepcopy(module.state_dict()), epoch
         fitted.history.append(record)
     if best_state is not None:
         module.load_state_dict(best_state)
         fitted.val_acsa = float(best)
+    elif x_val is not None:
+        fitted.val_acsa = fitted.history[-1]["val_acsa"]
     fitted.best_epoch = best_epoch
     module.eval()
     return fitted

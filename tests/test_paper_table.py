@@ -126,6 +126,26 @@ def test_collect_from_pools_runs_of_other_tables_and_reference_sets_the_pairs(pa
                                    "--out", str(pooled)])
 
 
+def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper_table, tmp_path):
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "3", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted"]
+    plain, both = tmp_path / "plain", tmp_path / "both"
+    assert paper_table.main(argv + ["--out", str(plain)]) == 0
+    assert paper_table.main(argv + ["--also-last", "--out", str(both)]) == 0
+    for method in ("dgc_elbo", "logit_adjusted"):
+        before = json.loads((plain / "runs" / f"{method}_seed1.json").read_text())
+        after = json.loads((both / "runs" / f"{method}_seed1.json").read_text())
+        assert "last_epoch" not in before
+        assert after["acsa"] == before["acsa"] and after["ece"] == before["ece"]  # keeping the last weights is free
+        assert after["last_epoch"]["epoch"] == 3 and 0.0 <= after["last_epoch"]["acsa"] <= 1.0
+        if after["best_epoch"] == 3:
+            assert after["last_epoch"]["acsa"] == after["acsa"]
+    pairs = json.loads((both / "paired_last_epoch.json").read_text())
+    assert set(pairs) == {"dgc_elbo: last - selected", "logit_adjusted: last - selected"}
+    assert "Last epoch minus the epoch selected on validation" in (both / "table.md").read_text()
+    assert not (plain / "paired_last_epoch.json").exists()
+
+
 def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
