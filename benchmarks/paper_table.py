@@ -39,6 +39,7 @@ from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
+from dgc_pyro.inference.resume import copy_tree
 from dgc_pyro.inference.predict import SCORING_RULES, predict
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import expected_calibration_error, format_paired, imbalance_report, paired_difference
@@ -182,7 +183,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 
     def keep_last(epoch: int, record: dict[str, float]) -> None:
         if epoch == recipe.epochs:
-            last.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            last.update(copy_tree(model.state_dict()))
 
     history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed, progress=False,
                   val_num_samples=val_num_samples, callback=keep_last if also_last else None)
@@ -191,10 +192,13 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     t2 = time.perf_counter()
     out = _report(split, pred.proba)
     if also_last:
-        model.load_state_dict(last)
-        model.eval()
-        last_pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
-        out["last_epoch"] = {**_report(split, last_pred.proba), "epoch": recipe.epochs}
+        if history.best_epoch == recipe.epochs:  # the selected weights are the last ones: score them once
+            last_proba = pred.proba
+        else:
+            model.load_state_dict(last)
+            model.eval()
+            last_proba = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced).proba
+        out["last_epoch"] = {**_report(split, last_proba), "epoch": recipe.epochs}
     val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
                val_acsa=max(val) if val else None,
