@@ -228,8 +228,8 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
         if fitted.best_epoch == options["epochs"]:
             last_proba = proba
         else:
-            last_fit = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
-                                    lr=BASELINE_LR, device=device, seed=seed, select_best=False)
+            last_fit = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes,
+                                    **{**options, "select_best": False}, lr=BASELINE_LR, device=device, seed=seed)
             last_proba = last_fit.predict_proba(split.x_test)
         out["last_epoch"] = {**_report(split, last_proba), "epoch": options["epochs"]}
     return out
@@ -383,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
             f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'}, "
             f"{recipe.lr_schedule} learning rate (every method); "
+            f"weights of {'the epoch with the best validation ACSA' if recipe.select_best else 'the last epoch'} "
+            "(every method); "
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="learning-rate schedule of DGC and the baseline alike: constant (default) or cosine (decays "
                         "to 0 over the fit)")
+    f.add_argument("--keep", choices=("best", "last"), default=None,
+                   help="weights kept after the fit, for DGC and the baseline alike: those of the epoch with the best "
+                        "validation ACSA (best, default) or of the last epoch (last; the validation split then only "
+                        "monitors)")
     f.add_argument("--label-weight", type=float, default=None, help="weight of log p(y | z) in the objective")
     f.add_argument("--obs-scale", type=float, default=None, help="sigma of the normal pixel likelihood")
     f.add_argument("--logit-adjustment", type=float, default=None,
@@ -173,7 +177,7 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
                  "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
-                 "logit_adjustment", "guide", "transform", "perturbation_prior", "lr_schedule")
+                 "logit_adjustment", "guide", "transform", "perturbation_prior", "lr_schedule", "keep")
 
 
 def _resume_args(args: argparse.Namespace):
@@ -234,6 +238,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             "lr_schedule": args.lr_schedule, "num_samples": args.num_samples,
             "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
             "label_in_guide": None if args.guide is None else args.guide == "xy",
+            "select_best": None if args.keep is None else args.keep == "best",
         }
         recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if args.transform is not None:

@@ -58,6 +58,9 @@ class Recipe:
     perturbation_prior: str = "train"
     #: learning-rate schedule ("constant" or "cosine"; dgc_pyro.inference.schedule)
     lr_schedule: str = "constant"
+    #: keep the weights of the epoch with the best validation ACSA (True) or those of the last epoch (False); the
+    #: validation split is carved either way, so the two differ only in which weights are kept
+    select_best: bool = True
 
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
@@ -66,7 +69,7 @@ class Recipe:
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "objective": self.objective,
             "val_fraction": self.val_fraction, "perturbation_rate": self.perturbation_rate, "betas": tuple(self.betas),
             "pretrain_steps": self.pretrain_steps, "transform": self.transform, "perturbation_prior": self.perturbation_prior,
-            "lr_schedule": self.lr_schedule,
+            "lr_schedule": self.lr_schedule, "select_best": self.select_best,
         }
 
     def baseline_options(self) -> dict[str, Any]:
@@ -75,6 +78,7 @@ class Recipe:
         return {
             "preset": self.preset, "epochs": self.epochs, "batch_size": self.batch_size,
             "val_fraction": self.val_fraction, "transform": self.transform, "lr_schedule": self.lr_schedule,
+            "select_best": self.select_best,
         }
 
     @property

@@ -124,3 +124,16 @@ def test_fashion_from_the_real_files(shared_data, tmp_path):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["test_size"] == 200 and METRIC_KEYS <= set(metrics)
+
+
+def test_fit_keep_last_keeps_the_last_epoch_for_dgc_and_the_baseline(tmp_path, capsys):
+    out = tmp_path / "last"
+    assert main(["fit", "--epochs", "3", "--no-progress", "--out", str(out), "--keep", "last",
+                 "--lr-schedule", "cosine"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["recipe"]["select_best"] is False
+    history = metrics["history"]
+    assert history["best_epoch"] == 3
+    assert all("val_acsa" in r for r in history["epochs"])  # the validation split still monitors
+    assert main(["fit", "--resume", str(out), "--keep", "best"]) != 0
+    assert "drop --keep" in capsys.readouterr().err

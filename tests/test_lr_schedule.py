@@ -198,5 +198,5 @@ def test_recipe_gives_the_schedule_to_dgc_and_the_baselines():
     assert recipe.fit_options()["lr_schedule"] == "cosine"
     options = recipe.baseline_options()
     assert options == {"preset": "small", "epochs": 7, "batch_size": 100, "val_fraction": 0.1, "transform": "shift",
-                       "lr_schedule": "cosine"}
+                       "lr_schedule": "cosine", "select_best": True}
     assert set(options) <= set(inspect.signature(fit_baseline).parameters)

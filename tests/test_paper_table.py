@@ -181,6 +181,23 @@ def test_committed_fashion_summary_has_the_promised_shape(paper_table):
             assert 0.0 <= cell["mean"] <= 1.0 and 0.0 <= cell["std"] < 0.5, (method, metric)
 
 
+def test_select_best_false_keeps_the_last_epoch_for_every_method(paper_table, tmp_path):
+    out = tmp_path / "last"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "3", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted", "--out", str(out),
+            "--recipe-set", "select_best=false", "--also-last"]
+    assert paper_table.main(argv) == 0
+    dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
+    base = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
+    assert dgc["recipe"]["select_best"] is False and base["settings"]["select_best"] is False
+    for run in (dgc, base):  # the scored weights are the last epoch's, and validation still monitors every epoch
+        assert run["best_epoch"] == 3 and run["acsa"] == run["last_epoch"]["acsa"]
+        assert all("val_acsa" in r for r in run["history"])
+    pairs = json.loads((out / "paired_last_epoch.json").read_text())
+    assert all(cell["acsa"]["mean"] == 0.0 for cell in pairs.values())
+    assert "weights of the last epoch (every method)" in (out / "table.md").read_text()
+
+
 def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",

@@ -87,7 +87,7 @@ class History:
     """What a fit did: one dict per epoch (``loss``, ``perturbation_loss``, validation metrics).
 
     ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds
-    when ``select_best`` was on; ``resumed_from`` the checkpoint epoch a resumed fit started from.
+    (the last one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a resumed fit started from.
     """
 
     model: DGC
@@ -445,7 +445,7 @@ def fit(
         history.best_epoch = run.best_epoch
         if run.best_model is not None:
             model.load_state_dict(run.best_model)
-        elif select_best or x_val is None:
+        else:
             history.best_epoch = epochs
         model.eval()
     return history
