@@ -198,6 +198,14 @@ def test_select_best_false_keeps_the_last_epoch_for_every_method(paper_table, tm
     assert "weights of the last epoch (every method)" in (out / "table.md").read_text()
 
 
+def test_quick_keeps_the_epochs_of_a_cpu_sized_recipe(paper_table):
+    quick = paper_table.build_parser().parse_args(["--dataset", "digits", "--quick", "--out", "unused"])
+    assert paper_table.recipe_for("digits", quick).epochs == paper_table.default_recipe("digits").epochs
+    quick.dataset = "fashion"
+    fashion = paper_table.recipe_for("fashion", quick)
+    assert fashion.epochs == paper_table.QUICK["epochs"] and fashion.preset == "small"
+
+
 def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
