@@ -273,6 +273,8 @@ CLI_CASES = [
             "{tmp}/badrun/checkpoint/training_state.safetensors is not a valid dgc_pyro checkpoint"),
     CliCase("--resume with a changed recipe", ["fit", "--resume", "{tmp}/badrun", "--lr", "0.1"],
             "--resume takes the data and recipe from the checkpoint; drop --lr"),
+    CliCase("--resume with a changed weight choice", ["fit", "--resume", "{tmp}/badrun", "--keep", "last"],
+            "--resume takes the data and recipe from the checkpoint; drop --keep"),
     CliCase("evaluate a missing checkpoint", ["evaluate", "--checkpoint", "{tmp}/missing.safetensors"],
             "[Errno 2] checkpoint file not found: '{tmp}/missing.safetensors'"),
     CliCase("evaluate a pickle", ["evaluate", "--checkpoint", "{tmp}/evil.pt"],
