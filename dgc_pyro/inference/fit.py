@@ -86,8 +86,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class History:
     """What a fit did: one dict per epoch (``loss``, ``perturbation_loss``, validation metrics).
 
-    ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds
-    (the last one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a resumed fit started from.
+    ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds (the last
+    one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a
+    resumed fit started from.
     """
 
     model: DGC
