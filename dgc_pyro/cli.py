@@ -18,6 +18,7 @@ from dgc_pyro.baselines import BASELINES
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
+from dgc_pyro.inference.augment import SAMPLING_STRATEGY_NAMES
 from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS
@@ -318,13 +319,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_STRATEGY_NAMES = ("auto", "minority", "not minority", "not majority", "all")
-
-
 def _sampling_strategy_arg(text: str) -> str | float | dict[int, int]:
     """``--sampling-strategy``: a name, a float, or ``class:count`` pairs separated by commas."""
     text = text.strip()
-    if text in _STRATEGY_NAMES:
+    if text in SAMPLING_STRATEGY_NAMES:
         return text
     if ":" in text:
         out: dict[int, int] = {}
@@ -339,7 +337,7 @@ def _sampling_strategy_arg(text: str) -> str | float | dict[int, int]:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not one of {', '.join(_STRATEGY_NAMES)}, a float, or class:count pairs"
+            f"{text!r} is not one of {', '.join(SAMPLING_STRATEGY_NAMES)}, a float, or class:count pairs"
         ) from None
 
 
