@@ -11,6 +11,10 @@ Writes ``OUT/runs/<method>_seed<s>.json`` (one per run), ``OUT/summary.json``
 (``{method: {metric: {"mean": .., "std": ..}}}``, std over seeds with ddof=1, 0 for one seed),
 ``OUT/config.json`` (the command's settings) and ``OUT/table.md``.
 
+``--evaluate-on dev`` scores every run on a class-balanced set of the training images that the subset left out
+(``--dev-per-class`` a class) instead of the test split: the place to compare recipe choices before a table on
+fresh seeds is run on the test split.
+
 ``--quick`` is the CPU preset: the "small" networks on flattened pixels (MLP backbone, for DGC and the
 baselines alike), few epochs (digits keeps its recipe's 60: they take seconds) and few latent draws, so a 3-seed
 Fashion table fits in minutes on 2 cores.
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
-from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts
+from dgc_pyro.data import DATASETS, EVALUATION_SETS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
@@ -126,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)")
     p.add_argument("--reference", choices=METHODS, default=None,
                    help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)")
+    p.add_argument("--evaluate-on", choices=EVALUATION_SETS, default="test",
+                   help="score every run on the official test split (default) or on a class-balanced dev set of "
+                        "training images outside the subset (for recipe choices; never decide on the test split)")
+    p.add_argument("--dev-per-class", type=int, default=1000,
+                   help="with --evaluate-on dev: images of each class in the dev set (default: 1000)")
     p.add_argument("--also-last", action="store_true",
-                   help="also score each method's last-epoch weights on the test split (run['last_epoch']) and add the "
+                   help="also score each method's last-epoch weights on the evaluation split (run['last_epoch']) and add the "
                         "paired last-minus-selected comparison to the table (baselines are fitted a second time)")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -301,6 +310,16 @@ def _pm(cell: dict[str, float] | None) -> str:
     return f"{cell['mean']:.4f} ± {cell['std']:.4f}"
 
 
+def check_reused_runs(folders: Sequence[Path], evaluated_on: str) -> None:
+    """Refuse (before anything is written) to reuse a run scored on another evaluation set than this call's."""
+    for folder in folders:
+        for path in sorted((folder / "runs").glob("*.json")):
+            scored_on = json.loads(path.read_text()).get("evaluated_on", "test")
+            if scored_on != evaluated_on:
+                raise SystemExit(f"{path} was scored on {scored_on!r}, not {evaluated_on!r} (--evaluate-on); runs "
+                                 "scored on different sets cannot share a table")
+
+
 def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "") -> str:
     """Markdown table in the shape of the paper's Tables 2-3, with the published DGC row beside ours."""
     head = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | Wall time (s) |"
@@ -332,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reference is not None and args.reference not in args.methods:
         raise SystemExit(f"--reference {args.reference} is not among --methods")
     reference = args.reference or "dgc_elbo"
+    if args.dev_per_class < 1:
+        raise SystemExit("--dev-per-class must be at least 1")
+    if args.dev_per_class != 1000 and args.evaluate_on != "dev":
+        raise SystemExit("--dev-per-class sizes the dev set; it needs --evaluate-on dev")
+    evaluated_on = args.evaluate_on if args.evaluate_on == "test" else f"dev:{args.dev_per_class}"
     if args.collect_from and not args.collect:
         raise SystemExit("--collect-from pools finished runs; it needs --collect")
     missing = [d for d in args.collect_from if not (Path(d) / "runs").is_dir()]
@@ -347,9 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
         "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": dataclasses.asdict(recipe),
-        "counts": args.counts, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if args.resume or args.collect:
+        check_reused_runs([out, *map(Path, args.collect_from)], evaluated_on)
     write_json(out / "config.json", config)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for seed in args.seeds:
@@ -366,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"seed {seed} {method}: no {path}, left out", flush=True)
                 continue
             if split is None:
-                split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed)
+                split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed,
+                                        evaluate_on=args.evaluate_on, dev_per_class=args.dev_per_class)
                 if backbone == "mlp":
                     split = _flat(split)
             seed_everything(seed)
@@ -376,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 result = run_baseline(method, split, recipe, seed, device, also_last=args.also_last)
             result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
-                          train_counts=split.train_counts.tolist(), test_size=len(split.y_test))
+                          train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
+                          evaluated_on=evaluated_on)
             write_json(path, result)
             runs[method].append(result)
             print(f"seed {seed} {method:>16}: acsa {result['acsa']:.4f} fmacro {result['fmacro']:.4f} "
@@ -391,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{recipe.lr_schedule} learning rate (every method); "
             f"weights of {'the epoch with the best validation ACSA' if recipe.select_best else 'the last epoch'} "
             "(every method); "
+            + ("scored on the official test split; " if args.evaluate_on == "test" else
+               f"scored on a dev set of {args.dev_per_class} unused training images a class, NOT the test split; ")
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 
@@ -403,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     last_pairs = last_epoch_comparisons(runs)
     if last_pairs:
         write_json(out / "paired_last_epoch.json", last_pairs)
-        table += ("\nLast epoch minus the epoch selected on validation, paired over seeds (test split):\n\n"
+        table += (f"\nLast epoch minus the epoch selected on validation, paired over seeds ({args.evaluate_on} split):\n\n"
                   + format_paired(last_pairs))
     atomic_write_text(out / "table.md", table)
     print(table)

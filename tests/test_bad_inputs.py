@@ -233,6 +233,11 @@ API_CASES = [
          FileNotFoundError, "data root {tmp}/nodata does not exist (looking for mnist train data)"),
     Case("load_imbalanced", "an incomplete MNIST folder", lambda c: load_imbalanced("mnist", c.tmp / "partial"),
          FileNotFoundError, "mnist (train split) not found under {tmp}/partial. Expected:\n  {tmp}/partial/MNIST/raw/"),
+    Case("load_imbalanced", "an unknown evaluation set", lambda c: load_imbalanced("digits", evaluate_on="val"),
+         ValueError, "evaluate_on must be one of ('test', 'dev'), got 'val'"),
+    Case("load_imbalanced", "a dev set larger than the unused images",
+         lambda c: load_imbalanced("digits", evaluate_on="dev", dev_per_class=100), ValueError,
+         "class 0: a dev set of 100 a class needs 100 unused training examples, but only 8 are left outside the subset"),
 ]
 
 

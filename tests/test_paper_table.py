@@ -146,6 +146,28 @@ def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper
     assert not (plain / "paired_last_epoch.json").exists()
 
 
+def test_evaluate_on_dev_scores_unused_training_images_and_never_mixes_with_test_runs(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "ce", "--out", str(out)]
+    assert paper_table.main(argv + ["--evaluate-on", "dev", "--dev-per-class", "3"]) == 0
+    run = json.loads((out / "runs" / "ce_seed1.json").read_text())
+    assert run["evaluated_on"] == "dev:3" and run["test_size"] == 30
+    assert "NOT the test split" in (out / "table.md").read_text()
+    config = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match="was scored on 'dev:3', not 'test'"):
+        paper_table.main(argv + ["--resume"])
+    with pytest.raises(SystemExit, match="was scored on 'dev:3', not 'dev:4'"):
+        paper_table.main(argv + ["--collect", "--evaluate-on", "dev", "--dev-per-class", "4"])
+    assert (out / "config.json").read_text() == config  # refused before anything was written
+    with pytest.raises(SystemExit, match="--dev-per-class sizes the dev set; it needs --evaluate-on dev"):
+        paper_table.main(argv + ["--dev-per-class", "3"])
+    test_out = tmp_path / "test"
+    assert paper_table.main([a if a != str(out) else str(test_out) for a in argv]) == 0
+    assert json.loads((test_out / "runs" / "ce_seed1.json").read_text())["evaluated_on"] == "test"
+    assert "scored on the official test split" in (test_out / "table.md").read_text()
+
+
 def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",

@@ -14,6 +14,7 @@ from dgc_pyro.data import (
     DIGITS_COUNTS,
     PAPER_COUNTS,
     ImageSource,
+    dev_indices,
     imbalanced_indices,
     load_imbalanced,
     open_source,
@@ -98,6 +99,27 @@ def test_load_imbalanced_digits():
         load_imbalanced("digits", counts=(200,) + (5,) * 9)
 
 
+def test_dev_set_is_balanced_outside_the_subset_and_fixed_by_the_seed():
+    src = open_source("digits", split="train")
+    subset = imbalanced_indices(src.labels, DIGITS_COUNTS, 3)
+    dev = dev_indices(src.labels, subset, 4, 3)
+    assert np.bincount(src.labels[dev], minlength=10).tolist() == [4] * 10
+    assert not np.isin(dev, subset).any() and len(np.unique(dev)) == len(dev)
+    assert np.array_equal(dev, dev_indices(src.labels, subset, 4, 3))
+    assert not np.array_equal(dev, dev_indices(src.labels, subset, 4, 4))
+    s = load_imbalanced("digits", seed=3, evaluate_on="dev", dev_per_class=4)
+    plain = load_imbalanced("digits", seed=3)
+    assert torch.equal(s.x_train, plain.x_train) and torch.equal(s.y_train, plain.y_train)  # same subset
+    assert torch.equal(s.x_test, src.images(dev)) and torch.equal(s.y_test, torch.from_numpy(src.labels[dev]))
+    left = min(np.bincount(np.delete(src.labels, subset), minlength=10))
+    with pytest.raises(ValueError, match=f"class .*only {left} are left outside the subset"):
+        load_imbalanced("digits", seed=3, evaluate_on="dev", dev_per_class=left + 1)
+    with pytest.raises(ValueError, match="evaluate_on must be one of"):
+        load_imbalanced("digits", evaluate_on="validation")
+    with pytest.raises(ValueError, match="per_class must be"):
+        dev_indices(src.labels, subset, 0, 3)
+
+
 # --- real Fashion-MNIST -------------------------------------------------------------------------
 
 @needs_fashion
@@ -123,6 +145,11 @@ def test_fashion_load_imbalanced_paper_counts():
     idx = imbalanced_indices(src.labels, PAPER_COUNTS["fashion"], 0)
     assert torch.equal(s.y_train, torch.from_numpy(src.labels[idx]))
     assert torch.equal(s.x_train[:5], src.images(idx[:5]))
+    # The dev set: 1000 training images a class, none of them in the subset, and the same subset as before.
+    dev = dev_indices(src.labels, idx, 1000, 0)
+    assert np.bincount(src.labels[dev]).tolist() == [1000] * 10 and not np.isin(dev, idx).any()
+    d = load_imbalanced("fashion", root=SHARED_DATA, seed=0, evaluate_on="dev", dev_per_class=20)
+    assert torch.equal(d.y_train, s.y_train) and d.test_counts.tolist() == [20] * 10
 
 
 # --- MNIST fixture ------------------------------------------------------------------------------

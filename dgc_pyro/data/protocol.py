@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ..arguments import check_positive, check_seed
 from .validation import check_labels
 
-__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "imbalanced_indices", "parse_counts"]
+__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "dev_indices", "imbalanced_indices", "parse_counts"]
 
 _MNIST_COUNTS = (4000, 2000, 1000, 750, 500, 350, 200, 100, 60, 40)
 
@@ -82,6 +83,33 @@ def imbalanced_indices(labels: Any, counts: Sequence[int] | Mapping[int, int], s
     out = np.concatenate(parts).astype(np.int64)
     rng.shuffle(out)
     return out
+
+
+def dev_indices(labels: Any, exclude: Any, per_class: int, seed: int) -> np.ndarray:
+    """A class-balanced development set: ``per_class`` random examples of each class, none of them in ``exclude``.
+
+    The paper's subsets use a small part of each official training split (9,000 of Fashion-MNIST's 60,000
+    images). The rest are labelled images that no model of that subset sees, so they can score recipe choices
+    without touching the test split, and with far less noise than the validation split carved from the subset
+    (whose rarest classes hold 4-10 images). Draws come from ``np.random.default_rng([seed, 1])``, so the dev
+    set of a subset is fixed by the subset's seed. Returns sorted int64 indices into ``labels``.
+    """
+    y = check_labels(labels, name="labels").numpy()
+    check_positive("per_class", per_class, integer=True)
+    check_seed(seed)
+    used = np.zeros(len(y), dtype=bool)
+    used[np.asarray(exclude, dtype=np.int64)] = True
+    rng = np.random.default_rng([int(seed), 1])
+    parts = []
+    for c in np.unique(y):
+        pool = np.flatnonzero((y == c) & ~used)
+        if len(pool) < per_class:
+            raise ValueError(
+                f"class {c}: a dev set of {per_class} a class needs {per_class} unused training examples, "
+                f"but only {len(pool)} are left outside the subset; ask for at most {len(pool)} a class"
+            )
+        parts.append(rng.choice(pool, size=per_class, replace=False))
+    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 def parse_counts(text: str) -> tuple[int, ...]:

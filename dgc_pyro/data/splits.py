@@ -10,11 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .protocol import DIGITS_COUNTS, PAPER_COUNTS, imbalanced_indices
+from .protocol import DIGITS_COUNTS, PAPER_COUNTS, dev_indices, imbalanced_indices
 from .sources import open_source
 from .validation import check_features, check_labels, check_xy
 
 __all__ = ["ImbalancedSplit", "load_imbalanced", "split_from_arrays", "stratified_holdout"]
+
+#: What :func:`load_imbalanced` puts in the split's test slot: the official test split, or a dev set of unused
+#: training images.
+EVALUATION_SETS = ("test", "dev")
 
 #: Fraction of the data carved out as test set by :func:`split_from_arrays` when no test arrays are given.
 DEFAULT_TEST_FRACTION = 0.2
@@ -81,23 +85,36 @@ def load_imbalanced(
     counts: Sequence[int] | Mapping[int, int] | None = None,
     seed: int = 0,
     download: bool = False,
+    evaluate_on: str = "test",
+    dev_per_class: int = 1000,
 ) -> ImbalancedSplit:
     """Load the paper's imbalanced training subset of ``name`` and its full official test split.
 
     ``counts`` defaults to ``PAPER_COUNTS[name]`` (``DIGITS_COUNTS`` for digits); ``seed`` selects
     the random subset exactly as in :func:`imbalanced_indices`. Only the selected training images
     are decoded.
+
+    ``evaluate_on="dev"`` puts a class-balanced development set in place of the test split:
+    ``dev_per_class`` official training images of each class that the subset left out
+    (:func:`~dgc_pyro.data.protocol.dev_indices`). Recipe choices scored on it never see the test split.
     """
+    if evaluate_on not in EVALUATION_SETS:
+        raise ValueError(f"evaluate_on must be one of {EVALUATION_SETS}, got {evaluate_on!r}")
     train_src = open_source(name, root, split="train", download=download)
-    test_src = open_source(name, root, split="test", download=download)
     wanted = _resolve_counts(train_src.name, counts, train_src.num_classes)
     idx = imbalanced_indices(train_src.labels, wanted, seed)
+    if evaluate_on == "dev":
+        held = dev_indices(train_src.labels, idx, dev_per_class, seed)
+        x_test, y_test = train_src.images(held), torch.from_numpy(train_src.labels[held].copy())
+    else:
+        test_src = open_source(name, root, split="test", download=download)
+        x_test, y_test = test_src.images(), torch.from_numpy(test_src.labels.copy())
     return ImbalancedSplit(
         name=train_src.name,
         x_train=train_src.images(idx),
         y_train=torch.from_numpy(train_src.labels[idx].copy()),
-        x_test=test_src.images(),
-        y_test=torch.from_numpy(test_src.labels.copy()),
+        x_test=x_test,
+        y_test=y_test,
         class_names=list(train_src.class_names),
         num_classes=train_src.num_classes,
         input_shape=train_src.input_shape,
