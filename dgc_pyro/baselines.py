@@ -142,7 +142,7 @@ class FittedBaseline:
         """Class probabilities; for the logit-adjusted family this is the balanced (prior-free) posterior."""
         x = check_features(x, input_shape=self.input_shape)
         if self.sklearn_model is not None:
-            return torch.as_tensor(self.sklearn_model.predict_proba(x.reshape(len(x), -1).numpy()), dtype=torch.float32)
+            return torch.as_tensor(self.sklearn_model.predict_proba(x.reshape(len(x), -1).cpu().numpy()), dtype=torch.float32)
         assert self.module is not None
         self.module.eval()
         out = [torch.softmax(self._logits(x[i : i + batch_size].to(self.device)), -1).cpu() for i in range(0, len(x), batch_size)]
@@ -203,7 +203,7 @@ def fit_baseline(
     check_seed(seed)
     check_fraction("val_fraction", val_fraction)
     check_lr_schedule(lr_schedule)
-    x, y = check_xy(x, y, num_classes=num_classes)
+    x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
     batch_transform = resolve_transform(transform, input_shape)
@@ -212,7 +212,7 @@ def fit_baseline(
         if batch_transform is not None:
             raise ValueError("the logistic baseline is fitted in one call by scikit-learn and takes no transform")
         clf = LogisticRegression(max_iter=2000, C=1.0)
-        clf.fit(x.reshape(len(x), -1).numpy(), y.numpy())
+        clf.fit(x.reshape(len(x), -1).cpu().numpy(), y.numpy())
         if list(clf.classes_) != list(range(num_classes)):
             raise ValueError("logistic baseline needs every class in the training data")
         return FittedBaseline(name, None, sklearn_model=clf, num_classes=num_classes, input_shape=input_shape)

@@ -424,3 +424,14 @@ def test_filter_cost_benchmark_compares_the_early_stop_with_all_rounds(model, da
     assert stop["kept"] == full["kept"] == 0 and "stopped after round" in stop["warning"]
     assert stop["rounds"] < full["rounds"] == 10 and stop["scored"] < full["scored"]
     assert augment_module._hopeless is original  # the early stop is switched back on afterwards
+
+
+def test_seed_fixes_which_samples_pass_the_filter_and_leaves_the_global_state_alone(model, data):
+    x, y = data
+    state = torch.get_rng_state()
+    runs = [augment(model, x, y, seed=3, filter_threshold=0.26, num_samples_filter=2, max_rounds=3) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # a different global state must not change the outcome either
+    again = augment(model, x, y, seed=3, filter_threshold=0.26, num_samples_filter=2, max_rounds=3)
+    for a in runs[1:] + [again]:
+        assert torch.equal(a[0], runs[0][0]) and torch.equal(a[1], runs[0][1])

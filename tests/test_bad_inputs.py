@@ -29,6 +29,7 @@ from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, save_model
 from dgc_pyro.cli import main
 from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imbalanced, parse_counts, stratified_holdout
 from dgc_pyro.inference.augment import augment
+from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
 from dgc_pyro.inference.pretrain import pretrain_encoder
@@ -145,6 +146,20 @@ API_CASES = [
     Case("fit_baseline", "val_fraction=1.5", lambda c: _fit_baseline(val_fraction=1.5), ValueError,
          "val_fraction must be in [0, 1), got 1.5"),
     Case("fit_baseline", "an unknown baseline", lambda c: fit_baseline("svm", X, Y), ValueError, "unknown baseline 'svm'"),
+    Case("fit_baseline", "a class with no examples", lambda c: fit_baseline("ce", X, Y, num_classes=4), ValueError,
+         "classes [3] have no examples in y"),
+    # posterior draws and densities
+    Case("posterior_log_densities", "z with the wrong latent size",
+         lambda c: posterior_log_densities(c.model, X, Y, torch.zeros(2, 12, 5)), ValueError,
+         "z must have shape (S, N=12, k=2), got (2, 12, 5)"),
+    Case("posterior_log_densities", "NaN in z",
+         lambda c: posterior_log_densities(c.model, X, Y, torch.full((2, 12, 2), float("nan"))), ValueError,
+         "z contains 48 NaN or infinite values"),
+    Case("posterior_log_densities", "y shorter than x",
+         lambda c: posterior_log_densities(c.model, X, Y[:5], torch.zeros(2, 12, 2)), ValueError,
+         "x has 12 examples but y has 5 labels"),
+    Case("posterior_predictive", "num_samples=2.5", lambda c: posterior_predictive(c.model, X, num_samples=2.5),
+         ValueError, "num_samples must be an integer, got 2.5"),
     # encoder pre-training
     Case("pretrain_encoder", "steps=-1", lambda c: pretrain_encoder(c.model, X, Y, steps=-1), ValueError,
          "steps must be a non-negative integer, got -1"),

@@ -111,9 +111,10 @@ def check_features(
 
 
 def check_labels(y: Any, *, num_classes: int | None = None, name: str = "y") -> torch.Tensor:
-    """Validate class labels and return them as a 1-D int64 tensor with values in [0, num_classes).
+    """Validate class labels and return them as a 1-D int64 CPU tensor with values in [0, num_classes).
 
-    Float labels are accepted when every value is a whole number (e.g. labels read from CSV).
+    Float labels are accepted when every value is a whole number (e.g. labels read from CSV). Labels on a
+    GPU come back on the CPU: they are small, and the splits, class counts and metrics use them with NumPy.
     """
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -143,7 +144,7 @@ def check_labels(y: Any, *, num_classes: int | None = None, name: str = "y") -> 
                 f"{name} contains {int(frac.sum())} non-integer values (e.g. {', '.join(_fmt(v) for v in bad)}); "
                 "labels must be whole-number class indices 0..K-1"
             )
-    t = t.to(torch.int64)
+    t = t.to(device="cpu", dtype=torch.int64)
 
     if bool((t < 0).any()):
         raise ValueError(

@@ -187,6 +187,7 @@ def augment(
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    filter_seed = None if seed is None else int(np.random.default_rng([seed, 2]).integers(2**62))
     labels = y.numpy()
     cyclers = {c: _SourceCycler(np.flatnonzero(labels == c), rng) for c in quota}
     kept: dict[int, list[torch.Tensor]] = {c: [] for c in quota}
@@ -216,7 +217,13 @@ def augment(
             xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
                                    output)
             if filter_threshold is not None:
-                proba = predict_proba(model, xs, num_samples_filter, balanced=bool(filter_balanced)).cpu()
+                # The filter's latent draws come from torch's global generator: seed them too, without
+                # touching the caller's random state, so that a seed fixes which samples pass.
+                devices = [model.device] if model.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices, enabled=filter_seed is not None):
+                    if filter_seed is not None:
+                        torch.manual_seed(filter_seed + done)
+                    proba = predict_proba(model, xs, num_samples_filter, balanced=bool(filter_balanced)).cpu()
                 ok = proba[torch.arange(len(ys)), ys] >= filter_threshold
             else:
                 ok = torch.ones(len(ys), dtype=torch.bool)

@@ -47,10 +47,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from dgc_pyro.inference.fit import History
 
 __all__ = [
     "STRATEGIES",
@@ -164,7 +167,8 @@ def _local_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str | None = "ddp", **fit_kwargs: Any):
+def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str | None = "ddp",
+                    **fit_kwargs: Any) -> "History":
     """Data-parallel :func:`~dgc_pyro.inference.fit.fit` over ``devices`` processes (see the module docs).
 
     Takes the keyword arguments of ``fit``. Returns rank 0's :class:`~dgc_pyro.inference.fit.History`

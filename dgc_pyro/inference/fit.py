@@ -393,7 +393,7 @@ def fit(
 
         counts = np.bincount(y.numpy(), minlength=model.num_classes)
         model.to(dev)
-        x_dev = x.to(dev, non_blocking=True)
+        x_dev = x.to(dev, model.dtype, non_blocking=True)
         y_dev = y.to(dev, non_blocking=True)
         reps = repeat_counts(counts, perturbation_rate).to(dev)
 

@@ -95,7 +95,8 @@ def wae_mmd_loss(
       ``"l2"`` uses the reference code's 0.5 * ||x - x_hat||^2 with x_hat the likelihood's mean;
     - c2: -log p(y | z) of ``y_site`` (the model's ``label_weight`` scale applies);
     - MMD: :func:`mmd_imq` between the guide's draws of ``latent_site`` and as many draws from the
-      model's own prior at that site (so a custom :meth:`DGC.prior` is respected).
+      model's own prior at that site (so a custom :meth:`DGC.prior` is respected); the unbiased estimate,
+      or the biased one for a batch of a single draw, which has no unbiased estimate.
 
     ``kl_weight`` > 0 adds ``kl_weight`` * KL(q(z | x) || p(z)) per example (closed form where torch has it,
     else the one-draw estimate log q(z) - log p(z)); 0 is the paper's objective.
@@ -145,7 +146,9 @@ def wae_mmd_loss(
             prior_z = prior_fn.rsample() if prior_fn.has_rsample else prior_fn.sample()
             num_particles = z[..., 0, 0].numel() if z.dim() > 2 else 1
             weight = _scaled_sum(torch.ones(z.shape[:-1], device=z.device, dtype=z.dtype), zs) / num_particles
-            total = total + lam * weight * mmd_imq(z.reshape(-1, k), prior_z.reshape(-1, k), scales)
+            z, prior_z = z.reshape(-1, k), prior_z.reshape(-1, k)
+            # A batch of one draw (a last batch of N mod B == 1) has no unbiased estimate; the V-statistic is defined.
+            total = total + lam * weight * mmd_imq(z, prior_z, scales, biased=len(z) < 2)
         return total
 
     loss.__name__ = f"wae_mmd_loss(lam={lam}, reconstruction={reconstruction!r}" + (

@@ -13,6 +13,8 @@ balanced classifier; ``"train"`` (the default) keeps the training prior's offset
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -55,12 +57,20 @@ def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "
     return offset.to(dtype=model.label_offset.dtype, device=model.label_offset.device)
 
 
-def guide_normal_params(guide_trace, model: DGC, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detached (loc, scale) of q(z | x, y) from a recorded guide trace, re-encoding only for non-Normal guides."""
+def guide_normal_params(guide_trace: Any, model: DGC, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached (loc, scale) of q(z | x, y), shape (n, k), from a recorded guide trace, re-encoding only for
+    non-Normal guides.
+
+    A vectorised multi-particle ELBO records the distribution expanded to (particles, n, k); every particle
+    has the same parameters, so the first one is taken.
+    """
     node = guide_trace.nodes.get("z") if guide_trace is not None else None
     d = unwrap_normal(node["fn"] if node is not None else None)
     if d is not None:
-        return d.loc.detach(), d.scale.detach()
+        loc, scale = d.loc.detach(), d.scale.detach()
+        lead = (0,) * max(loc.dim() - 2, 0)
+        loc, scale = loc[lead], scale.expand_as(loc)[lead]
+        return loc, scale
     with torch.no_grad():
         return model.encode(x, y)
 

@@ -21,6 +21,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from dgc_pyro.arguments import check_positive
 from dgc_pyro.data.validation import check_features, check_labels
 from dgc_pyro.inference.predict import DEFAULT_MAX_ROWS, predict
 from dgc_pyro.models.dgc import DGC
@@ -109,8 +110,8 @@ def posterior_predictive(
         - ``"x"`` (with ``return_x``): mean images ``(S, N, *input_shape)`` or ``(S, C, N, *input_shape)``;
         - ``"labels"``: the labels q was conditioned on, ``(N,)`` (``(C, N)`` with ``per_class``).
     """
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    check_positive("num_samples", num_samples, integer=True)
+    check_positive("num_predict_samples", num_predict_samples, integer=True)
     num_samples = int(num_samples)
     x = check_features(x, input_shape=model.input_shape)
     n, c = x.shape[0], model.num_classes
@@ -147,6 +148,18 @@ def posterior_predictive(
     return out
 
 
+def _check_latents(z: object, n: int, model: DGC) -> torch.Tensor:
+    if not torch.is_tensor(z):
+        raise ValueError(f"z must be a torch tensor of shape (S, N={n}, k={model.latent_dim}), got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise ValueError(f"z must be a floating-point tensor, got dtype {z.dtype}")
+    if z.dim() != 3 or z.shape[1] != n or z.shape[2] != model.latent_dim:
+        raise ValueError(f"z must have shape (S, N={n}, k={model.latent_dim}), got {tuple(z.shape)}")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"z contains {int((~torch.isfinite(z)).sum())} NaN or infinite values")
+    return z.to(model.dtype)
+
+
 def posterior_log_densities(
     model: DGC,
     x: torch.Tensor,
@@ -165,8 +178,9 @@ def posterior_log_densities(
     """
     x = check_features(x, input_shape=model.input_shape)
     y = check_labels(y, num_classes=model.num_classes)
-    if z.dim() != 3 or z.shape[1] != x.shape[0]:
-        raise ValueError(f"z must have shape (S, N={x.shape[0]}, k), got {tuple(z.shape)}")
+    if len(y) != len(x):
+        raise ValueError(f"x has {len(x)} examples but y has {len(y)} labels")
+    z = _check_latents(z, len(x), model)
     s = z.shape[0]
     keys = ("log_prior", "log_q", "log_lik_x", "log_lik_y")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}

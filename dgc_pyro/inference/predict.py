@@ -192,7 +192,7 @@ def class_log_weights(
             if autocast is not None:
                 stack.enter_context(_network_autocast(model, torch.bfloat16))
             for start in range(0, x.shape[0], chunk):
-                xb = x[start : start + chunk].to(model.device, non_blocking=True)
+                xb = x[start : start + chunk].to(model.device, model.dtype, non_blocking=True)
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 out.append(_log_weight_chunk(model, xb, int(num_samples), rule).float())

@@ -152,7 +152,13 @@ class DGC(PyroModule):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters and buffers."""
         return self._zero.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype of the model (inputs are cast to it by ``fit`` and ``predict``)."""
+        return self._zero.dtype
 
     # ------------------------------------------------------------------ building blocks
     def prior(self, batch_shape: torch.Size | tuple[int, ...]) -> dist.TorchDistribution:
@@ -181,8 +187,9 @@ class DGC(PyroModule):
 
     @property
     def has_class_prior(self) -> bool:
-        """True when p(y | z) carries the training class prior (``class_prior`` was given)."""
-        return self.class_prior is not None
+        """True when p(y | z) carries the training class prior as a logit offset (``class_prior`` was given with
+        ``logit_adjustment`` > 0). With tau = 0 the offset is zero, so the classifier's own logits carry the prior."""
+        return self.class_prior is not None and self.logit_adjustment > 0
 
     @contextlib.contextmanager
     def balanced_labels(self) -> Iterator[None]:
@@ -203,10 +210,15 @@ class DGC(PyroModule):
         Drawn with its own seed inside ``torch.random.fork_rng`` so the caller's random state is untouched.
         """
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            z = self.prior((num_samples,)).sample()
-            return torch.softmax(self.label_logits(z), dim=-1).mean(0)
+        was_training = self.training
+        self.eval()  # dropout or batch norm in a custom classifier would otherwise make p(y) depend on the mode
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                z = self.prior((num_samples,)).sample()
+                return torch.softmax(self.label_logits(z), dim=-1).mean(0)
+        finally:
+            self.train(was_training)
 
     def one_hot(self, y: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """One-hot labels for the encoder; all zeros when ``y`` is None (label-agnostic q(z | x))."""
