@@ -121,12 +121,14 @@ def test_every_loss_is_listed():
 
 
 def test_select_best_false_keeps_the_last_epoch_of_the_same_trajectory(digits):
-    kw = dict(num_classes=10, epochs=4, batch_size=32, lr=3e-3, device="cpu", seed=0)
+    # A rate this high makes validation ACSA fall in the last epoch (seed 2: .48 at epoch 4, .36 at 5), so the two
+    # settings must keep different weights.
+    kw = dict(num_classes=10, epochs=5, batch_size=32, lr=0.1, device="cpu", seed=2)
     best = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, **kw)
     last = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, select_best=False, **kw)
     # the same seeded run, so the same per-epoch validation scores; only the weights kept differ
     assert [r["val_acsa"] for r in last.history] == [r["val_acsa"] for r in best.history]
-    assert last.best_epoch == 4 and last.val_acsa == last.history[-1]["val_acsa"]
+    assert last.best_epoch == 5 and last.val_acsa == last.history[-1]["val_acsa"]
     assert best.val_acsa == max(r["val_acsa"] for r in best.history)
-    if best.best_epoch == 4:
-        assert torch.equal(best.predict_proba(digits.x_test), last.predict_proba(digits.x_test))
+    assert best.best_epoch < 5, "this trajectory no longer peaks before its last epoch: choose another seed"
+    assert not torch.equal(best.predict_proba(digits.x_test), last.predict_proba(digits.x_test))

@@ -204,12 +204,26 @@ def test_fit_with_wae_mmd(digits):
     assert hist.losses[-1] < hist.losses[0]
 
 
-def test_fit_with_pretraining_and_a_custom_wae_loss(digits):
+def test_fit_with_pretraining_and_a_custom_wae_loss(digits, monkeypatch):
+    import sys
+
+    fit_module = sys.modules["dgc_pyro.inference.fit"]  # the package's `fit` attribute is the function
+    pretrained = []
+
+    def recording_pretrain(model, *args, **kwargs):
+        before = [p.detach().clone() for p in model.encoder.parameters()]
+        out = real_pretrain(model, *args, **kwargs)
+        pretrained.append((args[2], any(not torch.equal(a, p) for a, p in zip(before, model.encoder.parameters()))))
+        return out
+
+    real_pretrain = fit_module.pretrain_encoder
+    monkeypatch.setattr(fit_module, "pretrain_encoder", recording_pretrain)
     model = DGC(digits.input_shape, digits.num_classes, latent_dim=8, likelihood="normal")
     hist = fit(model, digits.x_train, digits.y_train, epochs=1, batch_size=64, objective=wae_mmd_loss(lam=10.0, reconstruction="l2"),
                device="cpu", progress=False, val_num_samples=2, pretrain_steps=5)
     assert hist.config["pretrain_steps"] == 5
     assert math.isfinite(hist.losses[0])
+    assert pretrained == [(5, True)]  # five pre-training steps ran and moved the encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

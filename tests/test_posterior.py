@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgc_pyro.inference import fit, posterior_log_densities, posterior_predictive
+from dgc_pyro.inference import fit, posterior_log_densities, posterior_predictive, predict
 from dgc_pyro.models import DGC
 
 K = 4  # classes 0..3 of digits: a model learns them in a second
@@ -58,6 +58,10 @@ def test_unlabelled_draws_use_the_predicted_class_and_seed_is_reproducible(tiny)
     b = posterior_predictive(model, x, num_samples=4, seed=3)
     assert torch.equal(a["z"], b["z"]) and torch.equal(a["labels"], b["labels"])
     assert a["labels"].shape == (30,)
+    # Without y, q is conditioned on the class predict() gives under the same seed (10 draws by default).
+    torch.manual_seed(3)
+    assert torch.equal(a["labels"].cpu(), predict(model, x, 10).labels.cpu())
+    assert len(a["labels"].unique()) > 1  # a model that predicts one class would make the check above weak
 
 
 def test_chunking_does_not_change_shapes_or_order(tiny):

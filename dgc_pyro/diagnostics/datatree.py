@@ -181,12 +181,15 @@ def loo(dt: xr.DataTree, var_name: str = "xy", *, method: str = "pointwise", poi
     return loo_approximate_posterior(dt, log_p=log_p, log_q=log_q, pointwise=pointwise, var_name=var_name)
 
 
-def compare_models(models: Mapping[str, Any], var_name: str = "xy", *, method: str = "pointwise", **kwargs: Any):
+def compare_models(models: Mapping[str, Any], var_name: str = "xy", *, method: str = "pointwise",
+                   weighting: str = "stacking", **kwargs: Any) -> Any:
     """Rank models by approximate LOO ELPD with ``arviz_stats.compare``.
 
     ``models`` maps names to :func:`to_datatree` results (built on the *same* examples) or to
-    precomputed :func:`loo` results; extra keyword arguments go to ``arviz_stats.compare``
-    (e.g. ``method="stacking"`` is its default weighting). Returns its DataFrame, best model first.
+    precomputed :func:`loo` results. ``method`` is the LOO method of :func:`loo` (one of
+    :data:`LOO_METHODS`); ``weighting`` is ``arviz_stats.compare``'s ``method``, the model weights
+    (``"stacking"``, its default, or ``"bb-pseudo-bma"``, ``"pseudo-bma"``). Other keyword arguments go
+    to ``arviz_stats.compare``. Returns its DataFrame, best model first.
     """
     import xarray as xr
     from arviz_stats import compare
@@ -197,7 +200,7 @@ def compare_models(models: Mapping[str, Any], var_name: str = "xy", *, method: s
         name: loo(m, var_name, method=method, pointwise=True) if isinstance(m, xr.DataTree) else m
         for name, m in models.items()
     }
-    return compare(elpds, **kwargs)
+    return compare(elpds, method=weighting, **kwargs)
 
 
 def ppc_class_frequencies(dt: xr.DataTree, prob: float = 0.9) -> dict[str, np.ndarray]:
