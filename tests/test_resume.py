@@ -144,18 +144,18 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(digits, straight, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process, fork() may deadlock"
         pid = os.fork()
-    if pid == 0:  # the child: fit, slowed down by the callback so the parent can kill it mid-run
+    if pid == 0:  # the child: fit, held by the callback after epoch 2 so it cannot finish before the kill
         code = 1
         try:
             torch.set_num_threads(1)
             m = new_model(digits)
             fit(m, digits.x_train, digits.y_train, epochs=4, checkpoint_dir=ckpt,
-                callback=lambda epoch, record: time.sleep(0.4), **FIT_KW)
+                callback=lambda epoch, record: time.sleep(3600 if epoch >= 2 else 0.2), **FIT_KW)
             code = 0
         finally:
             os._exit(code)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # generous: a loaded CI machine may be slow to reach epoch 1
         while not (ckpt / TRAINING_STATE_FILE).exists():
             done, status = os.waitpid(pid, os.WNOHANG)
             assert done == 0, f"the child ended before its first checkpoint (status {status})"
