@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from fixtures import write_mnist_fixture
 from hypothesis import strategies as st
 
 from dgc_pyro.baselines import fit_baseline
@@ -288,6 +290,14 @@ CLI_CASES = [
             "y_train contains 1 non-integer values"),
     CliCase(".npz with a single class", ["fit", "--dataset", "{tmp}/oneclass.npz"],
             "y contains only one distinct class (0)"),
+    CliCase("an MNIST test label of 200",
+            ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlabel", "--counts", "1,1,1,1,1,1,1,1,1,1"],
+            "could not read the mnist test file {tmp}/mnistlabel/MNIST/raw/t10k-labels-idx1-ubyte: 1 labels outside 0..9 "
+            "(e.g. 200)"),
+    CliCase("MNIST train labels longer than the images",
+            ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlong", "--counts", "1,1,1,1,1,1,1,1,1,1"],
+            "could not read the mnist train file {tmp}/mnistlong/MNIST/raw/train-labels-idx1-ubyte: 15 labels for the 10 "
+            "images of train-images-idx3-ubyte"),
     CliCase("--resume of a missing folder", ["fit", "--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such folder"),
     CliCase("--resume with a damaged checkpoint", ["fit", "--resume", "{tmp}/badrun"],
             "{tmp}/badrun/checkpoint/training_state.safetensors is not a valid dgc_pyro checkpoint"),
@@ -333,6 +343,11 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "pixels255.npz", x_train=x * 255, y_train=Y)
     np.savez(tmp / "fraclabels.npz", x_train=x, y_train=_with(Y.astype(float), (0,), 0.5))
     np.savez(tmp / "oneclass.npz", x_train=x, y_train=np.zeros(12, int))
+    raw = write_mnist_fixture(tmp / "mnistlabel", per_class=1)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:8] + bytes([200]) + labels.read_bytes()[9:])
+    raw = write_mnist_fixture(tmp / "mnistlong", per_class=1)
+    (raw / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 0x08, 1, 15) + bytes(range(10)) + bytes(5))
     yield SimpleNamespace(tmp=tmp, model=model)
     assert not (tmp / "pwned").exists()
 
