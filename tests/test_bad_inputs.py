@@ -29,7 +29,15 @@ from hypothesis import strategies as st
 from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, save_model
 from dgc_pyro.cli import main
-from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imbalanced, parse_counts, stratified_holdout
+from dgc_pyro.data import (
+    check_features,
+    check_xy,
+    imbalanced_indices,
+    load_imbalanced,
+    parse_counts,
+    split_from_arrays,
+    stratified_holdout,
+)
 from dgc_pyro.inference.augment import augment
 from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.fit import fit
@@ -102,6 +110,8 @@ API_CASES = [
          "y contains 1 labels >= num_classes=3 (max 3)"),
     Case("fit", "a negative label", lambda c: _fit(c, y=_with(Y, (0,), -1)), ValueError,
          "y contains 1 negative labels (min -1)"),
+    Case("fit", "uint64 labels >= 2**63", lambda c: _fit(c, y=_with(Y.astype(np.uint64), (0,), 2**63)), ValueError,
+         "y holds uint64 values up to 9223372036854775808, beyond the int64 range"),
     Case("fit", "string labels", lambda c: _fit(c, y=np.array(["a", "b", "c"] * 4)), ValueError,
          "y must be numeric (bool, int or float), got non-numeric dtype"),
     Case("fit", "one-hot labels (n, C)", lambda c: _fit(c, y=np.eye(3)[Y]), ValueError,
@@ -220,6 +230,9 @@ API_CASES = [
          "y_pred contains label 5 outside [0, 3)"),
     Case("imbalance_report", "a single class without num_classes", lambda c: imbalance_report([0, 0], [0, 0]),
          ValueError, "only one class label occurs in the data"),
+    Case("imbalance_report", "a label of 10**12 without num_classes", lambda c: imbalance_report([0, 1, 10**12], [0, 1, 1]),
+         ValueError, "y_true and y_pred have labels up to 1000000000000, which would mean 1000000000001 classes for 3 "
+         "examples (at most 1000 are inferred)"),
     Case("imbalance_report", "negative train_counts",
          lambda c: imbalance_report([0, 1], [0, 1], train_counts=[5, -1]), ValueError,
          "train_counts must hold finite non-negative numbers"),
@@ -238,6 +251,10 @@ API_CASES = [
     Case("load_model", "map_location='gpu0'", lambda c: load_model(c.tmp / "model.safetensors", map_location="gpu0"),
          ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
     # data
+    Case("split_from_arrays", "a label of 10**12", lambda c: split_from_arrays(X, _with(Y, (0,), 10**12)), ValueError,
+         "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
+    Case("split_from_arrays", "a test class missing from training", lambda c: split_from_arrays(X, Y, X[:1], [3]),
+         ValueError, "classes [3] have no examples in y_train"),
     Case("load_imbalanced", "more examples than a class has", lambda c: load_imbalanced("digits", counts=[500] + [5] * 9),
          ValueError, "class 0: requested 500 examples but only 128 are available"),
     Case("load_imbalanced", "counts for 3 of 10 classes", lambda c: load_imbalanced("digits", counts=[5, 5, 5]),
@@ -289,7 +306,13 @@ CLI_CASES = [
     CliCase(".npz with fractional labels", ["fit", "--dataset", "{tmp}/fraclabels.npz"],
             "y_train contains 1 non-integer values"),
     CliCase(".npz with a single class", ["fit", "--dataset", "{tmp}/oneclass.npz"],
-            "y contains only one distinct class (0)"),
+            "y_train contains only one distinct class (0)"),
+    CliCase(".npz with a label of 10**12", ["fit", "--dataset", "{tmp}/hugelabel.npz"],
+            "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
+    CliCase(".npz with uint64 labels >= 2**63", ["fit", "--dataset", "{tmp}/uint64.npz"],
+            "y_train holds uint64 values up to 9223372036854775808, beyond the int64 range"),
+    CliCase(".npz whose test set has a class missing from training", ["fit", "--dataset", "{tmp}/testclass.npz"],
+            "classes [3] have no examples in y_train"),
     CliCase("an MNIST test label of 200",
             ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlabel", "--counts", "1,1,1,1,1,1,1,1,1,1"],
             "could not read the mnist test file {tmp}/mnistlabel/MNIST/raw/t10k-labels-idx1-ubyte: 1 labels outside 0..9 "
@@ -343,6 +366,9 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "pixels255.npz", x_train=x * 255, y_train=Y)
     np.savez(tmp / "fraclabels.npz", x_train=x, y_train=_with(Y.astype(float), (0,), 0.5))
     np.savez(tmp / "oneclass.npz", x_train=x, y_train=np.zeros(12, int))
+    np.savez(tmp / "hugelabel.npz", x_train=x, y_train=_with(Y, (0,), 10**12))
+    np.savez(tmp / "uint64.npz", x_train=x, y_train=_with(Y.astype(np.uint64), (0,), 2**63))
+    np.savez(tmp / "testclass.npz", x_train=x, y_train=Y, x_test=x[:1], y_test=[3])
     raw = write_mnist_fixture(tmp / "mnistlabel", per_class=1)
     labels = raw / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:8] + bytes([200]) + labels.read_bytes()[9:])
