@@ -43,7 +43,7 @@ from dgc_pyro.inference.posterior import posterior_log_densities, posterior_pred
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
 from dgc_pyro.inference.pretrain import pretrain_encoder
-from dgc_pyro.io import CheckpointError
+from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 
@@ -248,6 +248,8 @@ API_CASES = [
     Case("load_model", "weights of another architecture",
          lambda c: load_model(c.tmp / "model.safetensors", model=DGC((1, 8, 8), 3, latent_dim=3)), CheckpointError,
          "{tmp}/model.safetensors does not match the model architecture: "),
+    Case("load_model", "weights with a NaN (corrupted tensor data)", lambda c: load_model(c.tmp / "nanweights.safetensors"),
+         CheckpointError, "{tmp}/nanweights.safetensors is not a valid dgc_pyro checkpoint: tensor "),
     Case("load_model", "map_location='gpu0'", lambda c: load_model(c.tmp / "model.safetensors", map_location="gpu0"),
          ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
     # data
@@ -334,6 +336,8 @@ CLI_CASES = [
             "{tmp}/evil.pt is not a valid dgc_pyro checkpoint"),
     CliCase("evaluate a truncated checkpoint", ["evaluate", "--checkpoint", "{tmp}/truncated.safetensors"],
             "{tmp}/truncated.safetensors is not a valid dgc_pyro checkpoint"),
+    CliCase("evaluate a checkpoint with NaN weights", ["evaluate", "--checkpoint", "{tmp}/nanweights.safetensors"],
+            "{tmp}/nanweights.safetensors is not a valid dgc_pyro checkpoint: tensor "),
 ]
 
 
@@ -369,6 +373,10 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "hugelabel.npz", x_train=x, y_train=_with(Y, (0,), 10**12))
     np.savez(tmp / "uint64.npz", x_train=x, y_train=_with(Y.astype(np.uint64), (0,), 2**63))
     np.savez(tmp / "testclass.npz", x_train=x, y_train=Y, x_test=x[:1], y_test=[3])
+    tensors, meta = load_checkpoint(tmp / "model.safetensors")
+    name = sorted(k for k, t in tensors.items() if t.is_floating_point())[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_checkpoint(tmp / "nanweights.safetensors", tensors, meta)
     raw = write_mnist_fixture(tmp / "mnistlabel", per_class=1)
     labels = raw / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:8] + bytes([200]) + labels.read_bytes()[9:])
