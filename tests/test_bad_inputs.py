@@ -144,6 +144,8 @@ API_CASES = [
          "'{tmp}/nowhere/training_state.safetensors'"),
     Case("fit", "checkpoint_dir that is a file", lambda c: _fit(c, checkpoint_dir=c.tmp / "model.safetensors"),
          ValueError, "checkpoint_dir {tmp}/model.safetensors exists and is not a folder"),
+    Case("fit", "checkpoint_dir below a file", lambda c: _fit(c, checkpoint_dir=c.tmp / "model.safetensors" / "ckpt"),
+         ValueError, "checkpoint_dir {tmp}/model.safetensors/ckpt cannot be created: {tmp}/model.safetensors is a file"),
     Case("fit", "checkpoint_every=0", lambda c: _fit(c, checkpoint_every=0), ValueError,
          "checkpoint_every must be positive and finite, got 0"),
     Case("fit", "resume_from a pickle", lambda c: _fit(c, resume_from=c.tmp / "evil.pt"), CheckpointError,
@@ -309,12 +311,24 @@ CLI_CASES = [
             "y_train contains 1 non-integer values"),
     CliCase(".npz with a single class", ["fit", "--dataset", "{tmp}/oneclass.npz"],
             "y_train contains only one distinct class (0)"),
+    CliCase("a truncated .npz", ["fit", "--dataset", "{tmp}/truncated.npz"],
+            "{tmp}/truncated.npz is not a valid .npz archive (not a zip file of .npy arrays"),
+    CliCase(".npz with a flipped byte", ["fit", "--dataset", "{tmp}/flipped.npz"],
+            "{tmp}/flipped.npz is not a valid .npz archive: array 'x_train' is unreadable (truncated or corrupted"),
+    CliCase("a .npy file named .npz", ["fit", "--dataset", "{tmp}/single.npz"],
+            "{tmp}/single.npz is not a valid .npz archive: it holds a single .npy array"),
+    CliCase("a text file named .npz", ["fit", "--dataset", "{tmp}/text.npz"],
+            "{tmp}/text.npz is not a valid .npz archive (not a zip file of .npy arrays"),
     CliCase(".npz with a label of 10**12", ["fit", "--dataset", "{tmp}/hugelabel.npz"],
             "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
     CliCase(".npz with uint64 labels >= 2**63", ["fit", "--dataset", "{tmp}/uint64.npz"],
             "y_train holds uint64 values up to 9223372036854775808, beyond the int64 range"),
     CliCase(".npz whose test set has a class missing from training", ["fit", "--dataset", "{tmp}/testclass.npz"],
             "classes [3] have no examples in y_train"),
+    CliCase("--counts with an .npz", ["fit", "--dataset", "{tmp}/good.npz", "--counts", "2,2,2"],
+            "--counts applies only to the built-in datasets"),
+    CliCase("--download and --data-dir with an .npz", ["fit", "--dataset", "{tmp}/good.npz", "--download", "--data-dir", "{tmp}"],
+            "--download, --data-dir apply only to the built-in datasets"),
     CliCase("an MNIST test label of 200",
             ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlabel", "--counts", "1,1,1,1,1,1,1,1,1,1"],
             "could not read the mnist test file {tmp}/mnistlabel/MNIST/raw/t10k-labels-idx1-ubyte: 1 labels outside 0..9 "
@@ -323,6 +337,13 @@ CLI_CASES = [
             ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlong", "--counts", "1,1,1,1,1,1,1,1,1,1"],
             "could not read the mnist train file {tmp}/mnistlong/MNIST/raw/train-labels-idx1-ubyte: 15 labels for the 10 "
             "images of train-images-idx3-ubyte"),
+    CliCase("--seed -1", ["fit", "--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got '-1'"),
+    CliCase("--seed beyond 2**32 - 1", ["fit", "--seed", "18446744073709551616"],
+            "argument --seed: must be an integer from 0 to 4294967295, got '18446744073709551616'"),
+    CliCase("--out that is a file", ["fit", "--out", "{tmp}/model.safetensors"],
+            "--out {tmp}/model.safetensors exists and is not a folder"),
+    CliCase("--out below a file", ["fit", "--out", "{tmp}/model.safetensors/run"],
+            "--out {tmp}/model.safetensors/run cannot be created: {tmp}/model.safetensors is a file"),
     CliCase("--resume of a missing folder", ["fit", "--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such folder"),
     CliCase("--resume with a damaged checkpoint", ["fit", "--resume", "{tmp}/badrun"],
             "{tmp}/badrun/checkpoint/training_state.safetensors is not a valid dgc_pyro checkpoint"),
@@ -370,6 +391,14 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "pixels255.npz", x_train=x * 255, y_train=Y)
     np.savez(tmp / "fraclabels.npz", x_train=x, y_train=_with(Y.astype(float), (0,), 0.5))
     np.savez(tmp / "oneclass.npz", x_train=x, y_train=np.zeros(12, int))
+    np.savez(tmp / "good.npz", x_train=x, y_train=Y)
+    good = (tmp / "good.npz").read_bytes()
+    (tmp / "truncated.npz").write_bytes(good[: len(good) // 2])
+    # A byte inside x_train's data (after the zip entry and .npy headers): the zip's CRC no longer matches.
+    (tmp / "flipped.npz").write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    with open(tmp / "single.npz", "wb") as f:
+        np.save(f, x)
+    (tmp / "text.npz").write_text("x_train,y_train\n0.5,1\n")
     np.savez(tmp / "hugelabel.npz", x_train=x, y_train=_with(Y, (0,), 10**12))
     np.savez(tmp / "uint64.npz", x_train=x, y_train=_with(Y.astype(np.uint64), (0,), 2**63))
     np.savez(tmp / "testclass.npz", x_train=x, y_train=Y, x_test=x[:1], y_test=[3])
@@ -400,7 +429,7 @@ def test_api_bad_input(ctx, case):
 def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_path):
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(ctx.tmp)) for a in case.argv]
-    if "--resume" not in argv:
+    if "--resume" not in argv and "--out" not in argv:
         argv += ["--out", str(out)]
     if argv[0] == "fit":
         argv += ["--no-progress", "--baseline", "none"] if "--resume" not in argv else ["--no-progress"]
