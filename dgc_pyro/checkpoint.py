@@ -72,9 +72,10 @@ def _map_location(map_location: str | torch.device) -> torch.device:
 
 
 def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any) -> None:
-    """Raise CheckpointError unless ``tensors`` has exactly ``model``'s state keys with the same shapes.
+    """Raise CheckpointError unless ``tensors`` has exactly ``model``'s state keys with the same shapes,
+    and finite values in every floating-point tensor.
 
-    Checked before anything is copied, so a mismatching file leaves the model untouched.
+    Checked before anything is copied, so a mismatching or damaged file leaves the model untouched.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -93,6 +94,14 @@ def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tens
             )
         if got.dtype.is_floating_point != t.dtype.is_floating_point:
             raise CheckpointError(f"{source} does not match the model: {name} has dtype {got.dtype}, expected {t.dtype}")
+        # safetensors has no checksum, so flipped bytes in the tensor data load without complaint; fit never
+        # saves NaN/inf weights (it stops with TrainingDivergedError first), so they mean a damaged file.
+        if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise CheckpointError(
+                f"{source} is not a valid dgc_pyro checkpoint: tensor {name} holds {bad} NaN or infinite values "
+                "(the file is corrupted); re-create it"
+            )
 
 
 def load_model(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,14 +51,33 @@ def _counts_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+#: Seeds go to NumPy's legacy generator and Pyro, which take 0..2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def _seed_arg(text: str) -> int:
+    """``--seed``: refused by argparse, naming the option, instead of failing after the data is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
     p.add_argument("--dataset", default=dataset_default,
                    help=f"one of {', '.join(DATASETS)}, or an .npz file with x_train, y_train[, x_test, y_test]")
-    p.add_argument("--data-dir", default="data", help="root folder of the torchvision datasets (default: ./data)")
+    # None means "not given": fit, evaluate and augment fill it in (from a checkpoint where there is one),
+    # and an .npz dataset refuses it when given.
+    p.add_argument("--data-dir", default=None,
+                   help="root folder of the torchvision datasets (default: ./data; evaluate and augment: the checkpoint's)")
     p.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
     p.add_argument("--counts", type=_counts_arg, default=None,
                    help="per-class training counts, e.g. 4000,2000,1000 (default: the paper's Table 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the imbalanced subset and of training")
+    p.add_argument("--seed", type=_seed_arg, default=0,
+                   help=f"seed of the imbalanced subset and of training (0..{SEED_MAX})")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when predicting")
     p.add_argument("--test-subset", type=int, default=None,
@@ -156,17 +177,59 @@ def _load_split(args: argparse.Namespace) -> ImbalancedSplit:
     return split
 
 
+#: Options that choose and subsample a built-in dataset; an .npz file is used as it is.
+_BUILTIN_DATA_OPTIONS = ("counts", "download", "data_dir")
+
+
+def _given_data_options(args: argparse.Namespace) -> list[str]:
+    """The built-in-dataset options given on the command line (call before defaults are filled in)."""
+    return [f"--{k.replace('_', '-')}" for k in _BUILTIN_DATA_OPTIONS if getattr(args, k, None) not in (None, False)]
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file; anything else (truncated, corrupted, a lone .npy, text) is a UserError."""
+    invalid = f"{path} is not a valid .npz archive"
+    fix = "write it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+    try:
+        # allow_pickle=False: an .npz is data; a pickle inside would run code when loaded.
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy's message for a non-array file suggests loading it with pickle, which we never do.
+        raise UserError(f"{invalid} (not a zip file of .npy arrays: truncated, corrupted or another format); "
+                        f"{fix}") from e
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise UserError(f"{invalid}: it holds a single .npy array, not named arrays; {fix}")
+    with arrays:
+        data = {}
+        for key in arrays.files:
+            try:
+                data[key] = arrays[key]
+            except ValueError as e:
+                # numpy refuses object arrays with a ValueError that mentions allow_pickle; other ValueErrors
+                # are damaged .npy headers.
+                if "allow_pickle" in str(e):
+                    raise UserError(f"{invalid}: array {key!r} holds Python objects, which are never unpickled; "
+                                    "store numeric arrays") from None
+                raise UserError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise UserError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None
+    return data
+
+
 def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
     name = args.dataset
     if name.endswith(".npz"):
         path = Path(name)
+        given = getattr(args, "given_data_options", [])
+        if given:
+            raise UserError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the built-in datasets "
+                f"({', '.join(DATASETS)}); {path} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
+                "(to train on a subset, write that subset to the .npz file)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                data = {k: arrays[k] for k in arrays.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path} as an .npz archive: {e}") from None
+        data = _read_npz(path)
         if "x_train" not in data or "y_train" not in data:
             raise UserError(f"{path} must contain arrays x_train and y_train (found {sorted(data)})")
         return split_from_arrays(data["x_train"], data["y_train"], data.get("x_test"), data.get("y_test"), name=path.stem)
@@ -174,6 +237,16 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
         return load_imbalanced(name, args.data_dir, counts=args.counts, seed=args.seed, download=args.download)
     except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads
         raise UserError(str(e)) from None
+
+
+def _check_out_folder(out: str | Path) -> None:
+    """Fail now, not after an epoch of training, when ``--out`` cannot become a folder."""
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing == path and not path.is_dir():
+        raise UserError(f"--out {path} exists and is not a folder; give a folder (it is created if missing)")
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--out {path} cannot be created: {existing} is a file, not a folder")
 
 
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
@@ -221,6 +294,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from dgc_pyro.metrics import format_comparison
 
     resumed = args.resume is not None
+    args.given_data_options = _given_data_options(args)
     if resumed:
         recipe = _resume_args(args)
         split = _load_split(args)
@@ -230,6 +304,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         args.data_dir = "data" if args.data_dir is None else args.data_dir
         args.baseline = "ce" if args.baseline is None else args.baseline
         args.out = "runs/latest" if args.out is None else args.out
+        _check_out_folder(args.out)
         split = _load_split(args)
         base = default_recipe(split.name)
         overrides = {
@@ -283,10 +358,12 @@ def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
     from dgc_pyro.checkpoint import load_model
     from dgc_pyro.inference.device import resolve_device
 
+    args.given_data_options = _given_data_options(args)
     model, meta = load_model(args.checkpoint, map_location=resolve_device(args.device))
     saved = meta.get("config", {})
     if args.dataset is None:
-        args.dataset = saved.get("dataset")
+        # dataset_arg is what was passed to --dataset (an .npz path); dataset is only its short name.
+        args.dataset = saved.get("dataset_arg") or saved.get("dataset")
         if args.dataset is None:
             raise UserError("--dataset is required: the checkpoint does not name its dataset")
     if args.counts is None and saved.get("counts"):
@@ -309,6 +386,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dgc_pyro.io import write_json
     from dgc_pyro.metrics import format_comparison
 
+    if args.out:
+        _check_out_folder(args.out)
     model, saved, split = _checkpoint_and_split(args)
     train_counts = np.asarray(saved.get("train_counts", split.train_counts))
     num_samples = args.num_samples or saved.get("recipe", {}).get("num_samples", 10)
@@ -400,6 +479,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         raise UserError("--grid-per-class must be >= 0")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
+    _check_out_folder(args.out)
     model, saved, split = _checkpoint_and_split(args)
     before = split.train_counts
     trained_on = saved.get("train_counts")

@@ -24,7 +24,9 @@ Conventions shared by every function here:
 * Inputs may be lists, numpy arrays or torch tensors (moved to CPU). Labels must be
   integers (integer-valued floats are accepted) in ``[0, num_classes)``; if
   ``num_classes`` is omitted it is ``max(label) + 1`` over both arrays (and at least
-  ``len(train_counts)`` when given). At least two classes are required.
+  ``len(train_counts)`` when given), and labels implying more than
+  ``max(1000, 10 * len(y_true))`` classes are refused (see ``INFERRED_CLASSES_FLOOR``).
+  At least two classes are required.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def _as_labels(x: Any, name: str) -> np.ndarray:
         arr = arr.astype(np.int64)
     elif arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
+    elif arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+        # Checked before the cast, which would wrap such values around to negative labels.
+        raise ValueError(f"{name} contains label {int(arr.max())}, beyond the int64 range; labels must be 0..K-1")
     return arr.astype(np.int64, copy=False)
 
 
@@ -94,9 +99,29 @@ def _check_range(arr: np.ndarray, name: str, num_classes: int) -> None:
         )
 
 
+#: With ``num_classes`` omitted, the labels may imply at most ``max(INFERRED_CLASSES_FLOOR,
+#: INFERRED_CLASSES_PER_EXAMPLE * n)`` classes for ``n`` examples. At most ``2n`` classes can occur in
+#: ``y_true`` and ``y_pred`` together, so beyond ``10n`` at least 80% of the classes would be absent from
+#: both, each scoring 0 in every average: the labels are then codes, not class indices, and the
+#: ``K x K`` confusion matrix of ``K = max(label) + 1`` could need terabytes. The floor keeps small
+#: evaluations of many-class models working (a 1000 x 1000 matrix is 8 MB).
+INFERRED_CLASSES_FLOOR = 1000
+INFERRED_CLASSES_PER_EXAMPLE = 10
+
+
 def _resolve_num_classes(num_classes: int | None, arrays: Iterable[np.ndarray], at_least: int = 0) -> int:
     if num_classes is None:
-        num_classes = max(max(int(a.max()) for a in arrays) + 1, at_least)
+        arrays = list(arrays)
+        top = max(int(a.max()) for a in arrays)
+        n = max(a.size for a in arrays)
+        limit = max(INFERRED_CLASSES_FLOOR, INFERRED_CLASSES_PER_EXAMPLE * n)
+        if top + 1 > limit:
+            raise ValueError(
+                f"y_true and y_pred have labels up to {top}, which would mean {top + 1} classes for {n} examples (at most {limit} "
+                "are inferred); pass num_classes explicitly, or if the labels are arbitrary codes rather than "
+                "class indices 0..K-1, remap them first, e.g. classes, y = np.unique(y, return_inverse=True)"
+            )
+        num_classes = max(top + 1, at_least)
         if num_classes < 2:
             raise ValueError(
                 "only one class label occurs in the data; pass num_classes explicitly "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +23,27 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from fixtures import write_mnist_fixture
 from hypothesis import strategies as st
 
 from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, save_model
 from dgc_pyro.cli import main
-from dgc_pyro.data import check_features, check_xy, imbalanced_indices, load_imbalanced, parse_counts, stratified_holdout
+from dgc_pyro.data import (
+    check_features,
+    check_xy,
+    imbalanced_indices,
+    load_imbalanced,
+    parse_counts,
+    split_from_arrays,
+    stratified_holdout,
+)
 from dgc_pyro.inference.augment import augment
 from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
 from dgc_pyro.inference.pretrain import pretrain_encoder
-from dgc_pyro.io import CheckpointError
+from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 
@@ -100,6 +110,8 @@ API_CASES = [
          "y contains 1 labels >= num_classes=3 (max 3)"),
     Case("fit", "a negative label", lambda c: _fit(c, y=_with(Y, (0,), -1)), ValueError,
          "y contains 1 negative labels (min -1)"),
+    Case("fit", "uint64 labels >= 2**63", lambda c: _fit(c, y=_with(Y.astype(np.uint64), (0,), 2**63)), ValueError,
+         "y holds uint64 values up to 9223372036854775808, beyond the int64 range"),
     Case("fit", "string labels", lambda c: _fit(c, y=np.array(["a", "b", "c"] * 4)), ValueError,
          "y must be numeric (bool, int or float), got non-numeric dtype"),
     Case("fit", "one-hot labels (n, C)", lambda c: _fit(c, y=np.eye(3)[Y]), ValueError,
@@ -132,6 +144,8 @@ API_CASES = [
          "'{tmp}/nowhere/training_state.safetensors'"),
     Case("fit", "checkpoint_dir that is a file", lambda c: _fit(c, checkpoint_dir=c.tmp / "model.safetensors"),
          ValueError, "checkpoint_dir {tmp}/model.safetensors exists and is not a folder"),
+    Case("fit", "checkpoint_dir below a file", lambda c: _fit(c, checkpoint_dir=c.tmp / "model.safetensors" / "ckpt"),
+         ValueError, "checkpoint_dir {tmp}/model.safetensors/ckpt cannot be created: {tmp}/model.safetensors is a file"),
     Case("fit", "checkpoint_every=0", lambda c: _fit(c, checkpoint_every=0), ValueError,
          "checkpoint_every must be positive and finite, got 0"),
     Case("fit", "resume_from a pickle", lambda c: _fit(c, resume_from=c.tmp / "evil.pt"), CheckpointError,
@@ -218,6 +232,9 @@ API_CASES = [
          "y_pred contains label 5 outside [0, 3)"),
     Case("imbalance_report", "a single class without num_classes", lambda c: imbalance_report([0, 0], [0, 0]),
          ValueError, "only one class label occurs in the data"),
+    Case("imbalance_report", "a label of 10**12 without num_classes", lambda c: imbalance_report([0, 1, 10**12], [0, 1, 1]),
+         ValueError, "y_true and y_pred have labels up to 1000000000000, which would mean 1000000000001 classes for 3 "
+         "examples (at most 1000 are inferred)"),
     Case("imbalance_report", "negative train_counts",
          lambda c: imbalance_report([0, 1], [0, 1], train_counts=[5, -1]), ValueError,
          "train_counts must hold finite non-negative numbers"),
@@ -233,9 +250,15 @@ API_CASES = [
     Case("load_model", "weights of another architecture",
          lambda c: load_model(c.tmp / "model.safetensors", model=DGC((1, 8, 8), 3, latent_dim=3)), CheckpointError,
          "{tmp}/model.safetensors does not match the model architecture: "),
+    Case("load_model", "weights with a NaN (corrupted tensor data)", lambda c: load_model(c.tmp / "nanweights.safetensors"),
+         CheckpointError, "{tmp}/nanweights.safetensors is not a valid dgc_pyro checkpoint: tensor "),
     Case("load_model", "map_location='gpu0'", lambda c: load_model(c.tmp / "model.safetensors", map_location="gpu0"),
          ValueError, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
     # data
+    Case("split_from_arrays", "a label of 10**12", lambda c: split_from_arrays(X, _with(Y, (0,), 10**12)), ValueError,
+         "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
+    Case("split_from_arrays", "a test class missing from training", lambda c: split_from_arrays(X, Y, X[:1], [3]),
+         ValueError, "classes [3] have no examples in y_train"),
     Case("load_imbalanced", "more examples than a class has", lambda c: load_imbalanced("digits", counts=[500] + [5] * 9),
          ValueError, "class 0: requested 500 examples but only 128 are available"),
     Case("load_imbalanced", "counts for 3 of 10 classes", lambda c: load_imbalanced("digits", counts=[5, 5, 5]),
@@ -287,7 +310,40 @@ CLI_CASES = [
     CliCase(".npz with fractional labels", ["fit", "--dataset", "{tmp}/fraclabels.npz"],
             "y_train contains 1 non-integer values"),
     CliCase(".npz with a single class", ["fit", "--dataset", "{tmp}/oneclass.npz"],
-            "y contains only one distinct class (0)"),
+            "y_train contains only one distinct class (0)"),
+    CliCase("a truncated .npz", ["fit", "--dataset", "{tmp}/truncated.npz"],
+            "{tmp}/truncated.npz is not a valid .npz archive (not a zip file of .npy arrays"),
+    CliCase(".npz with a flipped byte", ["fit", "--dataset", "{tmp}/flipped.npz"],
+            "{tmp}/flipped.npz is not a valid .npz archive: array 'x_train' is unreadable (truncated or corrupted"),
+    CliCase("a .npy file named .npz", ["fit", "--dataset", "{tmp}/single.npz"],
+            "{tmp}/single.npz is not a valid .npz archive: it holds a single .npy array"),
+    CliCase("a text file named .npz", ["fit", "--dataset", "{tmp}/text.npz"],
+            "{tmp}/text.npz is not a valid .npz archive (not a zip file of .npy arrays"),
+    CliCase(".npz with a label of 10**12", ["fit", "--dataset", "{tmp}/hugelabel.npz"],
+            "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
+    CliCase(".npz with uint64 labels >= 2**63", ["fit", "--dataset", "{tmp}/uint64.npz"],
+            "y_train holds uint64 values up to 9223372036854775808, beyond the int64 range"),
+    CliCase(".npz whose test set has a class missing from training", ["fit", "--dataset", "{tmp}/testclass.npz"],
+            "classes [3] have no examples in y_train"),
+    CliCase("--counts with an .npz", ["fit", "--dataset", "{tmp}/good.npz", "--counts", "2,2,2"],
+            "--counts applies only to the built-in datasets"),
+    CliCase("--download and --data-dir with an .npz", ["fit", "--dataset", "{tmp}/good.npz", "--download", "--data-dir", "{tmp}"],
+            "--download, --data-dir apply only to the built-in datasets"),
+    CliCase("an MNIST test label of 200",
+            ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlabel", "--counts", "1,1,1,1,1,1,1,1,1,1"],
+            "could not read the mnist test file {tmp}/mnistlabel/MNIST/raw/t10k-labels-idx1-ubyte: 1 labels outside 0..9 "
+            "(e.g. 200)"),
+    CliCase("MNIST train labels longer than the images",
+            ["fit", "--dataset", "mnist", "--data-dir", "{tmp}/mnistlong", "--counts", "1,1,1,1,1,1,1,1,1,1"],
+            "could not read the mnist train file {tmp}/mnistlong/MNIST/raw/train-labels-idx1-ubyte: 15 labels for the 10 "
+            "images of train-images-idx3-ubyte"),
+    CliCase("--seed -1", ["fit", "--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got '-1'"),
+    CliCase("--seed beyond 2**32 - 1", ["fit", "--seed", "18446744073709551616"],
+            "argument --seed: must be an integer from 0 to 4294967295, got '18446744073709551616'"),
+    CliCase("--out that is a file", ["fit", "--out", "{tmp}/model.safetensors"],
+            "--out {tmp}/model.safetensors exists and is not a folder"),
+    CliCase("--out below a file", ["fit", "--out", "{tmp}/model.safetensors/run"],
+            "--out {tmp}/model.safetensors/run cannot be created: {tmp}/model.safetensors is a file"),
     CliCase("--resume of a missing folder", ["fit", "--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such folder"),
     CliCase("--resume with a damaged checkpoint", ["fit", "--resume", "{tmp}/badrun"],
             "{tmp}/badrun/checkpoint/training_state.safetensors is not a valid dgc_pyro checkpoint"),
@@ -301,6 +357,8 @@ CLI_CASES = [
             "{tmp}/evil.pt is not a valid dgc_pyro checkpoint"),
     CliCase("evaluate a truncated checkpoint", ["evaluate", "--checkpoint", "{tmp}/truncated.safetensors"],
             "{tmp}/truncated.safetensors is not a valid dgc_pyro checkpoint"),
+    CliCase("evaluate a checkpoint with NaN weights", ["evaluate", "--checkpoint", "{tmp}/nanweights.safetensors"],
+            "{tmp}/nanweights.safetensors is not a valid dgc_pyro checkpoint: tensor "),
 ]
 
 
@@ -333,6 +391,26 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "pixels255.npz", x_train=x * 255, y_train=Y)
     np.savez(tmp / "fraclabels.npz", x_train=x, y_train=_with(Y.astype(float), (0,), 0.5))
     np.savez(tmp / "oneclass.npz", x_train=x, y_train=np.zeros(12, int))
+    np.savez(tmp / "good.npz", x_train=x, y_train=Y)
+    good = (tmp / "good.npz").read_bytes()
+    (tmp / "truncated.npz").write_bytes(good[: len(good) // 2])
+    # A byte inside x_train's data (after the zip entry and .npy headers): the zip's CRC no longer matches.
+    (tmp / "flipped.npz").write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    with open(tmp / "single.npz", "wb") as f:
+        np.save(f, x)
+    (tmp / "text.npz").write_text("x_train,y_train\n0.5,1\n")
+    np.savez(tmp / "hugelabel.npz", x_train=x, y_train=_with(Y, (0,), 10**12))
+    np.savez(tmp / "uint64.npz", x_train=x, y_train=_with(Y.astype(np.uint64), (0,), 2**63))
+    np.savez(tmp / "testclass.npz", x_train=x, y_train=Y, x_test=x[:1], y_test=[3])
+    tensors, meta = load_checkpoint(tmp / "model.safetensors")
+    name = sorted(k for k, t in tensors.items() if t.is_floating_point())[0]
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_checkpoint(tmp / "nanweights.safetensors", tensors, meta)
+    raw = write_mnist_fixture(tmp / "mnistlabel", per_class=1)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:8] + bytes([200]) + labels.read_bytes()[9:])
+    raw = write_mnist_fixture(tmp / "mnistlong", per_class=1)
+    (raw / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 0x08, 1, 15) + bytes(range(10)) + bytes(5))
     yield SimpleNamespace(tmp=tmp, model=model)
     assert not (tmp / "pwned").exists()
 
@@ -351,7 +429,7 @@ def test_api_bad_input(ctx, case):
 def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_path):
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(ctx.tmp)) for a in case.argv]
-    if "--resume" not in argv:
+    if "--resume" not in argv and "--out" not in argv:
         argv += ["--out", str(out)]
     if argv[0] == "fit":
         argv += ["--no-progress", "--baseline", "none"] if "--resume" not in argv else ["--no-progress"]

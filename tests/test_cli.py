@@ -62,6 +62,26 @@ def test_fit_on_arrays_from_an_npz_file(tmp_path):
     assert metrics["baseline"] is None and metrics["config"]["train_counts"] == [30, 12, 6]
 
 
+def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [20, 10, 6])
+    x = np.clip(rng.normal(0.2 + 0.3 * y[:, None], 0.1, size=(len(y), 6)), 0, 1).astype(np.float32)
+    np.savez(tmp_path / "toy.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    out = tmp_path / "out"
+    assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "1", "--no-progress", "--out", str(out),
+                 "--baseline", "none"]) == 0
+    fitted = json.loads((out / "metrics.json").read_text())
+    # Without --dataset the checkpoint's --dataset argument (the .npz path) is used, not its short name "toy".
+    assert main(["evaluate", "--checkpoint", str(out / "model.safetensors"), "--out", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert again[key] == pytest.approx(fitted[key])
+    assert main(["augment", "--checkpoint", str(out / "model.safetensors"), "--out", str(tmp_path / "aug"),
+                 "--grid-per-class", "0"]) == 0
+    assert (tmp_path / "aug" / "synthetic.npz").is_file()
+    assert "error" not in capsys.readouterr().err
+
+
 def test_fit_with_the_label_free_logit_adjusted_model_and_evaluate_reproduces_it(tmp_path):
     out = tmp_path / "la"
     assert main(["fit", "--epochs", "2", "--no-progress", "--out", str(out), "--baseline", "none", "--guide", "x",

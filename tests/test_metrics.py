@@ -178,11 +178,23 @@ class TestImbalanceReport:
             ([0, 1], [0, 1], {"train_counts": [1, -2]}, "non-negative"),
             ([0, 1], [0, 1], {"minority_class": 2}, "minority_class=2"),
             ([0, 1], [0, 1], {"majority_class": -1}, "majority_class=-1"),
+            ([0, 1, 3 * 10**7], [0, 1, 1], {}, r"labels up to 30000000, .* for 3 examples \(at most 1000 are inferred\)"),
+            ([0, 1, 1], [0, 1, 10**12], {}, r"labels up to 1000000000000.*np\.unique\(y, return_inverse=True\)"),
+            (np.array([0, 1, 2**63], dtype=np.uint64), [0, 1, 1], {}, "y_true contains label 9223372036854775808, beyond"),
         ],
     )
     def test_bad_input(self, y_true, y_pred, kwargs, match):
         with pytest.raises(ValueError, match=match):
             imbalance_report(y_true, y_pred, **kwargs)
+
+    def test_inferred_classes_are_bounded_by_the_number_of_examples(self):
+        # Up to max(1000, 10 n) classes are inferred; absent ones score 0 as documented.
+        assert imbalance_report([0, 1], [0, 999])["acsa"] == pytest.approx(1 / 1000)
+        assert imbalance_report(np.arange(200) % 2, np.full(200, 1999))["acc"] == 0.0
+        with pytest.raises(ValueError, match="at most 2000 are inferred"):
+            imbalance_report(np.arange(200) % 2, np.full(200, 2000))
+        # An explicit num_classes is the caller's choice and is not bounded.
+        assert imbalance_report([0, 1], [0, 1], num_classes=1500)["acc"] == 1.0
 
 
 class TestTables:

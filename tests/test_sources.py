@@ -283,3 +283,84 @@ def test_celeba_missing(tmp_path):
     msg = str(e.value)
     assert str(tmp_path / "celeba" / "list_attr_celeba.txt") in msg
     assert "img_align_celeba" in msg and "download=True" in msg and "--download" in msg
+
+
+# --- files whose contents are impossible --------------------------------------------------------
+
+def _rewrite_idx_labels(path: Path, labels: list[int]) -> None:
+    import struct
+
+    path.write_bytes(struct.pack(">BBBBI", 0, 0, 0x08, 1, len(labels)) + bytes(labels))
+
+
+@pytest.mark.parametrize("split, prefix", [("train", "train"), ("test", "t10k")])
+def test_mnist_more_labels_than_images_names_the_file(tmp_path, split, prefix):
+    raw = write_mnist_fixture(tmp_path, per_class=1)
+    _rewrite_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", list(range(10)) * 2)
+    with pytest.raises(RuntimeError) as e:
+        open_source("mnist", tmp_path, split=split)
+    assert str(e.value).startswith(
+        f"could not read the mnist {split} file {raw / f'{prefix}-labels-idx1-ubyte'}: 20 labels for the 10 images"
+    )
+    assert "truncated or corrupted" in str(e.value)
+
+
+def test_mnist_label_outside_the_classes_fails_when_opened(tmp_path):
+    raw = write_mnist_fixture(tmp_path, per_class=1)
+    _rewrite_idx_labels(raw / "train-labels-idx1-ubyte", [200] + list(range(1, 10)))
+    # Before the fix the label 200 was silently left out of every imbalanced subset.
+    with pytest.raises(RuntimeError, match=r"mnist train file .*train-labels-idx1-ubyte: 1 labels outside 0\.\.9 \(e\.g\. 200\)"):
+        load_imbalanced("mnist", tmp_path, counts=[1] * 10)
+
+
+def _rewrite_svhn(folder: Path, split: str, **changes) -> Path:
+    from scipy.io import loadmat, savemat
+
+    path = folder / f"{split}_32x32.mat"
+    mat = loadmat(path)
+    savemat(path, {"X": changes.get("X", mat["X"]), "y": changes.get("y", mat["y"])})
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, y: {"y": np.concatenate([y, y[:5]])}, "y holds 15 labels for the 10 images in X"),
+        (lambda x, y: {"y": y[:7]}, "y holds 7 labels for the 10 images in X"),
+        (lambda x, y: {"X": x.astype(np.float64) / 255}, "X has dtype float64, expected uint8 pixel values 0..255"),
+        (lambda x, y: {"y": np.where(np.arange(len(y))[:, None] == 0, 11, y).astype(np.uint8)},
+         r"1 labels outside 0..9 (e.g. 11)"),
+    ],
+    ids=["more labels", "fewer labels", "float pixels", "label 11"],
+)
+def test_svhn_impossible_contents_name_the_file(tmp_path, change, message):
+    from scipy.io import loadmat
+
+    folder = write_svhn_fixture(tmp_path, per_class=1)
+    mat = loadmat(folder / "test_32x32.mat")
+    path = _rewrite_svhn(folder, "test", **change(mat["X"], mat["y"]))
+    with pytest.raises(RuntimeError) as e:
+        open_source("svhn", tmp_path, split="test")
+    assert str(e.value).startswith(f"could not read the svhn test file {path}: {message}"), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, names, values",
+    [
+        (lambda header, row: ("image_id " + header, row), 41, 40),
+        (lambda header, row: (header.replace("Bald ", ""), row), 39, 40),
+        (lambda header, row: (header, row.rsplit(None, 1)[0]), 40, 39),
+    ],
+    ids=["extra image_id", "a missing name", "a value short in every row"],
+)
+def test_celeba_header_and_rows_must_agree(tmp_path, edit, names, values):
+    info = write_celeba_fixture(tmp_path, per_class=1, valid_per_class=1, test_per_class=1)
+    attr = info["folder"] / "list_attr_celeba.txt"
+    count, header, *rows = attr.read_text().splitlines()
+    edited = [edit(header, row) for row in rows]
+    attr.write_text("\n".join([count, edited[0][0], *(row for _, row in edited)]) + "\n")
+    with pytest.raises(RuntimeError) as e:
+        open_source("celeba", tmp_path)
+    assert str(e.value).startswith(
+        f"could not read the celeba train file {attr}: its header names {names} attributes but its rows hold {values} values"
+    ), str(e.value)

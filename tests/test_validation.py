@@ -191,3 +191,41 @@ def test_split_from_arrays_errors():
         split_from_arrays(GOOD_X, GOOD_Y, GOOD_X[:2], [3, 0])
     with pytest.raises(ValueError, match="y_train contains 1 negative"):
         split_from_arrays(GOOD_X, [0, 1, -1, 0, 1, 2])
+
+
+# --- labels far beyond the data -----------------------------------------------------------------
+
+def test_missing_classes_costs_the_labels_not_the_class_range():
+    from dgc_pyro.data.validation import missing_classes
+
+    y = torch.tensor([0, 2, 5, 2])
+    assert missing_classes(y, 7) == ([1, 3, 4, 6], 4)
+    assert missing_classes(y, 6, limit=2) == ([1, 3], 3)
+    # 10**15 classes: a bincount or a loop over the range would never finish.
+    assert missing_classes(y, 10**15, limit=3) == ([1, 3, 4], 10**15 - 3)
+
+
+def test_xy_missing_classes_of_a_huge_num_classes_are_listed_briefly():
+    with pytest.raises(ValueError, match=r"classes \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, \.\.\.\] \(999999999997 in all\) "
+                                         r"have no examples in y"):
+        check_xy(GOOD_X, GOOD_Y, num_classes=10**12, require_all_classes=True)
+
+
+def test_xy_inferred_classes_beyond_the_examples_suggest_remapping():
+    with pytest.raises(ValueError, match=r"y has labels up to 30000000, which imply 30000001 classes, but only 6 "
+                                         r"examples.*np\.unique\(y, return_inverse=True\)"):
+        check_xy(GOOD_X, [0, 1, 2, 0, 1, 3 * 10**7], require_all_classes=True)
+
+
+def test_split_from_arrays_names_the_array_with_the_huge_label():
+    with pytest.raises(ValueError, match=r"y_test has labels up to 1000000000000, .* but y_train has only 6 labels"):
+        split_from_arrays(GOOD_X, GOOD_Y, GOOD_X[:2], [0, 10**12])
+    with pytest.raises(ValueError, match=r"classes \[3\] have no examples in y_train"):
+        split_from_arrays(GOOD_X, GOOD_Y, GOOD_X[:2], [3, 0])
+
+
+def test_uint64_beyond_int64_is_not_called_negative():
+    y = np.array([0, 1, 2, 0, 1, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(ValueError, match="y holds uint64 values up to 9223372036854775813, beyond the int64 range"):
+        check_labels(y)
+    assert check_labels(np.array([0, 1, 2**62], dtype=np.uint64)).tolist() == [0, 1, 2**62]

@@ -77,11 +77,18 @@ class ImageSource:
     ) -> None:
         self.name = name
         self.split = split
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self._loader = loader
+        # The readers check their files' labels with the file's name; this catches any other source.
+        bad = (self.labels < 0) | (self.labels >= self.num_classes)
+        if bad.any():
+            raise ValueError(
+                f"{name} {split} split: {int(bad.sum())} labels outside 0..{self.num_classes - 1} "
+                f"(e.g. {int(self.labels[bad][0])})"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -136,6 +143,23 @@ def _wrap_read_error(name: str, root: Path, download: bool, e: Exception) -> Run
     )
 
 
+def _bad_file(name: str, split: str, path: Path, problem: str) -> RuntimeError:
+    """A dataset file that was read but holds impossible content, in the words of :func:`_wrap_read_error`."""
+    return RuntimeError(
+        f"could not read the {name} {split} file {path}: {problem}; it may be truncated or corrupted: "
+        "delete it and retry with download=True (--download)"
+    )
+
+
+def _check_file_labels(name: str, split: str, path: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Labels outside the dataset's classes would fail only after training (test split) or vanish (train split)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise _bad_file(
+            name, split, path, f"{int(bad.sum())} labels outside 0..{num_classes - 1} (e.g. {int(labels[bad][0])})"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST
 
@@ -157,6 +181,16 @@ def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
     data = ds.data  # uint8 (N, 28, 28); 47 MB for the training split, so kept in memory
     labels = ds.targets.numpy().astype(np.int64)
     class_names = [str(c) for c in range(10)] if name == "mnist" else list(ds.classes)
+    prefix = "train" if split == "train" else "t10k"
+    image_file, label_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    if not label_file.is_file():  # read from torchvision's legacy processed/*.pt file instead
+        image_file = label_file = legacy[0 if split == "train" else 1]
+    if tuple(data.shape[1:]) != (28, 28):
+        raise _bad_file(name, split, image_file, f"images of size {tuple(data.shape[1:])}, expected (28, 28)")
+    if len(labels) != len(data):
+        # torchvision reads the two files independently; extra labels would index past the images.
+        raise _bad_file(name, split, label_file, f"{len(labels)} labels for the {len(data)} images of {image_file.name}")
+    _check_file_labels(name, split, label_file, labels, len(class_names))
 
     def load(idx: np.ndarray) -> torch.Tensor:
         return data[torch.from_numpy(idx)].unsqueeze(1).to(torch.float32).div_(255.0)
@@ -217,7 +251,18 @@ def _open_svhn(root: Path, split: str, download: bool) -> ImageSource:
     except Exception as e:  # noqa: BLE001
         raise _wrap_read_error("svhn", folder, download, e) from e
     data = ds.data  # uint8 (N, 3, 32, 32) view of the .mat array
-    labels = np.asarray(ds.labels, dtype=np.int64)  # torchvision already maps label 10 to digit 0
+    # torchvision already maps label 10 to digit 0; reshape undoes its squeeze of a one-example file.
+    labels = np.asarray(ds.labels, dtype=np.int64).reshape(-1)
+    path = folder / fname
+    if tuple(data.shape[1:]) != (3, 32, 32):
+        n, c, h, w = data.shape  # torchvision's transpose of X (H, W, C, N) succeeds only on 4-D arrays
+        raise _bad_file("svhn", split, path, f"X has shape {(h, w, c, n)}, expected (32, 32, 3, N)")
+    if data.dtype != np.uint8:
+        # load() divides by 255, which would silently darken float images already scaled to [0, 1].
+        raise _bad_file("svhn", split, path, f"X has dtype {data.dtype}, expected uint8 pixel values 0..255")
+    if len(labels) != len(data):
+        raise _bad_file("svhn", split, path, f"y holds {len(labels)} labels for the {len(data)} images in X")
+    _check_file_labels("svhn", split, path, labels, 10)
 
     def load(idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(data[idx])).to(torch.float32).div_(255.0)
@@ -289,13 +334,21 @@ def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
         raise _wrap_read_error("celeba", root, download, e) from e
 
     names = [n for n in ds.attr_names if n]
+    attr_file = base / "list_attr_celeba.txt"
+    n_values = ds.attr.shape[1] if ds.attr.ndim == 2 else 0
+    if len(names) != n_values:
+        # Columns are looked up by header position, so a missing or extra name would shift every attribute.
+        raise _bad_file(
+            "celeba", split, attr_file,
+            f"its header names {len(names)} attributes but its rows hold {n_values} values after the image name",
+        )
     try:
         cols = [names.index(a) for a in CELEBA_ATTRIBUTES]
     except ValueError:
-        raise RuntimeError(
-            f"{base / 'list_attr_celeba.txt'} lacks one of the attributes {CELEBA_ATTRIBUTES}"
-        ) from None
+        raise RuntimeError(f"{attr_file} lacks one of the attributes {CELEBA_ATTRIBUTES}") from None
     hair = ds.attr[:, cols].numpy()  # (N, 5) in {0, 1}
+    if not np.isin(hair, (0, 1)).all():  # torchvision maps the file's -1/1 to 0/1
+        raise _bad_file("celeba", split, attr_file, f"hair attributes {CELEBA_ATTRIBUTES} must be -1 or 1")
     keep = np.flatnonzero(hair.sum(axis=1) == 1)
     labels = hair[keep].argmax(axis=1).astype(np.int64)
     files = [ds.filename[i] for i in keep]

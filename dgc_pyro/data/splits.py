@@ -12,7 +12,7 @@ import torch
 
 from .protocol import DIGITS_COUNTS, PAPER_COUNTS, dev_indices, imbalanced_indices
 from .sources import open_source
-from .validation import check_features, check_labels, check_xy
+from .validation import REMAP_HINT, check_features, check_labels, check_xy
 
 __all__ = ["ImbalancedSplit", "load_imbalanced", "split_from_arrays", "stratified_holdout"]
 
@@ -161,7 +161,8 @@ def split_from_arrays(
     Without test arrays a stratified 20% test set is carved from the training arrays with
     :func:`stratified_holdout` (seed 0); classes with a single example then stay in training only.
     ``num_classes`` defaults to ``max label + 1`` over train and test labels; every class must
-    have at least one training example.
+    have at least one training example, so labels implying more classes than there are training
+    labels are refused (remap arbitrary label codes to 0..K-1 first, e.g. with ``np.unique``).
     """
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither (a stratified 20% test set is then carved from the training data)")
@@ -169,8 +170,19 @@ def split_from_arrays(
     yt = check_labels(y_train, name="y_train")
     yte = check_labels(y_test, name="y_test") if y_test is not None else None
     if num_classes is None:
-        num_classes = max(int(t.max()) for t in (yt, yte) if t is not None) + 1
-    x, y = check_xy(xt, yt, num_classes=num_classes, require_all_classes=True)
+        tops = {"y_train": int(yt.max())}
+        if yte is not None:
+            tops["y_test"] = int(yte.max())
+        which = max(tops, key=tops.__getitem__)
+        num_classes = tops[which] + 1
+        # Every class needs a training example, so more classes than training labels cannot be right; checked
+        # before anything is sized by num_classes (a label of 10**12 would otherwise allocate terabytes).
+        if num_classes > len(yt):
+            raise ValueError(
+                f"{which} has labels up to {tops[which]}, which imply {num_classes} classes, but y_train has only "
+                f"{len(yt)} labels, so not every class can have a training example; {REMAP_HINT}"
+            )
+    x, y = check_xy(xt, yt, num_classes=num_classes, require_all_classes=True, names=("x_train", "y_train"))
     input_shape = tuple(x.shape[1:])
     if x_test is None:
         tr, te = stratified_holdout(y, DEFAULT_TEST_FRACTION, seed=0)

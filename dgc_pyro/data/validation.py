@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_features", "check_labels", "check_xy"]
+__all__ = ["check_features", "check_labels", "check_xy", "missing_classes"]
 
 
 def _to_tensor(value: Any, name: str) -> torch.Tensor:
@@ -32,6 +32,12 @@ def _to_tensor(value: Any, name: str) -> torch.Tensor:
             f"{name} must be numeric (bool, int or float), got non-numeric dtype {arr.dtype}"
         )
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        # Checked before the cast: uint64 values >= 2**63 would wrap around to negative int64 values.
+        if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"{name} holds uint64 values up to {int(arr.max())}, beyond the int64 range (max 2**63 - 1); "
+                "labels must be class indices 0..K-1 and features floats in [0, 1]"
+            )
         # torch has only partial support for uint16/32/64; int64 holds every value we accept anyway.
         arr = arr.astype(np.int64)
     # ascontiguousarray would turn a 0-d array into 1-d, hiding scalar input from the checks.
@@ -159,6 +165,28 @@ def check_labels(y: Any, *, num_classes: int | None = None, name: str = "y") -> 
     return t
 
 
+REMAP_HINT = (
+    "if the labels are arbitrary codes rather than class indices 0..K-1, remap them first, "
+    "e.g. classes, y = np.unique(y, return_inverse=True)"
+)
+
+
+def missing_classes(labels: torch.Tensor, num_classes: int, limit: int = 10) -> tuple[list[int], int]:
+    """The first ``limit`` classes of ``range(num_classes)`` absent from ``labels``, and how many are absent.
+
+    Costs O(len(labels)) whatever ``num_classes`` is, so a huge class count never allocates or loops
+    over its range.
+    """
+    present = torch.unique(labels)
+    present = present[(present >= 0) & (present < num_classes)]
+    absent = num_classes - int(present.numel())
+    # Among the first len(present) + limit indices at least `limit` are absent (when that many are).
+    window = min(num_classes, int(present.numel()) + limit)
+    seen = set(present[present < window].tolist())
+    first = [c for c in range(window) if c not in seen][:limit]
+    return first, absent
+
+
 def check_xy(
     x: Any,
     y: Any,
@@ -166,29 +194,45 @@ def check_xy(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     require_all_classes: bool = False,
+    names: tuple[str, str] = ("x", "y"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a (features, labels) pair: each on its own, their lengths, and class coverage.
 
     With ``require_all_classes`` every class in ``range(num_classes)`` (or ``0..max(y)`` when
-    ``num_classes`` is None) must have at least one example.
+    ``num_classes`` is None) must have at least one example; when ``num_classes`` is None, labels
+    implying more classes than there are examples are refused with a hint to remap them.
+    ``names`` are the argument names used in error messages.
     """
-    xt = check_features(x, input_shape=input_shape, name="x")
-    yt = check_labels(y, num_classes=num_classes, name="y")
+    x_name, y_name = names
+    xt = check_features(x, input_shape=input_shape, name=x_name)
+    yt = check_labels(y, num_classes=num_classes, name=y_name)
     if xt.shape[0] != yt.shape[0]:
         raise ValueError(
-            f"x and y have different lengths: x has {xt.shape[0]} examples, y has {yt.shape[0]} labels"
+            f"{x_name} and {y_name} have different lengths: {x_name} has {xt.shape[0]} examples, "
+            f"{y_name} has {yt.shape[0]} labels"
         )
     present = torch.unique(yt)
     if present.numel() < 2:
         raise ValueError(
-            f"y contains only one distinct class ({int(present[0])}); classification needs at least two classes"
+            f"{y_name} contains only one distinct class ({int(present[0])}); classification needs at least two classes"
         )
     if require_all_classes:
-        k = num_classes if num_classes is not None else int(yt.max()) + 1
-        counts = torch.bincount(yt, minlength=k)
-        empty = [c for c in range(k) if int(counts[c]) == 0]
-        if empty:
+        n = int(yt.numel())
+        if num_classes is None:
+            top = int(present[-1])
+            if top + 1 > n:
+                raise ValueError(
+                    f"{y_name} has labels up to {top}, which imply {top + 1} classes, but only {n} examples, so not "
+                    f"every class can have one; {REMAP_HINT}"
+                )
+        k = num_classes if num_classes is not None else int(present[-1]) + 1
+        first, absent = missing_classes(yt, k)
+        if absent:
+            listed = str(first)
+            if absent > len(first):
+                listed = f"[{', '.join(map(str, first))}, ...] ({absent} in all)"
             raise ValueError(
-                f"classes {empty} have no examples in y (expected every class in 0..{k - 1} to appear at least once)"
+                f"classes {listed} have no examples in {y_name} "
+                f"(expected every class in 0..{k - 1} to appear at least once)"
             )
     return xt, yt

@@ -19,6 +19,7 @@ Reliability features of the loop (see ``docs/reliability.md``):
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import warnings
@@ -137,6 +138,22 @@ def _check_fit_args(
     check_fraction("val_fraction", val_fraction)
     check_non_negative("perturbation_rate", perturbation_rate)
     check_betas(betas)
+
+
+def _check_checkpoint_dir(folder: Path) -> None:
+    """Raise ValueError now when checkpoints could not be written to ``folder``.
+
+    The first checkpoint is written after an epoch; a folder that can never be created (a file in its
+    place or above it, no write permission) would otherwise fail only then. Nothing is created here, so
+    a fit that fails later validation leaves no empty folder behind.
+    """
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing == folder and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} exists and is not a folder")
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} cannot be created: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint_dir {folder} is not writable: no write permission in {existing}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +361,8 @@ def fit(
 
     # Where checkpoints come from and go to; every problem here is raised before training starts.
     ckpt_path = Path(checkpoint_dir) / TRAINING_STATE_FILE if checkpoint_dir is not None else None
-    if ckpt_path is not None and ckpt_path.parent.exists() and not ckpt_path.parent.is_dir():
-        raise ValueError(f"checkpoint_dir {ckpt_path.parent} exists and is not a folder")
+    if ckpt_path is not None:
+        _check_checkpoint_dir(ckpt_path.parent)
     saved: TrainingState | None = None
     source: Path | None = None
     if resume_from is not None:
