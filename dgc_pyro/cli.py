@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")
     f.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the "
-                        "dataset, counts, seed and recipe saved there (only --epochs, --device, --no-progress may change)")
+                        "dataset, counts, seed and recipe saved there (only " + ", ".join(_flags(_RESUME_FREE))
+                        + " may be given)")
     f.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
     f.add_argument("--no-progress", action="store_true")
@@ -249,9 +250,18 @@ def _check_out_folder(out: str | Path) -> None:
         raise UserError(f"--out {path} cannot be created: {existing} is a file, not a folder")
 
 
+def _flags(dests: tuple[str, ...]) -> list[str]:
+    return [f"--{d.replace('_', '-')}" for d in dests]
+
+
+#: fit options that --resume takes from the checkpoint (giving one is an error) ...
 _RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
                  "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
                  "logit_adjustment", "guide", "transform", "perturbation_prior", "lr_schedule", "keep")
+#: ... and those that may be given with it: how long and where to run, not what is fitted (evaluation's
+#: --test-subset too). Every other fit option is one of the two (tested).
+_RESUME_FREE = ("epochs", "device", "deterministic", "no_progress", "engine", "compile", "devices", "strategy",
+                "test_subset", "download")
 
 
 def _resume_args(args: argparse.Namespace):
@@ -262,11 +272,11 @@ def _resume_args(args: argparse.Namespace):
     out = Path(args.resume)
     if args.out is not None and Path(args.out) != out:
         raise UserError(f"--resume {out} continues the run in {out}; drop --out {args.out}")
-    given = [f"--{k.replace('_', '-')}" for k in _RESUME_FIXED if getattr(args, k, None) is not None]
+    given = _flags(tuple(k for k in _RESUME_FIXED if getattr(args, k, None) is not None))
     if given:
         raise UserError(
             f"--resume takes the data and recipe from the checkpoint; drop {', '.join(given)} "
-            "(only --epochs, --device, --no-progress may be given)"
+            f"(only {', '.join(_flags(_RESUME_FREE))} may be given)"
         )
     if not out.is_dir():
         raise FileNotFoundError(f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -157,3 +158,14 @@ def test_fit_keep_last_keeps_the_last_epoch_for_dgc_and_the_baseline(tmp_path, c
     assert all("val_acsa" in r for r in history["epochs"])  # the validation split still monitors
     assert main(["fit", "--resume", str(out), "--keep", "best"]) != 0
     assert "drop --keep" in capsys.readouterr().err
+
+
+def test_every_fit_option_is_either_taken_from_the_checkpoint_or_free_under_resume():
+    from dgc_pyro import cli
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {a.dest for a in sub.choices["fit"]._actions} - {"help", "out", "resume"}
+    assert not set(cli._RESUME_FIXED) & set(cli._RESUME_FREE)
+    assert dests == set(cli._RESUME_FIXED) | set(cli._RESUME_FREE)
+    resume_help = next(a.help for a in sub.choices["fit"]._actions if a.dest == "resume")
+    assert all(flag in resume_help for flag in cli._flags(cli._RESUME_FREE))  # the help lists the free ones
