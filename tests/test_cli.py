@@ -51,11 +51,16 @@ def test_evaluate_reloads_the_checkpoint_and_reproduces_the_metrics(digits_run, 
         assert again[key] == pytest.approx(fitted[key])
 
 
-def test_fit_on_arrays_from_an_npz_file(tmp_path):
+def _toy_npz(path, counts):
+    """Three separable classes of 6 features in [0, 1], the same arrays as train and test split."""
     rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], [30, 12, 6])
+    y = np.repeat([0, 1, 2], counts)
     x = np.clip(rng.normal(0.2 + 0.3 * y[:, None], 0.1, size=(len(y), 6)), 0, 1).astype(np.float32)
-    np.savez(tmp_path / "toy.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+
+
+def test_fit_on_arrays_from_an_npz_file(tmp_path):
+    _toy_npz(tmp_path / "toy.npz", [30, 12, 6])
     out = tmp_path / "out"
     assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "2", "--no-progress", "--out", str(out),
                  "--baseline", "none"]) == 0
@@ -64,10 +69,7 @@ def test_fit_on_arrays_from_an_npz_file(tmp_path):
 
 
 def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], [20, 10, 6])
-    x = np.clip(rng.normal(0.2 + 0.3 * y[:, None], 0.1, size=(len(y), 6)), 0, 1).astype(np.float32)
-    np.savez(tmp_path / "toy.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    _toy_npz(tmp_path / "toy.npz", [20, 10, 6])
     out = tmp_path / "out"
     assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "1", "--no-progress", "--out", str(out),
                  "--baseline", "none"]) == 0
