@@ -73,6 +73,14 @@ def _fit(ctx, x=X, y=Y, **kw):
     return fit(ctx.model, x, y, **{"epochs": 1, "progress": False, **kw})
 
 
+def _crop(x, generator):
+    return x[..., :4, :4]
+
+
+def _to_255(x, generator):
+    return x * 255
+
+
 def _fit_baseline(**kw):
     return fit_baseline("ce", X, Y, **{"epochs": 1, **kw})
 
@@ -150,6 +158,11 @@ API_CASES = [
          "checkpoint_every must be positive and finite, got 0"),
     Case("fit", "resume_from a pickle", lambda c: _fit(c, resume_from=c.tmp / "evil.pt"), CheckpointError,
          "{tmp}/evil.pt is not a valid dgc_pyro checkpoint: not a safetensors file or truncated/corrupted"),
+    Case("fit", "a transform that changes the shape", lambda c: _fit(c, transform=_crop), ValueError,
+         "transform _crop must keep the batch's shape (9, 1, 8, 8) and dtype torch.float32; it returned shape "
+         "(9, 1, 4, 4)"),
+    Case("fit", "a transform that returns 0..255 pixels", lambda c: _fit(c, transform=_to_255), ValueError,
+         "transform _to_255 returned values in [0"),
     # baselines: the same protocol checks as fit
     Case("fit_baseline", "epochs=0", lambda c: _fit_baseline(epochs=0), ValueError, "epochs must be positive and finite, got 0"),
     Case("fit_baseline", "batch_size=0", lambda c: _fit_baseline(batch_size=0), ValueError,

@@ -100,11 +100,35 @@ def test_resolve_transform_names_the_problem():
     def mine(x, g):
         return x
 
-    assert resolve_transform(mine, (64,)) is mine
+    checked = resolve_transform(mine, (64,))
+    assert checked.fn is mine and checked.__name__ == "mine" and transform_name(mine) == "mine"
+    x = torch.rand(4, 64)
+    assert checked(x, torch.Generator()) is x
     with pytest.raises(ValueError, match="one of \\['shift', 'shift-flip'\\], got 'rotate'"):
         resolve_transform("rotate", (1, 8, 8))
     with pytest.raises(ValueError, match="needs inputs shaped \\(C, H, W\\); these are shaped \\(64,\\)"):
         resolve_transform("shift", (64,))
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda x, g: x[:, :32], r"must keep the batch's shape \(4, 64\) and dtype torch.float32; it returned shape \(4, 32\)"),
+    (lambda x, g: x.double(), r"it returned shape \(4, 64\), dtype torch.float64"),
+    (lambda x, g: None, "returned NoneType, not a tensor"),
+    (lambda x, g: x * 300, r"returned values in \[[\d.]+, [\d.]+\]; transformed inputs must stay finite and within \[0, 1\]"),
+    (lambda x, g: x * float("nan"), "returned values in \\[nan, nan\\]"),
+])
+def test_a_users_transform_that_breaks_the_batch_is_named(fn, match):
+    checked = resolve_transform(fn, (64,))
+    with pytest.raises(ValueError, match=match):
+        checked(torch.rand(4, 64), torch.Generator())
+
+
+def test_fit_stops_at_a_bad_transform_with_its_name(digits):
+    def blow_up(x, g):
+        return x * 255
+
+    with pytest.raises(ValueError, match="transform blow_up returned values in"):
+        fit(new_model(digits), digits.x_train, digits.y_train, epochs=1, transform=blow_up, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,35 @@ def transform_option(choice: str | None) -> str | None:
     return None if choice is None or choice == "none" else choice
 
 
+class CheckedTransform:
+    """A user's transform whose output is checked, so that a wrong one fails with a message naming it rather
+    than as a shape error deep inside the networks, or as silent training on out-of-range pixels.
+
+    Every call: the output must be a tensor with the batch's shape and dtype (no host synchronisation).
+    The first call also checks that it is finite and within [0, 1], as the data were.
+    """
+
+    def __init__(self, fn: Transform) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self._values_checked = False
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = self.fn(x, generator)
+        if not torch.is_tensor(out):
+            raise ValueError(f"transform {self.__name__} returned {type(out).__name__}, not a tensor")
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(f"transform {self.__name__} must keep the batch's shape {tuple(x.shape)} and dtype "
+                             f"{x.dtype}; it returned shape {tuple(out.shape)}, dtype {out.dtype}")
+        if not self._values_checked:
+            lo, hi = float(out.min()), float(out.max())
+            if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+                raise ValueError(f"transform {self.__name__} returned values in [{lo:g}, {hi:g}]; transformed "
+                                 "inputs must stay finite and within [0, 1], like the data")
+            self._values_checked = True
+        return out
+
+
 def resolve_transform(spec: str | Transform | None, input_shape: tuple[int, ...]) -> Transform | None:
     """The transform named or given by ``spec`` for inputs of ``input_shape`` (None: no transform).
 
@@ -70,7 +99,7 @@ def resolve_transform(spec: str | Transform | None, input_shape: tuple[int, ...]
     if spec is None or spec == "none":
         return None
     if callable(spec):
-        return spec
+        return spec if spec in TRANSFORMS.values() else CheckedTransform(spec)
     if not isinstance(spec, str) or spec not in TRANSFORMS:
         raise ValueError(f"transform must be a callable, None or one of {sorted(TRANSFORMS)}, got {spec!r}")
     if len(input_shape) != 3:
