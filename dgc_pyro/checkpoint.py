@@ -71,9 +71,10 @@ def _map_location(map_location: str | torch.device) -> torch.device:
     return resolve_device(map_location)
 
 
-def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any) -> None:
+def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any, *,
+                        require_finite: bool = True) -> None:
     """Raise CheckpointError unless ``tensors`` has exactly ``model``'s state keys with the same shapes,
-    and finite values in every floating-point tensor.
+    and (with ``require_finite``, for states read from a file) finite values in every floating-point tensor.
 
     Checked before anything is copied, so a mismatching or damaged file leaves the model untouched.
     """
@@ -96,7 +97,7 @@ def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tens
             raise CheckpointError(f"{source} does not match the model: {name} has dtype {got.dtype}, expected {t.dtype}")
         # safetensors has no checksum, so flipped bytes in the tensor data load without complaint; fit never
         # saves NaN/inf weights (it stops with TrainingDivergedError first), so they mean a damaged file.
-        if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
+        if require_finite and got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
             bad = int((~torch.isfinite(got)).sum())
             raise CheckpointError(
                 f"{source} is not a valid dgc_pyro checkpoint: tensor {name} holds {bad} NaN or infinite values "

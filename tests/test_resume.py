@@ -6,9 +6,11 @@ in-process and subprocess runs do the same floating-point operations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import signal
 import time
 import warnings
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, load_training_state, save_model
+from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_model, load_training_state, save_model, save_training_state
 from dgc_pyro.data import load_imbalanced
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.io import CheckpointError
@@ -213,6 +215,24 @@ def test_resume_from_damaged_checkpoint(digits, one_epoch_checkpoint, tmp_path, 
     with pytest.raises(CheckpointError, match="is not a valid dgc_pyro checkpoint"):
         _resume(digits, tmp_path)
     assert (tmp_path / TRAINING_STATE_FILE).read_bytes() == data  # not overwritten
+
+
+@pytest.mark.parametrize("which", ["model", "best_model"])
+def test_resume_refuses_non_finite_weights_read_from_the_file(digits, one_epoch_checkpoint, tmp_path, which):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / TRAINING_STATE_FILE).write_bytes(one_epoch_checkpoint)
+    state = load_training_state(tmp_path / "src")
+    tensors = getattr(state, which)
+    if tensors is None:  # a checkpoint without a best model: give it one to damage
+        tensors = {k: v.clone() for k, v in state.model.items()}
+        state = dataclasses.replace(state, best_model=tensors)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")  # what flipped bytes in the tensor data can give
+    save_training_state(tmp_path / TRAINING_STATE_FILE, state)
+    suffix = " (best model)" if which == "best_model" else ""
+    with pytest.raises(CheckpointError, match=f"{TRAINING_STATE_FILE}{re.escape(suffix)} is not a valid dgc_pyro "
+                                              f"checkpoint: tensor {re.escape(name)} holds 1 NaN"):
+        _resume(digits, tmp_path)
 
 
 def test_resume_with_other_architecture_leaves_model_untouched(digits, one_epoch_checkpoint, tmp_path):

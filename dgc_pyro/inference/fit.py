@@ -199,10 +199,14 @@ class _Run:
         )
 
     def restore(self, state: TrainingState, *, source: Any = "the snapshot") -> list[str]:
-        """Load ``state`` into the model, optimisers, generators and bookkeeping; returns RNG notes."""
-        check_state_matches(self.model, state.model, source)
+        """Load ``state`` into the model, optimisers, generators and bookkeeping; returns RNG notes.
+
+        States read from a file were checked for damage (non-finite weights) by ``check_resumable``; an
+        in-memory snapshot may hold non-finite weights on purpose, when a divergence is being replayed.
+        """
+        check_state_matches(self.model, state.model, source, require_finite=False)
         if state.best_model is not None:
-            check_state_matches(self.model, state.best_model, f"{source} (best model)")
+            check_state_matches(self.model, state.best_model, f"{source} (best model)", require_finite=False)
         missing = sorted(set(self.optimizers) - set(state.optimizers))
         if missing:
             raise CheckpointError(f"{source} lacks the state of optimiser(s) {missing}")

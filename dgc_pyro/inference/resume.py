@@ -120,6 +120,8 @@ def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[
             + ")"
         )
     check_state_matches(model, saved.model, source)
+    if saved.best_model is not None:
+        check_state_matches(model, saved.best_model, f"{source} (best model)")
     saved_config = {**RESUME_DEFAULTS, **saved.config}
     diff = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
     if diff:
