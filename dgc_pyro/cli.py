@@ -250,6 +250,22 @@ def _check_out_folder(out: str | Path) -> None:
         raise UserError(f"--out {path} cannot be created: {existing} is a file, not a folder")
 
 
+def _refuse_to_overwrite_an_interrupted_fit(out: str | Path) -> None:
+    """A fresh fit would overwrite ``out``'s checkpoint; refuse when it belongs to an interrupted fit.
+
+    A finished fit writes ``metrics.json`` after its last checkpoint, so a checkpoint newer than the
+    metrics (or without any) is the only copy of an unfinished run's progress.
+    """
+    from dgc_pyro.checkpoint import TRAINING_STATE_FILE
+
+    state, metrics = Path(out) / "checkpoint" / TRAINING_STATE_FILE, Path(out) / "metrics.json"
+    if state.is_file() and (not metrics.is_file() or metrics.stat().st_mtime < state.stat().st_mtime):
+        raise UserError(
+            f"--out {out} holds an interrupted fit ({state} is newer than any metrics.json); continue it with "
+            f"'dgc-pyro fit --resume {out}', or give another --out (or remove {state.parent}) to start afresh"
+        )
+
+
 def _flags(dests: tuple[str, ...]) -> list[str]:
     return [f"--{d.replace('_', '-')}" for d in dests]
 
@@ -315,6 +331,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         args.baseline = "ce" if args.baseline is None else args.baseline
         args.out = "runs/latest" if args.out is None else args.out
         _check_out_folder(args.out)
+        _refuse_to_overwrite_an_interrupted_fit(args.out)
         split = _load_split(args)
         base = default_recipe(split.name)
         overrides = {

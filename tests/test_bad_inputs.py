@@ -357,6 +357,9 @@ CLI_CASES = [
             "--out {tmp}/model.safetensors exists and is not a folder"),
     CliCase("--out below a file", ["fit", "--out", "{tmp}/model.safetensors/run"],
             "--out {tmp}/model.safetensors/run cannot be created: {tmp}/model.safetensors is a file"),
+    CliCase("a fresh fit into an interrupted fit's --out", ["fit", "--out", "{tmp}/badrun"],
+            "--out {tmp}/badrun holds an interrupted fit ({tmp}/badrun/checkpoint/training_state.safetensors is newer "
+            "than any metrics.json); continue it with 'dgc-pyro fit --resume {tmp}/badrun'"),
     CliCase("--resume of a missing folder", ["fit", "--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such folder"),
     CliCase("--resume with a damaged checkpoint", ["fit", "--resume", "{tmp}/badrun"],
             "{tmp}/badrun/checkpoint/training_state.safetensors is not a valid dgc_pyro checkpoint"),

@@ -345,3 +345,23 @@ def test_cli_resume_finishes_run_like_uninterrupted(tmp_path, capsys):
         assert a[key] == b[key]
     assert a["history"]["epochs"] == b["history"]["epochs"]
     assert a["config"]["recipe"] == b["config"]["recipe"]
+
+
+def test_cli_fresh_fit_refuses_to_overwrite_an_interrupted_fit(tmp_path, capsys):
+    from dgc_pyro.cli import main
+
+    common = ["--epochs", "1", "--batch-size", "64", "--latent-dim", "4", "--num-samples", "2", "--baseline", "none",
+              "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(["fit", *common]) == 0
+    assert main(["fit", *common]) == 0  # a finished fit (metrics.json after its checkpoint) may be overwritten
+    state = tmp_path / "run" / "checkpoint" / TRAINING_STATE_FILE
+    metrics = tmp_path / "run" / "metrics.json"
+    later = metrics.stat().st_mtime + 10
+    os.utime(state, (later, later))  # as if a later fit into the folder had been interrupted after a checkpoint
+    before = state.read_bytes()
+    capsys.readouterr()
+    assert main(["fit", *common]) == 2
+    assert f"--out {tmp_path / 'run'} holds an interrupted fit" in capsys.readouterr().err
+    assert state.read_bytes() == before
+    metrics.unlink()  # an interrupted first fit has no metrics at all
+    assert main(["fit", *common]) == 2
