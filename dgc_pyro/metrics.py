@@ -46,6 +46,7 @@ __all__ = [
     "expected_calibration_error",
     "negative_log_likelihood",
     "brier_score",
+    "check_proba",
     "reliability_bins",
     "paired_difference",
     "format_paired",
@@ -344,7 +345,12 @@ def format_comparison(
 # ---------------------------------------------------------------------------------------
 
 
-def _proba_pair(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
+def check_proba(proba: Any) -> np.ndarray:
+    """Validate a class-probability matrix ``(n_examples, n_classes)``: finite, in [0, 1], rows summing to 1.
+
+    Returns it as float64, clipped to [0, 1] (within the tolerance). Logits or log-probabilities are refused
+    with a message that says so.
+    """
     p = _to_numpy(proba)
     if p.ndim != 2:
         raise ValueError(f"proba must be a 2-D (n_examples, n_classes) array, got shape {p.shape}")
@@ -364,11 +370,16 @@ def _proba_pair(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
             f"rows of proba must sum to 1 (tolerance {PROBA_ROW_SUM_ATOL}); row {int(bad[0])} sums to "
             f"{sums[bad[0]]:.6g} ({bad.size} bad row(s)); did you pass logits or unnormalised scores?"
         )
+    return np.clip(p, 0.0, 1.0)
+
+
+def _proba_pair(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = check_proba(proba)
     yt = _as_labels(y_true, "y_true")
     if yt.size != p.shape[0]:
         raise ValueError(f"y_true has {yt.size} labels but proba has {p.shape[0]} rows")
     _check_range(yt, "y_true", p.shape[1])
-    return yt, np.clip(p, 0.0, 1.0)
+    return yt, p
 
 
 def _binned(yt: np.ndarray, p: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:

@@ -33,8 +33,9 @@ def seed_everything(seed: int) -> None:
     """Seed every random number generator the package draws from."""
     seed = int(seed)
     random.seed(seed)
+    # pyro.set_rng_seed also seeds NumPy's legacy generator, which takes only 0 .. 2**32 - 1.
+    pyro.set_rng_seed(seed % 2**32)  # seeds torch (CPU and CUDA) as well
     np.random.seed(seed % 2**32)
-    pyro.set_rng_seed(seed)  # seeds torch (CPU and CUDA) as well
     torch.manual_seed(seed)
 
 

@@ -79,6 +79,18 @@ def test_uncertainty_scores_from_proba_and_prediction_agree(tiny):
         dg.uncertainty_score(pred.proba, "mutual_information")
     with pytest.raises(ValueError, match="score must be one of"):
         dg.uncertainty_score(pred, "variance")
+    logits = torch.log(pred.proba[:4]) * 3
+    with pytest.raises(ValueError, match="did you pass logits"):
+        dg.reject(logits, 0.5)
+    with pytest.raises(ValueError, match="rows of proba must sum to 1"):
+        dg.uncertainty_score(torch.full((4, K), 1.8 / K), "least_confidence")
+
+
+def test_good_k_needs_at_least_two_draws():
+    assert dg.good_k(100) == pytest.approx(0.5)
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="num_draws must be an integer >= 2"):
+            dg.good_k(bad)
 
 
 # ------------------------------------------------------------------ calibration
@@ -276,6 +288,17 @@ def test_ppc_class_frequencies(trees):
 
 
 # ------------------------------------------------------------------ plots
+
+
+def test_ppc_plot_draws_a_rare_class_whose_mean_lies_outside_its_interval():
+    # Replicated in 4 of 100 draws: the 90% interval is [0, 0] and the mean 0.04 lies above it.
+    ppc = {"classes": np.arange(3), "observed": np.array([50, 30, 1]), "mean": np.array([50.0, 30.0, 0.04]),
+           "lower": np.array([45.0, 26.0, 0.0]), "upper": np.array([55.0, 34.0, 0.0])}
+    ax = dg.plot_ppc_class_frequencies(ppc)
+    segments = ax.collections[-1].get_segments()
+    assert [tuple(s[:, 1]) for s in segments] == [(45.0, 55.0), (26.0, 34.0), (0.0, 0.0)]
+    assert list(ax.lines[-1].get_ydata()) == [50.0, 30.0, 0.04]
+    plt.close(ax.figure)
 
 
 def test_plots_are_drawn_and_saved(tmp_path, tiny, trees):

@@ -98,3 +98,14 @@ def test_data_already_on_the_gpu_fits_and_predicts():
     fit(model, x.cuda(), y.cuda(), epochs=1, batch_size=10, val_fraction=0.2, progress=False, device="cuda")
     assert predict(model, x.cuda(), 4).proba.shape == (len(x), 2)
     assert fit_baseline("ce", x.cuda(), y.cuda(), epochs=1, device="cuda").predict_proba(x.cuda()).shape == (len(x), 2)
+
+
+def test_a_seed_beyond_32_bits_seeds_every_generator():
+    import numpy as np
+
+    from dgc_pyro.reproducibility import seed_everything
+
+    seed_everything(2**32 + 5)  # NumPy's legacy generator takes only 32 bits (pyro seeds it too): no error
+    a = (np.random.rand(), torch.rand(()).item())
+    seed_everything(2**32 + 5)
+    assert (np.random.rand(), torch.rand(()).item()) == a

@@ -32,7 +32,9 @@ from dgc_pyro.inference.predict import DEFAULT_MAX_ROWS
 from dgc_pyro.models.dgc import DGC
 
 if TYPE_CHECKING:  # ArviZ and xarray are imported on use: they take seconds to import
+    import pandas as pd
     import xarray as xr
+    from arviz_stats import ELPDData
 
 __all__ = ["LOO_METHODS", "compare_models", "loo", "ppc_class_frequencies", "to_datatree"]
 
@@ -161,7 +163,7 @@ def _log_density(dt: xr.DataTree, name: str, method: str) -> xr.DataArray:
     return da
 
 
-def loo(dt: xr.DataTree, var_name: str = "xy", *, method: str = "pointwise", pointwise: bool = True):
+def loo(dt: xr.DataTree, var_name: str = "xy", *, method: str = "pointwise", pointwise: bool = True) -> ELPDData:
     """Approximate-posterior PSIS-LOO of a :func:`to_datatree` result (``arviz_stats.loo_approximate_posterior``).
 
     ``method="pointwise"`` (default) corrects each example's draws by its own log p(z_i, x_i, y_i) -
@@ -182,7 +184,7 @@ def loo(dt: xr.DataTree, var_name: str = "xy", *, method: str = "pointwise", poi
 
 
 def compare_models(models: Mapping[str, Any], var_name: str = "xy", *, method: str = "pointwise",
-                   weighting: str = "stacking", **kwargs: Any) -> Any:
+                   weighting: str = "stacking", **kwargs: Any) -> pd.DataFrame:
     """Rank models by approximate LOO ELPD with ``arviz_stats.compare``.
 
     ``models`` maps names to :func:`to_datatree` results (built on the *same* examples) or to

@@ -26,6 +26,8 @@ MIN_DRAWS = 25
 
 def good_k(num_draws: int) -> float:
     """The sample-size dependent k-hat threshold min(1 - 1/log10(D), 0.7) of Vehtari et al. (2024)."""
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 2:
+        raise ValueError(f"num_draws must be an integer >= 2 (the threshold uses log10 of it), got {num_draws!r}")
     return min(1.0 - 1.0 / math.log10(num_draws), 0.7)
 
 

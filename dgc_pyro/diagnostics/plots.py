@@ -91,8 +91,10 @@ def plot_ppc_class_frequencies(ppc: Any, ax: Any = None, *, prob: float = 0.9) -
     ax = _axes(ax, figsize=(6.0, 3.5))
     pos = np.arange(len(ppc["observed"]))
     ax.bar(pos, ppc["observed"], color="0.8", label="observed")
-    err = np.vstack([ppc["mean"] - ppc["lower"], ppc["upper"] - ppc["mean"]])
-    ax.errorbar(pos, ppc["mean"], yerr=err, fmt="o", color="C0", capsize=3, label="posterior predictive")
+    # The interval is drawn on its own: for a rare class the mean of the replicated counts can lie outside
+    # the central interval (most draws 0, a few large), which error bars around the mean cannot show.
+    ax.vlines(pos, ppc["lower"], ppc["upper"], color="C0", label=f"posterior predictive {prob:.0%} interval")
+    ax.plot(pos, ppc["mean"], "o", color="C0", label="posterior predictive mean")
     ax.set_xticks(pos, [str(c) for c in ppc["classes"]])
     ax.set_xlabel("class")
     ax.set_ylabel("count")

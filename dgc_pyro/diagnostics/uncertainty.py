@@ -24,6 +24,7 @@ import numpy as np
 
 from dgc_pyro.inference.predict import Prediction
 from dgc_pyro.metrics import (
+    check_proba,
     _proba_pair,
     brier_score,
     expected_calibration_error,
@@ -67,9 +68,7 @@ def uncertainty_score(proba: Any, score: str = "entropy") -> np.ndarray:
         return _numpy(getattr(proba, score)).astype(np.float64)
     if score in ("mutual_information", "expected_entropy"):
         raise ValueError(f"score {score!r} needs a Prediction (from dgc_pyro.inference.predict), not a proba matrix")
-    p = _numpy(proba).astype(np.float64)
-    if p.ndim != 2:
-        raise ValueError(f"proba must be a 2-D (n_examples, n_classes) array, got shape {p.shape}")
+    p = check_proba(proba)
     if score == "least_confidence":
         return 1.0 - p.max(axis=1)
     return -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1)
