@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
-from dgc_pyro.data import DATASETS, EVALUATION_SETS, load_imbalanced, parse_counts
+from dgc_pyro.data import DATASETS, DIGITS_COUNTS, EVALUATION_SETS, PAPER_COUNTS, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when DGC predicts")
     p.add_argument("--rule", choices=SCORING_RULES, default=None,
-                   help="DGC's scoring rule (default: the model's, mixture for q(z|x,y) and latent for q(z|x))")
+                   help="DGC's scoring rule on the evaluation split (default: the model's, mixture for q(z|x,y) and "
+                        "latent for q(z|x)); the validation scores that pick the epoch always use the model's")
     p.add_argument("--backbone", choices=("auto", "conv", "mlp"), default="auto",
                    help="conv: the preset's image networks; mlp: flattened pixels (default: mlp with --quick)")
     p.add_argument("--preset", choices=("small", "paper"), default=None,
@@ -182,15 +183,20 @@ def _report(split: ImbalancedSplit, proba: torch.Tensor) -> dict[str, float]:
     return report
 
 
+def method_recipe(method: str, recipe: Recipe) -> Recipe:
+    """The recipe of DGC row ``method``: the command's recipe with the row's objective family and changes."""
+    family, changes = DGC_VARIANTS[method]
+    objective = recipe.objective if recipe.objective.startswith(family) else family
+    return dataclasses.replace(recipe, objective=objective, **changes)
+
+
 def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str | None,
             val_num_samples: int, also_last: bool = False) -> dict[str, Any]:
     """Fit and evaluate one DGC row of :data:`DGC_VARIANTS` (objective family and recipe changes).
 
     With ``also_last`` the weights of the last epoch are kept by a callback and scored too (``out["last_epoch"]``).
     """
-    family, changes = DGC_VARIANTS[method]
-    objective = recipe.objective if recipe.objective.startswith(family) else family
-    recipe = dataclasses.replace(recipe, objective=objective, **changes)
+    recipe = method_recipe(method, recipe)
     seed_everything(seed)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     t0 = time.perf_counter()
@@ -310,18 +316,65 @@ def _pm(cell: dict[str, float] | None) -> str:
     return f"{cell['mean']:.4f} ± {cell['std']:.4f}"
 
 
-def check_reused_runs(folders: Sequence[Path], evaluated_on: str) -> None:
-    """Refuse (before anything is written) to reuse a run scored on another evaluation set than this call's."""
-    for folder in folders:
-        for path in sorted((folder / "runs").glob("*.json")):
-            scored_on = json.loads(path.read_text()).get("evaluated_on", "test")
-            if scored_on != evaluated_on:
-                raise SystemExit(f"{path} was scored on {scored_on!r}, not {evaluated_on!r} (--evaluate-on); runs "
-                                 "scored on different sets cannot share a table")
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
-def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "") -> str:
-    """Markdown table in the shape of the paper's Tables 2-3, with the published DGC row beside ours."""
+def expected_settings(method: str, recipe: Recipe, backbone: str, rule: str | None, evaluated_on: str,
+                      train_counts: Sequence[int] | None) -> dict[str, Any]:
+    """What a run of ``method`` made by this call records about how it was made (see :func:`check_reused_runs`)."""
+    out: dict[str, Any] = {"backbone": backbone, "evaluated_on": evaluated_on}
+    if train_counts is not None:
+        out["train_counts"] = list(train_counts)
+    if method in DGC_METHODS:
+        out["recipe"] = _jsonable(dataclasses.asdict(method_recipe(method, recipe)))
+        if rule is not None:
+            out["rule"] = rule
+    else:
+        out["settings"] = _jsonable({**recipe.baseline_options(), "lr": BASELINE_LR})
+    return out
+
+
+def settings_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The settings in which a finished ``run`` differs from ``expected``, as ``"key: run value, expected"``.
+
+    A run predating a field has no record of it and is not held against it (the field then had one value).
+    """
+    diffs = []
+    for key, want in expected.items():
+        got = run.get(key, "test" if key == "evaluated_on" else None)
+        if got is None:
+            continue
+        if isinstance(want, dict) and isinstance(got, dict):
+            diffs += [f"{key}.{k}: {got[k]!r} in the run, {want[k]!r} now" for k in sorted(set(got) & set(want))
+                      if got[k] != want[k]]
+        elif got != want:
+            diffs.append(f"{key}: {got!r} in the run, {want!r} now")
+    return diffs
+
+
+def check_reused_runs(paths: dict[str, Path], expected: dict[str, dict[str, Any]]) -> None:
+    """Refuse (before anything is written) to pool a finished run made with other settings than this call's.
+
+    ``paths`` maps each method to the run files this call would reuse, ``expected`` each method to
+    :func:`expected_settings`. Averaging runs of different backbones, recipes or evaluation sets into one row
+    would make the table's note, which describes this call's settings, false.
+    """
+    for method, files in paths.items():
+        for path in files:
+            diffs = settings_differences(json.loads(path.read_text()), expected[method])
+            if diffs:
+                raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}"
+                                 f"{'; ...' if len(diffs) > 4 else ''}); runs with different settings cannot share "
+                                 "a table")
+
+
+def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "",
+                 runs_per_method: dict[str, int] | None = None) -> str:
+    """Markdown table in the shape of the paper's Tables 2-3, with the published DGC row beside ours.
+
+    ``seeds`` are the seeds the table pools; a method with fewer runs (``runs_per_method``) says how many.
+    """
     head = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | Wall time (s) |"
     lines = [f"### {dataset}: mean ± std over seeds {', '.join(map(str, seeds))}", ""]
     if note:
@@ -335,11 +388,23 @@ def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], 
         cells = [_pm(metrics.get(k)) for k, _ in TABLE_COLUMNS]
         t = metrics.get("seconds")
         wall = f"{t['mean']:.0f}" if t else "—"
-        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + f" | {wall} |")
+        n = (runs_per_method or {}).get(method, len(seeds))
+        label = METHOD_LABELS.get(method, method) + (f" ({n} of {len(seeds)} seeds)" if n < len(seeds) else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall} |")
     if dataset in PAPER_BEST_BASELINE:
         name, acsa = PAPER_BEST_BASELINE[dataset]
         lines += ["", f"Paper's strongest baseline on {dataset}: {name}, ACSA {acsa:.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def _run_path(out: Path, args: argparse.Namespace, method: str, seed: int) -> Path:
+    """Where the run of ``method`` on ``seed`` is (OUT/runs, else with --collect the first --collect-from
+    folder that has it), or would be written (OUT/runs)."""
+    name = f"{method}_seed{seed}.json"
+    path = out / "runs" / name
+    if args.collect and not path.is_file():
+        path = next((p for p in (Path(d) / "runs" / name for d in args.collect_from) if p.is_file()), path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,16 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if args.resume or args.collect:
-        check_reused_runs([out, *map(Path, args.collect_from)], evaluated_on)
+        counts = args.counts or PAPER_COUNTS.get(args.dataset) or (DIGITS_COUNTS if args.dataset == "digits" else None)
+        expected = {m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts) for m in args.methods}
+        check_reused_runs({m: [p for s in args.seeds if (p := _run_path(out, args, m, s)).is_file()]
+                           for m in args.methods}, expected)
     write_json(out / "config.json", config)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         split = None
         for method in args.methods:
-            name = f"{method}_seed{seed}.json"
-            path = out / "runs" / name
-            if args.collect and not path.is_file():
-                path = next((p for p in (Path(d) / "runs" / name for d in args.collect_from) if p.is_file()), path)
+            path = _run_path(out, args, method, seed)
             if (args.resume or args.collect) and path.is_file():
                 runs[method].append(json.loads(path.read_text()))
                 continue
@@ -424,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
     from dgc_pyro.io import atomic_write_text
 
-    table = render_table(args.dataset, summary, args.seeds, note)
+    pooled = sorted({int(r["seed"]) for results in runs.values() for r in results})
+    table = render_table(args.dataset, summary, pooled, note, {m: len(r) for m, r in runs.items()})
     pairs = paired_comparisons(runs, reference=reference)
     write_json(out / "paired.json", pairs)
     if pairs:

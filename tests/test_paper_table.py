@@ -157,9 +157,9 @@ def test_evaluate_on_dev_scores_unused_training_images_and_never_mixes_with_test
     assert run["evaluated_on"] == "dev:3" and run["test_size"] == 30
     assert "NOT the test split" in (out / "table.md").read_text()
     config = (out / "config.json").read_text()
-    with pytest.raises(SystemExit, match="was scored on 'dev:3', not 'test'"):
+    with pytest.raises(SystemExit, match="evaluated_on: 'dev:3' in the run, 'test' now"):
         paper_table.main(argv + ["--resume"])
-    with pytest.raises(SystemExit, match="was scored on 'dev:3', not 'dev:4'"):
+    with pytest.raises(SystemExit, match="evaluated_on: 'dev:3' in the run, 'dev:4' now"):
         paper_table.main(argv + ["--collect", "--evaluate-on", "dev", "--dev-per-class", "4"])
     assert (out / "config.json").read_text() == config  # refused before anything was written
     with pytest.raises(SystemExit, match="--dev-per-class sizes the dev set; it needs --evaluate-on dev"):
@@ -276,3 +276,30 @@ def test_paired_comparisons_use_the_seeds_both_methods_ran(paper_table):
     assert pairs["dgc_elbo - ce"]["acsa"]["mean"] == pytest.approx(((0.86 - 0.84) + (0.85 - 0.83)) / 2)
     assert pairs["dgc_elbo - ce"]["ece"]["mean"] == pytest.approx(0.0)
     assert paper_table.paired_comparisons({"ce": runs["ce"]}) == {}
+
+
+def test_pooling_refuses_runs_made_with_other_settings_and_the_header_names_the_pooled_seeds(paper_table, tmp_path):
+    out = tmp_path / "out"
+    common = ["--dataset", "digits", "--quick", "--num-samples", "2", "--device", "cpu",
+              "--counts", "12,10,8,6,5,4,4,3,3,3", "--out", str(out)]
+    assert paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "dgc_elbo"]) == 0
+    assert paper_table.main(common + ["--epochs", "1", "--seeds", "2", "--methods", "ce"]) == 0
+    config = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"ce_seed1.json was made with other settings .*settings.epochs: 1 in the run, "
+                                         r"2 now"):
+        paper_table.main(common + ["--epochs", "2", "--seeds", "1", "2", "--methods", "ce", "--collect"])
+    with pytest.raises(SystemExit, match=r"dgc_elbo_seed1.json was made with other settings .*recipe.label_weight: "):
+        paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "dgc_elbo", "--resume",
+                                   "--recipe-set", "label_weight=7"])
+    with pytest.raises(SystemExit, match=r"backbone: 'mlp' in the run, 'conv' now"):
+        paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect", "--backbone", "conv"])
+    with pytest.raises(SystemExit, match=r"train_counts: \[12, 10, .*\] in the run, \[13, 10, "):
+        paper_table.main([a if a != "12,10,8,6,5,4,4,3,3,3" else "13,10,8,6,5,4,4,3,3,3" for a in common]
+                         + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect"])
+    assert (out / "config.json").read_text() == config  # refused before anything was written
+    # Asked for three seeds, two exist: the header names the two, and dgc_elbo's row says it has one.
+    assert paper_table.main(common + ["--epochs", "1", "--seeds", "1", "2", "3", "--methods", "ce", "dgc_elbo",
+                                      "--collect"]) == 0
+    table = (out / "table.md").read_text()
+    assert "mean ± std over seeds 1, 2\n" in table
+    assert "| DGC, ELBO (ours) (1 of 2 seeds) |" in table and "| CE |" in table
