@@ -36,7 +36,8 @@ LR_SCHEDULE=${LR_SCHEDULE:-cosine}   # the table's protocol since session 7 (con
 METHODS=${METHODS:-"dgc_elbo logit_adjusted cb_focal dgc_wae_mmd ce balanced_softmax ldam_drw dgc_elbo_paper_guide"}
 # Augmentation is answered on the CPU (RESULTS.md, ten seeds); add it to PHASES for a GPU replication.
 PHASES=${PHASES:-"speed table"}
-TABLE="$WORK/fashion_table_$PRESET"
+# One folder per protocol: WORK outlives a call, and paper_table --collect refuses to pool runs of other settings.
+TABLE="$WORK/fashion_table_${PRESET}_${TRANSFORM}_${LR_SCHEDULE}_e${EPOCHS}$( [ "${SMOKE:-0}" = 1 ] && echo _smoke )"
 has() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
 started=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
