@@ -10,7 +10,10 @@ no validation-based model selection so that no arm selects on synthetic data):
   (d) optional (``--arms ... ros``): the subset plus copies of its own images (imblearn's RandomOverSampler),
       the control that tells whether the generative model adds anything over repeating the minority images.
 
-(b), (c) and (d) add exactly the same number of examples per class (one imbalanced-learn sampling strategy).
+(b), (c) and (d) ask for the same number of examples per class (one imbalanced-learn sampling strategy), and
+SMOTE and random over-sampling always add exactly that; with ``--filter-threshold`` DGC may add fewer (samples that
+fail the filter are dropped). The run records what each arm actually added (``synthetic_added_per_class``) and
+``--collect`` refuses runs in which an arm added other than the requested counts.
 ``--arms`` picks the arms; without ``dgc`` no DGC is fitted. On the CPU every arm is deterministic given the seed,
 so runs of one configuration with different ``--arms`` can be pooled by ``--collect``, which checks that an arm
 present in two runs of a seed has the same scores in both.
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transform", choices=TRANSFORM_CHOICES, default="none",
                    help="random training-time transform of the DGC fit and of every CNN arm alike")
     p.add_argument("--same-steps-control", action="store_true",
-                   help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c)")
+                   help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c) "
+                        "(one such arm per distinct number of examples the over-sampled arms actually added)")
     p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
     p.add_argument("--quick", action="store_true", help=f"small, fast settings: {QUICK}")
     p.add_argument("--device", default="auto")
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategy = _strategy(train_counts, args.target_ratio)
     wanted = synthetic_counts(split.y_train, strategy)
     _log(f"{split.name}: train counts {train_counts.tolist()}, test {len(split.y_test)}; "
-         f"synthetic per class {wanted} (strategy {strategy!r})", t0)
+         f"synthetic per class requested {wanted} (strategy {strategy!r})", t0)
 
     seconds: dict[str, float] = {}
     extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # arm -> the examples it adds to the subset
@@ -221,6 +225,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extra[ARM_KEYS[key]] = sampler(split.x_train, split.y_train, strategy, args.seed)
             seconds[key] = time.perf_counter() - t
 
+    # What each over-sampled arm really added: DGC's filter can fall short of the quota, and a claim that the arms
+    # add the same numbers must rest on the counts, not on the request.
+    added = {name: {int(c): int(n) for c, n in enumerate(np.bincount(y_add.numpy(), minlength=split.num_classes))
+                    if n or int(c) in wanted}
+             for name, (_, y_add) in extra.items()}
+    requested = {int(c): int(n) for c, n in wanted.items()}
+    short_arms = sorted(name for name, got in added.items() if got != requested)
+    for name in short_arms:
+        _log(f"WARNING: arm {name!r} added {added[name]} instead of the requested {requested}; "
+             "the over-sampled arms are not of equal size", t0)
+
     arms: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for name in ARMS:
         if name == ARMS[0] and "imbalanced" in args.arms:
@@ -228,10 +243,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif name in extra:
             x_add, y_add = extra[name]
             arms[name] = (torch.cat([split.x_train, x_add]), torch.cat([split.y_train, y_add]), cnn_epochs)
+    same_steps: dict[str, str] = {}  # over-sampled arm -> the control arm with as many gradient steps
     if args.same_steps_control:
-        # Over-sampled arms take more gradient steps per epoch; this arm takes as many on the real data alone.
-        same = max(1, round(cnn_epochs * (len(split.y_train) + sum(wanted.values())) / len(split.y_train)))
-        arms[f"imbalanced, {same} epochs"] = (split.x_train, split.y_train, same)
+        # Over-sampled arms take more gradient steps per epoch; the control takes as many on the real data alone.
+        # Sized from what each arm actually added, so an arm short of its quota gets its own, shorter control.
+        for name in extra:
+            same = max(1, round(cnn_epochs * (len(split.y_train) + sum(added[name].values())) / len(split.y_train)))
+            control = f"imbalanced, {same} epochs"
+            arms[control] = (split.x_train, split.y_train, same)
+            same_steps[name] = control
     reports: dict[str, dict[str, float]] = {}
     for name, (x, y, epochs) in arms.items():
         t = time.perf_counter()
@@ -257,6 +277,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_size": int(len(split.y_test)),
         "sampling_strategy": strategy,
         "synthetic_per_class": wanted,
+        "synthetic_added_per_class": added,
+        "arms_short_of_request": short_arms,
+        **({"same_steps_control": same_steps} if args.same_steps_control else {}),
         "arms": list(args.arms),
         "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples,
                 "best_epoch": history.best_epoch if history else None,
@@ -275,7 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # What may differ between runs that --collect pools: the seed and where the outputs went.
-_PER_RUN_KEYS = {"seed", "arms", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class"}
+_PER_RUN_KEYS = {"seed", "arms", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class",
+                 "synthetic_added_per_class", "arms_short_of_request", "same_steps_control", "added_not_recorded"}
 _PER_RUN_DGC_KEYS = {"best_epoch", "history"}
 
 
@@ -298,6 +322,28 @@ def _check_one_configuration(results: Sequence[Mapping[str, Any]], names: Sequen
                 raise ValueError(f"{name} differs from {names[0]} in {key!r}: "
                                  f"{config.get(key)!r} vs {reference.get(key)!r}")
     return reference
+
+
+def _check_added_counts(results: Sequence[Mapping[str, Any]], seeds: Sequence[int], arms: Sequence[str]) -> None:
+    """``ValueError`` if a compared over-sampled arm of some run added other than the requested counts.
+
+    Pooling such runs would compare arms of different sizes under the claim that they add the same numbers.
+    Runs that predate ``synthetic_added_per_class`` pass (``collect`` reports them as unrecorded).
+    """
+    for seed, result in zip(seeds, results):
+        added = result.get("synthetic_added_per_class")
+        if not added:
+            continue
+        requested = {str(c): int(n) for c, n in result["synthetic_per_class"].items()}
+        for name in arms:
+            arm = name.removeprefix("CNN ")
+            if arm not in added:
+                continue
+            got = {str(c): int(n) for c, n in added[arm].items()}
+            if got != requested:
+                raise ValueError(f"run of seed {seed}: arm {name!r} added {got} synthetic examples per class instead "
+                                 f"of the requested {requested} (the DGC filter fell short?); its arms are not of "
+                                 "equal size and are not pooled")
 
 
 def compare_seeds(
@@ -329,6 +375,7 @@ def compare_seeds(
         missing = [s for s, r in zip(seeds, results) if name not in r["reports"]]
         if missing:
             raise ValueError(f"arm {name!r} missing from the runs of seeds {missing}")
+    _check_added_counts(results, seeds, arms)
     values = {name: {m: np.array([r["reports"][name][m] for r in results], dtype=float) for m in metrics}
               for name in arms}
     n = len(results)
@@ -368,7 +415,10 @@ def merge_runs(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> li
     source: dict[tuple[int, str], str] = {}
     for name, result in zip(names, results):
         seed = int(result["seed"])
-        into = merged.setdefault(seed, {**result, "reports": {}})
+        into = merged.setdefault(seed, {**result, "reports": {}, "synthetic_added_per_class": {}})
+        if "synthetic_added_per_class" not in result:
+            into["added_not_recorded"] = [*into.get("added_not_recorded", []), name]
+        into["synthetic_added_per_class"].update(result.get("synthetic_added_per_class", {}))
         for arm, report in result["reports"].items():
             if arm in into["reports"] and into["reports"][arm] != report:
                 raise ValueError(f"seed {seed}: arm {arm!r} scores differently in {source[seed, arm]} and {name} "
@@ -391,9 +441,17 @@ def collect(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[
             raise ValueError(f"cannot read run {path}: {err}") from err
         if "reports" not in results[-1] or "seed" not in results[-1]:
             raise ValueError(f"{path} is not an augmentation.py run (no 'reports' or 'seed')")
-    summary = compare_seeds(merge_runs(results, [str(p) for p in paths]))
+    merged = merge_runs(results, [str(p) for p in paths])
+    summary = compare_seeds(merged)
     summary["runs"] = [str(p) for p in paths]
+    unrecorded = sorted({name for r in merged for name in r.get("added_not_recorded", [])})
+    if unrecorded:
+        # Runs written before the counts were recorded: what their arms added is unknown, and the summary says so.
+        summary["added_counts_not_recorded"] = unrecorded
     print(render_comparison(summary), flush=True)
+    if unrecorded:
+        print(f"note: {len(unrecorded)} run(s) do not record how many examples each arm added "
+              f"(written before synthetic_added_per_class): {', '.join(unrecorded)}", flush=True)
     if out:
         write_json(out, summary)
     return summary
@@ -408,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return collect(args.collect, args.out)
         except ValueError as err:
             parser.error(str(err))
+    if "dgc" not in args.arms:
+        # Both act on the fitted DGC, which is only fitted for the dgc arm; running without it would drop them silently.
+        ignored = [opt for opt, given in (("--eval-dgc", args.eval_dgc), ("--grid", args.grid)) if given]
+        if ignored:
+            parser.error(f"{' and '.join(ignored)} need(s) a fitted DGC: add 'dgc' to --arms "
+                         f"(got --arms {' '.join(args.arms)})")
     args.argv = None if argv is None else " ".join(["python", "benchmarks/augmentation.py", *argv])
     return run(args)
 

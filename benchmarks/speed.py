@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.compile_mode is not None and not args.compile:
+        # The mode only reaches torch.compile through --compile; without it the JSON would record a mode never used.
+        p.error("--compile-mode has no effect without --compile: add --compile or drop --compile-mode")
 
     device = resolve_device(args.device)
     if args.threads:

@@ -350,7 +350,63 @@ def test_collect_pairs_runs_by_seed(tmp_path, capsys):
     vs_smote = summary["paired"]["CNN +DGC samples - CNN +SMOTE"]["r_mi"]
     assert (vs_smote["wins"], vs_smote["losses"]) == (3, 0)
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [1, 2, 3]
-    assert "| CNN +DGC samples - CNN imbalanced | acsa | +0.0233 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| CNN +DGC samples - CNN imbalanced | acsa | +0.0233 |" in out
+    # these fake runs predate synthetic_added_per_class: the summary says their added counts are unknown
+    assert summary["added_counts_not_recorded"] == sorted(map(str, paths))
+    assert "do not record how many examples each arm added" in out
+
+
+def test_augmentation_records_a_filter_shortfall_and_collect_refuses_it(tmp_path, capsys):
+    import json
+
+    bench = load_benchmark("augmentation")
+    out = tmp_path / "short.json"
+    # threshold 1.0: no sample passes, so the DGC arm adds nothing while SMOTE adds the full request
+    with pytest.warns(AugmentationWarning, match="too few synthetic samples"):
+        result = bench.main(["--dataset", "digits", "--quick", "--arms", "dgc", "smote", "--filter-threshold", "1.0",
+                             "--dgc-epochs", "1", "--cnn-epochs", "2", "--val-num-samples", "1",
+                             "--same-steps-control", "--out", str(out)])
+    requested = {int(c): n for c, n in result["synthetic_per_class"].items()}
+    added = result["synthetic_added_per_class"]
+    assert added["+SMOTE"] == requested
+    assert sum(added["+DGC samples"].values()) < sum(requested.values())
+    assert result["arms_short_of_request"] == ["+DGC samples"]
+    # the control of each arm takes that arm's steps: the DGC arm added nothing, so its control keeps 2 epochs
+    n = sum(result["train_counts"])
+    n_dgc = sum(added["+DGC samples"].values())
+    dgc_control = result["same_steps_control"]["+DGC samples"]
+    assert dgc_control == f"imbalanced, {max(1, round(2 * (n + n_dgc) / n))} epochs"
+    smote_control = result["same_steps_control"]["+SMOTE"]
+    assert smote_control == f"imbalanced, {round(2 * (n + sum(requested.values())) / n)} epochs" != dgc_control
+    assert {f"CNN {dgc_control}", f"CNN {smote_control}"} <= set(result["reports"])
+    saved = json.loads(out.read_text())
+    assert saved["synthetic_added_per_class"]["+DGC samples"] == {str(c): k for c, k in added["+DGC samples"].items()}
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--collect", str(out)])
+    assert exit_info.value.code == 2
+    assert "arm 'CNN +DGC samples' added" in capsys.readouterr().err
+
+
+def test_collect_pools_runs_whose_arms_added_the_request(tmp_path):
+    bench = load_benchmark("augmentation")
+    runs = [_fake_run(1, 0.83, 0.80, 0.79), _fake_run(2, 0.81, 0.82, 0.78)]
+    for r in runs:
+        r["synthetic_per_class"] = {"1": 2}
+        r["synthetic_added_per_class"] = {"+DGC samples": {"1": 2}, "+SMOTE": {"1": 2}}
+    assert bench.compare_seeds(bench.merge_runs(runs, ["1", "2"]))["seeds"] == [1, 2]
+    runs[1]["synthetic_added_per_class"]["+DGC samples"] = {"1": 1}
+    with pytest.raises(ValueError, match="seed 2: arm 'CNN \\+DGC samples' added"):
+        bench.compare_seeds(bench.merge_runs(runs, ["1", "2"]))
+
+
+@pytest.mark.parametrize("option", [["--eval-dgc"], ["--grid", "grid.png"]])
+def test_augmentation_refuses_dgc_options_without_the_dgc_arm(tmp_path, capsys, option):
+    bench = load_benchmark("augmentation")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--dataset", "digits", "--quick", "--arms", "imbalanced", "smote", *option])
+    assert exit_info.value.code == 2
+    assert f"{option[0]} need(s) a fitted DGC" in capsys.readouterr().err
 
 
 def test_collect_refuses_runs_of_different_configurations(tmp_path):

@@ -281,3 +281,12 @@ def test_speed_benchmark_runs_end_to_end(tmp_path, capsys):
                 "train_first_step_s_graph", "peak_rss_mib"):
         assert figures[key] > 0, key
     assert "train (a)  ours, engine='graph'" in capsys.readouterr().out
+
+
+def test_speed_benchmark_refuses_compile_mode_without_compile(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--shape", "1,8,8", "--compile-mode", "reduce-overhead", "--json", str(out)])
+    assert exit_info.value.code == 2
+    assert "--compile-mode has no effect without --compile" in capsys.readouterr().err
+    assert not out.exists()
