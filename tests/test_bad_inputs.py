@@ -441,12 +441,26 @@ def test_api_bad_input(ctx, case):
     assert str(info.value).startswith(expected), f"{str(info.value)!r}\ndoes not start with\n{expected!r}"
 
 
+def _snapshot(folder: Path) -> list[tuple[str, bytes]] | None:
+    """The files below ``folder`` with their contents (None when it does not exist)."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return [("", folder.read_bytes())]
+    return sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.what)
 def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_path):
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(ctx.tmp)) for a in case.argv]
     if "--resume" not in argv and "--out" not in argv:
         argv += ["--out", str(out)]
+    for flag in ("--resume", "--out"):  # a folder the case names must come out as it went in
+        if flag in argv:
+            out = Path(argv[argv.index(flag) + 1])
+            break
+    before = _snapshot(out)
     if argv[0] == "fit":
         argv += ["--no-progress", "--baseline", "none"] if "--resume" not in argv else ["--no-progress"]
     try:
@@ -458,7 +472,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_pa
     assert err.count("\n") == 1 and "Traceback" not in err, err
     expected = f"dgc-pyro {argv[0]}: error: " + case.prefix.replace("{tmp}", str(ctx.tmp))
     assert err.startswith(expected), f"{err!r}\ndoes not start with\n{expected!r}"
-    assert not out.exists()  # no half-written output folder
+    assert _snapshot(out) == before  # no half-written output: a new folder is not created, an old one is untouched
 
 
 def test_cli_resume_error_leaves_run_folder_untouched(ctx, capsys):
