@@ -368,7 +368,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         out_dir=args.out if rank0 else None,
         progress=not args.no_progress and rank0, checkpoint_dir=Path(args.out) / "checkpoint", resume=resumed,
         deterministic=args.deterministic, fit_options=fit_options,
-        data_config={"data_dir": args.data_dir, "counts": args.counts, "dataset_arg": args.dataset},
+        # An .npz path is saved absolute, so evaluate/augment/--resume find it from any working folder.
+        data_config={"data_dir": args.data_dir, "counts": args.counts,
+                     "dataset_arg": str(Path(args.dataset).resolve()) if args.dataset.endswith(".npz") else args.dataset},
     )
     if not rank0:
         return 0

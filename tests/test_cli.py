@@ -68,11 +68,13 @@ def test_fit_on_arrays_from_an_npz_file(tmp_path):
     assert metrics["baseline"] is None and metrics["config"]["train_counts"] == [30, 12, 6]
 
 
-def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, capsys):
+def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, capsys, monkeypatch):
     _toy_npz(tmp_path / "toy.npz", [20, 10, 6])
     out = tmp_path / "out"
-    assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "1", "--no-progress", "--out", str(out),
+    monkeypatch.chdir(tmp_path)  # trained from a relative path ...
+    assert main(["fit", "--dataset", "toy.npz", "--epochs", "1", "--no-progress", "--out", str(out),
                  "--baseline", "none"]) == 0
+    monkeypatch.chdir(out)  # ... evaluated from another folder
     fitted = json.loads((out / "metrics.json").read_text())
     # Without --dataset the checkpoint's --dataset argument (the .npz path) is used, not its short name "toy".
     assert main(["evaluate", "--checkpoint", str(out / "model.safetensors"), "--out", str(tmp_path / "eval")]) == 0
