@@ -364,3 +364,16 @@ def test_celeba_header_and_rows_must_agree(tmp_path, edit, names, values):
     assert str(e.value).startswith(
         f"could not read the celeba train file {attr}: its header names {names} attributes but its rows hold {values} values"
     ), str(e.value)
+
+
+def test_celeba_row_of_another_length_names_the_file_and_line(tmp_path):
+    info = write_celeba_fixture(tmp_path, per_class=1, valid_per_class=1, test_per_class=1)
+    attr = info["folder"] / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines()
+    lines[4] = " ".join(lines[4].split()[:-3])  # the third image's row lost three values
+    attr.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RuntimeError) as e:
+        open_source("celeba", tmp_path)
+    assert str(e.value).startswith(
+        f"could not read the celeba train file {attr}: line 5 holds 38 fields but the rows before it hold 41"
+    ), str(e.value)

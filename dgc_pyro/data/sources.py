@@ -311,6 +311,23 @@ def _celeba_transform(img) -> torch.Tensor:
     return F.pil_to_tensor(img)
 
 
+def _check_celeba_rows(attr_file: Path, split: str) -> None:
+    """Every row of the attribute file must hold as many values as the first: a short or long row would otherwise
+    fail inside torchvision's parser, with a message that does not name the file or the line."""
+    with open(attr_file, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()[2:]  # the image count, the header, then one row per image
+    expected = None
+    for number, line in enumerate(lines, start=3):
+        n = len(line.split())
+        if n == 0:
+            continue
+        if expected is None:
+            expected = n
+        elif n != expected:
+            raise _bad_file("celeba", split, attr_file,
+                            f"line {number} holds {n} fields but the rows before it hold {expected}")
+
+
 def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
     from PIL import Image
 
@@ -328,6 +345,8 @@ def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
                 "often rate-limited); alternatively unpack img_align_celeba.zip and the annotation "
                 f"files from the official site into {base}.",
             )
+    if (base / "list_attr_celeba.txt").is_file():
+        _check_celeba_rows(base / "list_attr_celeba.txt", split)
     try:
         ds = _celeba_class()(root=str(root), split=split, target_type="attr", download=download, verify_md5=download)
     except Exception as e:  # noqa: BLE001
