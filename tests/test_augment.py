@@ -491,3 +491,12 @@ def test_seed_fixes_which_samples_pass_the_filter_and_leaves_the_global_state_al
     again = augment(model, x, y, seed=3, filter_threshold=0.26, num_samples_filter=2, max_rounds=3)
     for a in runs[1:] + [again]:
         assert torch.equal(a[0], runs[0][0]) and torch.equal(a[1], runs[0][1])
+
+
+def test_a_request_larger_than_memory_is_refused_before_any_drawing(model, data, monkeypatch):
+    x, y = data
+    monkeypatch.setattr(augment_module, "_physical_memory", lambda: 2**30)  # a 1 GiB machine
+    with pytest.raises(ValueError, match=r"asks for 10,000,000 synthetic examples, 2\.4 GiB as float32, more than half "
+                                         r"of this machine's 1\.0 GiB"):
+        augment(model, x, y, {3: 10_000_001})
+    assert augment(model, x, y, {3: 5}, seed=0)[0].shape == (4, *SHAPE)  # small requests are untouched

@@ -15,6 +15,7 @@ filtered by the model's own class posterior p(y = c | x).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -69,6 +70,26 @@ def _check_options(perturbation_scale: float, filter_threshold: float | None, nu
     for name, value in (("num_samples_filter", num_samples_filter), ("batch_size", batch_size), ("max_rounds", max_rounds)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return None
+
+
+def _check_fits_in_memory(quota: dict[int, int], input_shape: tuple[int, ...]) -> None:
+    """Refuse, before any drawing, a request whose float32 output alone would exceed half the machine's memory
+    (e.g. a dict strategy with a typo of a few zeros), instead of failing or swapping hours later."""
+    total = sum(quota.values())
+    need = total * int(np.prod(input_shape)) * 4
+    memory = _physical_memory()
+    if memory is not None and need > memory // 2:
+        raise ValueError(
+            f"sampling_strategy asks for {total:,} synthetic examples, {need / 2**30:.1f} GiB as float32, more than "
+            f"half of this machine's {memory / 2**30:.1f} GiB of memory; ask for fewer (or augment in several calls)"
+        )
 
 
 class _SourceCycler:
@@ -184,6 +205,7 @@ def augment(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y have different numbers of examples: {x.shape[0]} and {y.shape[0]}")
     quota = synthetic_counts(y, sampling_strategy)
+    _check_fits_in_memory(quota, model.input_shape)
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
