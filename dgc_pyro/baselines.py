@@ -136,6 +136,8 @@ class FittedBaseline:
     history: list[dict[str, float]] = field(default_factory=list)
     #: the epoch whose weights the module holds (the best on validation, else the last)
     best_epoch: int | None = None
+    #: with ``fit_baseline(..., keep_last_state=True)``: a CPU copy of the last epoch's weights
+    last_state: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
     def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
@@ -186,6 +188,7 @@ def fit_baseline(
     transform: str | Transform | None = None,
     lr_schedule: str = "constant",
     select_best: bool = True,
+    keep_last_state: bool = False,
 ) -> FittedBaseline:
     """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
 
@@ -193,7 +196,8 @@ def fit_baseline(
     (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`); ``lr_schedule``
     (``"constant"`` or ``"cosine"``) decays Adam's rate as DGC's fit does (:mod:`dgc_pyro.inference.schedule`).
     ``select_best`` keeps the weights of the epoch with the best validation ACSA, as in ``fit``; with False the
-    last epoch's weights are kept (the validation ACSA is still recorded in ``history``).
+    last epoch's weights are kept (the validation ACSA is still recorded in ``history``). ``keep_last_state``
+    also keeps a copy of the last epoch's weights in ``last_state``, so both can be scored from one fit.
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
@@ -256,6 +260,8 @@ def fit_baseline(
             if select_best and acsa > best:
                 best, best_state, best_epoch = acsa, copy.deepcopy(module.state_dict()), epoch
         fitted.history.append(record)
+    if keep_last_state:
+        fitted.last_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if best_state is not None:
         module.load_state_dict(best_state)
         fitted.val_acsa = float(best)

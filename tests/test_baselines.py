@@ -132,3 +132,12 @@ def test_select_best_false_keeps_the_last_epoch_of_the_same_trajectory(digits):
     assert best.val_acsa == max(r["val_acsa"] for r in best.history)
     assert best.best_epoch < 5, "this trajectory no longer peaks before its last epoch: choose another seed"
     assert not torch.equal(best.predict_proba(digits.x_test), last.predict_proba(digits.x_test))
+
+
+def test_keep_last_state_keeps_the_last_epoch_beside_the_selected_one(digits):
+    kw = dict(num_classes=10, epochs=5, batch_size=32, lr=0.1, device="cpu", seed=2)  # peaks at epoch 4 (see above)
+    both = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, keep_last_state=True, **kw)
+    last = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, select_best=False, **kw)
+    assert both.best_epoch < 5 and fit_baseline("ce", digits.x_train, digits.y_train, **kw).last_state is None
+    assert both.last_state.keys() == last.module.state_dict().keys()
+    assert all(torch.equal(both.last_state[k], v.cpu()) for k, v in last.module.state_dict().items())

@@ -142,6 +142,12 @@ def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper
         assert after["last_epoch"]["epoch"] == 3 and 0.0 <= after["last_epoch"]["acsa"] <= 1.0
         if after["best_epoch"] == 3:
             assert after["last_epoch"]["acsa"] == after["acsa"]
+    # The kept last-epoch weights are those a fit that keeps the last epoch ends with.
+    last = tmp_path / "last"
+    assert paper_table.main(argv + ["--recipe-set", "select_best=false", "--methods", "logit_adjusted",
+                                    "--out", str(last)]) == 0
+    kept = json.loads((both / "runs" / "logit_adjusted_seed1.json").read_text())["last_epoch"]
+    assert kept["acsa"] == json.loads((last / "runs" / "logit_adjusted_seed1.json").read_text())["acsa"]
     pairs = json.loads((both / "paired_last_epoch.json").read_text())
     assert set(pairs) == {"dgc_elbo: last - selected", "logit_adjusted: last - selected"}
     assert "Last epoch minus the epoch selected on validation" in (both / "table.md").read_text()
