@@ -382,6 +382,33 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: the run-configuration entries a model checkpoint may carry, and what each must be
+_SAVED_RUN_FIELDS: dict[str, tuple[str, Any]] = {
+    "dataset": ("a string", lambda v: isinstance(v, str)),
+    "dataset_arg": ("a string", lambda v: isinstance(v, str)),
+    "data_dir": ("a string", lambda v: isinstance(v, str)),
+    "seed": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "counts": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(c) for c in v)),
+    "train_counts": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(c) for c in v)),
+    "recipe": ("a mapping", lambda v: isinstance(v, dict)),
+}
+
+
+def _saved_run_config(config: Any, path: Any) -> dict[str, Any]:
+    """The run configuration of a model checkpoint, checked field by field: the safetensors format protects the
+    tensors, not the JSON metadata beside them, and a damaged entry would otherwise fail deep in the command."""
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its run configuration is unusable (a {type(config).__name__}, not a mapping)")
+    for key, (what, ok) in _SAVED_RUN_FIELDS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise UserError(f"{path}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
+    return config
+
+
 def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any], ImbalancedSplit]:
     """Load ``--checkpoint`` and the split it was trained on; options left out are taken from the checkpoint."""
     from dgc_pyro.checkpoint import load_model
@@ -389,7 +416,7 @@ def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
 
     args.given_data_options = _given_data_options(args)
     model, meta = load_model(args.checkpoint, map_location=resolve_device(args.device))
-    saved = meta.get("config", {})
+    saved = _saved_run_config(meta.get("config", {}), args.checkpoint)
     if args.dataset is None:
         # dataset_arg is what was passed to --dataset (an .npz path); dataset is only its short name.
         args.dataset = saved.get("dataset_arg") or saved.get("dataset")
@@ -398,7 +425,7 @@ def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
     if args.counts is None and saved.get("counts"):
         args.counts = tuple(saved["counts"])
     if args.seed is None:
-        args.seed = int(saved.get("seed", 0))
+        args.seed = saved["seed"] if saved.get("seed") is not None else 0
     if args.data_dir is None:
         args.data_dir = saved.get("data_dir") or "data"
     split = _load_split(args)
@@ -418,9 +445,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _check_out_folder(args.out)
     model, saved, split = _checkpoint_and_split(args)
-    train_counts = np.asarray(saved.get("train_counts", split.train_counts))
-    num_samples = args.num_samples or saved.get("recipe", {}).get("num_samples", 10)
-    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, saved.get("seed", args.seed))
+    train_counts = np.asarray(saved.get("train_counts") or split.train_counts)
+    num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
+    seed = saved["seed"] if saved.get("seed") is not None else args.seed
+    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed)
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
     if args.out:
         write_json(Path(args.out) / "metrics.json", {**report, "checkpoint": str(args.checkpoint), "dataset": split.name})

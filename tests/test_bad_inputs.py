@@ -375,6 +375,11 @@ CLI_CASES = [
             "{tmp}/truncated.safetensors is not a valid dgc_pyro checkpoint"),
     CliCase("evaluate a checkpoint with NaN weights", ["evaluate", "--checkpoint", "{tmp}/nanweights.safetensors"],
             "{tmp}/nanweights.safetensors is not a valid dgc_pyro checkpoint: tensor "),
+    CliCase("evaluate a checkpoint whose run configuration is a list", ["evaluate", "--checkpoint", "{tmp}/cfglist.safetensors"],
+            "{tmp}/cfglist.safetensors: its run configuration is unusable (a list, not a mapping)"),
+    CliCase("evaluate a checkpoint with counts=5 in its run configuration",
+            ["evaluate", "--checkpoint", "{tmp}/cfgcounts.safetensors"],
+            "{tmp}/cfgcounts.safetensors: its run configuration is unusable (counts must be a list of integers, got 5)"),
 ]
 
 
@@ -392,6 +397,8 @@ def ctx(tmp_path_factory):
     torch.manual_seed(0)
     model = DGC((1, 8, 8), 3, latent_dim=2)
     save_model(tmp / "model.safetensors", model)
+    save_model(tmp / "cfglist.safetensors", model, {"config": [1, 2]})
+    save_model(tmp / "cfgcounts.safetensors", model, {"config": {"dataset": "digits", "counts": 5}})
     data = (tmp / "model.safetensors").read_bytes()
     (tmp / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (tmp / "evil.pt").write_bytes(pickle.dumps({"w": _Payload(tmp / "pwned")}))
