@@ -34,6 +34,8 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_write_bytes",
     "atomic_write_text",
+    "folder_problem",
+    "nearest_existing",
     "to_jsonable",
     "write_json",
     "save_checkpoint",
@@ -49,6 +51,32 @@ PathLike = str | os.PathLike[str]
 
 class CheckpointError(ValueError):
     """Raised when a file is not a valid (or not a readable) dgc_pyro checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------
+# Output folders
+# ---------------------------------------------------------------------------------------
+
+
+def nearest_existing(path: PathLike) -> Path | None:
+    """``path`` itself if it exists, else its nearest existing parent (None if none exists)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def folder_problem(path: PathLike) -> str | None:
+    """Why ``path`` cannot be, or become, a folder, in words to follow its name; None when it can.
+
+    Checked before long work, so that a bad output folder fails at once rather than at the first write.
+    Nothing is created.
+    """
+    path = Path(path)
+    existing = nearest_existing(path)
+    if existing == path and not path.is_dir():
+        return "exists and is not a folder"
+    if existing is not None and not existing.is_dir():
+        return f"cannot be created: {existing} is a file, not a folder"
+    return None
 
 
 # ---------------------------------------------------------------------------------------

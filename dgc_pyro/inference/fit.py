@@ -60,7 +60,7 @@ from dgc_pyro.inference.resume import (
     optimizer_state,
 )
 from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
-from dgc_pyro.io import CheckpointError, to_jsonable
+from dgc_pyro.io import CheckpointError, folder_problem, nearest_existing, to_jsonable
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import deterministic_mode, get_rng_state, seed_everything, set_rng_state
@@ -147,11 +147,10 @@ def _check_checkpoint_dir(folder: Path) -> None:
     place or above it, no write permission) would otherwise fail only then. Nothing is created here, so
     a fit that fails later validation leaves no empty folder behind.
     """
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing == folder and not folder.is_dir():
-        raise ValueError(f"checkpoint_dir {folder} exists and is not a folder")
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"checkpoint_dir {folder} cannot be created: {existing} is a file, not a folder")
+    problem = folder_problem(folder)
+    if problem:
+        raise ValueError(f"checkpoint_dir {folder} {problem}")
+    existing = nearest_existing(folder)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"checkpoint_dir {folder} is not writable: no write permission in {existing}")
 
