@@ -83,12 +83,9 @@ class ImageSource:
         self.num_classes = len(self.class_names)
         self._loader = loader
         # The readers check their files' labels with the file's name; this catches any other source.
-        bad = (self.labels < 0) | (self.labels >= self.num_classes)
-        if bad.any():
-            raise ValueError(
-                f"{name} {split} split: {int(bad.sum())} labels outside 0..{self.num_classes - 1} "
-                f"(e.g. {int(self.labels[bad][0])})"
-            )
+        problem = _labels_out_of_range(self.labels, self.num_classes)
+        if problem:
+            raise ValueError(f"{name} {split} split: {problem}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -151,13 +148,19 @@ def _bad_file(name: str, split: str, path: Path, problem: str) -> RuntimeError:
     )
 
 
+def _labels_out_of_range(labels: np.ndarray, num_classes: int) -> str | None:
+    """How many of ``labels`` fall outside ``0..num_classes - 1``, in words (None when none do)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if not bad.any():
+        return None
+    return f"{int(bad.sum())} labels outside 0..{num_classes - 1} (e.g. {int(labels[bad][0])})"
+
+
 def _check_file_labels(name: str, split: str, path: Path, labels: np.ndarray, num_classes: int) -> None:
     """Labels outside the dataset's classes would fail only after training (test split) or vanish (train split)."""
-    bad = (labels < 0) | (labels >= num_classes)
-    if bad.any():
-        raise _bad_file(
-            name, split, path, f"{int(bad.sum())} labels outside 0..{num_classes - 1} (e.g. {int(labels[bad][0])})"
-        )
+    problem = _labels_out_of_range(labels, num_classes)
+    if problem:
+        raise _bad_file(name, split, path, problem)
 
 
 # ---------------------------------------------------------------------------------------------
