@@ -1,6 +1,6 @@
 """Data for DGC: dataset readers, the paper's imbalance protocol, splits and input validation."""
 
-from .protocol import DIGITS_COUNTS, PAPER_COUNTS, dev_indices, imbalanced_indices, parse_counts
+from .protocol import DIGITS_COUNTS, PAPER_COUNTS, default_counts, dev_indices, imbalanced_indices, parse_counts
 from .sources import DATASETS, ImageSource, open_source
 from .splits import EVALUATION_SETS, ImbalancedSplit, load_imbalanced, split_from_arrays, stratified_holdout
 from .transforms import TRANSFORMS, random_hflip, random_shift, resolve_transform, shift_flip
@@ -17,6 +17,7 @@ __all__ = [
     "check_features",
     "check_labels",
     "check_xy",
+    "default_counts",
     "dev_indices",
     "imbalanced_indices",
     "load_imbalanced",

@@ -16,7 +16,7 @@ import numpy as np
 from ..arguments import check_positive, check_seed
 from .validation import check_labels
 
-__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "dev_indices", "imbalanced_indices", "parse_counts"]
+__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "default_counts", "dev_indices", "imbalanced_indices", "parse_counts"]
 
 _MNIST_COUNTS = (4000, 2000, 1000, 750, 500, 350, 200, 100, 60, 40)
 
@@ -32,6 +32,11 @@ PAPER_COUNTS: dict[str, tuple[int, ...]] = {
 #: Imbalanced counts (ratio 12) for sklearn's digits, the small offline demo dataset. Digits has
 #: 174..183 images a class; 50 a class are held out for testing, so at most 124 remain (class 8).
 DIGITS_COUNTS: tuple[int, ...] = (120, 90, 70, 52, 40, 30, 22, 17, 13, 10)
+
+
+def default_counts(dataset: str) -> tuple[int, ...]:
+    """The per-class training counts of ``dataset`` when none are given: paper Table 1, or ``DIGITS_COUNTS``."""
+    return DIGITS_COUNTS if dataset == "digits" else PAPER_COUNTS[dataset]
 
 
 def _counts_to_dict(counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .protocol import DIGITS_COUNTS, PAPER_COUNTS, dev_indices, imbalanced_indices
+from .protocol import default_counts, dev_indices, imbalanced_indices
 from .sources import open_source
 from .validation import REMAP_HINT, check_features, check_labels, check_xy
 
@@ -59,7 +59,7 @@ class ImbalancedSplit:
 
 def _resolve_counts(name: str, counts: Sequence[int] | Mapping[int, int] | None, num_classes: int) -> dict[int, int]:
     if counts is None:
-        counts = DIGITS_COUNTS if name == "digits" else PAPER_COUNTS[name]
+        counts = default_counts(name)
     if isinstance(counts, Mapping):
         resolved = {int(c): n for c, n in counts.items()}
     elif isinstance(counts, (str, bytes)):
@@ -90,7 +90,7 @@ def load_imbalanced(
 ) -> ImbalancedSplit:
     """Load the paper's imbalanced training subset of ``name`` and its full official test split.
 
-    ``counts`` defaults to ``PAPER_COUNTS[name]`` (``DIGITS_COUNTS`` for digits); ``seed`` selects
+    ``counts`` defaults to :func:`~dgc_pyro.data.protocol.default_counts`; ``seed`` selects
     the random subset exactly as in :func:`imbalanced_indices`. Only the selected training images
     are decoded.
 
