@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
-from dgc_pyro.data import DATASETS, DIGITS_COUNTS, EVALUATION_SETS, PAPER_COUNTS, load_imbalanced, parse_counts
+from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
@@ -353,20 +353,20 @@ def settings_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[
     return diffs
 
 
-def check_reused_runs(paths: dict[str, Path], expected: dict[str, dict[str, Any]]) -> None:
+def check_reused_runs(reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]],
+                      expected: dict[str, dict[str, Any]]) -> None:
     """Refuse (before anything is written) to pool a finished run made with other settings than this call's.
 
-    ``paths`` maps each method to the run files this call would reuse, ``expected`` each method to
+    ``reused`` maps ``(method, seed)`` to the file and the run this call would reuse, ``expected`` each method to
     :func:`expected_settings`. Averaging runs of different backbones, recipes or evaluation sets into one row
     would make the table's note, which describes this call's settings, false.
     """
-    for method, files in paths.items():
-        for path in files:
-            diffs = settings_differences(json.loads(path.read_text()), expected[method])
-            if diffs:
-                raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}"
-                                 f"{'; ...' if len(diffs) > 4 else ''}); runs with different settings cannot share "
-                                 "a table")
+    for (method, _), (path, run) in reused.items():
+        diffs = settings_differences(run, expected[method])
+        if diffs:
+            raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}"
+                             f"{'; ...' if len(diffs) > 4 else ''}); runs with different settings cannot share "
+                             "a table")
 
 
 def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "",
@@ -439,19 +439,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    # The finished runs this call pools, read once and checked before anything is written.
+    reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
     if args.resume or args.collect:
-        counts = args.counts or PAPER_COUNTS.get(args.dataset) or (DIGITS_COUNTS if args.dataset == "digits" else None)
+        reused = {(m, s): (p, json.loads(p.read_text())) for m in args.methods for s in args.seeds
+                  if (p := _run_path(out, args, m, s)).is_file()}
+        counts = args.counts or default_counts(args.dataset)
         expected = {m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts) for m in args.methods}
-        check_reused_runs({m: [p for s in args.seeds if (p := _run_path(out, args, m, s)).is_file()]
-                           for m in args.methods}, expected)
+        check_reused_runs(reused, expected)
     write_json(out / "config.json", config)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         split = None
         for method in args.methods:
             path = _run_path(out, args, method, seed)
-            if (args.resume or args.collect) and path.is_file():
-                runs[method].append(json.loads(path.read_text()))
+            if (method, seed) in reused:
+                runs[method].append(reused[method, seed][1])
                 continue
             if args.collect:
                 print(f"seed {seed} {method}: no {path}, left out", flush=True)

@@ -26,7 +26,7 @@ from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS
 from dgc_pyro.inference.objectives import OBJECTIVES
 from dgc_pyro.inference.schedule import LR_SCHEDULES
-from dgc_pyro.io import CheckpointError
+from dgc_pyro.io import CheckpointError, folder_problem
 from dgc_pyro.models.likelihoods import LIKELIHOODS
 from dgc_pyro.models.networks import PRESETS
 
@@ -184,7 +184,7 @@ _BUILTIN_DATA_OPTIONS = ("counts", "download", "data_dir")
 
 def _given_data_options(args: argparse.Namespace) -> list[str]:
     """The built-in-dataset options given on the command line (call before defaults are filled in)."""
-    return [f"--{k.replace('_', '-')}" for k in _BUILTIN_DATA_OPTIONS if getattr(args, k, None) not in (None, False)]
+    return _flags(tuple(k for k in _BUILTIN_DATA_OPTIONS if getattr(args, k, None) not in (None, False)))
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -243,11 +243,10 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 def _check_out_folder(out: str | Path) -> None:
     """Fail now, not after an epoch of training, when ``--out`` cannot become a folder."""
     path = Path(out)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing == path and not path.is_dir():
-        raise UserError(f"--out {path} exists and is not a folder; give a folder (it is created if missing)")
-    if existing is not None and not existing.is_dir():
-        raise UserError(f"--out {path} cannot be created: {existing} is a file, not a folder")
+    problem = folder_problem(path)
+    if problem:
+        hint = "; give a folder (it is created if missing)" if path.exists() else ""
+        raise UserError(f"--out {path} {problem}{hint}")
 
 
 def _refuse_to_overwrite_an_interrupted_fit(out: str | Path) -> None:
