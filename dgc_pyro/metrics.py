@@ -50,6 +50,8 @@ __all__ = [
     "reliability_bins",
     "paired_difference",
     "format_paired",
+    "ood_auroc",
+    "fpr_at_tpr",
 ]
 
 IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
@@ -438,6 +440,48 @@ def brier_score(y_true: Any, proba: Any) -> float:
     onehot = np.zeros_like(p)
     onehot[np.arange(yt.size), yt] = 1.0
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+# ---------------------------------------------------------------------------------------
+# Out-of-distribution detection
+# ---------------------------------------------------------------------------------------
+
+
+def _score_pair(score_in: Any, score_out: Any) -> tuple[np.ndarray, np.ndarray]:
+    s_in = np.asarray(_to_numpy(score_in), dtype=float).reshape(-1)
+    s_out = np.asarray(_to_numpy(score_out), dtype=float).reshape(-1)
+    for name, s in (("score_in", s_in), ("score_out", s_out)):
+        if len(s) == 0:
+            raise ValueError(f"{name} is empty; OOD metrics need scores of both in- and out-of-distribution inputs")
+        if not np.isfinite(s).all():
+            raise ValueError(f"{name} contains NaN or inf ({int((~np.isfinite(s)).sum())} of {len(s)} values)")
+    return s_in, s_out
+
+
+def ood_auroc(score_in: Any, score_out: Any) -> float:
+    """Area under the ROC curve of telling out-of-distribution inputs from in-distribution ones.
+
+    Scores are *outlier* scores: higher means "more likely out of distribution" (e.g. the negative density,
+    the entropy, or 1 - max probability). 0.5 is chance, 1.0 a perfect separation; ties count one half.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s_in, s_out = _score_pair(score_in, score_out)
+    labels = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
+    return float(roc_auc_score(labels, np.concatenate([s_in, s_out])))
+
+
+def fpr_at_tpr(score_in: Any, score_out: Any, tpr: float = 0.95) -> float:
+    """FPR at ``tpr`` TPR (FPR95 for the default): the share of out-of-distribution inputs still accepted when the
+    threshold keeps ``tpr`` of the in-distribution ones (in-distribution is the positive class, as in Liu et al.,
+    2020). Scores are outlier scores, as in :func:`ood_auroc`; lower is better.
+    """
+    if not 0.0 < float(tpr) <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}")
+    s_in, s_out = _score_pair(score_in, score_out)
+    # Accept an input when its outlier score is <= the tpr-quantile of the in-distribution scores.
+    threshold = np.quantile(s_in, float(tpr), method="higher")
+    return float(np.mean(s_out <= threshold))
 
 
 # ---------------------------------------------------------------------------------------
