@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dgc_pyro.baselines import BASELINE_LOSSES, fit_baseline
+from dgc_pyro.baselines import BASELINE_LOSSES, TAU_BASELINES, fit_baseline
 from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
@@ -79,8 +79,10 @@ PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
     "mnist": ("BayesCNN", 0.9158), "fashion": ("mmDGMs", 0.8091), "svhn": ("mmDGMs", 0.7220), "celeba": ("GAMO", 0.6409),
 }
 
-#: Adam's rate for every baseline (DGC's is its recipe's)
+#: Adam's rate for every baseline (DGC's is its recipe's), unless ``--baseline-set lr=...``
 BASELINE_LR = 1e-3
+#: the baseline settings ``--baseline-set`` may change, with their defaults (tau: the logit-adjusted losses' prior scale)
+BASELINE_SETTINGS: dict[str, float] = {"lr": BASELINE_LR, "tau": 1.0}
 #: The ``--quick`` preset (CPU): MLP backbone on flattened pixels, few epochs and latent draws.
 QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
 #: Datasets whose recipe is already CPU-sized: ``--quick`` keeps their epochs. Six epochs of the 464-image digits
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change fields of the DGC recipe (dgc_pyro.experiment.Recipe), e.g. perturbation_rate=0; a DGC "
                         "row's own changes win, and the fields the baselines share (epochs, batch_size, preset, "
                         "val_fraction, transform, lr_schedule) change them too")
+    p.add_argument("--baseline-set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help=f"baseline settings for this call ({', '.join(f'{k} (default {v})' for k, v in BASELINE_SETTINGS.items())}); "
+                        "tau applies to logit_adjusted and balanced_softmax only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true",
                    help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
@@ -168,6 +173,23 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
     except ValueError as err:
         raise SystemExit(f"--recipe-set: {err}") from None
     return dataclasses.replace(recipe, **changes)
+
+
+def baseline_settings(items: Sequence[str]) -> dict[str, float]:
+    """:data:`BASELINE_SETTINGS` with ``FIELD=VALUE`` changes (``--baseline-set``); a bad item is a one-line error."""
+    settings = dict(BASELINE_SETTINGS)
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in BASELINE_SETTINGS:
+            raise SystemExit(f"--baseline-set: {item!r} is not FIELD=VALUE with FIELD one of {sorted(BASELINE_SETTINGS)}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise SystemExit(f"--baseline-set: {key} needs a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            raise SystemExit(f"--baseline-set: {key} must be {'> 0' if key == 'lr' else '>= 0'}, got {text}")
+        settings[key] = value
+    return settings
 
 
 def _flat(split: ImbalancedSplit) -> ImbalancedSplit:
@@ -228,23 +250,33 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     return out
 
 
+def _baseline_knobs(method: str, settings: dict[str, float] | None) -> dict[str, float]:
+    """The ``fit_baseline`` keywords of ``settings`` that ``method`` takes (tau only for the logit-adjusted losses)."""
+    settings = dict(BASELINE_SETTINGS if settings is None else settings)
+    if method not in TAU_BASELINES:
+        settings.pop("tau")
+    return settings
+
+
 def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str,
-                 also_last: bool = False) -> dict[str, Any]:
+                 also_last: bool = False, settings: dict[str, float] | None = None) -> dict[str, Any]:
     """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size.
 
     With ``also_last`` the last epoch's weights are kept by the same fit and scored too (``out["last_epoch"]``).
+    ``settings`` are the ``--baseline-set`` values (:data:`BASELINE_SETTINGS` by default).
     """
     options = recipe.baseline_options()
+    knobs = _baseline_knobs(method, settings)
     t0 = time.perf_counter()
     fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
-                          lr=BASELINE_LR, device=device, seed=seed, keep_last_state=also_last)
+                          **knobs, device=device, seed=seed, keep_last_state=also_last)
     t1 = time.perf_counter()
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
     out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
                best_epoch=fitted.best_epoch, history=fitted.history,
-               settings={**options, "lr": BASELINE_LR})
+               settings={**options, **knobs})
     if also_last:
         if fitted.best_epoch == options["epochs"]:
             last_proba = proba
@@ -321,7 +353,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def expected_settings(method: str, recipe: Recipe, backbone: str, rule: str | None, evaluated_on: str,
-                      train_counts: Sequence[int] | None) -> dict[str, Any]:
+                      train_counts: Sequence[int] | None, baseline: dict[str, float] | None = None) -> dict[str, Any]:
     """What a run of ``method`` made by this call records about how it was made (see :func:`check_reused_runs`)."""
     out: dict[str, Any] = {"backbone": backbone, "evaluated_on": evaluated_on}
     if train_counts is not None:
@@ -331,7 +363,7 @@ def expected_settings(method: str, recipe: Recipe, backbone: str, rule: str | No
         if rule is not None:
             out["rule"] = rule
     else:
-        out["settings"] = _jsonable({**recipe.baseline_options(), "lr": BASELINE_LR})
+        out["settings"] = _jsonable({**recipe.baseline_options(), **_baseline_knobs(method, baseline)})
     return out
 
 
@@ -429,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = str(resolve_device(args.device))
     out = Path(args.out)
     recipe = recipe_for(args.dataset, args)
+    baseline = baseline_settings(args.baseline_set)
     backbone = args.backbone if args.backbone != "auto" else ("mlp" if args.quick else "conv")
     if recipe.transform is not None and backbone == "mlp":
         raise SystemExit(f"--transform {recipe.transform} shifts image pixels; it needs --backbone conv")
@@ -436,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {
         "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
         "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": dataclasses.asdict(recipe),
-        "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "baseline_settings": baseline, "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     # The finished runs this call pools, read once and checked before anything is written.
@@ -445,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reused = {(m, s): (p, json.loads(p.read_text())) for m in args.methods for s in args.seeds
                   if (p := _run_path(out, args, m, s)).is_file()}
         counts = args.counts or default_counts(args.dataset)
-        expected = {m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts) for m in args.methods}
+        expected = {m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts, baseline)
+                    for m in args.methods}
         check_reused_runs(reused, expected)
     write_json(out / "config.json", config)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
@@ -469,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 val_s = args.val_num_samples or (QUICK["val_num_samples"] if args.quick else recipe.num_samples)
                 result = run_dgc(method, split, recipe, seed, device, args.rule, val_s, also_last=args.also_last)
             else:
-                result = run_baseline(method, split, recipe, seed, device, also_last=args.also_last)
+                result = run_baseline(method, split, recipe, seed, device, also_last=args.also_last, settings=baseline)
             result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
                           train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
                           evaluated_on=evaluated_on)

@@ -57,9 +57,13 @@ def logit_adjusted_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tens
     return F.cross_entropy(logits + tau * prior.clamp_min(1e-12).log(), y)
 
 
-def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Balanced softmax (Ren et al. 2020, Eq. 4): CE(f(x) + log n, y) with n the per-class training counts."""
-    return F.cross_entropy(logits + counts.clamp_min(1.0).log(), y)
+def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Balanced softmax (Ren et al. 2020, Eq. 4): CE(f(x) + tau * log n, y) with n the per-class training counts.
+
+    tau = 1 is the published loss. Since log n and log pi differ by a constant that the softmax ignores, this equals
+    :func:`logit_adjusted_loss` at the same tau up to floating-point rounding (and the clamp of empty classes).
+    """
+    return F.cross_entropy(logits + tau * counts.clamp_min(1.0).log(), y)
 
 
 def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -100,16 +104,24 @@ DRW_BETA = 0.9999
 DRW_START = 0.8  # share of the epochs after which DRW switches on (epoch 160 of 200 in Cao et al.)
 
 
+#: baselines whose loss has the prior-scaling tau (``fit_baseline(..., tau=...)``)
+TAU_BASELINES = ("logit_adjusted", "balanced_softmax")
+
+
 def baseline_loss(
-    name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False
+    name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False,
+    tau: float = 1.0,
 ) -> torch.Tensor:
-    """The training loss ``name`` of a baseline given logits, labels and per-class training counts."""
+    """The training loss ``name`` of a baseline given logits, labels and per-class training counts.
+
+    ``tau`` scales the log prior of the two logit-adjusted losses (:data:`TAU_BASELINES`); the others ignore it.
+    """
     if name == "ce":
         return F.cross_entropy(logits, y)
     if name == "logit_adjusted":
-        return logit_adjusted_loss(logits, y, counts / counts.sum())
+        return logit_adjusted_loss(logits, y, counts / counts.sum(), tau)
     if name == "balanced_softmax":
-        return balanced_softmax_loss(logits, y, counts)
+        return balanced_softmax_loss(logits, y, counts, tau)
     if name == "cb_focal":
         return cb_focal_loss(logits, y, counts)
     if name == "ldam_drw":
@@ -189,6 +201,7 @@ def fit_baseline(
     lr_schedule: str = "constant",
     select_best: bool = True,
     keep_last_state: bool = False,
+    tau: float = 1.0,
 ) -> FittedBaseline:
     """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
 
@@ -198,6 +211,8 @@ def fit_baseline(
     ``select_best`` keeps the weights of the epoch with the best validation ACSA, as in ``fit``; with False the
     last epoch's weights are kept (the validation ACSA is still recorded in ``history``). ``keep_last_state``
     also keeps a copy of the last epoch's weights in ``last_state``, so both can be scored from one fit.
+    ``tau`` (>= 0) scales the log prior of ``"logit_adjusted"`` and ``"balanced_softmax"`` (1: the published losses);
+    any other baseline refuses a tau other than 1.
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
@@ -207,6 +222,10 @@ def fit_baseline(
     check_seed(seed)
     check_fraction("val_fraction", val_fraction)
     check_lr_schedule(lr_schedule)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    if tau != 1.0 and name not in TAU_BASELINES:
+        raise ValueError(f"tau applies to {' and '.join(TAU_BASELINES)} only, not to {name!r}")
     x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
@@ -250,7 +269,7 @@ def fit_baseline(
             idx = perm[i : i + batch_size]
             xb = x_dev[idx] if batch_transform is None else batch_transform(x_dev[idx], gen)
             logits = module(xb)
-            loss = baseline_loss(name, logits, y_dev[idx], counts, drw_active=epoch >= drw_start)
+            loss = baseline_loss(name, logits, y_dev[idx], counts, drw_active=epoch >= drw_start, tau=tau)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

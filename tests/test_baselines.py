@@ -141,3 +141,27 @@ def test_keep_last_state_keeps_the_last_epoch_beside_the_selected_one(digits):
     assert both.best_epoch < 5 and fit_baseline("ce", digits.x_train, digits.y_train, **kw).last_state is None
     assert both.last_state.keys() == last.module.state_dict().keys()
     assert all(torch.equal(both.last_state[k], v.cpu()) for k, v in last.module.state_dict().items())
+
+
+def test_tau_scales_the_log_prior_and_balanced_softmax_equals_logit_adjustment():
+    logits, y = _batch()
+    prior = COUNTS / COUNTS.sum()
+    for tau in (0.0, 0.5, 1.0, 2.0):
+        expected = F.cross_entropy(logits + tau * prior.log(), y)
+        assert torch.allclose(baseline_loss("logit_adjusted", logits, y, COUNTS, tau=tau), expected)
+        # log n and log pi differ by a constant the softmax ignores: the two losses are one
+        assert torch.allclose(baseline_loss("balanced_softmax", logits, y, COUNTS, tau=tau), expected, atol=1e-6)
+    assert torch.allclose(baseline_loss("logit_adjusted", logits, y, COUNTS, tau=0.0), F.cross_entropy(logits, y))
+    # the other losses ignore tau
+    assert torch.equal(baseline_loss("ce", logits, y, COUNTS, tau=3.0), baseline_loss("ce", logits, y, COUNTS))
+
+
+def test_fit_baseline_tau_changes_the_fit_and_is_checked(digits):
+    kw = dict(num_classes=10, epochs=1, batch_size=32, device="cpu", seed=0, val_fraction=0.0)
+    one = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, **kw)
+    two = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, tau=2.0, **kw)
+    assert not torch.equal(one.predict_proba(digits.x_test), two.predict_proba(digits.x_test))
+    with pytest.raises(ValueError, match="tau must be a finite number >= 0"):
+        fit_baseline("logit_adjusted", digits.x_train, digits.y_train, tau=-1.0, **kw)
+    with pytest.raises(ValueError, match="tau applies to logit_adjusted and balanced_softmax only, not to 'ce'"):
+        fit_baseline("ce", digits.x_train, digits.y_train, tau=2.0, **kw)

@@ -309,3 +309,21 @@ def test_pooling_refuses_runs_made_with_other_settings_and_the_header_names_the_
     table = (out / "table.md").read_text()
     assert "mean ± std over seeds 1, 2\n" in table
     assert "| DGC, ELBO (ours) (1 of 2 seeds) |" in table and "| CE |" in table
+
+
+def test_baseline_set_reaches_the_baselines_and_is_part_of_their_settings(paper_table, tmp_path):
+    out = tmp_path / "out"
+    common = ["--dataset", "digits", "--quick", "--num-samples", "2", "--device", "cpu", "--epochs", "1",
+              "--counts", "12,10,8,6,5,4,4,3,3,3", "--seeds", "1", "--out", str(out)]
+    assert paper_table.main(common + ["--methods", "logit_adjusted", "ce", "--baseline-set", "lr=0.002", "tau=1.5"]) == 0
+    la = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
+    ce = json.loads((out / "runs" / "ce_seed1.json").read_text())
+    assert la["settings"]["lr"] == 0.002 and la["settings"]["tau"] == 1.5
+    assert ce["settings"]["lr"] == 0.002 and "tau" not in ce["settings"]  # CE has no prior to scale
+    with pytest.raises(SystemExit, match=r"logit_adjusted_seed1.json was made with other settings .*settings.tau: 1.5 in "
+                                         r"the run, 1.0 now"):
+        paper_table.main(common + ["--methods", "logit_adjusted", "--resume", "--baseline-set", "lr=0.002"])
+    for bad, message in (("tau", "is not FIELD=VALUE"), ("beta=1", "is not FIELD=VALUE"), ("lr=abc", "lr needs a number"),
+                         ("lr=0", "lr must be > 0"), ("tau=-1", "tau must be >= 0")):
+        with pytest.raises(SystemExit, match=message):
+            paper_table.main(common + ["--methods", "ce", "--baseline-set", bad])
