@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TEMPERATURE_BOUNDS", "apply_temperature", "temperature_scale"]
+__all__ = ["TEMPERATURE_BOUNDS", "apply_temperature", "check_temperature", "temperature_scale"]
 
 #: The search interval of :func:`temperature_scale`. The held-out NLL is unimodal in log T; a T at a bound means
 #: the data asked for more (e.g. a held-out set the model classifies perfectly drives T towards 0).
@@ -58,7 +58,8 @@ def _labels(labels: Any, n: int, num_classes: int) -> torch.Tensor:
     return y
 
 
-def _check_temperature(temperature: Any) -> float:
+def check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float; ValueError naming it unless it is a positive finite number."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
             or not math.isfinite(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
@@ -96,5 +97,5 @@ def temperature_scale(logits_or_log_proba: Any, labels: Any) -> float:
 
 def apply_temperature(logits_or_log_proba: Any, temperature: float) -> torch.Tensor:
     """Class probabilities ``softmax(logits_or_log_proba / temperature)``, an (N, C) float32 CPU tensor."""
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     return torch.softmax(_scores(logits_or_log_proba) / t, dim=1).float()
