@@ -256,12 +256,14 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     return out
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed)."""
+def summarise(runs: dict[str, list[dict[str, Any]]],
+              metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed); a metric no run
+    of a method has is left out of its row."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for method, results in runs.items():
         summary[method] = {}
-        for metric in SUMMARY_METRICS:
+        for metric in metrics:
             values = np.array([r[metric] for r in results if r.get(metric) is not None], dtype=float)
             if len(values) == 0:
                 continue
