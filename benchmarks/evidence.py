@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs of every row (default: {PROTOCOL['epochs']}, 1 with --smoke; the test phase takes "
                         "the plan's)")
+    p.add_argument("--grid-lr", type=float, nargs="+", default=None, metavar="LR",
+                   help=f"tune phase: the learning rates of the grid (default: {list(TUNING_GRID['lr'])})")
+    p.add_argument("--grid-tau", type=float, nargs="+", default=None, metavar="TAU",
+                   help=f"tune phase: the taus of the grid (default: {list(TUNING_GRID['tau'])})")
     p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)")
     p.add_argument("--dev-per-class", type=int, default=None, help="images a class in the dev set (default: 1000)")
     p.add_argument("--ood-per-set", type=int, default=None, help="images of each OOD set and of the in-distribution "
@@ -352,6 +356,15 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.methods = list(TUNED if args.phase == "tune" else METHODS)
     if args.phase == "tune" and (matched := [m for m in args.methods if m in MATCHED]):
         raise SystemExit(f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time")
+    if args.phase == "test" and (args.grid_lr or args.grid_tau):
+        raise SystemExit("--grid-lr/--grid-tau shape the tune phase; the test phase takes the plan's settings")
+    grid = dict(SMOKE_GRID if args.smoke else TUNING_GRID)
+    for key, values in (("lr", args.grid_lr), ("tau", args.grid_tau)):
+        if values:
+            if any(not math.isfinite(v) or v < 0 or (key == "lr" and v == 0) for v in values) or len(set(values)) < len(values):
+                raise SystemExit(f"--grid-{key} needs distinct finite values, {'> 0' if key == 'lr' else '>= 0'}")
+            grid[key] = tuple(values)
+    args.grid = grid
     return args
 
 
@@ -386,7 +399,7 @@ def _environment(args: argparse.Namespace, argv: Sequence[str] | None, device: s
 def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> int:
     """Fit every row's grid on the tune seeds, score on the dev set; write the plan when every row is complete."""
     out = Path(args.out)
-    grid = SMOKE_GRID if args.smoke else TUNING_GRID
+    grid = args.grid
     epochs = args.epochs or (SMOKE["epochs"] if args.smoke else PROTOCOL["epochs"])
     args.epochs = epochs
     recipe = base_recipe(args)
