@@ -34,7 +34,8 @@ mutual-information scores (``aurc_entropy``, ``aurc_mi``); OOD AUROC and FPR95 o
 built from the test images, for the max-probability score of every method (``ood_auroc``, the mean over sets,
 ``ood_auroc_<set>``, ``fpr95*``) and each method's other scores (``ood_auroc_by_<score>``: entropy, mi; energy,
 -logsumexp of the logits, for the baselines; for DGC the density score -log p(x) and its typicality
-|log p(x) - the dev set's mean|, when ``predict`` gives ``Prediction.log_density``).
+|log p(x) - the dev set's mean|, when ``predict`` gives ``Prediction.log_density``); ``ood_auroc_own`` is each
+row's own score fixed in advance (:data:`OWN_SCORE`: DGC's density, the baselines' energy).
 
 Writes (test phase) ``OUT/runs/<method>_seed<s>.json``, ``OUT/summary.json``
 (``{method: {metric: {"mean", "std"}}, "n_seeds": n}``), ``OUT/paired.json`` (dgc_elbo minus each method,
@@ -122,6 +123,9 @@ SMOKE = {"dataset": "digits", "counts": (12, 10, 8, 6, 5, 4, 4, 3, 3, 3), "epoch
 DEFAULT_SEEDS = {"tune": (31, 32), "test": (41, 42, 43, 44, 45)}
 COVERAGES = (0.8, 0.9)
 PRIMARY_SCORE = "maxprob"  # the OOD and reject score every method has
+#: each row's own OOD score, fixed before any run (``ood_auroc_own``): the density score only a generative model has
+#: (the max probability while ``predict`` gives no density, and for ``vib``, which models no x), the baselines' energy
+OWN_SCORE = {"dgc_elbo": "density", "dgc_paper_guide": "density", "vib": PRIMARY_SCORE}
 SUMMARY_METRICS = (
     "acsa", "fmacro", "gmean", "r_mi", "p_ma", "acc",
     "ece", "nll", "brier", "temperature", "ece_ts", "nll_ts", "brier_ts",
@@ -129,11 +133,11 @@ SUMMARY_METRICS = (
     "aurc_mi", "acc_cov80_mi", "acc_cov90_mi",
     "ood_auroc", *(f"ood_auroc_{s}" for s in OOD_SETS), "fpr95", *(f"fpr95_{s}" for s in OOD_SETS),
     "ood_auroc_by_entropy", "ood_auroc_by_mi", "ood_auroc_by_energy", "ood_auroc_by_density",
-    "ood_auroc_by_typicality", "epochs", "fit_seconds", "seconds",
+    "ood_auroc_by_typicality", "ood_auroc_own", "epochs", "fit_seconds", "seconds",
 )
 TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("ece", "ECE"),
                  ("ece_ts", "ECE (TS)"), ("nll_ts", "NLL (TS)"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC"))
-PAIRED_METRICS = ("acsa", "fmacro", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc")
+PAIRED_METRICS = ("acsa", "fmacro", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc", "ood_auroc_own")
 METHOD_LABELS = {
     "dgc_elbo": "DGC, default recipe (label-free q(z|x), tempered label likelihood)",
     "vib": "VIB control (the default recipe without p(x|z))",
@@ -299,6 +303,9 @@ def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, de
     for score, cells in ood.items():
         if score != PRIMARY_SCORE:
             out[f"ood_auroc_by_{score}"] = float(np.mean([c["auroc"] for c in cells.values()]))
+    own = OWN_SCORE.get(fitted.method, "energy")
+    out["ood_own_score"] = own if own in ood else PRIMARY_SCORE
+    out["ood_auroc_own"] = float(np.mean([c["auroc"] for c in ood[out["ood_own_score"]].values()]))
     out["evaluate_seconds"] = time.perf_counter() - t0
     return out
 

@@ -64,11 +64,16 @@ def test_summary_has_every_method_and_metric_in_range(smoke):
     # each row has its own extra OOD scores: the baselines' energy, DGC's mutual information
     assert "ood_auroc_by_energy" in summary["ce"] and "ood_auroc_by_energy" not in summary["dgc_elbo"]
     assert "ood_auroc_by_mi" in summary["dgc_elbo"] and "aurc_mi" in summary["vib"]
+    # the own OOD score fixed in advance: energy for a baseline
+    assert summary["ce"]["ood_auroc_own"] == summary["ce"]["ood_auroc_by_energy"]
 
 
 def test_runs_record_their_settings_and_the_table_is_written(smoke):
     vib = json.loads((smoke / "runs" / "vib_seed2.json").read_text())
     assert vib["settings"]["recipe"]["observe_x"] is False and vib["evaluated_on"] == "test"
+    assert vib["ood_own_score"] == "maxprob"  # a model of y alone has no density score
+    dgc = json.loads((smoke / "runs" / "dgc_elbo_seed2.json").read_text())
+    assert dgc["ood_own_score"] == ("density" if "density" in dgc["ood"] else "maxprob")
     plan = json.loads((smoke / "plan.json").read_text())
     matched = json.loads((smoke / "runs" / "logit_adjusted_matched_seed3.json").read_text())
     assert matched["settings"]["epochs"] == plan["matched_epochs"]["logit_adjusted_matched"]
