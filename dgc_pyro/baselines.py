@@ -172,7 +172,8 @@ class FittedBaseline:
         t = check_temperature(self.temperature)
         if self.sklearn_model is not None and t == 1.0:
             x = check_features(x, input_shape=self.input_shape)
-            return torch.as_tensor(self.sklearn_model.predict_proba(x.reshape(len(x), -1).cpu().numpy()), dtype=torch.float32)
+            flat = x.reshape(len(x), -1).cpu().numpy()
+            return torch.as_tensor(self.sklearn_model.predict_proba(flat), dtype=torch.float32)
         return torch.softmax(self.logits(x, batch_size) / t, -1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +240,8 @@ def fit_baseline(
             or not math.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
     if tau != 1.0 and name not in TAU_LOSSES:
-        raise ValueError(f"tau scales the log-prior offset of {' and '.join(TAU_LOSSES)}; {name!r} has none (tau=1 only)")
+        raise ValueError(f"tau scales the log-prior offset of {' and '.join(TAU_LOSSES)}; {name!r} has none "
+                         "(tau=1 only)")
     x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])

@@ -37,7 +37,8 @@ def _scores(scores: Any, name: str = "logits_or_log_proba") -> torch.Tensor:
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     t = torch.from_numpy(arr.astype(np.float64))
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] < 2:
-        raise ValueError(f"{name} must be a (N, C) matrix with N >= 1 examples and C >= 2 classes, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be a (N, C) matrix with N >= 1 examples and C >= 2 classes, "
+                         f"got shape {tuple(t.shape)}")
     if torch.isnan(t).any() or torch.isposinf(t).any():
         raise ValueError(f"{name} contains NaN or +inf ({int((torch.isnan(t) | torch.isposinf(t)).sum())} values)")
     if torch.isneginf(t).all(dim=1).any():
