@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dgc_pyro.baselines import BASELINE_LOSSES, TAU_BASELINES, fit_baseline
+from dgc_pyro.baselines import BASELINE_LOSSES, TAU_LOSSES, fit_baseline
 from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
@@ -253,7 +253,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 def _baseline_knobs(method: str, settings: dict[str, float] | None) -> dict[str, float]:
     """The ``fit_baseline`` keywords of ``settings`` that ``method`` takes (tau only for the logit-adjusted losses)."""
     settings = dict(BASELINE_SETTINGS if settings is None else settings)
-    if method not in TAU_BASELINES:
+    if method not in TAU_LOSSES:
         settings.pop("tau")
     return settings
 
@@ -288,12 +288,14 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     return out
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed)."""
+def summarise(runs: dict[str, list[dict[str, Any]]],
+              metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed); a metric no run
+    of a method has is left out of its row."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for method, results in runs.items():
         summary[method] = {}
-        for metric in SUMMARY_METRICS:
+        for metric in metrics:
             values = np.array([r[metric] for r in results if r.get(metric) is not None], dtype=float)
             if len(values) == 0:
                 continue

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from dgc_pyro.arguments import check_fraction, check_positive, check_seed
+from dgc_pyro.calibration import check_temperature
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
@@ -60,8 +61,8 @@ def logit_adjusted_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tens
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Balanced softmax (Ren et al. 2020, Eq. 4): CE(f(x) + tau * log n, y) with n the per-class training counts.
 
-    tau = 1 is the published loss. Since log n and log pi differ by a constant that the softmax ignores, this equals
-    :func:`logit_adjusted_loss` at the same tau up to floating-point rounding (and the clamp of empty classes).
+    tau = 1 is the paper's loss. log n and log pi differ by the constant log N, which the softmax ignores, so
+    this is the logit-adjusted loss of the same tau: the two rows differ only by floating-point rounding.
     """
     return F.cross_entropy(logits + tau * counts.clamp_min(1.0).log(), y)
 
@@ -104,18 +105,16 @@ DRW_BETA = 0.9999
 DRW_START = 0.8  # share of the epochs after which DRW switches on (epoch 160 of 200 in Cao et al.)
 
 
-#: baselines whose loss has the prior-scaling tau (``fit_baseline(..., tau=...)``)
-TAU_BASELINES = ("logit_adjusted", "balanced_softmax")
+#: The losses with a tau (the scale of the log-prior offset); the others take only tau = 1.
+TAU_LOSSES = ("logit_adjusted", "balanced_softmax")
 
 
 def baseline_loss(
     name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False,
     tau: float = 1.0,
 ) -> torch.Tensor:
-    """The training loss ``name`` of a baseline given logits, labels and per-class training counts.
-
-    ``tau`` scales the log prior of the two logit-adjusted losses (:data:`TAU_BASELINES`); the others ignore it.
-    """
+    """The training loss ``name`` of a baseline given logits, labels and per-class training counts
+    (``tau`` scales the log-prior offset of the :data:`TAU_LOSSES`)."""
     if name == "ce":
         return F.cross_entropy(logits, y)
     if name == "logit_adjusted":
@@ -134,7 +133,8 @@ def baseline_loss(
 
 @dataclass
 class FittedBaseline:
-    """A trained baseline: ``predict_proba(x)`` gives (N, C) class probabilities."""
+    """A trained baseline: ``predict_proba(x)`` gives (N, C) class probabilities, ``logits(x)`` the scores they
+    are the softmax of (divided by :attr:`temperature`)."""
 
     name: str
     module: nn.Module | None
@@ -150,17 +150,31 @@ class FittedBaseline:
     best_epoch: int | None = None
     #: with ``fit_baseline(..., keep_last_state=True)``: a CPU copy of the last epoch's weights
     last_state: dict[str, torch.Tensor] | None = None
+    #: post-hoc temperature T of :meth:`predict_proba`, softmax(logits / T); fit it on held-out data with
+    #: :func:`dgc_pyro.calibration.temperature_scale` of :meth:`logits` (1.0: the trained model as it is)
+    temperature: float = 1.0
 
     @torch.no_grad()
-    def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
-        """Class probabilities; for the logit-adjusted family this is the balanced (prior-free) posterior."""
+    def logits(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
+        """Class scores (N, C) on the CPU, before the temperature: the network's logits (LDAM's scaled cosines;
+        the logistic model's decision function). For the logit-adjusted family these are the prior-free f(x)."""
         x = check_features(x, input_shape=self.input_shape)
         if self.sklearn_model is not None:
-            return torch.as_tensor(self.sklearn_model.predict_proba(x.reshape(len(x), -1).cpu().numpy()), dtype=torch.float32)
+            flat = x.reshape(len(x), -1).cpu().numpy()
+            return torch.as_tensor(self.sklearn_model.decision_function(flat), dtype=torch.float32)
         assert self.module is not None
         self.module.eval()
-        out = [torch.softmax(self._logits(x[i : i + batch_size].to(self.device)), -1).cpu() for i in range(0, len(x), batch_size)]
-        return torch.cat(out)
+        return torch.cat([self._logits(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)])
+
+    def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
+        """Class probabilities softmax(logits / temperature); for the logit-adjusted family this is the balanced
+        (prior-free) posterior."""
+        t = check_temperature(self.temperature)
+        if self.sklearn_model is not None and t == 1.0:
+            x = check_features(x, input_shape=self.input_shape)
+            flat = x.reshape(len(x), -1).cpu().numpy()
+            return torch.as_tensor(self.sklearn_model.predict_proba(flat), dtype=torch.float32)
+        return torch.softmax(self.logits(x, batch_size) / t, -1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         assert self.module is not None
@@ -211,8 +225,8 @@ def fit_baseline(
     ``select_best`` keeps the weights of the epoch with the best validation ACSA, as in ``fit``; with False the
     last epoch's weights are kept (the validation ACSA is still recorded in ``history``). ``keep_last_state``
     also keeps a copy of the last epoch's weights in ``last_state``, so both can be scored from one fit.
-    ``tau`` (>= 0) scales the log prior of ``"logit_adjusted"`` and ``"balanced_softmax"`` (1: the published losses);
-    any other baseline refuses a tau other than 1.
+    ``tau`` scales the log-prior offset of ``"logit_adjusted"`` and ``"balanced_softmax"`` (:data:`TAU_LOSSES`;
+    1.0 is each paper's loss); the other baselines have none and take only 1.0.
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
@@ -222,10 +236,12 @@ def fit_baseline(
     check_seed(seed)
     check_fraction("val_fraction", val_fraction)
     check_lr_schedule(lr_schedule)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-    if tau != 1.0 and name not in TAU_BASELINES:
-        raise ValueError(f"tau applies to {' and '.join(TAU_BASELINES)} only, not to {name!r}")
+    if tau != 1.0 and name not in TAU_LOSSES:
+        raise ValueError(f"tau scales the log-prior offset of {' and '.join(TAU_LOSSES)}; {name!r} has none "
+                         "(tau=1 only)")
     x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])

@@ -61,6 +61,9 @@ class Recipe:
     #: keep the weights of the epoch with the best validation ACSA (True) or those of the last epoch (False); the
     #: validation split is carved either way, so the two differ only in which weights are kept
     select_best: bool = True
+    #: the model has the pixel site p(x | z) (True, DGC) or not (False: the "vib" control, a label-free guide
+    #: with the label likelihood only; see DGC's ``observe_x``)
+    observe_x: bool = True
 
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
@@ -95,7 +98,7 @@ class Recipe:
             prior = np.asarray(train_counts, dtype=np.float64)
         return DGC(input_shape, num_classes, latent_dim=self.latent_dim, preset=self.preset, likelihood=self.likelihood,
                    obs_scale=self.obs_scale, label_weight=self.label_weight, label_in_guide=self.label_in_guide,
-                   class_prior=prior, logit_adjustment=self.logit_adjustment)
+                   class_prior=prior, logit_adjustment=self.logit_adjustment, observe_x=self.observe_x)
 
 
 # Defaults per dataset: the embedded digits default must finish in well under 3 minutes on 2 CPU cores.

@@ -52,6 +52,9 @@ __all__ = [
     "format_paired",
     "ood_auroc",
     "fpr_at_tpr",
+    "coverage_curve",
+    "aurc",
+    "accuracy_at_coverage",
 ]
 
 IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
@@ -440,6 +443,77 @@ def brier_score(y_true: Any, proba: Any) -> float:
     onehot = np.zeros_like(p)
     onehot[np.arange(yt.size), yt] = 1.0
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+# ---------------------------------------------------------------------------------------
+# Selective prediction (the reject option)
+# ---------------------------------------------------------------------------------------
+
+
+def coverage_curve(y_true: Any, proba: Any, uncertainty: Any) -> dict[str, np.ndarray]:
+    """Accuracy and ACSA on the accepted examples as a reject threshold sweeps ``uncertainty`` (larger = less certain).
+
+    Examples are accepted from the most to the least certain; one point per distinct score value (ties are
+    accepted together). Returns arrays of equal length, in increasing coverage:
+
+    - ``threshold``: accept examples whose score is <= this value;
+    - ``coverage``: fraction of examples accepted (the last point is 1);
+    - ``accuracy``: accuracy of ``proba``'s argmax on the accepted examples;
+    - ``acsa``: mean per-class recall on the accepted examples, over the classes that have at least one accepted
+      example (a class whose examples are all rejected is left out rather than counted as recall 0).
+    """
+    yt, p = _proba_pair(y_true, proba)
+    s = np.asarray(_to_numpy(uncertainty), dtype=float)
+    if s.shape != yt.shape:
+        raise ValueError(f"the uncertainty scores have shape {s.shape} but y_true has {yt.size} labels")
+    if not np.isfinite(s).all():
+        raise ValueError(f"the uncertainty scores contain NaN or inf ({int((~np.isfinite(s)).sum())} of {s.size})")
+    n, c = p.shape
+    order = np.argsort(s, kind="stable")
+    s_sorted = s[order]
+    y_sorted = yt[order]
+    correct = (p.argmax(axis=1) == yt)[order]
+    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
+    k = ends + 1
+    cum_correct = np.cumsum(correct)[ends]
+    onehot = np.zeros((n, c))
+    onehot[np.arange(n), y_sorted] = 1.0
+    total_c = np.cumsum(onehot, axis=0)[ends]
+    correct_c = np.cumsum(onehot * correct[:, None], axis=0)[ends]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(total_c > 0, correct_c / total_c, np.nan)
+    return {
+        "threshold": s_sorted[ends],
+        "coverage": k / n,
+        "accuracy": cum_correct / k,
+        "acsa": np.nanmean(recall, axis=1),
+    }
+
+
+def aurc(y_true: Any, proba: Any, uncertainty: Any) -> float:
+    """Area under the risk-coverage curve (Geifman & El-Yaniv 2017): the selective error rate averaged over
+    coverages, in [0, 1]; lower is better.
+
+    Without ties it is the mean over k = 1..N of the error rate among the k most certain examples; a group of
+    tied scores enters as one step of the curve (accepted together), so the order inside a tie does not matter.
+    """
+    curve = coverage_curve(y_true, proba, uncertainty)
+    steps = np.diff(np.concatenate([[0.0], curve["coverage"]]))
+    return float(np.sum(steps * (1.0 - curve["accuracy"])))
+
+
+def accuracy_at_coverage(y_true: Any, proba: Any, uncertainty: Any, coverage: float) -> float:
+    """Accuracy on the most certain ``coverage`` share of the examples (e.g. 0.8: the 20% least certain rejected).
+
+    The threshold is the first point of :func:`coverage_curve` that accepts at least that share, so a tie
+    straddling the cut is accepted whole.
+    """
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, np.floating)) or not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must lie in (0, 1], got {coverage!r}")
+    curve = coverage_curve(y_true, proba, uncertainty)
+    # A tolerance so that 0.8 of 10 examples (0.8000000000000002 in floats) still stops at 8.
+    i = int(np.searchsorted(curve["coverage"], float(coverage) - 1e-12, side="left"))
+    return float(curve["accuracy"][i])
 
 
 # ---------------------------------------------------------------------------------------

@@ -156,12 +156,39 @@ def test_tau_scales_the_log_prior_and_balanced_softmax_equals_logit_adjustment()
     assert torch.equal(baseline_loss("ce", logits, y, COUNTS, tau=3.0), baseline_loss("ce", logits, y, COUNTS))
 
 
-def test_fit_baseline_tau_changes_the_fit_and_is_checked(digits):
-    kw = dict(num_classes=10, epochs=1, batch_size=32, device="cpu", seed=0, val_fraction=0.0)
-    one = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, **kw)
-    two = fit_baseline("logit_adjusted", digits.x_train, digits.y_train, tau=2.0, **kw)
-    assert not torch.equal(one.predict_proba(digits.x_test), two.predict_proba(digits.x_test))
+
+def test_balanced_softmax_tau_scales_the_log_counts():
+    logits, y = _batch(seed=3)
+    expected = F.cross_entropy(logits + 0.5 * COUNTS.log(), y)
+    assert balanced_softmax_loss(logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert baseline_loss("balanced_softmax", logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert baseline_loss("logit_adjusted", logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-5)
+    # tau = 0 is plain cross-entropy
+    assert baseline_loss("balanced_softmax", logits, y, COUNTS, tau=0.0).item() == pytest.approx(
+        F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_tau_changes_the_fit_and_is_refused_where_a_loss_has_none(digits):
+    kw = dict(num_classes=10, epochs=1, batch_size=32, lr=3e-3, device="cpu", seed=0)
+    one = fit_baseline("balanced_softmax", digits.x_train, digits.y_train, **kw)
+    two = fit_baseline("balanced_softmax", digits.x_train, digits.y_train, tau=2.0, **kw)
+    assert not torch.equal(one.logits(digits.x_test), two.logits(digits.x_test))
+    with pytest.raises(ValueError, match="'ce' has none"):
+        fit_baseline("ce", digits.x_train, digits.y_train, tau=0.5, **kw)
     with pytest.raises(ValueError, match="tau must be a finite number >= 0"):
         fit_baseline("logit_adjusted", digits.x_train, digits.y_train, tau=-1.0, **kw)
-    with pytest.raises(ValueError, match="tau applies to logit_adjusted and balanced_softmax only, not to 'ce'"):
-        fit_baseline("ce", digits.x_train, digits.y_train, tau=2.0, **kw)
+
+
+@pytest.mark.parametrize("name", ["logit_adjusted", "ldam_drw", "logistic"])
+def test_logits_and_temperature_give_predict_proba(name, digits):
+    fitted = fit_baseline(name, digits.x_train, digits.y_train, num_classes=10, epochs=1, batch_size=32, device="cpu")
+    logits = fitted.logits(digits.x_test)
+    assert logits.shape == (len(digits.y_test), 10)
+    assert torch.allclose(fitted.predict_proba(digits.x_test), torch.softmax(logits, -1), atol=1e-5)
+    fitted.temperature = 2.0
+    tempered = fitted.predict_proba(digits.x_test)
+    assert torch.allclose(tempered, torch.softmax(logits / 2.0, -1), atol=1e-5)
+    assert torch.equal(tempered.argmax(-1), logits.argmax(-1))
+    fitted.temperature = 0.0
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        fitted.predict_proba(digits.x_test)

@@ -180,3 +180,36 @@ def test_log_variance_clamp_passes_gradients_outside_its_bounds():
     kl = 0.5 * (out.exp() - out - 1.0)
     kl.sum().backward()
     assert (v.grad[3:] > 0).all() and (v.grad[:2] < 0).all()
+
+
+def test_observe_x_false_drops_the_x_site_and_round_trips(tmp_path):
+    from dgc_pyro.checkpoint import load_model, save_model
+    from dgc_pyro.experiment import Recipe
+    from dgc_pyro.inference.objectives import get_objective
+
+    model = DGC((1, 8, 8), num_classes=3, latent_dim=4, label_in_guide=False, observe_x=False)
+    x, y = torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    guide_tr, model_tr = _trace(model, x, y)
+    assert {n for n, s in model_tr.nodes.items() if s["type"] == "sample" and n != "data"} == {"z", "y"}
+    # The ELBO of the default recipe runs without the site, and only the pixel-free terms reach the gradients.
+    with pyro.settings.context(module_local_params=True):
+        loss = get_objective("elbo-analytic")(model.model, model.guide, x, y)
+    loss.backward()
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert model.encoder.parameters().__next__().grad is not None
+    with pyro.settings.context(module_local_params=True), pytest.raises(ValueError, match="needs the site 'x'"):
+        get_objective("wae-mmd")(model.model, model.guide, x, y)
+    # Config, checkpoint and recipe keep the choice; an old config without the key is a DGC with the x site.
+    assert DGC.from_config(model.config).observe_x is False
+    save_model(tmp_path / "m.safetensors", model)
+    assert load_model(tmp_path / "m.safetensors")[0].observe_x is False
+    old = {k: v for k, v in model.config.items() if k != "observe_x"} | {"label_in_guide": True}
+    assert DGC.from_config(old).observe_x is True
+    assert Recipe(label_in_guide=False, observe_x=False).build_model((1, 8, 8), 3).observe_x is False
+
+
+def test_observe_x_false_needs_a_label_free_guide():
+    with pytest.raises(ValueError, match="observe_x=False needs label_in_guide=False"):
+        DGC((4,), num_classes=2, observe_x=False)
+    with pytest.raises(ValueError, match="observe_x must be True or False"):
+        DGC((4,), num_classes=2, label_in_guide=False, observe_x="no")

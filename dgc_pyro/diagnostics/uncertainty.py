@@ -25,8 +25,8 @@ import numpy as np
 from dgc_pyro.inference.predict import Prediction
 from dgc_pyro.metrics import (
     check_proba,
-    _proba_pair,
     brier_score,
+    coverage_curve,
     expected_calibration_error,
     negative_log_likelihood,
     reliability_bins,
@@ -95,39 +95,10 @@ def reliability(y_true: Any, proba: Any, n_bins: int = 15) -> dict[str, np.ndarr
 
 
 def coverage_accuracy_curve(y_true: Any, proba: Any, score: str = "entropy") -> dict[str, np.ndarray]:
-    """Accuracy and ACSA on the accepted examples as the reject threshold sweeps the scores.
+    """Accuracy and ACSA on the accepted examples as the reject threshold sweeps the ``score`` of
+    :func:`uncertainty_score`: :func:`dgc_pyro.metrics.coverage_curve` of that score.
 
-    Examples are accepted from the most to the least certain; one point per distinct score value
-    (ties are accepted together). Returns arrays of equal length, in increasing coverage:
-
-    - ``threshold``: accept examples whose score is <= this value;
-    - ``coverage``: fraction of examples accepted (the last point is 1);
-    - ``accuracy``: accuracy on the accepted examples;
-    - ``acsa``: mean per-class recall on the accepted examples, over the classes that have at least
-      one accepted example (a class whose examples are all rejected is left out rather than counted
-      as recall 0, so that ACSA measures the quality of what is kept).
+    Returns ``threshold``, ``coverage`` (increasing, the last point is 1), ``accuracy`` and ``acsa`` (over the
+    classes with at least one accepted example); ties are accepted together.
     """
-    yt, p = _proba_pair(y_true, _proba_of(proba))
-    s = uncertainty_score(proba, score)
-    if s.shape != yt.shape:
-        raise ValueError(f"the scores have shape {s.shape} but y_true has {yt.size} labels")
-    n, c = p.shape
-    order = np.argsort(s, kind="stable")
-    s_sorted = s[order]
-    y_sorted = yt[order]
-    correct = (p.argmax(axis=1) == yt)[order]
-    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
-    k = ends + 1
-    cum_correct = np.cumsum(correct)[ends]
-    onehot = np.zeros((n, c))
-    onehot[np.arange(n), y_sorted] = 1.0
-    total_c = np.cumsum(onehot, axis=0)[ends]
-    correct_c = np.cumsum(onehot * correct[:, None], axis=0)[ends]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(total_c > 0, correct_c / total_c, np.nan)
-    return {
-        "threshold": s_sorted[ends],
-        "coverage": k / n,
-        "accuracy": cum_correct / k,
-        "acsa": np.nanmean(recall, axis=1),
-    }
+    return coverage_curve(y_true, _proba_of(proba), uncertainty_score(proba, score))

@@ -41,6 +41,10 @@ class DGC(PyroModule):
             ``predict(..., balanced=True)``) scores with softmax(f(z)), the label likelihood under a uniform
             class prior. None (default): p(y | z) = softmax(f(z)).
         logit_adjustment: tau above (1.0 is the Bayes-consistent choice); ignored without ``class_prior``.
+        observe_x: True (default) makes the model generate the features, the ``"x"`` site p(x | z). False drops the
+            site: the model is p(z) p(y | z) with the guide q(z | x), a variational information bottleneck (Alemi et
+            al. 2017), the control that prices DGC's generative part. The decoder is then built but unused. It needs
+            ``label_in_guide=False``: the rules that score a label-conditioned guide weigh draws by p(x | z).
         encoder, decoder, classifier: optional custom networks replacing the defaults; they must
             follow the call conventions of :class:`Encoder`, :class:`Decoder`, :class:`Classifier`.
 
@@ -61,6 +65,7 @@ class DGC(PyroModule):
         label_in_guide: bool = True,
         class_prior: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         logit_adjustment: float = 1.0,
+        observe_x: bool = True,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         classifier: nn.Module | None = None,
@@ -88,6 +93,11 @@ class DGC(PyroModule):
                 or not math.isfinite(logit_adjustment) or logit_adjustment < 0:
             raise ValueError(f"logit_adjustment must be a finite number >= 0, got {logit_adjustment!r}")
         prior = _check_class_prior(class_prior, int(num_classes)) if class_prior is not None else None
+        if not isinstance(observe_x, (bool, np.bool_)):
+            raise ValueError(f"observe_x must be True or False, got {observe_x!r}")
+        if not observe_x and label_in_guide:
+            raise ValueError("observe_x=False needs label_in_guide=False: a label-conditioned guide is scored by "
+                             "weighing its draws with p(x | z), which a model without the x site lacks")
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         if likelihood not in LIKELIHOODS:
@@ -102,6 +112,7 @@ class DGC(PyroModule):
         self.label_in_guide = bool(label_in_guide)
         self.class_prior = prior
         self.logit_adjustment = float(logit_adjustment)
+        self.observe_x = bool(observe_x)
         self._offset_active = True
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
@@ -132,6 +143,7 @@ class DGC(PyroModule):
             "label_in_guide": self.label_in_guide,
             "class_prior": self.class_prior,
             "logit_adjustment": self.logit_adjustment,
+            "observe_x": self.observe_x,
             "custom_networks": list(self.custom_networks),
         }
 
@@ -148,7 +160,8 @@ class DGC(PyroModule):
         if missing:
             raise ValueError(f"model config lacks {missing}")
         return cls(**{k: config[k] for k in keys}, label_in_guide=bool(config.get("label_in_guide", True)),
-                   class_prior=config.get("class_prior"), logit_adjustment=float(config.get("logit_adjustment", 1.0)))
+                   class_prior=config.get("class_prior"), logit_adjustment=float(config.get("logit_adjustment", 1.0)),
+                   observe_x=bool(config.get("observe_x", True)))
 
     @property
     def device(self) -> torch.device:
@@ -237,11 +250,15 @@ class DGC(PyroModule):
     # ------------------------------------------------------------------ Pyro model and guide
     @pyro_method
     def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None) -> torch.Tensor:
-        """Generative model. With ``x=None`` it samples ``num_examples`` new examples (prior predictive)."""
+        """Generative model. With ``x=None`` it samples ``num_examples`` new examples (prior predictive).
+
+        Without the ``"x"`` site (``observe_x=False``) ``x`` is not scored and the prior predictive has labels only.
+        """
         n = _batch_size(x, y, num_examples)
         with pyro.plate("data", n):
             z = pyro.sample("z", self.prior((n,)))
-            pyro.sample("x", self.likelihood(z), obs=x)
+            if self.observe_x:
+                pyro.sample("x", self.likelihood(z), obs=x)
             with poutine.scale(scale=self.label_weight):
                 y = pyro.sample("y", dist.Categorical(logits=self.label_logits(z)), obs=y)
         return y

@@ -1,0 +1,596 @@
+"""The evidence table (issue 17): what DGC's generative part buys, every method under one protocol.
+
+Two phases, both resumable (one JSON per run; a re-run skips the runs that are finished, and refuses to pool a
+finished run made with other settings):
+
+    # 1. tune: every method's grid of learning rate (and tau) on a dev set of unused training images; writes
+    #    OUT/plan.json (the selected settings and the matched baselines' epochs)
+    python benchmarks/evidence.py --phase tune --data-dir ../shared/data --seeds 31 32 --out benchmarks/results/evidence
+    # 2. test: the planned settings on fresh seeds; each run touches the test split once
+    python benchmarks/evidence.py --phase test --data-dir ../shared/data --seeds 41 42 43 44 45 --out benchmarks/results/evidence
+    # the smoke mode of the tests (digits, one epoch, a two-point grid; seconds)
+    python benchmarks/evidence.py --phase tune --smoke --seeds 1 --out /tmp/ev && python benchmarks/evidence.py --phase test --smoke --seeds 2 --out /tmp/ev
+
+Per-seed processes may share OUT (``--methods``/``--seeds`` pick the runs); ``--collect`` fits nothing and only
+summarises what exists.
+
+Protocol (every method alike): the "small" conv networks, shift-flip training transform, cosine learning rate,
+``--epochs`` (30) epochs, the last epoch's weights (the 10% validation split is still carved, as in
+paper_table.py). Rows:
+
+* ``dgc_elbo``: the default recipe (label-free q(z | x), logit-adjusted p(y | z) with tau, label weight 1000,
+  Normal(0.3) pixels, closed-form-KL ELBO), scored with the ``latent`` rule;
+* ``vib``: the same without the ``x`` site (``observe_x=False``): a variational information bottleneck;
+* ``dgc_paper_guide``: the paper's structure, q(z | x, y) and plain p(y | z), scored with its ``mixture`` rule;
+* ``ce``, ``logit_adjusted``, ``balanced_softmax``: the baselines on the same encoder body;
+* ``logit_adjusted_matched``, ``balanced_softmax_matched``: the tuned baseline given DGC's wall time through more
+  epochs, ``round(epochs * dgc_elbo's mean fit time / the baseline's)`` over the tune phase's runs (in the plan).
+
+Tuning: ``TUNING_GRID`` (lr x tau; ``ce`` and ``dgc_paper_guide``, which have no tau, get the lr values only),
+selected by the mean dev ACSA over the tune seeds. Test metrics per run: the imbalance metrics; ECE, NLL and
+Brier raw and after a temperature fitted on the dev set (``dgc_pyro.calibration``; ``*_ts``); AURC and accuracy
+at 80%/90% coverage for the max-probability score (``aurc``, ``acc_cov80``, ``acc_cov90``) and the entropy and
+mutual-information scores (``aurc_entropy``, ``aurc_mi``); OOD AUROC and FPR95 on ``dgc_pyro.data.ood`` sets
+built from the test images, for the max-probability score of every method (``ood_auroc``, the mean over sets,
+``ood_auroc_<set>``, ``fpr95*``) and each method's other scores (``ood_auroc_by_<score>``: entropy, mi; energy,
+-logsumexp of the logits, for the baselines; for DGC the density score -log p(x) and its typicality
+|log p(x) - the dev set's mean|, when ``predict`` gives ``Prediction.log_density``); ``ood_auroc_own`` is each
+row's own score fixed in advance (:data:`OWN_SCORE`: DGC's density, the baselines' energy).
+
+Writes (test phase) ``OUT/runs/<method>_seed<s>.json``, ``OUT/summary.json``
+(``{method: {metric: {"mean", "std"}}, "n_seeds": n}``), ``OUT/paired.json`` (dgc_elbo minus each method,
+95% intervals) and ``OUT/table.md``; (tune phase) ``OUT/tune/<method>_<config>_seed<s>.json``,
+``OUT/tune/summary.json`` and ``OUT/plan.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dgc_pyro.baselines import FittedBaseline, fit_baseline
+from dgc_pyro.calibration import apply_temperature, temperature_scale
+from dgc_pyro.data import load_imbalanced, parse_counts
+from dgc_pyro.data.ood import OOD_SETS, ood_sets
+from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.experiment import Recipe, default_recipe
+from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
+from dgc_pyro.inference.fit import fit
+from dgc_pyro.inference.predict import Prediction, predict
+from dgc_pyro.io import atomic_write_text, write_json
+from dgc_pyro.metrics import (
+    accuracy_at_coverage,
+    aurc,
+    brier_score,
+    expected_calibration_error,
+    format_paired,
+    fpr_at_tpr,
+    imbalance_report,
+    negative_log_likelihood,
+    ood_auroc,
+)
+from dgc_pyro.models.dgc import DGC
+from dgc_pyro.reproducibility import seed_everything
+
+
+def _sibling(name: str) -> Any:
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package), to reuse its functions; the name is
+    the one ``tests/fixtures.load_benchmark`` gives it, so a test session imports the script once."""
+    module_name = f"dgc_benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before executing, as load_benchmark does (dataclasses resolve it)
+    spec.loader.exec_module(module)
+    return module
+
+
+paper_table = _sibling("paper_table")
+
+DATASETS = ("fashion", "mnist", "digits")
+DGC_ROWS = ("dgc_elbo", "vib", "dgc_paper_guide")
+BASELINE_ROWS = ("ce", "logit_adjusted", "balanced_softmax")
+#: matched row -> the tuned baseline it lengthens
+MATCHED = {"logit_adjusted_matched": "logit_adjusted", "balanced_softmax_matched": "balanced_softmax"}
+METHODS = DGC_ROWS + BASELINE_ROWS + tuple(MATCHED)
+TUNED = DGC_ROWS + BASELINE_ROWS
+#: rows whose tau is tuned: DGC's is its recipe's logit_adjustment, the baselines' the log-prior scale
+HAS_TAU = ("dgc_elbo", "vib", "logit_adjusted", "balanced_softmax")
+REFERENCE = "dgc_elbo"
+#: the tuning budget: every row gets these learning rates, the rows with a tau every (lr, tau) pair
+TUNING_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-4, 1e-3, 3e-3), "tau": (0.5, 1.0, 1.5)}
+SMOKE_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-3,), "tau": (0.5, 1.0)}
+#: the final protocol (RESULTS.md): every method alike
+PROTOCOL: dict[str, Any] = {"preset": "small", "transform": "shift-flip", "lr_schedule": "cosine",
+                            "select_best": False, "epochs": 30}
+#: latent draws per class of DGC's per-epoch validation scores (the record of the history; weights are the last)
+VAL_NUM_SAMPLES = 2
+SMOKE = {"dataset": "digits", "counts": (12, 10, 8, 6, 5, 4, 4, 3, 3, 3), "epochs": 1, "latent_dim": 8,
+         "num_samples": 2, "dev_per_class": 5, "ood_per_set": 50, "max_matched_epochs": 3}
+DEFAULT_SEEDS = {"tune": (31, 32), "test": (41, 42, 43, 44, 45)}
+COVERAGES = (0.8, 0.9)
+PRIMARY_SCORE = "maxprob"  # the OOD and reject score every method has
+#: each row's own OOD score, fixed before any run (``ood_auroc_own``): the density score only a generative model has
+#: (the max probability while ``predict`` gives no density, and for ``vib``, which models no x), the baselines' energy
+OWN_SCORE = {"dgc_elbo": "density", "dgc_paper_guide": "density", "vib": PRIMARY_SCORE}
+SUMMARY_METRICS = (
+    "acsa", "fmacro", "gmean", "r_mi", "p_ma", "acc",
+    "ece", "nll", "brier", "temperature", "ece_ts", "nll_ts", "brier_ts",
+    "aurc", "acc_cov80", "acc_cov90", "aurc_entropy", "acc_cov80_entropy", "acc_cov90_entropy",
+    "aurc_mi", "acc_cov80_mi", "acc_cov90_mi",
+    "ood_auroc", *(f"ood_auroc_{s}" for s in OOD_SETS), "fpr95", *(f"fpr95_{s}" for s in OOD_SETS),
+    "ood_auroc_by_entropy", "ood_auroc_by_mi", "ood_auroc_by_energy", "ood_auroc_by_density",
+    "ood_auroc_by_typicality", "ood_auroc_own", "epochs", "fit_seconds", "seconds",
+)
+TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("ece", "ECE"),
+                 ("ece_ts", "ECE (TS)"), ("nll_ts", "NLL (TS)"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC"))
+PAIRED_METRICS = ("acsa", "fmacro", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc", "ood_auroc_own")
+METHOD_LABELS = {
+    "dgc_elbo": "DGC, default recipe (label-free q(z|x), tempered label likelihood)",
+    "vib": "VIB control (the default recipe without p(x|z))",
+    "dgc_paper_guide": "DGC, paper's q(z|x,y), mixture rule",
+    "ce": "CE", "logit_adjusted": "Logit-adjusted CE", "balanced_softmax": "Balanced softmax",
+    "logit_adjusted_matched": "Logit-adjusted CE, DGC's wall time",
+    "balanced_softmax_matched": "Balanced softmax, DGC's wall time",
+}
+
+
+# ----------------------------------------------------------------------------- settings of a row
+def grid_of(method: str, grid: dict[str, tuple[float, ...]]) -> list[dict[str, float]]:
+    """The (lr, tau) configurations ``method`` is tuned over (tau fixed at the row's own without one)."""
+    taus = grid["tau"] if method in HAS_TAU else (None,)
+    return [{"lr": float(lr), **({} if tau is None else {"tau": float(tau)})} for lr in grid["lr"] for tau in taus]
+
+
+def config_key(config: dict[str, float]) -> str:
+    """A file-name key of one configuration, e.g. ``lr0.001_tau1``."""
+    return "_".join(f"{k}{config[k]:g}" for k in ("lr", "tau") if k in config)
+
+
+def base_recipe(args: argparse.Namespace) -> Recipe:
+    """The default recipe (fashion's, for every dataset: the row the issue prices) under the protocol."""
+    changes: dict[str, Any] = {k: v for k, v in PROTOCOL.items()}
+    changes["epochs"] = args.epochs
+    if args.smoke:
+        changes.update(latent_dim=SMOKE["latent_dim"], num_samples=SMOKE["num_samples"])
+    return dataclasses.replace(default_recipe("fashion"), **changes)
+
+
+def dgc_recipe(method: str, recipe: Recipe, config: dict[str, float]) -> Recipe:
+    """The recipe of DGC row ``method`` with ``config``'s learning rate (and tau, its logit adjustment)."""
+    if method == "dgc_paper_guide":
+        r = paper_table.method_recipe("dgc_elbo_paper_guide", recipe)
+    else:
+        r = paper_table.method_recipe("dgc_elbo", recipe)
+        if method == "vib":
+            r = dataclasses.replace(r, observe_x=False)
+    changes: dict[str, Any] = {"lr": config["lr"]}
+    if "tau" in config:
+        changes["logit_adjustment"] = config["tau"]
+    return dataclasses.replace(r, **changes)
+
+
+def run_settings(method: str, recipe: Recipe, config: dict[str, float], epochs: int) -> dict[str, Any]:
+    """What a run records about how it was made (compared on resume): the DGC recipe or the baseline options."""
+    recipe = dataclasses.replace(recipe, epochs=epochs)
+    if method in DGC_ROWS:
+        return paper_table._jsonable({"recipe": dataclasses.asdict(dgc_recipe(method, recipe, config))})
+    return paper_table._jsonable({"baseline": MATCHED.get(method, method), **recipe.baseline_options(),
+                                  "lr": config["lr"], "tau": config.get("tau", 1.0)})
+
+
+# ----------------------------------------------------------------------------- fitting and scoring
+@dataclasses.dataclass
+class Fitted:
+    """A fitted row: a DGC (with its recipe) or a baseline, and its fit time."""
+
+    method: str
+    fit_seconds: float
+    model: DGC | None = None
+    recipe: Recipe | None = None
+    baseline: FittedBaseline | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed: int, device: str) -> Fitted:
+    """Fit row ``method`` on ``split``'s training images with ``settings`` (:func:`run_settings`)."""
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    if method in DGC_ROWS:
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        rec = settings["recipe"]
+        recipe = Recipe(**{k: tuple(v) if k == "betas" else v for k, v in rec.items() if k in fields})
+        model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
+        history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed,
+                      progress=False, val_num_samples=VAL_NUM_SAMPLES)
+        return Fitted(method, time.perf_counter() - t0, model=model, recipe=recipe, history=history.epochs)
+    options = {k: v for k, v in settings.items() if k != "baseline"}
+    fitted = fit_baseline(settings["baseline"], split.x_train, split.y_train, num_classes=split.num_classes,
+                          **options, device=device, seed=seed)
+    return Fitted(method, time.perf_counter() - t0, baseline=fitted, history=fitted.history)
+
+
+def _log_density(pred: Prediction) -> torch.Tensor | None:
+    """DGC's density score, a lower bound on log p(x) per example (nats), where ``predict`` provides it."""
+    value = getattr(pred, "log_density", None)
+    return None if value is None else torch.as_tensor(value).detach().cpu().double()
+
+
+def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
+    """``proba`` (N, C), ``log_scores`` (logits or log-probabilities, for the temperature) and the outlier
+    scores of ``fitted`` on ``x`` (larger = less certain / more out of distribution)."""
+    if fitted.model is not None:
+        seed_everything(seed)  # the latent draws
+        pred = predict(fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced)
+        proba = pred.proba.detach().cpu().double()
+        out: dict[str, Any] = {"proba": proba, "log_scores": proba.clamp_min(1e-45).log(), "scores": {
+            "maxprob": 1.0 - proba.max(1).values, "entropy": pred.entropy.detach().cpu().double(),
+            "mi": pred.mutual_information.detach().cpu().double()}}
+        density = _log_density(pred)
+        if density is not None:
+            out["log_density"] = density
+            out["scores"]["density"] = -density
+        return out
+    logits = fitted.baseline.logits(x).double()
+    proba = torch.softmax(logits, -1)
+    entropy = -(proba * proba.clamp_min(1e-300).log()).sum(-1)
+    return {"proba": proba, "log_scores": logits, "scores": {
+        "maxprob": 1.0 - proba.max(1).values, "entropy": entropy, "energy": -torch.logsumexp(logits, -1)}}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, dev_y: torch.Tensor, seed: int,
+                 ood_per_set: int | None) -> dict[str, Any]:
+    """Every test metric of one fitted row: imbalance, calibration raw and temperature-scaled (T fitted on the dev
+    set), selective prediction and OOD detection (sets built from the test images)."""
+    t0 = time.perf_counter()
+    dev = scored(fitted, dev_x, seed)
+    test = scored(fitted, split.x_test, seed)
+    y = split.y_test
+    out: dict[str, Any] = imbalance_report(y, test["proba"].argmax(-1), num_classes=split.num_classes,
+                                           train_counts=split.train_counts)
+    temperature = temperature_scale(dev["log_scores"], dev_y)
+    calibrated = apply_temperature(test["log_scores"], temperature).double()
+    for suffix, p in (("", test["proba"]), ("_ts", calibrated)):
+        out[f"ece{suffix}"] = expected_calibration_error(y, p)
+        out[f"nll{suffix}"] = negative_log_likelihood(y, p)
+        out[f"brier{suffix}"] = brier_score(y, p)
+    out["temperature"] = temperature
+    for score in ("maxprob", "entropy", "mi"):
+        if score not in test["scores"]:
+            continue
+        suffix = "" if score == PRIMARY_SCORE else f"_{score}"
+        unc = _np(test["scores"][score])
+        out[f"aurc{suffix}"] = aurc(y, test["proba"], unc)
+        for c in COVERAGES:
+            out[f"acc_cov{round(100 * c)}{suffix}"] = accuracy_at_coverage(y, test["proba"], unc, c)
+    if "log_density" in dev:  # typicality: distance of log p(x) from its typical (dev-set) value
+        typical = float(dev["log_density"].mean())
+        test["scores"]["typicality"] = (test["log_density"] - typical).abs()
+    ood: dict[str, dict[str, dict[str, float]]] = {}
+    images = split.x_test if ood_per_set is None else split.x_test[:ood_per_set]
+    for name, x_out in ood_sets(images, seed=seed).items():
+        if ood_per_set is not None:
+            x_out = x_out[:ood_per_set]
+        s_out = scored(fitted, x_out, seed)
+        if "typicality" in test["scores"]:
+            s_out["scores"]["typicality"] = (s_out["log_density"] - typical).abs()
+        for score, s_in in test["scores"].items():
+            s_in = s_in if ood_per_set is None else s_in[:ood_per_set]
+            ood.setdefault(score, {})[name] = {"auroc": ood_auroc(_np(s_in), _np(s_out["scores"][score])),
+                                               "fpr95": fpr_at_tpr(_np(s_in), _np(s_out["scores"][score]))}
+    out["ood"] = ood
+    for name, cell in ood[PRIMARY_SCORE].items():
+        out[f"ood_auroc_{name}"], out[f"fpr95_{name}"] = cell["auroc"], cell["fpr95"]
+    out["ood_auroc"] = float(np.mean([c["auroc"] for c in ood[PRIMARY_SCORE].values()]))
+    out["fpr95"] = float(np.mean([c["fpr95"] for c in ood[PRIMARY_SCORE].values()]))
+    for score, cells in ood.items():
+        if score != PRIMARY_SCORE:
+            out[f"ood_auroc_by_{score}"] = float(np.mean([c["auroc"] for c in cells.values()]))
+    own = OWN_SCORE.get(fitted.method, "energy")
+    out["ood_own_score"] = own if own in ood else PRIMARY_SCORE
+    out["ood_auroc_own"] = float(np.mean([c["auroc"] for c in ood[out["ood_own_score"]].values()]))
+    out["evaluate_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------- the two phases
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", required=True, choices=("tune", "test"))
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="default: fashion (digits with --smoke)")
+    p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"imbalanced subsets and training seeds (default: tune {list(DEFAULT_SEEDS['tune'])}, "
+                        f"test {list(DEFAULT_SEEDS['test'])}; test seeds must be fresh)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="rows to run (default: every row of the phase; the tune phase tunes the rows without "
+                        "'_matched')")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs of every row (default: {PROTOCOL['epochs']}, 1 with --smoke; the test phase takes "
+                        "the plan's)")
+    p.add_argument("--grid-lr", type=float, nargs="+", default=None, metavar="LR",
+                   help=f"tune phase: the learning rates of the grid (default: {list(TUNING_GRID['lr'])})")
+    p.add_argument("--grid-tau", type=float, nargs="+", default=None, metavar="TAU",
+                   help=f"tune phase: the taus of the grid (default: {list(TUNING_GRID['tau'])})")
+    p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)")
+    p.add_argument("--dev-per-class", type=int, default=None, help="images a class in the dev set (default: 1000)")
+    p.add_argument("--ood-per-set", type=int, default=None, help="images of each OOD set and of the in-distribution "
+                   "side of the OOD scores (default: all)")
+    p.add_argument("--smoke", action="store_true", help="seconds-long end-to-end check: digits, one epoch, a "
+                   "two-point grid, tiny networks")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument("--collect", action="store_true", help="fit nothing: summarise the finished runs")
+    p.add_argument("--out", required=True, help="output folder (the plan, tune/ and runs/ live there)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    if args.smoke:
+        if args.dataset not in (None, SMOKE["dataset"]):
+            raise SystemExit(f"--smoke runs on {SMOKE['dataset']}; it takes no --dataset {args.dataset}")
+        args.dataset = SMOKE["dataset"]
+        args.counts = args.counts or SMOKE["counts"]
+        args.dev_per_class = args.dev_per_class or SMOKE["dev_per_class"]
+        args.ood_per_set = args.ood_per_set or SMOKE["ood_per_set"]
+    args.dataset = args.dataset or "fashion"
+    args.dev_per_class = args.dev_per_class or 1000
+    args.seeds = list(args.seeds or DEFAULT_SEEDS[args.phase])
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit("--seeds lists a seed twice")
+    for name in ("epochs", "dev_per_class", "ood_per_set", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.methods is None:
+        args.methods = list(TUNED if args.phase == "tune" else METHODS)
+    if args.phase == "tune" and (matched := [m for m in args.methods if m in MATCHED]):
+        raise SystemExit(f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time")
+    if args.phase == "test" and (args.grid_lr or args.grid_tau):
+        raise SystemExit("--grid-lr/--grid-tau shape the tune phase; the test phase takes the plan's settings")
+    grid = dict(SMOKE_GRID if args.smoke else TUNING_GRID)
+    for key, values in (("lr", args.grid_lr), ("tau", args.grid_tau)):
+        if values:
+            if any(not math.isfinite(v) or v < 0 or (key == "lr" and v == 0) for v in values) or len(set(values)) < len(values):
+                raise SystemExit(f"--grid-{key} needs distinct finite values, {'> 0' if key == 'lr' else '>= 0'}")
+            grid[key] = tuple(values)
+    args.grid = grid
+    return args
+
+
+def _reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished run at ``path`` if there is one; refuses one made with other settings."""
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    diffs = paper_table.settings_differences(run, {"settings": settings})
+    if diffs:
+        raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}); "
+                         "use another --out or remove the run")
+    return run
+
+
+def _load(args: argparse.Namespace, seed: int, evaluate_on: str) -> ImbalancedSplit:
+    return load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed, evaluate_on=evaluate_on,
+                           dev_per_class=args.dev_per_class)
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    return {"dataset": args.dataset, "counts": list(args.counts) if args.counts else None,
+            "dev_per_class": args.dev_per_class, "smoke": args.smoke}
+
+
+def _environment(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> dict[str, Any]:
+    return {"argv": list(sys.argv if argv is None else argv), "device": device, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "node": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> int:
+    """Fit every row's grid on the tune seeds, score on the dev set; write the plan when every row is complete."""
+    out = Path(args.out)
+    grid = args.grid
+    epochs = args.epochs or (SMOKE["epochs"] if args.smoke else PROTOCOL["epochs"])
+    args.epochs = epochs
+    recipe = base_recipe(args)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for seed in args.seeds:
+        split = None
+        for method in args.methods:
+            for config in grid_of(method, grid):
+                key = config_key(config)
+                path = out / "tune" / f"{method}_{key}_seed{seed}.json"
+                settings = run_settings(method, recipe, config, epochs)
+                run = _reuse(path, settings)
+                if run is None and not args.collect:
+                    if split is None:
+                        split = _load(args, seed, "dev")
+                    fitted = fit_row(method, split, settings, seed, device)
+                    seed_everything(seed)
+                    proba = scored(fitted, split.x_test, seed)["proba"]
+                    run = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes,
+                                           train_counts=split.train_counts)
+                    run.update(method=method, seed=seed, config=config, settings=settings, phase="tune",
+                               evaluated_on=f"dev:{args.dev_per_class}", fit_seconds=fitted.fit_seconds,
+                               history=fitted.history, **_common(args))
+                    write_json(path, run)
+                    print(f"tune seed {seed} {method:>16} {key:>16}: dev acsa {run['acsa']:.4f} "
+                          f"({fitted.fit_seconds:.0f} s)", flush=True)
+                if run is not None:
+                    results.setdefault(method, {}).setdefault(key, []).append(run)
+    summary = {m: {k: {"dev_acsa": float(np.mean([r["acsa"] for r in rs])), "n": len(rs),
+                       "fit_seconds": float(np.mean([r["fit_seconds"] for r in rs]))} for k, rs in cfgs.items()}
+               for m, cfgs in results.items()}
+    write_json(out / "tune" / "summary.json", summary)
+    plan = make_plan(out, args, grid, epochs, recipe)
+    if plan is None:
+        return 0
+    write_json(out / "plan.json", {**plan, "environment": _environment(args, argv, device)})
+    print(f"plan: {json.dumps(plan['selected'])}; matched epochs {plan['matched_epochs']}", flush=True)
+    return 0
+
+
+def make_plan(out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, ...]], epochs: int,
+              recipe: Recipe) -> dict[str, Any] | None:
+    """The test plan from every finished tune run under ``out/tune`` (None, with a message, while a row lacks one).
+
+    Each row's configuration with the best mean dev ACSA over the tune seeds (ties: the first in grid order); the
+    matched rows' epochs ``round(epochs * mean fit time of dgc_elbo / mean fit time of the baseline)``, at least
+    ``epochs``, over all their tune runs.
+    """
+    selected: dict[str, dict[str, Any]] = {}
+    fit_seconds: dict[str, float] = {}
+    seeds = sorted(args.seeds)
+    missing = []
+    for method in TUNED:
+        best = None
+        times = []
+        for config in grid_of(method, grid):
+            runs = []
+            for seed in seeds:
+                path = out / "tune" / f"{method}_{config_key(config)}_seed{seed}.json"
+                run = _reuse(path, run_settings(method, recipe, config, epochs))
+                if run is None:
+                    missing.append(path.name)
+                else:
+                    runs.append(run)
+            if len(runs) == len(seeds):
+                score = float(np.mean([r["acsa"] for r in runs]))
+                times += [r["fit_seconds"] for r in runs]
+                if best is None or score > best[0]:
+                    best = (score, config)
+        if best is not None:
+            selected[method] = {**best[1], "dev_acsa": best[0]}
+            fit_seconds[method] = float(np.mean(times))
+    if missing:
+        print(f"no plan yet: {len(missing)} tune run(s) missing, e.g. {', '.join(missing[:3])}", flush=True)
+        return None
+    matched = {m: max(epochs, round(epochs * fit_seconds[REFERENCE] / fit_seconds[base])) for m, base in MATCHED.items()}
+    if args.smoke:  # a one-epoch smoke fit is start-up cost, not a wall-time ratio; keep the check seconds long
+        matched = {m: min(e, SMOKE["max_matched_epochs"]) for m, e in matched.items()}
+    return {**_common(args), "epochs": epochs, "grid": {k: list(v) for k, v in grid.items()}, "tune_seeds": seeds,
+            "protocol": {**PROTOCOL, "epochs": epochs}, "selected": selected, "mean_fit_seconds": fit_seconds,
+            "matched_epochs": matched, "selection": "best mean dev ACSA over the tune seeds"}
+
+
+def planned(method: str, plan: dict[str, Any]) -> tuple[dict[str, float], int]:
+    """The configuration and epochs of ``method`` in the plan (a matched row: its baseline's, with more epochs)."""
+    base = MATCHED.get(method, method)
+    config = {k: v for k, v in plan["selected"][base].items() if k in ("lr", "tau")}
+    return config, int(plan["matched_epochs"][method]) if method in MATCHED else int(plan["epochs"])
+
+
+def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> int:
+    """Fit every row with the planned settings on each (fresh) seed and score it on the test split once."""
+    out = Path(args.out)
+    plan_path = out / "plan.json"
+    if not plan_path.is_file():
+        raise SystemExit(f"no {plan_path}: run --phase tune first (every row's settings come from the plan)")
+    plan = json.loads(plan_path.read_text())
+    for key, value in _common(args).items():
+        if plan.get(key) != value:
+            raise SystemExit(f"{plan_path} was made with {key} {plan.get(key)!r}, this command has {value!r}")
+    if args.epochs is not None and args.epochs != plan["epochs"]:
+        raise SystemExit(f"the plan fixes {plan['epochs']} epochs; --epochs {args.epochs} would change it")
+    args.epochs = plan["epochs"]
+    reused_seeds = sorted(set(args.seeds) & set(plan["tune_seeds"]))
+    if reused_seeds:
+        raise SystemExit(f"seeds {reused_seeds} tuned the plan; the test phase needs fresh seeds")
+    recipe = base_recipe(args)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    started = time.perf_counter()
+    for seed in args.seeds:
+        split = dev = None
+        for method in args.methods:
+            config, epochs = planned(method, plan)
+            settings = run_settings(method, recipe, config, epochs)
+            path = out / "runs" / f"{method}_seed{seed}.json"
+            run = _reuse(path, settings)
+            if run is None and not args.collect:
+                if split is None:
+                    split, dev = _load(args, seed, "test"), _load(args, seed, "dev")
+                    if not torch.equal(split.y_train, dev.y_train):  # one training subset for both
+                        raise SystemExit(f"seed {seed}: the dev and test loads drew different training subsets")
+                fitted = fit_row(method, split, settings, seed, device)
+                run = evaluate_run(fitted, split, dev.x_test, dev.y_test, seed, args.ood_per_set)
+                run.update(method=method, seed=seed, config=config, epochs=epochs, settings=settings, phase="test",
+                           fit_seconds=fitted.fit_seconds, seconds=fitted.fit_seconds + run["evaluate_seconds"],
+                           train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
+                           dev_size=len(dev.y_test), evaluated_on="test", history=fitted.history, **_common(args))
+                write_json(path, run)
+                print(f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
+                      f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "
+                      f"ood {run['ood_auroc']:.3f} ({run['seconds']:.0f} s)", flush=True)
+            if run is not None:
+                runs[method].append(run)
+    runs = {m: r for m, r in runs.items() if r}
+    pooled = sorted({int(r["seed"]) for rs in runs.values() for r in rs})
+    summary: dict[str, Any] = paper_table.summarise(runs, SUMMARY_METRICS)
+    summary["n_seeds"] = len(pooled)
+    write_json(out / "summary.json", summary)
+    pairs = paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
+    write_json(out / "paired.json", pairs)
+    table = render_table(summary, pooled, {m: len(r) for m, r in runs.items()}, plan, args)
+    if pairs:
+        table += ("\nPaired over seeds (the default DGC minus each row; positive ACSA / F_macro / AUROC and negative "
+                  "ECE / NLL / AURC favour DGC):\n\n" + format_paired(pairs))
+    table += f"\n{'Collected' if args.collect else f'Wall time of this call {time.perf_counter() - started:.0f} s'}.\n"
+    atomic_write_text(out / "table.md", table)
+    print(table)
+    return 0
+
+
+def render_table(summary: dict[str, Any], seeds: Sequence[int], counts: dict[str, int], plan: dict[str, Any],
+                 args: argparse.Namespace) -> str:
+    """The markdown table: one row per method, the headline columns, then OOD AUROC per set."""
+    lines = [f"### Evidence table ({args.dataset}{', SMOKE' if args.smoke else ''}): mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}", "",
+             f"Protocol: {plan['protocol']}; settings tuned on the dev set (seeds {plan['tune_seeds']}, "
+             f"{plan['selection']}); matched epochs {plan['matched_epochs']}; temperature fitted on "
+             f"{args.dev_per_class} dev images a class; OOD score: 1 - max probability.", ""]
+    head = [label for _, label in TABLE_COLUMNS] + [f"AUROC {s}" for s in OOD_SETS] + ["Wall time (s)"]
+    lines += ["| Method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for method, metrics in summary.items():
+        if method == "n_seeds":
+            continue
+        cells = [paper_table._pm(metrics.get(k)) for k, _ in TABLE_COLUMNS]
+        cells += [paper_table._pm(metrics.get(f"ood_auroc_{s}")) for s in OOD_SETS]
+        t = metrics.get("seconds")
+        n = counts.get(method, len(seeds))
+        label = METHOD_LABELS.get(method, method) + (f" ({n} of {len(seeds)} seeds)" if n < len(seeds) else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {t['mean']:.0f} |" if t else " | — |"))
+    other = [(m, k) for m, metrics in summary.items() if m != "n_seeds" for k in metrics if k.startswith("ood_auroc_by_")]
+    if other:
+        lines += ["", "OOD AUROC (mean over sets) with each row's other scores:", ""]
+        lines += [f"- {METHOD_LABELS.get(m, m)}, {k.removeprefix('ood_auroc_by_')}: {paper_table._pm(summary[m][k])}"
+                  for m, k in other]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _resolve(build_parser().parse_args(argv))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
+    return run_tune(args, argv, device) if args.phase == "tune" else run_test(args, argv, device)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""benchmarks/evidence.py end to end in its smoke mode (digits, one epoch, a two-point grid): the plan, the runs,
+the summary's shape and the ranges of its values, resuming, and the protocol's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fixtures import load_benchmark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REQUIRED_METHODS = ("dgc_elbo", "vib", "dgc_paper_guide", "ce", "logit_adjusted", "balanced_softmax",
+                    "logit_adjusted_matched", "balanced_softmax_matched")
+REQUIRED_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc",
+                    "ood_auroc_digits", "ood_auroc_vflip", "ood_auroc_invert", "ood_auroc_noise")
+UNIT_METRICS = {"acsa", "fmacro", "gmean", "r_mi", "p_ma", "acc", "ece", "ece_ts", "aurc", "aurc_entropy", "aurc_mi",
+                "fpr95"} | {m for m in REQUIRED_METRICS if m.startswith("ood_auroc")}
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    return load_benchmark("evidence")
+
+
+@pytest.fixture(scope="module")
+def smoke(evidence, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evidence")
+    common = ["--smoke", "--device", "cpu", "--out", str(out)]
+    assert evidence.main(["--phase", "tune", "--seeds", "1", *common]) == 0
+    assert evidence.main(["--phase", "test", "--seeds", "2", "3", *common]) == 0
+    return out
+
+
+def test_the_plan_fixes_every_row_from_the_dev_set(evidence, smoke):
+    plan = json.loads((smoke / "plan.json").read_text())
+    assert set(plan["selected"]) == set(evidence.TUNED) and plan["tune_seeds"] == [1]
+    for method, chosen in plan["selected"].items():
+        configs = evidence.grid_of(method, evidence.SMOKE_GRID)
+        assert {k: v for k, v in chosen.items() if k != "dev_acsa"} in configs
+        scores = [json.loads((smoke / "tune" / f"{method}_{evidence.config_key(c)}_seed1.json").read_text())["acsa"]
+                  for c in configs]
+        assert chosen["dev_acsa"] == max(scores)  # the best dev ACSA wins
+    assert set(plan["matched_epochs"]) == set(evidence.MATCHED)
+    assert all(plan["epochs"] <= e <= evidence.SMOKE["max_matched_epochs"] for e in plan["matched_epochs"].values())
+
+
+def test_summary_has_every_method_and_metric_in_range(smoke):
+    summary = json.loads((smoke / "summary.json").read_text())
+    assert summary["n_seeds"] == 2
+    assert set(summary) == set(REQUIRED_METHODS) | {"n_seeds"}
+    for method in REQUIRED_METHODS:
+        for metric in REQUIRED_METRICS:
+            cell = summary[method][metric]
+            assert set(cell) == {"mean", "std"} and cell["std"] >= 0.0, (method, metric)
+        for metric, cell in summary[method].items():
+            assert math.isfinite(cell["mean"]), (method, metric)
+            if metric in UNIT_METRICS:
+                assert 0.0 <= cell["mean"] <= 1.0, (method, metric, cell)
+        assert summary[method]["nll_ts"]["mean"] > 0 and summary[method]["temperature"]["mean"] > 0
+    # each row has its own extra OOD scores: the baselines' energy, DGC's mutual information
+    assert "ood_auroc_by_energy" in summary["ce"] and "ood_auroc_by_energy" not in summary["dgc_elbo"]
+    assert "ood_auroc_by_mi" in summary["dgc_elbo"] and "aurc_mi" in summary["vib"]
+    # the own OOD score fixed in advance: energy for a baseline
+    assert summary["ce"]["ood_auroc_own"] == summary["ce"]["ood_auroc_by_energy"]
+
+
+def test_runs_record_their_settings_and_the_table_is_written(smoke):
+    vib = json.loads((smoke / "runs" / "vib_seed2.json").read_text())
+    assert vib["settings"]["recipe"]["observe_x"] is False and vib["evaluated_on"] == "test"
+    assert vib["ood_own_score"] == "maxprob"  # a model of y alone has no density score
+    dgc = json.loads((smoke / "runs" / "dgc_elbo_seed2.json").read_text())
+    assert dgc["ood_own_score"] == ("density" if "density" in dgc["ood"] else "maxprob")
+    plan = json.loads((smoke / "plan.json").read_text())
+    matched = json.loads((smoke / "runs" / "logit_adjusted_matched_seed3.json").read_text())
+    assert matched["settings"]["epochs"] == plan["matched_epochs"]["logit_adjusted_matched"]
+    assert matched["settings"]["lr"] == plan["selected"]["logit_adjusted"]["lr"]
+    table = (smoke / "table.md").read_text()
+    assert "| Method | ACSA |" in table and "dgc_elbo - vib" in table and "±" in table
+    pairs = json.loads((smoke / "paired.json").read_text())
+    assert set(pairs) == {f"dgc_elbo - {m}" for m in REQUIRED_METHODS if m != "dgc_elbo"}
+
+
+def test_a_rerun_skips_finished_runs_and_collect_fits_nothing(evidence, smoke):
+    before = {p.name: p.read_text() for p in (smoke / "runs").glob("*.json")}
+    assert evidence.main(["--phase", "test", "--seeds", "2", "3", "--smoke", "--device", "cpu", "--out", str(smoke)]) == 0
+    assert {p.name: p.read_text() for p in (smoke / "runs").glob("*.json")} == before
+    assert evidence.main(["--phase", "test", "--seeds", "2", "9", "--collect", "--smoke", "--out", str(smoke)]) == 0
+    assert not (smoke / "runs" / "ce_seed9.json").exists()
+    assert json.loads((smoke / "summary.json").read_text())["n_seeds"] == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--phase", "test", "--seeds", "1"], "seeds \\[1\\] tuned the plan"),
+    (["--phase", "test", "--seeds", "4", "--epochs", "2"], "the plan fixes 1 epochs"),
+    (["--phase", "tune", "--methods", "logit_adjusted_matched"], "are not tuned"),
+    (["--phase", "test", "--seeds", "4", "4"], "lists a seed twice"),
+])
+def test_protocol_refusals(evidence, smoke, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        evidence.main([*argv, "--smoke", "--device", "cpu", "--out", str(smoke)])
+
+
+def test_the_test_phase_needs_a_plan(evidence, tmp_path):
+    with pytest.raises(SystemExit, match="run --phase tune first"):
+        evidence.main(["--phase", "test", "--smoke", "--out", str(tmp_path)])
