@@ -14,6 +14,8 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import load_training_state, save_training_state, training_state_path
 from dgc_pyro.experiment import Recipe
 from dgc_pyro.inference import fit
+from dgc_pyro.inference.engine import ENGINES, adam_kernel, make_step
+from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.schedule import LR_SCHEDULES, check_lr_schedule, lr_factor, scheduled_lr, set_lr
 from dgc_pyro.models import DGC
 
@@ -116,10 +118,29 @@ def test_constant_schedule_leaves_the_fit_unchanged_and_cosine_changes_it():
 
 
 def test_every_engine_follows_the_same_schedule():
+    # On the --device of the run (fit's "auto"). On CUDA this needs every engine on the same Adam kernel
+    # (see test_every_engine_builds_adam_with_one_kernel): svi on foreach Adam left the fused torch engine.
     results = {engine: _fit(engine, lr_schedule="cosine") for engine in ("torch", "graph", "svi")}
     _, want = results["torch"]
     for engine in ("graph", "svi"):
         torch.testing.assert_close(results[engine][1], want, rtol=1e-5, atol=1e-6, msg=engine)
+
+
+def test_every_engine_builds_adam_with_one_kernel(device):
+    """fused Adam on CUDA, foreach elsewhere, for all three engines; the torch device need not exist to be named."""
+    assert adam_kernel(torch.device("cuda")) == {"foreach": False, "fused": True}
+    assert adam_kernel(torch.device("cpu")) == {"foreach": True, "fused": None}
+    x, y = (t.to(device) for t in _data(n=20))
+    reps = torch.ones(3, dtype=torch.long, device=device)
+    want = adam_kernel(device)
+    for engine in ENGINES:
+        model = _model().to(device)
+        step = make_step(model, get_objective("elbo"), engine, 1e-2, (0.9, 0.999), 1e-2, True, reps, device)
+        step(x, y)
+        main, pert = step.optimizers["main"], step.optimizers["perturbation"]
+        # pyro.optim.Adam builds one torch Adam per parameter, from its optim_args
+        mains = list(main.optim_objs.values()) if engine == "svi" else [main]
+        assert mains and all({k: o.defaults[k] for k in want} == want for o in mains + [pert]), engine
 
 
 def test_a_cosine_fit_cannot_change_its_length_on_resume(tmp_path):

@@ -48,7 +48,7 @@ from dgc_pyro.models.dgc import DGC
 ENGINES = ("torch", "graph", "svi")
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-__all__ = ["ENGINES", "Step", "TracedELBO", "compile_networks", "make_step", "traced_elbo_kind"]
+__all__ = ["ENGINES", "Step", "TracedELBO", "adam_kernel", "compile_networks", "make_step", "traced_elbo_kind"]
 
 
 # ----------------------------------------------------------------------------- the sync-free ELBO
@@ -252,6 +252,15 @@ def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[t
     return [flat[offset + i] for i in range(len(extra))]
 
 
+def adam_kernel(device: torch.device) -> dict[str, Any]:
+    """The ``torch.optim.Adam`` implementation options every engine uses on ``device``: fused on CUDA, foreach
+    elsewhere. One choice for all engines: fused and foreach Adam round differently, and since Adam's first
+    updates are close to ``lr * sign(grad)``, a rounding difference in a tiny gradient moves a weight by up to
+    ``2 * lr``; with different kernels ``engine="svi"`` left the torch engine's trajectory on CUDA."""
+    fused = device.type == "cuda"
+    return {"foreach": not fused, "fused": fused or None}
+
+
 def compile_networks(model: DGC, options: dict[str, Any] | None = None) -> DGC:
     """``torch.compile`` the encoder, decoder and classifier of ``model`` in place (``nn.Module.compile``).
 
@@ -296,9 +305,9 @@ def make_step(
         compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
         ctx.broadcast_model(model)  # identical starting point on every rank
-    fused = device.type == "cuda"
+    kernel = adam_kernel(device)
     cls_params = list(model.classifier.parameters())
-    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, foreach=not fused, fused=fused or None)
+    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, **kernel)
     zero = torch.zeros((), device=device)
     max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
     latent_dim = model.latent_dim
@@ -350,7 +359,7 @@ def make_step(
 
     if engine == "svi":
         traced_guide = poutine.trace(guide_fn)  # records q(z | x, y) for the perturbation step
-        optim = pyro.optim.Adam({"lr": lr, "betas": betas})
+        optim = pyro.optim.Adam({"lr": lr, "betas": betas, **kernel})  # one torch Adam per parameter, same kernel
         svi = pyro.infer.SVI(model_fn, traced_guide, optim, loss=loss_fn)
 
         def svi_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +373,7 @@ def make_step(
         return svi_step
 
     params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, foreach=not fused, fused=fused or None)
+    opt = torch.optim.Adam(params, lr=lr, betas=betas, **kernel)
     kind = traced_elbo_kind(loss_fn)
     traced = TracedELBO(model_fn, guide_fn, kind, fallback=loss_fn.__self__) if kind else None
     recorder = poutine.trace(guide_fn) if traced is None else None  # records q(z | x, y) for the perturbation step
