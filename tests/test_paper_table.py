@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -234,6 +235,23 @@ def test_quick_keeps_the_epochs_of_a_cpu_sized_recipe(paper_table):
     quick.dataset = "fashion"
     fashion = paper_table.recipe_for("fashion", quick)
     assert fashion.epochs == paper_table.QUICK["epochs"] and fashion.preset == "small"
+
+
+def test_every_preset_brings_its_own_recipe(paper_table):
+    from dgc_pyro.experiment import DEFAULT_RECIPES, PRESET_CHANGES, default_recipe
+
+    fashion = DEFAULT_RECIPES["fashion"]
+    assert default_recipe("fashion") == fashion == default_recipe("fashion", "small")
+    paper = default_recipe("fashion", "paper")
+    assert paper.preset == "paper" and paper.lr == 3e-4 == PRESET_CHANGES["paper"]["lr"]  # measured on an H200
+    assert dataclasses.replace(paper, preset="small", lr=fashion.lr) == fashion  # nothing else changes
+    with pytest.raises(ValueError, match="preset must be one of"):
+        default_recipe("fashion", "huge")
+    # benchmarks/paper_table.py --preset paper takes the preset's recipe; --recipe-set still wins
+    args = paper_table.build_parser().parse_args(["--dataset", "fashion", "--preset", "paper", "--out", "unused"])
+    assert paper_table.recipe_for("fashion", args) == paper
+    args.recipe_set = ["lr=1e-4"]
+    assert paper_table.recipe_for("fashion", args).lr == 1e-4
 
 
 def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):

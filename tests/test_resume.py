@@ -162,7 +162,9 @@ fit(m, d.x_train, d.y_train, epochs=4, checkpoint_dir=ckpt, device=device, batch
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(digits, straight, tmp_path, device):
     """The child is a separate Python process (started afresh, so it works when CUDA is initialised here),
     killed with SIGKILL at an arbitrary point after its first checkpoint; the resumed fit must match the
-    uninterrupted one on the same device. A fresh interpreter needs some seconds to import torch and pyro."""
+    uninterrupted one on the same device. A fresh interpreter needs some seconds to import torch and pyro.
+    Bit-identity is the documented guarantee on CPU; on CUDA this file's in-process resumes matched bit for bit
+    on an H200 (../shared/gpu/pytest-cuda-2026-12-04.log), so the check stays for both."""
     ckpt = tmp_path / "ckpt"
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(device)], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

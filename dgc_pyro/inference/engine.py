@@ -2,7 +2,7 @@
 
 Two engines run the same loss over the same Pyro model/guide pair:
 
-- ``engine="torch"`` (default): the objective's differentiable loss, one fused (CUDA) / foreach (CPU)
+- ``engine="torch"``: the objective's differentiable loss, one fused (CUDA) / foreach (CPU)
   ``torch.optim.Adam`` over all parameters, gradients set to None after each step, Pyro/torch argument
   validation off inside the step, and no host synchronisation: a step returns 0-d device tensors and
   the epoch loop reads them once per epoch. For the built-in ``"elbo"`` (``Trace_ELBO``) and
@@ -13,7 +13,9 @@ Two engines run the same loss over the same Pyro model/guide pair:
 - ``engine="graph"``: the ``"torch"`` engine's loss, with its gradients, captured once per batch shape as
   a graph of aten operations (:class:`~dgc_pyro.inference.capture.CapturedGradients`) and replayed, so
   the Pyro model and guide are traced once instead of every step; with ``compile`` the graph (not the
-  networks) goes to ``torch.compile``. Single process only;
+  networks) goes to ``torch.compile``. Single process only; the default of
+  :func:`~dgc_pyro.inference.fit`, which falls back to ``"torch"`` (``make_step(..., fallback=True)``) when a
+  model cannot be captured;
 - ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
   who compose further Pyro machinery around it.
 
@@ -25,6 +27,7 @@ rows), all-reduces the gradients in one flat buffer and applies the identical Ad
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any, Callable
 
 import pyro
@@ -40,7 +43,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.util import site_is_subsample
 
 from dgc_pyro.inference import distributed as _distributed
-from dgc_pyro.inference.capture import CapturedGradients
+from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.objectives import Objective
 from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss
 from dgc_pyro.models.dgc import DGC
@@ -287,6 +290,7 @@ def make_step(
     *,
     compile: bool | dict[str, Any] = False,
     perturbation_offset: torch.Tensor | None = None,
+    fallback: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
@@ -295,6 +299,9 @@ def make_step(
     ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
     perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
     The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
+    A ``"graph"`` step raises :class:`~dgc_pyro.inference.capture.GraphCaptureError` when a model cannot be
+    captured; with ``fallback`` it warns once instead and runs the torch engine's step from then on (the same
+    numbers, on the same optimisers), and ``step.engine`` becomes ``"torch"``.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -383,24 +390,6 @@ def make_step(
             return traced(x, y)
         return loss_fn(model_fn, recorder, x, y), recorder.trace
 
-    if engine == "graph":
-        def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            loss, guide_tr = loss_and_guide_trace(x, y)
-            return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
-
-        captured = CapturedGradients(model, captured_loss, compile=compile)
-
-        def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with pyro.validation_enabled(False):
-                loss, *guide_params = captured(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
-
-        graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
-        graph_step.captured = captured
-        return graph_step
-
     def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with pyro.validation_enabled(False):
             if ctx is None:
@@ -421,5 +410,36 @@ def make_step(
             return loss, perturbation(guide_tr, x, y, (lo, hi))
 
     torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (resume.py)
-    return torch_step
+    if engine != "graph":
+        return torch_step
 
+    def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss, guide_tr = loss_and_guide_trace(x, y)
+        return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
+
+    captured = CapturedGradients(model, captured_loss, compile=compile)
+
+    def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if graph_step.engine == "torch":
+            return torch_step(x, y)
+        try:
+            with pyro.validation_enabled(False):
+                loss, *guide_params = captured(x, y)
+        except GraphCaptureError as e:
+            if not fallback:
+                raise
+            # A failed capture changed nothing (no gradients, buffers and random state restored), and the torch
+            # step computes what the graph would have, so the fit continues from this very step unchanged.
+            reason = str(e).removesuffix("; use engine='torch'")
+            warnings.warn(f"engine='graph': {reason}; falling back to engine='torch' for this fit", RuntimeWarning,
+                          stacklevel=5)  # the caller of fit
+            graph_step.engine = "torch"
+            return torch_step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
+
+    graph_step.engine = "graph"  # "torch" once a capture failed
+    graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
+    graph_step.captured = captured
+    return graph_step
