@@ -78,7 +78,7 @@ def test_warm_up_keeps_a_high_learning_rate_fit_from_blowing_up_and_a_broken_fit
     runs = {}
     for warmup in (0, None):
         torch.manual_seed(0)
-        m = DGC(digits.input_shape, 10, latent_dim=16)
+        m = DGC(digits.input_shape, 10, latent_dim=16, likelihood="normal")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             h = fit(m, digits.x_train, digits.y_train, epochs=4, lr=0.1, objective="elbo-analytic",
