@@ -68,7 +68,7 @@ from dgc_pyro.reproducibility import deterministic_mode, get_rng_state, seed_eve
 __all__ = ["CHANCE_CHECK_EPOCH", "DEFAULT_WARMUP_STEPS", "History", "TrainingDivergedError", "TrainingInterrupted",
            "fit", "site_terms"]
 
-#: Warm-up steps of a fit that does not say (capped at one epoch): enough for the paper networks' first Adam steps.
+#: Warm-up steps of a fit that does not say (capped at one epoch): a short ramp over Adam's first, sign-like updates.
 DEFAULT_WARMUP_STEPS = 100
 #: The epoch after which a fit whose validation ACSA is still near chance warns.
 CHANCE_CHECK_EPOCH = 3
@@ -294,13 +294,14 @@ def fit(
             selection (never the test set); 0 disables it unless ``x_val``/``y_val`` are given.
         perturbation_rate: the paper's rate r of the data-perturbation step (0 turns it off).
         classifier_lr: learning rate of the perturbation step's optimiser (default: ``lr``).
-        engine: ``"graph"`` (the default of a single-process fit: the loss and its gradients captured once
-            per batch shape as an aten graph and replayed, without per-step tracing; bit-identical to
-            ``"torch"`` for models whose Python control flow does not depend on data or on Python-side
-            randomness, see :mod:`dgc_pyro.inference.capture`; when a model cannot be captured the fit
-            warns in one line and continues with ``"torch"`` from that step), ``"torch"`` (the model and
-            guide traced every step; the default, and the only engine, of data-parallel fits) or ``"svi"``
-            (``pyro.infer.SVI``). Checkpoints of ``"graph"`` and ``"torch"`` fits resume with either.
+        engine: ``"graph"``: the loss and its gradients captured once per batch shape as an aten graph and
+            replayed, without per-step tracing; bit-identical to ``"torch"`` for models whose Python control
+            flow does not depend on data or on Python-side state (:mod:`dgc_pyro.inference.capture`); when a
+            model cannot be captured the fit warns in one line and continues with ``"torch"`` from that step.
+            ``"torch"``: the model and guide traced every step. ``"svi"``: ``pyro.infer.SVI``. Default (None):
+            ``"graph"`` for a built-in ``objective``; ``"torch"`` for a loss callable (whose Python state a
+            capture would freeze) and in data-parallel fits (the only engine there). Checkpoints of ``"graph"``
+            and ``"torch"`` fits resume with either.
         val_num_samples: latent draws per class when scoring the validation split.
         select_best: restore the weights of the epoch with the best validation ACSA.
         callback: called as ``callback(epoch, record)`` after every epoch.
@@ -361,7 +362,8 @@ def fit(
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     _check_fit_args(epochs, batch_size, lr, seed, val_fraction, perturbation_rate, classifier_lr, betas,
                     val_num_samples, checkpoint_every, check_every, pretrain_steps)
-    engine = "graph" if engine is None else engine
+    if engine is None:  # a loss callable may keep Python state, which a captured graph would freeze (capture.py)
+        engine = "graph" if isinstance(objective, str) else "torch"
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if warmup_steps is not None:
