@@ -1,88 +1,123 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 3, 4 and 5 in one prepared run (the device time is short):
-#   1. benchmarks/speed.py, alone on the GPU: the paper's 28x28 networks and the small ones;
-#   2. the Fashion-MNIST paper table (one process per seed, then collected) and, if PHASES names it, the
-#      augmentation benchmark (one process per seed) side by side.
-# Each phase has its own time limit, and every finished run is already on disk when a limit hits,
-# so a partial result is still a result; the last step packs WORK into OUT/results.tgz.
+# The GPU checks of issue 18 in one prepared run, under 8 minutes on one H200 (the phase limits add up to 7):
+#   1. benchmarks/speed.py, alone on the device: the small and the paper 28x28 networks, every engine;
+#   2. the main job, alone: `dgc-pyro fit --dataset fashion` with the default recipe and engine (its wall time);
+#   3. side by side: the test suite with --device cuda, and the 3-seed Fashion-MNIST table of the paper networks
+#      (--preset paper with that preset's own recipe, lr 3e-4; DGC and logit-adjusted CE), then collected.
+# Every finished piece is on disk when a limit hits, so a partial result is still a result. Files for $OUT (at
+# most 8 come back from the device machine): suite.log, pytest.log, speed_small.json, speed_paper.json,
+# main_metrics.json, table.md, results.tgz (everything under WORK).
 #
-#   benchmarks/gpu_suite.sh OUT DATA_DIR            # the GPU run
-#   SMOKE=1 benchmarks/gpu_suite.sh OUT DATA_DIR    # a tiny CPU dry run of the same commands
-#   PHASES="table" PRESET=small T_TABLE=320 benchmarks/gpu_suite.sh OUT DATA_DIR   # a part, other settings
-#   (TRANSFORM=none|shift|shift-flip: the training transform of every table method, default shift-flip;
-#    LR_SCHEDULE=constant|cosine: their learning-rate schedule, default cosine, the table's protocol since session 7)
+#   benchmarks/gpu_suite.sh prepare DATA_DIR    # here, once, in the repository root: wheels -> .whl/, data -> .gpu_data/
+#   benchmarks/gpu_suite.sh run OUT             # there: run(command="benchmarks/gpu_suite.sh run $OUT",
+#                                               #            carry=[".whl", ".gpu_data"], timeout_s=540)
+#   SMOKE=1 benchmarks/gpu_suite.sh run OUT DATA_DIR   # a small CPU dry run of the same commands (a few minutes)
+#
+# The device machine has torch, torchvision, scikit-learn, scipy, matplotlib, xarray, pytest and pytest-xdist but
+# not the packages below (/work/.library/device/KINDS.md); "prepare" downloads them as wheels into .whl/ and writes
+# Fashion-MNIST gzipped into .gpu_data/ (the raw files are 55 MB, over what travels beside the tree), both
+# ignored through .git/info/exclude; "run" installs the wheels into /tmp/site and unpacks the data under WORK.
 set -u
-OUT=${1:?usage: gpu_suite.sh OUT DATA_DIR}
-DATA=${2:?usage: gpu_suite.sh OUT DATA_DIR}
+MODE=${1:?usage: gpu_suite.sh prepare DATA_DIR | run OUT [DATA_DIR]}
 PY=${PYTHON:-python3}
+WHEELS="pyro-ppl==1.9.2 pyro-api==0.1.2 imbalanced-learn==0.14.2 sklearn-compat==0.1.6 arviz==1.3.0 arviz-base==1.3.1
+arviz-plots==1.3.2 arviz-stats==1.3.3 xarray-einstats==0.11.0"
+
+if [ "$MODE" = prepare ]; then
+  DATA=${2:?usage: gpu_suite.sh prepare DATA_DIR}
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  grep -qx '/.gpu_data/' .git/info/exclude 2>/dev/null || echo '/.gpu_data/' >> .git/info/exclude
+  mkdir -p .whl .gpu_data/FashionMNIST/raw
+  # shellcheck disable=SC2086  # WHEELS is a list of requirement strings
+  $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d .whl $WHEELS || exit 1
+  for f in "$DATA"/FashionMNIST/raw/*-ubyte; do gzip -c "$f" > ".gpu_data/FashionMNIST/raw/$(basename "$f").gz" || exit 1; done
+  du -sh .whl .gpu_data
+  exit 0
+fi
+[ "$MODE" = run ] || { echo "unknown mode $MODE: prepare or run" >&2; exit 2; }
+OUT=${2:?usage: gpu_suite.sh run OUT [DATA_DIR]}
 WORK=${WORK:-/tmp/dgc_gpu_suite}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p "$OUT" "$WORK"
 
-if [ "${SMOKE:-0}" = 1 ]; then
-  DEVICE=cpu; SEEDS="1 2"; EPOCHS=1; PRESET=small; COUNTS="--counts 60,40,30,20,15,10,8,6,5,4"
-  SPEED_PAPER="--repeats 2 --steps 1 --warmup 1 --predict-examples 8 --predict-repeats 1 --samples 1,10"
-  SPEED_SMALL="$SPEED_PAPER"; AUG="--dgc-epochs 1 --cnn-epochs 1 --counts 60,40,30,20,15,10,8,6,5,4 --output residual"
-  T_SPEED=120; T_TABLE=300; NUM_SAMPLES=2; COMPILE_MODE=""; export OMP_NUM_THREADS=1
-else
-  DEVICE=cuda; SEEDS="1 2 3 4 5"; EPOCHS=30; PRESET=${PRESET:-paper}; COUNTS=""
-  SPEED_PAPER="--repeats 21 --steps 2 --predict-examples 500 --predict-repeats 2 --autocast bf16"
-  SPEED_SMALL="--repeats 11 --steps 2 --predict-examples 1000 --predict-repeats 2 --autocast bf16"
-  AUG="--output residual --filter-threshold 0.9"   # the configuration measured on ten seeds on the CPU
-  T_SPEED=100; T_TABLE=${T_TABLE:-300}; NUM_SAMPLES=10; COMPILE_MODE=${COMPILE_MODE-reduce-overhead}; export OMP_NUM_THREADS=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-TRANSFORM=${TRANSFORM:-shift-flip}   # the CPU table's protocol since session 5 (none: the session-2 protocol)
-LR_SCHEDULE=${LR_SCHEDULE:-cosine}   # the table's protocol since session 7 (constant: sessions 2-6)
-METHODS=${METHODS:-"dgc_elbo logit_adjusted cb_focal dgc_wae_mmd ce balanced_softmax ldam_drw dgc_elbo_paper_guide"}
-# Augmentation is answered on the CPU (RESULTS.md, ten seeds); add it to PHASES for a GPU replication.
-PHASES=${PHASES:-"speed table"}
-# One folder per protocol: WORK outlives a call, and paper_table --collect refuses to pool runs of other settings.
-TABLE="$WORK/fashion_table_${PRESET}_${TRANSFORM}_${LR_SCHEDULE}_e${EPOCHS}$( [ "${SMOKE:-0}" = 1 ] && echo _smoke )"
-has() { case " $PHASES " in *" $1 "*) return 0;; esac; return 1; }
+DATA=${3:-}
+if [ -z "$DATA" ]; then  # the carried, gzipped Fashion-MNIST
+  DATA="$WORK/data"; mkdir -p "$DATA/FashionMNIST/raw"
+  for f in .gpu_data/FashionMNIST/raw/*.gz; do gunzip -c "$f" > "$DATA/FashionMNIST/raw/$(basename "$f" .gz)" || exit 1; done
+fi
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  DEVICE=cpu; SEEDS="1 2"; EPOCHS=1; SMALL="--counts 60,40,30,20,15,10,8,6,5,4"; NUM_SAMPLES=2; MAIN_EPOCHS="--epochs 1"
+  SPEED="--repeats 2 --steps 1 --warmup 1 --predict-examples 8 --predict-repeats 1 --samples 1,10"
+  TESTS="tests/test_arguments.py tests/test_lr_schedule.py"; XDIST=""
+  T_SPEED=120; T_MAIN=300; T_TABLE=400
+else
+  DEVICE=cuda; SEEDS="1 2 3"; EPOCHS=30; SMALL=""; NUM_SAMPLES=10; MAIN_EPOCHS=""
+  SPEED="--repeats 11 --steps 2 --predict-examples 500 --predict-repeats 2 --autocast bf16"
+  # The notebooks need a Jupyter kernel the device image lacks. loadfile keeps a module's fixtures in one worker.
+  TESTS="--ignore=tests/test_notebooks.py tests"; XDIST="-n 6 --dist loadfile"
+  T_SPEED=45; T_MAIN=90; T_TABLE=240
+fi
+METHODS="dgc_elbo logit_adjusted"
+TABLE="$WORK/fashion_table_paper_e${EPOCHS}"
 started=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
 
 {
   stamp "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   $PY -c "import torch, pyro; print('torch', torch.__version__, 'pyro', pyro.__version__, 'cuda', torch.cuda.is_available())"
-  nproc; date -u
+  nproc; date -u; git log -1 --format='commit %H' 2>/dev/null
 
-  if has speed; then
   stamp "phase 1: speed (alone on the device)"
-  timeout $T_SPEED $PY benchmarks/speed.py --device $DEVICE --preset paper --shape 1,28,28 $SPEED_PAPER \
-      --json "$WORK/speed_paper.json" > "$WORK/speed_paper.log" 2>&1; echo "speed paper rc=$?"
-  timeout $(( T_SPEED / 2 )) $PY benchmarks/speed.py --device $DEVICE --preset small --shape 1,28,28 $SPEED_SMALL \
-      --json "$WORK/speed_small.json" > "$WORK/speed_small.log" 2>&1; echo "speed small rc=$?"
-  # engine='graph' with its captured graph compiled by inductor, and replayed as CUDA graphs
-  timeout $T_SPEED $PY benchmarks/speed.py --device $DEVICE --preset small --shape 1,28,28 $SPEED_SMALL --compile \
-      ${COMPILE_MODE:+--compile-mode $COMPILE_MODE} --json "$WORK/speed_small_compiled.json" > "$WORK/speed_small_compiled.log" 2>&1
-  echo "speed small compiled rc=$?"
-  cat "$WORK/speed_paper.log" "$WORK/speed_small.log" "$WORK/speed_small_compiled.log" | grep -v Warning
-  fi
+  for preset in small paper; do
+    # shellcheck disable=SC2086  # SPEED is a list of options
+    timeout $T_SPEED $PY benchmarks/speed.py --device $DEVICE --preset $preset --shape 1,28,28 --batch-size 100 $SPEED \
+        --json "$WORK/speed_$preset.json" > "$WORK/speed_$preset.log" 2>&1
+    echo "speed $preset rc=$?"; grep -v Warning "$WORK/speed_$preset.log"
+  done
 
-  stamp "phase 2: paper table (one process per seed) and augmentation, side by side"
+  stamp "phase 2: the main job (alone on the device)"
+  t0=$(date +%s%N)
+  # shellcheck disable=SC2086  # SMALL and MAIN_EPOCHS are empty or lists of options
+  timeout $T_MAIN $PY -m dgc_pyro.cli fit --dataset fashion --data-dir "$DATA" --device $DEVICE $SMALL $MAIN_EPOCHS \
+      --transform shift-flip --lr-schedule cosine --no-progress --out "$WORK/main" > "$WORK/main.log" 2>&1
+  rc=$?; t1=$(date +%s%N)
+  echo "main job rc=$rc wall $(( (t1 - t0) / 1000000 )) ms"; cat "$WORK/main.log"
+
+  stamp "phase 3: the suite with --device $DEVICE and the paper-preset table ($SEEDS), side by side"
+  # shellcheck disable=SC2086  # TESTS and XDIST are lists of arguments
+  timeout $T_TABLE $PY -m pytest -q -p no:cacheprovider --device $DEVICE $XDIST $TESTS > "$WORK/pytest.log" 2>&1 &
+  suite=$!
   pids=()
-  has table && for s in $SEEDS; do
+  for s in $SEEDS; do
+    # shellcheck disable=SC2086
     timeout $T_TABLE $PY benchmarks/paper_table.py --dataset fashion --data-dir "$DATA" --seeds $s --backbone conv \
-        --preset $PRESET --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $COUNTS \
-        --transform $TRANSFORM --lr-schedule $LR_SCHEDULE --methods $METHODS --out "$TABLE" > "$WORK/table_seed$s.log" 2>&1 &
+        --preset paper --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $SMALL \
+        --transform shift-flip --lr-schedule cosine --methods $METHODS --out "$TABLE" > "$WORK/table_seed$s.log" 2>&1 &
     pids+=($!)
   done
-  has augmentation && for s in 1 2 3; do
-    timeout $T_TABLE $PY benchmarks/augmentation.py --dataset fashion --data-dir "$DATA" --seed $s --device $DEVICE $AUG \
-        --out "$WORK/augmentation_seed$s.json" $( [ $s = 1 ] && echo --grid "$WORK/augmentation_fashion.png" ) \
-        > "$WORK/augmentation_seed$s.log" 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait $p; echo "pid $p rc=$?"; done
-  tail -n 3 "$WORK"/table_seed*.log "$WORK"/augmentation_seed*.log 2>/dev/null
+  for p in "${pids[@]}"; do wait "$p"; echo "table pid $p rc=$?"; done
+  wait $suite; echo "pytest rc=$?"; tail -n 25 "$WORK/pytest.log"
+  tail -n 3 "$WORK"/table_seed*.log
 
   stamp "collect"
-  has table && $PY benchmarks/paper_table.py --dataset fashion --data-dir "$DATA" --seeds $SEEDS --backbone conv --preset $PRESET \
-      --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $COUNTS --methods $METHODS \
-      --transform $TRANSFORM --lr-schedule $LR_SCHEDULE --collect --out "$TABLE" 2>&1 | tail -n 20
+  # shellcheck disable=SC2086
+  $PY benchmarks/paper_table.py --dataset fashion --data-dir "$DATA" --seeds $SEEDS --backbone conv --preset paper \
+      --epochs $EPOCHS --num-samples $NUM_SAMPLES --val-num-samples 2 --device $DEVICE $SMALL --methods $METHODS \
+      --transform shift-flip --lr-schedule cosine --collect --out "$TABLE" > "$WORK/table.md" 2>&1
+  echo "collect rc=$?"; tail -n 20 "$WORK/table.md"
   stamp "done"
 } 2>&1 | tee "$WORK/suite.log"
 
-tar czf "$OUT/results.tgz" -C "$WORK" . && cp "$WORK/suite.log" "$OUT/suite.log"
+for f in suite.log pytest.log speed_small.json speed_paper.json table.md; do
+  [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"
+done
+[ -f "$WORK/main/metrics.json" ] && cp "$WORK/main/metrics.json" "$OUT/main_metrics.json"
+tar czf "$OUT/results.tgz" --exclude=./data -C "$WORK" .
 ls -la "$OUT"

@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
-    """The DGC recipe of ``dataset`` with the command's overrides (``--quick``, ``--epochs``, ``--num-samples``)."""
-    recipe = default_recipe(dataset)
+    """The DGC recipe of ``dataset`` (for ``--preset``'s networks) with the command's overrides (``--quick``,
+    ``--epochs``, ``--num-samples``)."""
+    recipe = default_recipe(dataset, args.preset)
     changes: dict[str, Any] = {}
     if args.quick:
         changes.update(latent_dim=min(recipe.latent_dim, QUICK["latent_dim"]), num_samples=QUICK["num_samples"],

@@ -2,9 +2,9 @@
 
 Prints one table and optionally writes the figures as JSON:
 
-- train examples/s of (a) our fast SVI step (``engine="graph"``: the Pyro model/guide step captured once
-  and replayed), (a') the step that traces the Pyro model/guide every step (``engine="torch"``, the
-  default of ``fit``), (a'') textbook ``pyro.infer.SVI`` (``engine="svi"``) and (b) a hand-written
+- train examples/s of (a) our fast SVI step (``engine="graph"``, the default of ``fit``: the Pyro
+  model/guide step captured once and replayed), (a') the step that traces the Pyro model/guide every step
+  (``engine="torch"``, fit's fallback and the data-parallel engine), (a'') textbook ``pyro.infer.SVI`` (``engine="svi"``) and (b) a hand-written
   pure-PyTorch step that computes the identical negative ELBO with the same networks, likelihood,
   optimiser and batch; ``train_ratio`` = step time (a) / step time (b), ``train_ratio_torch_engine`` =
   (a') / (b); with ``--compile`` also (a) with its graph compiled by ``torch.compile``;

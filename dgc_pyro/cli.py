@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
     f.add_argument("--no-progress", action="store_true")
-    f.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="training step: torch (traces the Pyro model every step), graph (captured once and "
-                        "replayed, faster on small networks and GPUs), svi (textbook pyro.infer.SVI)")
+    f.add_argument("--engine", choices=ENGINES, default=None,
+                   help="training step: graph (default: captured once and replayed, the fastest; falls back to "
+                        "torch with a warning when a model cannot be captured), torch (traces the Pyro model every "
+                        "step; the default with --devices > 1), svi (textbook pyro.infer.SVI)")
     f.add_argument("--compile", action="store_true",
                    help="torch.compile the networks (with --engine graph: the captured graph); slow to start")
     f.add_argument("--devices", type=int, default=1,
@@ -332,7 +333,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         _check_out_folder(args.out)
         _refuse_to_overwrite_an_interrupted_fit(args.out)
         split = _load_split(args)
-        base = default_recipe(split.name)
+        base = default_recipe(split.name, args.preset)
         overrides = {
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
             "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,

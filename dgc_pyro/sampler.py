@@ -26,6 +26,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn_compat.utils.validation import validate_data
 
 from dgc_pyro.inference.augment import augment
+from dgc_pyro.inference.engine import ENGINES
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.objectives import OBJECTIVES
 from dgc_pyro.models.dgc import DGC
@@ -58,6 +59,9 @@ class DGCSampler(BaseOverSampler):
         ``(1, 8, 8)``, flat rows are reshaped to it for the model (and the output stays flat).
     latent_dim, preset, likelihood : model settings of :class:`~dgc_pyro.models.DGC`.
     epochs, batch_size, lr, objective, device : optimisation settings of :func:`dgc_pyro.inference.fit`.
+    engine : {"graph", "torch", "svi"}, default="graph"
+        The training step of :func:`dgc_pyro.inference.fit` (``"graph"`` falls back to ``"torch"`` with a
+        warning for a model it cannot capture).
     random_state : int, RandomState instance or None, default=None
         Seeds the fit (weights, mini-batches) and the sampling.
     filter_threshold : float or None, default=None
@@ -96,6 +100,7 @@ class DGCSampler(BaseOverSampler):
         "lr": [Interval(numbers.Real, 0, None, closed="neither")],
         "objective": [StrOptions(set(OBJECTIVES)), callable],
         "device": [str, torch.device],
+        "engine": [StrOptions(set(ENGINES))],
         "filter_threshold": [None, Interval(numbers.Real, 0, 1, closed="both")],
         "output": [StrOptions({"mean", "residual"})],
         "progress": ["boolean"],
@@ -114,6 +119,7 @@ class DGCSampler(BaseOverSampler):
         lr=3e-3,
         objective="elbo-analytic",
         device="auto",
+        engine="graph",
         random_state=None,
         filter_threshold=None,
         output="mean",
@@ -129,6 +135,7 @@ class DGCSampler(BaseOverSampler):
         self.lr = lr
         self.objective = objective
         self.device = device
+        self.engine = engine
         self.random_state = random_state
         self.filter_threshold = filter_threshold
         self.output = output
@@ -172,7 +179,7 @@ class DGCSampler(BaseOverSampler):
         self.history_ = fit(
             model, x_model, y_idx, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             objective=self.objective, device=self.device, seed=seed, progress=self.progress,
-            val_fraction=val_fraction,
+            val_fraction=val_fraction, engine=self.engine,
         )
         self.model_ = model
 

@@ -141,6 +141,8 @@ API_CASES = [
          "lr_schedule must be one of ('constant', 'cosine'), got 'linear'"),
     Case("fit", "seed=-1", lambda c: _fit(c, seed=-1), ValueError, "seed must be a non-negative integer, got -1"),
     Case("fit", "an unknown engine", lambda c: _fit(c, engine="jax"), ValueError, "engine must be one of"),
+    Case("fit", "warmup_steps=-1", lambda c: _fit(c, warmup_steps=-1), ValueError,
+         "warmup_steps must be a non-negative integer, got -1"),
     Case("fit", "engine='graph' with devices=2", lambda c: _fit(c, engine="graph", devices=2), ValueError,
          "data-parallel fitting supports engine='torch' only, not engine='graph'"),
     Case("fit", "an unknown objective", lambda c: _fit(c, objective="foo"), ValueError, "unknown objective 'foo'"),

@@ -3,6 +3,9 @@
 No timing here: ``benchmarks/speed.py`` measures the speed. These tests pin the semantics: the same losses,
 parameters, BatchNorm statistics and random stream as ``engine="torch"``, one capture per batch shape, no host
 synchronisation, and a clear error for steps that cannot be captured.
+
+The step-level tests pin the CPU (``CPU`` below): exact equality of two engines' floating-point results is only
+shown there. The fit-level test follows ``--device`` and compares with a tolerance.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -165,6 +169,36 @@ def test_a_custom_model_with_a_sync_in_the_step_fails_with_the_engine_named():
     with pytest.raises(GraphCaptureError, match="engine='torch'"):
         _run(model, "graph", "elbo", [(x, y)], perturb=False)
     _run(model, "torch", "elbo", [(x, y)], perturb=False)  # the traced engine runs it
+
+
+def test_fit_falls_back_to_the_torch_engine_when_capture_fails():
+    """A model whose Python control flow reads a data value cannot be captured: the graph engine (fit's default)
+    warns in one line and the fit continues with the torch engine, with the torch engine's very numbers."""
+
+    class Syncing(DGC):
+        def model(self, x=None, y=None, **kwargs):
+            if x is not None and bool(x.max() > 2):  # a data check inside the model: a host sync
+                raise ValueError("pixels out of range")
+            return super().model(x, y, **kwargs)
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(4).repeat_interleave(torch.tensor([12, 8, 6, 6]))
+    x = torch.rand((len(y), 1, 8, 8), generator=g)
+    results = {}
+    for engine in (None, "torch"):
+        torch.manual_seed(0)
+        model = Syncing((1, 8, 8), 4, latent_dim=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hist = fit(model, x, y, epochs=2, batch_size=16, progress=False, val_fraction=0, engine=engine, seed=5,
+                       device="cpu")
+        notices = [str(w.message) for w in caught if "falling back" in str(w.message)]
+        results[engine] = (hist, notices, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    hist, notices, weights = results[None]
+    assert len(notices) == 1 and "\n" not in notices[0]
+    assert notices[0].startswith("engine='graph': the training step could not be captured as a static graph")
+    assert hist.config["engine"] == "torch" and results["torch"][1] == []
+    assert hist.losses == results["torch"][0].losses and torch.equal(weights, results["torch"][2])
 
 
 def test_compiled_graph_runs_the_same_numbers_with_the_eager_backend():

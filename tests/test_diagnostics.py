@@ -35,10 +35,12 @@ def _fit_tiny(digits, seed: int = 0, epochs: int = 4, latent_dim: int = 4) -> DG
 
 
 @pytest.fixture(scope="module")
-def tiny(digits, one_thread):
+def tiny(digits, one_thread, device):
+    """The fitted model with test data on its device (``--device``): every comparison below is on one device,
+    and the diagnostics and metrics are handed tensors where the model put them (CUDA ones on a GPU)."""
     te = digits.y_test < K
     model = _fit_tiny(digits)
-    x, y = digits.x_test[te], digits.y_test[te]
+    x, y = digits.x_test[te].to(device), digits.y_test[te].to(device)
     torch.manual_seed(1)
     return model, x, y, predict(model, x, 10)
 
@@ -71,10 +73,10 @@ def test_entropy_bounds_and_the_decomposition(tiny):
 
 def test_uncertainty_scores_from_proba_and_prediction_agree(tiny):
     _, _, _, pred = tiny
-    np.testing.assert_allclose(dg.uncertainty_score(pred.proba, "entropy"), pred.entropy.numpy(), atol=1e-5)
+    np.testing.assert_allclose(dg.uncertainty_score(pred.proba, "entropy"), pred.entropy.cpu().numpy(), atol=1e-5)
     lc = dg.uncertainty_score(pred, "least_confidence")
     assert np.all((lc >= 0) & (lc <= 1 - 1 / K + 1e-6))
-    np.testing.assert_allclose(dg.uncertainty_score(pred, "mutual_information"), pred.mutual_information.numpy())
+    np.testing.assert_allclose(dg.uncertainty_score(pred, "mutual_information"), pred.mutual_information.cpu().numpy())
     with pytest.raises(ValueError, match="needs a Prediction"):
         dg.uncertainty_score(pred.proba, "mutual_information")
     with pytest.raises(ValueError, match="score must be one of"):
@@ -135,7 +137,7 @@ def test_reject_option_reduces_coverage_and_raises_accuracy(tiny):
     rej = predict(model, x, 10, reject_threshold=threshold)
     assert torch.equal(rej.rejected, rej.entropy > threshold)
     assert 0 < rej.rejected.float().mean() < 1
-    assert torch.equal(rej.labels_with_reject[rej.rejected], torch.full((int(rej.rejected.sum()),), -1))
+    assert torch.equal(rej.labels_with_reject[rej.rejected], torch.full((int(rej.rejected.sum()),), -1, device=rej.labels.device))
     assert torch.equal(rej.labels_with_reject[~rej.rejected], rej.labels[~rej.rejected])
     accepted = ~rej.rejected
     overall = (rej.labels == y).float().mean()
@@ -242,7 +244,7 @@ def test_datatree_groups_dims_and_sizes(trees, tiny):
     np.testing.assert_allclose(ll["xy"].values, ll["x"].values + ll["y"].values)
     assert (ll["y"].values <= 0).all()
     obs = dt["observed_data"]
-    np.testing.assert_array_equal(obs["y"].values, tiny[2][:40].numpy())
+    np.testing.assert_array_equal(obs["y"].values, tiny[2][:40].cpu().numpy())
     assert obs["x"].shape == (40, 1, 8, 8)
     assert set(dt["sample_stats"].data_vars) == {"log_p", "log_q"}
     assert "x" not in small["posterior_predictive"] and "x" not in small["observed_data"]

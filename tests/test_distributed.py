@@ -4,11 +4,17 @@ The equivalence is checked on the 8x8 digits MLP, which has no BatchNorm: BatchN
 with their shard's statistics, so convolutional models only match approximately (see
 ``dgc_pyro.inference.distributed``). Tolerance: max |param difference| < 1e-5 after the fit, losses to
 a relative 1e-5 (floating-point summation order is the only difference).
+
+CPU only, whatever ``--device`` says: the ranks here are gloo processes on the CPU. The same code runs nccl ranks,
+one per GPU, which needs a machine with two GPUs and is not tested here.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +105,55 @@ def test_torchrun_style_group_of_one_matches_plain_fit(digits, single, monkeypat
     assert not dist.is_initialized()  # the group it created is gone again
     assert history.losses == pytest.approx(ref_history.losses, rel=1e-6)
     assert _max_diff(model, reference) < 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of ``torchrun ... -m dgc_pyro.cli fit --devices 2``: logs every file it writes (all writes of
+    results and checkpoints go through dgc_pyro.io's two atomic writers) to ``writes-rank<r>.txt``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import dgc_pyro.io as io_module
+    from dgc_pyro.cli import main
+
+    log = Path(folder) / f"writes-rank{rank}.txt"
+    for name in ("atomic_write_bytes", "atomic_write_text"):
+        def recording(path, *args, _original=getattr(io_module, name), **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{Path(path).name}\n")
+            return _original(path, *args, **kwargs)
+
+        setattr(io_module, name, recording)
+    code = main(["fit", "--dataset", "digits", "--epochs", "2", "--devices", str(world), "--strategy", "ddp",
+                 "--device", "cpu", "--baseline", "none", "--no-progress", "--out", str(Path(folder) / "run")])
+    raise SystemExit(code)
+
+
+def test_only_rank_zero_writes_checkpoints_and_metrics(tmp_path):
+    """Two torchrun-style ranks of the CLI's fit (launcher variables set, no spawning by fit): every checkpoint
+    and result file is written by rank 0 alone; rank 1 trains in lockstep and writes nothing."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, as torchrun starts them
+    port = _free_port()
+    ranks = [context.Process(target=_cli_rank, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=600)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert not (tmp_path / "writes-rank1.txt").exists()
+    written = (tmp_path / "writes-rank0.txt").read_text().split()
+    assert {"training_state.safetensors", "metrics.json", "model.safetensors"} <= set(written)
+    assert written.count("training_state.safetensors") == 2  # after each of the 2 epochs
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "checkpoint" / "training_state.safetensors").is_file()
 
 
 def test_bad_parallel_arguments_fail_before_spawning(digits):

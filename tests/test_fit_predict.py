@@ -84,7 +84,7 @@ def test_probabilities_sum_to_one_and_uncertainty_is_bounded(fitted, digits, rul
     pred = predict(fitted, x, num_samples=5, rule=rule)
     c = digits.num_classes
     assert pred.proba.shape == (40, c)
-    assert torch.allclose(pred.proba.sum(-1), torch.ones(40), atol=1e-5)
+    assert torch.allclose(pred.proba.sum(-1), torch.ones(40, device=pred.proba.device), atol=1e-5)  # the model's device
     assert torch.equal(pred.labels, pred.proba.argmax(-1))
     assert (pred.entropy >= -1e-6).all() and (pred.entropy <= math.log(c) + 1e-5).all()
     assert (pred.mutual_information >= 0).all()
@@ -97,7 +97,7 @@ def test_probabilities_sum_to_one_and_uncertainty_is_bounded(fitted, digits, rul
 def test_fitted_model_beats_chance_and_predict_proba_matches_predict(fitted, digits):
     torch.manual_seed(0)
     proba = predict_proba(fitted, digits.x_test, num_samples=5)
-    acc = (proba.argmax(-1) == digits.y_test).float().mean().item()
+    acc = (proba.argmax(-1).cpu() == digits.y_test).float().mean().item()  # proba lives on the model's device
     assert acc > 0.5  # chance is 0.1
     torch.manual_seed(0)
     assert torch.allclose(predict(fitted, digits.x_test, 5).proba, proba)
@@ -165,7 +165,7 @@ def test_label_free_guide_ignores_the_label_and_latent_rule_works(digits):
 def test_balanced_prediction_divides_out_the_models_label_prior(fitted, digits):
     x = digits.x_test[:20]
     prior = fitted.label_prior()
-    assert prior.shape == (digits.num_classes,) and torch.isclose(prior.sum(), torch.tensor(1.0), atol=1e-5)
+    assert prior.shape == (digits.num_classes,) and torch.isclose(prior.sum(), torch.tensor(1.0, device=prior.device), atol=1e-5)
     state = torch.get_rng_state()
     assert torch.equal(fitted.label_prior(), prior)  # own seed: repeatable ...
     assert torch.equal(torch.get_rng_state(), state)  # ... and the caller's random state is untouched

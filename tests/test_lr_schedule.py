@@ -14,6 +14,8 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.checkpoint import load_training_state, save_training_state, training_state_path
 from dgc_pyro.experiment import Recipe
 from dgc_pyro.inference import fit
+from dgc_pyro.inference.engine import ENGINES, adam_kernel, make_step
+from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.schedule import LR_SCHEDULES, check_lr_schedule, lr_factor, scheduled_lr, set_lr
 from dgc_pyro.models import DGC
 
@@ -82,7 +84,8 @@ def _model(seed=0):
 def _fit(engine="torch", epochs=3, **kw):
     x, y = _data()
     model = _model()
-    kw = {"batch_size": 20, "lr": 1e-2, "progress": False, "val_fraction": 0, "seed": 1, **kw}
+    # no warm-up unless a test asks: these tests check the schedules' own rates step by step
+    kw = {"batch_size": 20, "lr": 1e-2, "progress": False, "val_fraction": 0, "seed": 1, "warmup_steps": 0, **kw}
     history = fit(model, x, y, epochs=epochs, engine=engine, **kw)
     return history, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -106,6 +109,44 @@ def test_fit_decays_both_optimisers_step_by_step(monkeypatch):
     assert history.config["lr_schedule"] == "cosine"
 
 
+def test_warm_up_ramps_both_optimisers_then_hands_over_to_the_schedule(monkeypatch):
+    assert [lr_factor("constant", t, 9, 4) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 1, 9, 4) == pytest.approx(0.5 * lr_factor("cosine", 1, 9))
+    seen: list[tuple[float, ...]] = []
+    original = torch.optim.Adam.step
+
+    def step(opt, *args, **kwargs):
+        seen.append(tuple(g["lr"] for g in opt.param_groups))
+        return original(opt, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    for schedule in ("constant", "cosine"):
+        seen.clear()
+        history, _ = _fit(epochs=3, classifier_lr=4e-2, lr_schedule=schedule, warmup_steps=2)
+        main, pert = [r[0] for r in seen[0::2]], [r[0] for r in seen[1::2]]
+        assert main == pytest.approx([1e-2 * lr_factor(schedule, t, 9, 2) for t in range(9)])
+        assert pert == pytest.approx([4e-2 * lr_factor(schedule, t, 9, 2) for t in range(9)])
+        assert main[:3] == pytest.approx([5e-3, 1e-2 * lr_factor(schedule, 1, 9), 1e-2 * lr_factor(schedule, 2, 9)])
+        assert history.config["warmup_steps"] == 2
+    # the warm-up lasts at most one epoch (3 steps here), and is on by default
+    assert _fit(epochs=1, warmup_steps=100)[0].config["warmup_steps"] == 3
+    assert _fit(epochs=1, warmup_steps=None)[0].config["warmup_steps"] == 3
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _fit(epochs=1, warmup_steps=-1)
+
+
+def test_a_checkpoint_from_before_warm_ups_resumes_without_one(tmp_path):
+    _fit(epochs=1, checkpoint_dir=tmp_path)
+    path = training_state_path(tmp_path)
+    state = load_training_state(path)
+    assert state.config.pop("warmup_steps") == 0
+    save_training_state(path, state)  # as an older dgc_pyro wrote it
+    history, _ = _fit(epochs=2, checkpoint_dir=tmp_path, resume=True, warmup_steps=None)  # the default adopts it
+    assert history.resumed_from == 1
+    with pytest.raises(ValueError, match="warmup_steps=0 in the checkpoint, 5 now"):
+        _fit(epochs=3, checkpoint_dir=tmp_path, resume=True, warmup_steps=5)
+
+
 def test_constant_schedule_leaves_the_fit_unchanged_and_cosine_changes_it():
     h_default, w_default = _fit()
     h_constant, w_constant = _fit(lr_schedule="constant")
@@ -116,10 +157,29 @@ def test_constant_schedule_leaves_the_fit_unchanged_and_cosine_changes_it():
 
 
 def test_every_engine_follows_the_same_schedule():
-    results = {engine: _fit(engine, lr_schedule="cosine") for engine in ("torch", "graph", "svi")}
+    # On the --device of the run (fit's "auto"). On CUDA this needs every engine on the same Adam kernel
+    # (see test_every_engine_builds_adam_with_one_kernel): svi on foreach Adam left the fused torch engine.
+    results = {engine: _fit(engine, lr_schedule="cosine", warmup_steps=2) for engine in ("torch", "graph", "svi")}
     _, want = results["torch"]
     for engine in ("graph", "svi"):
         torch.testing.assert_close(results[engine][1], want, rtol=1e-5, atol=1e-6, msg=engine)
+
+
+def test_every_engine_builds_adam_with_one_kernel(device):
+    """fused Adam on CUDA, foreach elsewhere, for all three engines; the torch device need not exist to be named."""
+    assert adam_kernel(torch.device("cuda")) == {"foreach": False, "fused": True}
+    assert adam_kernel(torch.device("cpu")) == {"foreach": True, "fused": None}
+    x, y = (t.to(device) for t in _data(n=20))
+    reps = torch.ones(3, dtype=torch.long, device=device)
+    want = adam_kernel(device)
+    for engine in ENGINES:
+        model = _model().to(device)
+        step = make_step(model, get_objective("elbo"), engine, 1e-2, (0.9, 0.999), 1e-2, True, reps, device)
+        step(x, y)
+        main, pert = step.optimizers["main"], step.optimizers["perturbation"]
+        # pyro.optim.Adam builds one torch Adam per parameter, from its optim_args
+        mains = list(main.optim_objs.values()) if engine == "svi" else [main]
+        assert mains and all({k: o.defaults[k] for k in want} == want for o in mains + [pert]), engine
 
 
 def test_a_cosine_fit_cannot_change_its_length_on_resume(tmp_path):

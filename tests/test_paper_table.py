@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -236,6 +237,23 @@ def test_quick_keeps_the_epochs_of_a_cpu_sized_recipe(paper_table):
     assert fashion.epochs == paper_table.QUICK["epochs"] and fashion.preset == "small"
 
 
+def test_every_preset_brings_its_own_recipe(paper_table):
+    from dgc_pyro.experiment import DEFAULT_RECIPES, PRESET_CHANGES, default_recipe
+
+    fashion = DEFAULT_RECIPES["fashion"]
+    assert default_recipe("fashion") == fashion == default_recipe("fashion", "small")
+    paper = default_recipe("fashion", "paper")
+    assert paper.preset == "paper" and paper.lr == 3e-4 == PRESET_CHANGES["paper"]["lr"]  # measured on an H200
+    assert dataclasses.replace(paper, preset="small", lr=fashion.lr) == fashion  # nothing else changes
+    with pytest.raises(ValueError, match="preset must be one of"):
+        default_recipe("fashion", "huge")
+    # benchmarks/paper_table.py --preset paper takes the preset's recipe; --recipe-set still wins
+    args = paper_table.build_parser().parse_args(["--dataset", "fashion", "--preset", "paper", "--out", "unused"])
+    assert paper_table.recipe_for("fashion", args) == paper
+    args.recipe_set = ["lr=1e-4"]
+    assert paper_table.recipe_for("fashion", args).lr == 1e-4
+
+
 def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
@@ -258,9 +276,11 @@ def test_lr_schedule_reaches_dgc_and_every_baseline(paper_table, tmp_path):
     dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     base = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
     assert dgc["recipe"]["lr_schedule"] == "cosine" and base["settings"]["lr_schedule"] == "cosine"
-    for run in (dgc, base):  # epoch 2 starts half way down the cosine
+    for run in (dgc, base):
         assert [r["epoch"] for r in run["history"]] == [1, 2]
-        assert run["history"][0]["lr"] > run["history"][1]["lr"] > 0
+    assert base["history"][0]["lr"] > base["history"][1]["lr"] > 0  # epoch 2 starts half way down the cosine
+    # DGC's first epoch is fit's learning-rate warm-up (on by default; its record holds the first step's rate)
+    assert 0 < dgc["history"][0]["lr"] < dgc["recipe"]["lr"] and 0 < dgc["history"][1]["lr"] < dgc["recipe"]["lr"]
     table = (out / "table.md").read_text()
     assert base["best_epoch"] in (1, 2) and "cosine learning rate (every method)" in table
     pairs = json.loads((out / "paired.json").read_text())

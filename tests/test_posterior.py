@@ -15,13 +15,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(digits, one_thread):
+def tiny(digits, one_thread, device):
+    """The fitted model with test data on its device (``--device``), so the checks compare on one device."""
     tr, te = digits.y_train < K, digits.y_test < K
     torch.manual_seed(0)
     model = DGC(digits.input_shape, K, latent_dim=4, likelihood="normal", label_weight=20.0)
     fit(model, digits.x_train[tr], digits.y_train[tr], epochs=4, batch_size=64, lr=3e-3, progress=False,
         val_fraction=0, objective="elbo-analytic", perturbation_rate=0)
-    return model, digits.x_test[te][:30], digits.y_test[te][:30]
+    return model, digits.x_test[te][:30].to(device), digits.y_test[te][:30].to(device)
 
 
 def test_draws_at_given_labels_have_the_documented_shapes(tiny):
@@ -43,9 +44,9 @@ def test_per_class_draws_are_conditioned_on_every_class(tiny):
     assert out["z"].shape == (5, K, 30, 4)
     assert out["y"].shape == (5, K, 30)
     assert out["x"].shape == (5, K, 30, 1, 8, 8)
-    assert torch.equal(out["labels"], torch.arange(K)[:, None].expand(K, 30))
+    assert torch.equal(out["labels"], torch.arange(K, device=x.device)[:, None].expand(K, 30))
     # Hypothesis c must equal the draws made at label c for every example (same encoder input).
-    loc_c = torch.stack([model.encode(x, torch.full((30,), c))[0] for c in range(K)]).detach()
+    loc_c = torch.stack([model.encode(x, torch.full((30,), c, device=x.device))[0] for c in range(K)]).detach()
     mean_z = out["z"].mean(0)
     assert (mean_z - loc_c).abs().mean() < (mean_z - loc_c.roll(1, 0)).abs().mean()
 

@@ -88,6 +88,7 @@ def test_clone_and_get_params():
     params = sampler.get_params()
     assert params["input_shape"] == (1, 8, 8) and params["epochs"] == 3 and params["filter_threshold"] == 0.5
     assert params["sampling_strategy"] == "auto" and params["objective"] == "elbo-analytic"
+    assert params["engine"] == "graph"  # fit's fast step, as everywhere
     copy = clone(sampler)
     assert copy is not sampler and copy.get_params() == params
     assert not hasattr(copy, "model_")
@@ -115,6 +116,8 @@ def test_parameters_are_validated(flat):
         DGCSampler(likelihood="poisson").fit_resample(x, y)
     with pytest.raises(InvalidParameterError, match="output"):
         DGCSampler(output="sample").fit_resample(x, y)
+    with pytest.raises(InvalidParameterError, match="engine"):
+        DGCSampler(engine="jax").fit_resample(x, y)
     with pytest.raises(ValueError, match="input_shape"):
         DGCSampler(input_shape=(1, 7, 7), **FAST).fit_resample(x, y)
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):

@@ -7,12 +7,17 @@ import torch
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+def auto_device() -> torch.device:
+    """What ``"auto"`` resolves to: CUDA when available, else CPU (the test suite points it at ``--device``)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
     if isinstance(device, torch.device):
         resolved = device
     elif device == "auto":
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        resolved = auto_device()
     else:
         try:
             resolved = torch.device(device)

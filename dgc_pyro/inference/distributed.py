@@ -181,7 +181,8 @@ def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str |
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"devices must be a positive integer, got {devices!r}")
-    check_engine(fit_kwargs.get("engine", "torch"))
+    fit_kwargs["engine"] = fit_kwargs.get("engine") or "torch"  # fit's default (None) is "torch" here
+    check_engine(fit_kwargs["engine"])
     if not dist.is_available():
         raise ValueError("torch.distributed is not available in this PyTorch build")
     if _CURRENT is not None:

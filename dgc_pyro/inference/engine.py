@@ -2,7 +2,7 @@
 
 Two engines run the same loss over the same Pyro model/guide pair:
 
-- ``engine="torch"`` (default): the objective's differentiable loss, one fused (CUDA) / foreach (CPU)
+- ``engine="torch"``: the objective's differentiable loss, one fused (CUDA) / foreach (CPU)
   ``torch.optim.Adam`` over all parameters, gradients set to None after each step, Pyro/torch argument
   validation off inside the step, and no host synchronisation: a step returns 0-d device tensors and
   the epoch loop reads them once per epoch. For the built-in ``"elbo"`` (``Trace_ELBO``) and
@@ -13,7 +13,9 @@ Two engines run the same loss over the same Pyro model/guide pair:
 - ``engine="graph"``: the ``"torch"`` engine's loss, with its gradients, captured once per batch shape as
   a graph of aten operations (:class:`~dgc_pyro.inference.capture.CapturedGradients`) and replayed, so
   the Pyro model and guide are traced once instead of every step; with ``compile`` the graph (not the
-  networks) goes to ``torch.compile``. Single process only;
+  networks) goes to ``torch.compile``. Single process only; the default of
+  :func:`~dgc_pyro.inference.fit`, which falls back to ``"torch"`` (``make_step(..., fallback=True)``) when a
+  model cannot be captured;
 - ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
   who compose further Pyro machinery around it.
 
@@ -25,6 +27,7 @@ rows), all-reduces the gradients in one flat buffer and applies the identical Ad
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any, Callable
 
 import pyro
@@ -40,7 +43,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.util import site_is_subsample
 
 from dgc_pyro.inference import distributed as _distributed
-from dgc_pyro.inference.capture import CapturedGradients
+from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.objectives import Objective
 from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss
 from dgc_pyro.models.dgc import DGC
@@ -48,7 +51,7 @@ from dgc_pyro.models.dgc import DGC
 ENGINES = ("torch", "graph", "svi")
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-__all__ = ["ENGINES", "Step", "TracedELBO", "compile_networks", "make_step", "traced_elbo_kind"]
+__all__ = ["ENGINES", "Step", "TracedELBO", "adam_kernel", "compile_networks", "make_step", "traced_elbo_kind"]
 
 
 # ----------------------------------------------------------------------------- the sync-free ELBO
@@ -252,6 +255,15 @@ def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[t
     return [flat[offset + i] for i in range(len(extra))]
 
 
+def adam_kernel(device: torch.device) -> dict[str, Any]:
+    """The ``torch.optim.Adam`` implementation options every engine uses on ``device``: fused on CUDA, foreach
+    elsewhere. One choice for all engines: fused and foreach Adam round differently, and since Adam's first
+    updates are close to ``lr * sign(grad)``, a rounding difference in a tiny gradient moves a weight by up to
+    ``2 * lr``; with different kernels ``engine="svi"`` left the torch engine's trajectory on CUDA."""
+    fused = device.type == "cuda"
+    return {"foreach": not fused, "fused": fused or None}
+
+
 def compile_networks(model: DGC, options: dict[str, Any] | None = None) -> DGC:
     """``torch.compile`` the encoder, decoder and classifier of ``model`` in place (``nn.Module.compile``).
 
@@ -278,6 +290,7 @@ def make_step(
     *,
     compile: bool | dict[str, Any] = False,
     perturbation_offset: torch.Tensor | None = None,
+    fallback: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
@@ -286,6 +299,9 @@ def make_step(
     ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
     perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
     The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
+    A ``"graph"`` step raises :class:`~dgc_pyro.inference.capture.GraphCaptureError` when a model cannot be
+    captured; with ``fallback`` it warns once instead and runs the torch engine's step from then on (the same
+    numbers, on the same optimisers), and ``step.engine`` becomes ``"torch"``.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -296,9 +312,9 @@ def make_step(
         compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
         ctx.broadcast_model(model)  # identical starting point on every rank
-    fused = device.type == "cuda"
+    kernel = adam_kernel(device)
     cls_params = list(model.classifier.parameters())
-    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, foreach=not fused, fused=fused or None)
+    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, **kernel)
     zero = torch.zeros((), device=device)
     max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
     latent_dim = model.latent_dim
@@ -350,7 +366,7 @@ def make_step(
 
     if engine == "svi":
         traced_guide = poutine.trace(guide_fn)  # records q(z | x, y) for the perturbation step
-        optim = pyro.optim.Adam({"lr": lr, "betas": betas})
+        optim = pyro.optim.Adam({"lr": lr, "betas": betas, **kernel})  # one torch Adam per parameter, same kernel
         svi = pyro.infer.SVI(model_fn, traced_guide, optim, loss=loss_fn)
 
         def svi_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +380,7 @@ def make_step(
         return svi_step
 
     params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, foreach=not fused, fused=fused or None)
+    opt = torch.optim.Adam(params, lr=lr, betas=betas, **kernel)
     kind = traced_elbo_kind(loss_fn)
     traced = TracedELBO(model_fn, guide_fn, kind, fallback=loss_fn.__self__) if kind else None
     recorder = poutine.trace(guide_fn) if traced is None else None  # records q(z | x, y) for the perturbation step
@@ -373,24 +389,6 @@ def make_step(
         if traced is not None:
             return traced(x, y)
         return loss_fn(model_fn, recorder, x, y), recorder.trace
-
-    if engine == "graph":
-        def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            loss, guide_tr = loss_and_guide_trace(x, y)
-            return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
-
-        captured = CapturedGradients(model, captured_loss, compile=compile)
-
-        def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with pyro.validation_enabled(False):
-                loss, *guide_params = captured(x, y)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
-
-        graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
-        graph_step.captured = captured
-        return graph_step
 
     def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with pyro.validation_enabled(False):
@@ -412,5 +410,36 @@ def make_step(
             return loss, perturbation(guide_tr, x, y, (lo, hi))
 
     torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (resume.py)
-    return torch_step
+    if engine != "graph":
+        return torch_step
 
+    def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss, guide_tr = loss_and_guide_trace(x, y)
+        return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
+
+    captured = CapturedGradients(model, captured_loss, compile=compile)
+
+    def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if graph_step.engine == "torch":
+            return torch_step(x, y)
+        try:
+            with pyro.validation_enabled(False):
+                loss, *guide_params = captured(x, y)
+        except GraphCaptureError as e:
+            if not fallback:
+                raise
+            # A failed capture changed nothing (no gradients, buffers and random state restored), and the torch
+            # step computes what the graph would have, so the fit continues from this very step unchanged.
+            reason = str(e).removesuffix("; use engine='torch'")
+            warnings.warn(f"engine='graph': {reason}; falling back to engine='torch' for this fit", RuntimeWarning,
+                          stacklevel=5)  # the caller of fit
+            graph_step.engine = "torch"
+            return torch_step(x, y)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
+
+    graph_step.engine = "graph"  # "torch" once a capture failed
+    graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
+    graph_step.captured = captured
+    return graph_step

@@ -65,7 +65,13 @@ from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import deterministic_mode, get_rng_state, seed_everything, set_rng_state
 
-__all__ = ["History", "TrainingDivergedError", "TrainingInterrupted", "fit", "site_terms"]
+__all__ = ["CHANCE_CHECK_EPOCH", "DEFAULT_WARMUP_STEPS", "History", "TrainingDivergedError", "TrainingInterrupted",
+           "fit", "site_terms"]
+
+#: Warm-up steps of a fit that does not say (capped at one epoch): a short ramp over Adam's first, sign-like updates.
+DEFAULT_WARMUP_STEPS = 100
+#: The epoch after which a fit whose validation ACSA is still near chance warns.
+CHANCE_CHECK_EPOCH = 3
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -254,7 +260,7 @@ def fit(
     perturbation_rate: float = 0.6,
     classifier_lr: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
-    engine: str = "torch",
+    engine: str | None = None,
     val_num_samples: int = 10,
     select_best: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
@@ -272,6 +278,7 @@ def fit(
     transform: str | Transform | None = None,
     perturbation_prior: str = "train",
     lr_schedule: str = "constant",
+    warmup_steps: int | None = None,
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -287,11 +294,14 @@ def fit(
             selection (never the test set); 0 disables it unless ``x_val``/``y_val`` are given.
         perturbation_rate: the paper's rate r of the data-perturbation step (0 turns it off).
         classifier_lr: learning rate of the perturbation step's optimiser (default: ``lr``).
-        engine: ``"torch"`` (fast, default: the model and guide traced every step), ``"graph"`` (the same
-            loss and gradients captured once per batch shape as an aten graph and replayed, without the
-            per-step tracing; bit-identical to ``"torch"`` for models whose Python control flow does not
-            depend on data or on Python-side randomness, see :mod:`dgc_pyro.inference.capture`) or
-            ``"svi"`` (``pyro.infer.SVI``).
+        engine: ``"graph"``: the loss and its gradients captured once per batch shape as an aten graph and
+            replayed, without per-step tracing; bit-identical to ``"torch"`` for models whose Python control
+            flow does not depend on data or on Python-side state (:mod:`dgc_pyro.inference.capture`); when a
+            model cannot be captured the fit warns in one line and continues with ``"torch"`` from that step.
+            ``"torch"``: the model and guide traced every step. ``"svi"``: ``pyro.infer.SVI``. Default (None):
+            ``"graph"`` for a built-in ``objective``; ``"torch"`` for a loss callable (whose Python state a
+            capture would freeze) and in data-parallel fits (the only engine there). Checkpoints of ``"graph"``
+            and ``"torch"`` fits resume with either.
         val_num_samples: latent draws per class when scoring the validation split.
         select_best: restore the weights of the epoch with the best validation ACSA.
         callback: called as ``callback(epoch, record)`` after every epoch.
@@ -329,13 +339,21 @@ def fit(
         lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: both optimisers' rates decay from ``lr``
             and ``classifier_lr`` to 0 over the fit's steps (:mod:`dgc_pyro.inference.schedule`). The cosine
             spans ``epochs``, so a resumed cosine fit must keep them.
+        warmup_steps: linear learning-rate warm-up of both optimisers over the first
+            ``min(warmup_steps, steps per epoch)`` steps, against the early blow-up of deep networks at rates
+            that train well afterwards (:mod:`dgc_pyro.inference.schedule`); 0 turns it off. Default
+            (None): :data:`DEFAULT_WARMUP_STEPS`, or, when resuming, what the checkpoint's fit used.
+
+    When the validation ACSA is still near chance after :data:`CHANCE_CHECK_EPOCH` epochs (at most
+    ``1/C + 0.1 * (1 - 1/C)`` for C classes), the fit warns in one line (a RuntimeWarning) and goes on: a fit
+    that blew up early must not hand over its model silently.
 
     Raises:
         ValueError: bad data or arguments. TrainingDivergedError (a FloatingPointError): the loss
         became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
         resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
-    if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes
+    if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes (engine "torch")
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed
 
@@ -344,8 +362,12 @@ def fit(
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     _check_fit_args(epochs, batch_size, lr, seed, val_fraction, perturbation_rate, classifier_lr, betas,
                     val_num_samples, checkpoint_every, check_every, pretrain_steps)
+    if engine is None:  # a loss callable may keep Python state, which a captured graph would freeze (capture.py)
+        engine = "graph" if isinstance(objective, str) else "torch"
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if warmup_steps is not None:
+        check_non_negative("warmup_steps", warmup_steps, integer=True)
     check_perturbation_prior(perturbation_prior)  # before any data work; the offset is built after the split
     check_lr_schedule(lr_schedule)
     if callback is not None and not callable(callback):
@@ -381,6 +403,8 @@ def fit(
             saved = load_training_state(source)
     if saved is not None and saved.epoch > epochs:
         raise ValueError(f"the checkpoint {source} is at epoch {saved.epoch}, beyond epochs={epochs}")
+    if warmup_steps is None:  # a resumed fit continues with its own warm-up (none before warm-ups existed)
+        warmup_steps = DEFAULT_WARMUP_STEPS if saved is None else saved.config.get("warmup_steps", 0)
 
     objective_name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
     resume_config = to_jsonable({
@@ -391,6 +415,7 @@ def fit(
         "perturbation_prior": perturbation_prior, "lr_schedule": lr_schedule,
         # the cosine's length is part of every step's rate, so such a fit cannot grow its epochs on resume
         "schedule_epochs": epochs if lr_schedule != "constant" else None,
+        "warmup_steps": warmup_steps,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = data_fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -426,13 +451,15 @@ def fit(
                 "perturbation_rate": perturbation_rate, "engine": engine, "model": model.config,
                 "pretrain_steps": pretrain_steps, "transform": transform_label,
                 "perturbation_prior": perturbation_prior, "lr_schedule": lr_schedule,
+                "warmup_steps": min(warmup_steps, math.ceil(len(y) / batch_size)),
             },
             train_counts=counts.tolist(),
         )
         if pretrain_steps and saved is None:
             pretrain_encoder(model, x_dev, y_dev, pretrain_steps, batch_size=batch_size, lr=lr, betas=betas, seed=seed)
         step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev,
-                         compile=compile, perturbation_offset=perturbation_offset(model, reps, perturbation_prior))
+                         compile=compile, perturbation_offset=perturbation_offset(model, reps, perturbation_prior),
+                         fallback=True)
         optimizers = getattr(step, "optimizers", None)
         if not isinstance(optimizers, dict):
             raise RuntimeError("make_step must expose the step's optimisers as step.optimizers (a dict)")
@@ -459,8 +486,11 @@ def fit(
 
         ctx = _Loop(run, x_dev, y_dev, x_val, y_val, counts, batch_size, epochs, checkpoint_every, check_every,
                     select_best, val_num_samples, callback, progress, lr, batch_transform,
-                    schedule=lr_schedule, base_lrs={"main": lr, "perturbation": classifier_lr or lr})
+                    schedule=lr_schedule, base_lrs={"main": lr, "perturbation": classifier_lr or lr},
+                    warmup_steps=warmup_steps)
         ctx.run(start)
+        if getattr(step, "engine", engine) != engine:  # the graph engine fell back to the torch engine
+            history.config["engine"] = step.engine
 
         history.epochs = run.history
         history.best_epoch = run.best_epoch
@@ -479,7 +509,7 @@ class _Loop:
                  batch_size: int, epochs: int, checkpoint_every: int, check_every: int | None, select_best: bool,
                  val_num_samples: int, callback: Any, progress: bool, lr: float,
                  transform: Transform | None = None, schedule: str = "constant",
-                 base_lrs: dict[str, float] | None = None) -> None:
+                 base_lrs: dict[str, float] | None = None, warmup_steps: int = 0) -> None:
         self.run_ = run
         self.x, self.y, self.x_val, self.y_val, self.counts = x, y, x_val, y_val, counts
         self.batch_size, self.epochs = batch_size, epochs
@@ -491,12 +521,26 @@ class _Loop:
         self.num_batches = math.ceil(self.n / batch_size)
         self.schedule, self.base_lrs = schedule, dict(base_lrs or {})
         self.total_steps = epochs * self.num_batches
+        self.warmup = min(warmup_steps, self.num_batches)  # at most the first epoch
 
     def set_step_lr(self, step: int) -> float:
         """Apply the schedule's rates for global step ``step`` to every optimiser; returns the main rate."""
-        rates = {name: scheduled_lr(opt, self.base_lrs[name], self.schedule, step, self.total_steps)
+        rates = {name: scheduled_lr(opt, self.base_lrs[name], self.schedule, step, self.total_steps, self.warmup)
                  for name, opt in self.run_.optimizers.items()}
         return rates["main"]
+
+    def warn_if_near_chance(self, epoch: int) -> None:
+        """One-line RuntimeWarning when no epoch so far beat chance ACSA by a tenth of the way to 1."""
+        if epoch != min(CHANCE_CHECK_EPOCH, self.epochs):
+            return
+        scores = [r["val_acsa"] for r in self.run_.history if "val_acsa" in r]
+        chance = 1.0 / self.run_.model.num_classes
+        if scores and max(scores) <= chance + 0.1 * (1.0 - chance):
+            loss = self.run_.history[0]["loss"]
+            warnings.warn(
+                f"validation ACSA is {max(scores):.3f} after {epoch} epoch(s), near chance ({chance:.3f}): the fit "
+                f"looks broken (epoch 1 loss {loss:.4g}); try a lower lr (lr={self.lr}) or a longer warm-up",
+                RuntimeWarning, stacklevel=5)
 
     def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
@@ -582,6 +626,8 @@ class _Loop:
                     run.best_score, run.best_epoch = report["acsa"], epoch
                     run.best_model = copy_tree(model.state_dict())
             run.history.append(record)
+            if self.x_val is not None:
+                self.warn_if_near_chance(epoch)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "val_acsa")})
             if self.callback is not None:
                 self.callback(epoch, record)

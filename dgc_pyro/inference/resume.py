@@ -106,7 +106,10 @@ def load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
 
 
 #: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
-RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None}
+RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None,
+                                   "warmup_steps": 0}
+#: Engines that run the same step on the same optimiser state: a checkpoint of one resumes with the other.
+_SAME_STEP = {"graph": "torch"}
 
 
 def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
@@ -123,6 +126,8 @@ def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[
     if saved.best_model is not None:
         check_state_matches(model, saved.best_model, f"{source} (best model)")
     saved_config = {**RESUME_DEFAULTS, **saved.config}
+    saved_config["engine"] = _SAME_STEP.get(saved_config.get("engine"), saved_config.get("engine"))
+    config = {**config, "engine": _SAME_STEP.get(config.get("engine"), config.get("engine"))}
     diff = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
     if diff:
         raise CheckpointError(
