@@ -313,17 +313,26 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
 _NPZ_HINT = "an .npz file with arrays x_train, y_train[, x_test, y_test] (written with np.savez)"
 
 
-def _check_out_folder(out: str | Path) -> None:
-    """Fail now, not after training or a long evaluation, when ``--out`` cannot become a folder or cannot be
-    written to (a probe file is created and removed in it, or in the nearest existing folder above it)."""
+def _check_out_folder(out: str | Path, need_bytes: int = 2**20) -> None:
+    """Fail now, not after training or a long evaluation, when ``--out`` cannot become a folder, cannot be
+    written to (a probe file is created and removed in it, or in the nearest existing folder above it), or its
+    file system has less than ``need_bytes`` free."""
     path = Path(out)
     problem = folder_problem(path)
     if problem:
         hint = "; give a folder (it is created if missing)" if path.exists() else ""
         raise UserError(f"--out {path} {problem}{hint}")
-    problem = writable_problem(path)
+    problem = writable_problem(path, need_bytes)
     if problem:
-        raise UserError(f"--out {path} {problem}; give a folder you can write to")
+        raise UserError(f"--out {path} {problem}; give another folder")
+
+
+def _fit_output_bytes(recipe: Any, split: ImbalancedSplit) -> int:
+    """About what a fit writes: model.safetensors, and checkpoint/ with the weights, the best epoch's copy and
+    Adam's two moments; each file is written beside the old one before the rename, hence twice that."""
+    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 2 * 5 * weights + 2**20
 
 
 def _describe_run(metrics: Path) -> str:
@@ -466,6 +475,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from dgc_pyro.inference.distributed import is_rank_zero
 
     rank0 = is_rank_zero()  # under torchrun only rank 0 reports and writes the outputs
+    if rank0:
+        _check_out_folder(args.out, _fit_output_bytes(recipe, split))
     counts = ", ".join(str(c) for c in split.train_counts)
     if rank0:
         print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
@@ -689,6 +700,11 @@ def _cmd_augment(args: argparse.Namespace) -> int:
             f"the rebuilt training split has per-class counts {before.tolist()}, but the model was trained on "
             f"{list(trained_on)}; pass the --counts and --seed of the fit"
         )
+    from dgc_pyro.inference.augment import synthetic_counts
+
+    # synthetic.npz holds float32 images; a PNG grid is well under 256 KiB
+    need = sum(synthetic_counts(split.y_train, args.sampling_strategy).values()) * int(np.prod(split.input_shape)) * 4
+    _check_out_folder(args.out, need + split.num_classes * 2**18 + 2**20)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

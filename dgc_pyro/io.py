@@ -82,24 +82,29 @@ def folder_problem(path: PathLike) -> str | None:
     return None
 
 
-def writable_problem(path: PathLike) -> str | None:
-    """Why files cannot be written in folder ``path`` (or in the nearest existing folder above it, where it
-    would be created), in words to follow its name; None when a probe file could be created and removed there.
+def writable_problem(path: PathLike, need_bytes: int = 0) -> str | None:
+    """Why ``need_bytes`` of files cannot be written in folder ``path`` (or in the nearest existing folder above
+    it, where it would be created), in words to follow its name; None when they can, as far as can be told.
 
-    Checked before long work, so that a read-only folder fails at once rather than after training. The probe
-    is a hidden, empty temporary file, removed at once; nothing else is created.
+    Checked before long work, so that a read-only folder or a full disk fails at once rather than after
+    training: a hidden, empty probe file is created and removed at once (nothing else is created), and the
+    file system must have ``need_bytes`` free.
     """
     existing = nearest_existing(Path(path))
     if existing is None or not existing.is_dir():
-        return None  # folder_problem's case (or a relative path whose parent is the working folder)
+        return None  # folder_problem's case
+    where = "" if existing == Path(path) else f" (its nearest existing folder {existing})"
     try:
         fd, tmp = _create_temp(existing, "write-probe")
     except OSError as e:
-        where = "" if existing == Path(path) else f" (its nearest existing folder {existing})"
         return f"is not writable{where}: {e.strerror or e}"
     os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        return (f"has only {free / 2**20:.1f} MiB free on its file system{where}, and about "
+                f"{need_bytes / 2**20:.1f} MiB will be written")
     return None
 
 
