@@ -33,10 +33,11 @@ from dgc_pyro.experiment import DEFAULT_RECIPES, Recipe, run_experiment
 #: candidates: today's recipe, and shorter cosine-decayed fits whose last epoch is kept (no noisy pick)
 CANDIDATES: dict[str, dict] = {
     "current": {},
-    "e20_cosine_last": {"epochs": 20, "lr_schedule": "cosine", "select_best": False},
-    "e20_cosine_best": {"epochs": 20, "lr_schedule": "cosine"},
+    "e30_cosine_last": {"epochs": 30, "lr_schedule": "cosine", "select_best": False},
+    "e30_cosine_best": {"epochs": 30, "lr_schedule": "cosine"},
+    "e40_cosine_last": {"epochs": 40, "lr_schedule": "cosine", "select_best": False},
     "e15_cosine_last": {"epochs": 15, "lr_schedule": "cosine", "select_best": False},
-    "e20_cosine_last_b64": {"epochs": 20, "lr_schedule": "cosine", "select_best": False, "batch_size": 64},
+    "e30_val20_best": {"epochs": 30, "val_fraction": 0.2},
 }
 
 

@@ -253,3 +253,21 @@ def test_augment_leaves_nothing_when_a_write_fails_half_way(digits_run, tmp_path
     assert main(argv) == 0  # the same command without the fault writes the whole set
     assert (out / "synthetic.npz").read_bytes() != b"an earlier run's" and len(list(out.glob("grid_class_*.png"))) >= 2
     assert "augment " in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_the_calibration_note_explains_a_higher_ece_with_the_runs_numbers():
+    import torch
+    from types import SimpleNamespace
+
+    from dgc_pyro.cli import _calibration_note
+
+    proba = torch.tensor([[0.98, 0.02], [0.96, 0.04], [0.02, 0.98], [0.99, 0.01]])  # confident, 3 of 4 right
+    run = SimpleNamespace(prediction=SimpleNamespace(proba=proba), metrics={"acc": 0.75, "ece": 0.23},
+                          baseline_metrics={"ece": 0.05})
+    note = _calibration_note(run)
+    assert note.startswith("note: DGC's ECE is above the baseline's because its class posterior is overconfident "
+                           "(mean confidence 0.978, accuracy 0.750)")
+    run.metrics["ece"] = 0.04  # calibrated better than the baseline: nothing to explain
+    assert _calibration_note(run) is None
+    run.metrics["ece"], run.baseline_metrics = 0.23, None  # no baseline to compare with
+    assert _calibration_note(run) is None
