@@ -8,10 +8,14 @@ so that logmeanexp_s log w_{s,c} is the importance-weighted estimate of log p(x,
 posterior is its softmax over c. All classes, draws and examples of a chunk go through the networks in
 one vectorised pass (a ``pyro.plate("particles")`` around the model and guide).
 
-Chunks are sized automatically (``max_rows=None``) from the model's activation sizes, measured once per
-model: on CUDA a quarter of the free memory divided by one network row's working set; on CPU, where a
-convolutional decoder runs about twice as fast on ~100-200 rows as on 1000+ (its activations then stay in
-cache), the largest activation of a chunk is kept near 16 MiB and the working set under 512 MiB.
+Chunks are sized automatically (``max_rows=None``) by the rows each rule really runs through each network
+(:func:`rows_per_example`: the ``"latent"`` rule runs one encoder row per example and one label-head row
+per draw, no decoder; the other rules C encoder rows and C x S decoder and head rows) and each network's
+activation size, measured once per model: on CUDA a quarter of the free memory bounds a pass's working set;
+on CPU, where a convolutional decoder runs about twice as fast on ~100-200 rows as on 1000+ (its
+activations then stay in cache), the largest activation of a pass is kept near 16 MiB and the working set
+under 512 MiB. When one example's draws exceed that, they are split over several passes, so memory
+stays bounded for any ``num_samples``; only a result that cannot fit is refused, before any work.
 
 ``channels_last`` switches 4-D (convolution) weights to the channels-last layout for the call (restored
 afterwards): float32 all the same, about 2x faster transposed convolutions on CPU, so it is on by
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -32,6 +38,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from tqdm import tqdm
 
 from dgc_pyro.data.validation import check_features
 from dgc_pyro.inference.engine import _bare_method
@@ -47,7 +54,7 @@ CPU_CHUNK_BYTES = 512 * 2**20
 CPU_ACTIVATION_BYTES = 16 * 2**20
 CUDA_CHUNK_SHARE = 0.25
 _ROW_LIMITS = {"cpu": (64, 32768), "cuda": (1024, 1 << 20)}
-_ROW_BYTES: "weakref.WeakKeyDictionary[DGC, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_ROW_BYTES: "weakref.WeakKeyDictionary[DGC, dict[str, int]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -147,6 +154,7 @@ def class_log_weights(
     max_rows: int | None = None,
     autocast: str | None = None,
     channels_last: bool | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Log importance weights ``(N, C, S)`` of every class hypothesis for every example.
 
@@ -155,73 +163,113 @@ def class_log_weights(
     against the mixture of the C proposals (D = S*C draws shared by every class); ``rule="iw"`` is the
     importance-weighted estimate of log p(x, y=c) with q(z | x, c) alone (D = S); ``rule="latent"``
     averages p(y | z) over S draws of the label-free q(z | x) (for ``label_in_guide=False``); ``rule="paper"`` is
-    Eq. 9 of the paper (log p(x | z) + log p(y = c | z), without the prior and proposal terms). Examples are processed
-    in chunks of at most ``max_rows`` network rows (examples x classes x draws) to bound memory;
-    ``None`` sizes them from the device's memory and the model (:func:`auto_max_rows`).
+    Eq. 9 of the paper (log p(x | z) + log p(y = c | z), without the prior and proposal terms).
+
+    Examples are processed in chunks to bound memory: ``max_rows`` caps the rows of the busiest network
+    in one pass (``"mixture"``, ``"iw"``, ``"paper"``: C x S decoder rows per example; ``"latent"``: S
+    label-head rows and one encoder row per example); ``None`` sizes the chunks from the device's memory
+    and each network's activation size (:func:`chunk_plan`). When one example's rows exceed the budget
+    its draws are split over several passes as well. A request whose result cannot fit in memory is
+    refused with a ValueError before any work (:func:`check_prediction_size`).
     ``autocast="bf16"`` runs the networks under bfloat16 autocast (their outputs and every log density
     stay float32); ``channels_last`` (default: on CPU, and on CUDA with autocast) uses channels-last
-    convolution weights for the call. The result is float32 either way.
+    convolution weights for the call. The result is float32 either way. ``progress`` shows a tqdm bar
+    over the chunks on stderr.
     """
+    return _class_log_weights(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast,
+                              channels_last=channels_last, progress=progress)[0]
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _class_log_weights(
+    model: DGC,
+    x: torch.Tensor,
+    num_samples: int,
+    *,
+    rule: str | None,
+    max_rows: int | None,
+    autocast: str | None,
+    channels_last: bool | None,
+    progress: bool,
+) -> tuple[torch.Tensor, None]:
+    """:func:`class_log_weights` and (reserved) per-example extras of the same pass."""
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if rule is None:
         rule = model.default_rule
     if rule not in SCORING_RULES:
         raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    _check_count("num_samples", num_samples, 1)
     if autocast not in AUTOCAST_CHOICES:
         raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     x = check_features(x, input_shape=model.input_shape)
-    per_example = model.num_classes * int(num_samples)
+    num_samples = int(num_samples)
+    check_prediction_size(model, x.shape[0], num_samples, rule=rule)
     was_training = model.training
     model.eval()
     if channels_last is None:
         channels_last = model.device.type == "cpu" or autocast is not None
     out = []
     try:
-        if max_rows is None:
-            max_rows = auto_max_rows(model, rule)
-        chunk = max(1, int(max_rows) // per_example)
+        examples, draws = chunk_plan(model, rule, num_samples, max_rows=max_rows)
+        blocks = [(s, min(s + draws, num_samples)) for s in range(0, num_samples, draws)]
+        starts = range(0, x.shape[0], examples)
         with contextlib.ExitStack() as stack:
             stack.enter_context(pyro.settings.context(module_local_params=True))
             if channels_last:
                 stack.enter_context(_channels_last(model))
             if autocast is not None:
                 stack.enter_context(_network_autocast(model, torch.bfloat16))
-            for start in range(0, x.shape[0], chunk):
-                xb = x[start : start + chunk].to(model.device, model.dtype, non_blocking=True)
+            bar = stack.enter_context(tqdm(total=len(starts) * len(blocks), desc="predict", unit="chunk",
+                                           disable=not progress, file=sys.stderr, leave=False))
+            for start in starts:
+                xb = x[start : start + examples].to(model.device, model.dtype, non_blocking=True)
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                out.append(_log_weight_chunk(model, xb, int(num_samples), rule).float())
+                parts = []
+                for lo, hi in blocks:
+                    parts.append(_log_weight_chunk(model, xb, hi - lo, rule).float())
+                    bar.update(1)
+                out.append(parts[0] if len(parts) == 1 else _join_draw_blocks(parts, rule, model.num_classes))
     finally:
         model.train(was_training)
-    return torch.cat(out, dim=0)
+    return torch.cat(out, dim=0), None
+
+
+def _join_draw_blocks(parts: list[torch.Tensor], rule: str, num_classes: int) -> torch.Tensor:
+    """Log weights of one example chunk from its draw blocks, in the draw order of a single pass.
+
+    The ``"mixture"`` rule's draw axis is class-major within a block (d = s * C + j), so blocks of draws
+    simply concatenate: every draw is weighted against the same per-example mixture, whatever its block.
+    """
+    return torch.cat(parts, dim=-1)
 
 
 # ----------------------------------------------------------------------------- chunk sizes
-def _row_bytes(model: DGC) -> tuple[int, int]:
-    """``(working set, largest activation)`` in bytes per network row of a no-grad prediction pass,
-    measured once per model.
-
-    The working set is three times the largest activation of the encoder, decoder and classifier (a
-    layer's input, its output and a workspace live together) plus the mixture rule's per-row block of
-    C x k log densities (about five temporaries of it), at the parameters' element size.
+def _row_bytes(model: DGC) -> dict[str, int]:
+    """Bytes of the largest activation per row of each network (``"encoder"``, ``"decoder"``,
+    ``"classifier"``) in a no-grad prediction pass, at the parameters' element size, measured once per model.
     """
     cached = _ROW_BYTES.get(model)
     if cached is not None:
         return cached
-    largest = [1]
+    nets = {"encoder": model.encoder, "decoder": model.decoder, "classifier": model.classifier}
+    largest = {name: 1 for name in nets}
 
-    def record(module: torch.nn.Module, args: Any, output: Any) -> None:
-        for t in output if isinstance(output, (tuple, list)) else (output,):
-            if torch.is_tensor(t):
-                largest[0] = max(largest[0], t.numel())
+    def recorder(name: str) -> Any:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if torch.is_tensor(t):
+                    largest[name] = max(largest[name], t.numel())
+        return record
 
-    nets = (model.encoder, model.decoder, model.classifier)
-    handles = [m.register_forward_hook(record) for net in nets for m in net.modules()]
+    handles = [m.register_forward_hook(recorder(name)) for name, net in nets.items() for m in net.modules()]
     was_training = model.training
     try:
         model.eval()
@@ -235,22 +283,139 @@ def _row_bytes(model: DGC) -> tuple[int, int]:
             h.remove()
         model.train(was_training)
     elem = next(iter(model.parameters())).element_size()
-    row = (elem * (3 * largest[0] + 5 * model.num_classes * model.latent_dim), elem * largest[0])
+    row = {name: elem * n for name, n in largest.items()}
     _ROW_BYTES[model] = row
     return row
 
 
-def auto_max_rows(model: DGC, rule: str = "mixture") -> int:
-    """Network rows per vectorised pass for ``model`` on its device (see the module docstring)."""
+def rows_per_example(rule: str, num_classes: int, num_samples: int) -> dict[str, int]:
+    """Rows each network runs per example under ``rule`` with ``num_samples`` draws.
+
+    ``"latent"``: the encoder once and the label head once per draw (no decoder); the other rules encode
+    every class hypothesis once and decode and classify every (class, draw) pair.
+    """
+    if rule == "latent":
+        return {"encoder": 1, "decoder": 0, "classifier": num_samples}
+    return {"encoder": num_classes, "decoder": num_classes * num_samples, "classifier": num_classes * num_samples}
+
+
+def _example_bytes(model: DGC, rule: str, num_samples: int) -> tuple[int, int]:
+    """``(working set, largest activation)`` in bytes of one example's pass with ``num_samples`` draws.
+
+    The working set is three times each network's activations (a layer's input, its output and a
+    workspace live together) plus the mixture rule's block of D x C x k log densities (about five
+    temporaries of it) and the (C, D) log weights themselves.
+    """
+    per_row = _row_bytes(model)
+    rows = rows_per_example(rule, model.num_classes, num_samples)
+    elem = next(iter(model.parameters())).element_size()
+    c, k = model.num_classes, model.latent_dim
+    draws = c * num_samples if rule == "mixture" else num_samples
+    extra = elem * c * draws * (1 + (5 * k if rule == "mixture" else 0))
+    acts = [rows[name] * per_row[name] for name in rows]
+    return 3 * sum(acts) + extra, max(acts)
+
+
+def _budget(model: DGC) -> tuple[int, int | None]:
+    """``(working-set bytes, largest-activation bytes or None)`` of one pass on the model's device."""
     device = model.device
-    lo, hi = _ROW_LIMITS.get(device.type, _ROW_LIMITS["cpu"])
-    working_set, activation = _row_bytes(model)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        rows = int(CUDA_CHUNK_SHARE * free // working_set)
-    else:
-        rows = int(min(CPU_CHUNK_BYTES // working_set, CPU_ACTIVATION_BYTES // activation))
-    return max(lo, min(hi, rows))
+        return int(CUDA_CHUNK_SHARE * free), None
+    return CPU_CHUNK_BYTES, CPU_ACTIVATION_BYTES
+
+
+def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None) -> tuple[int, int]:
+    """``(examples, draws)`` per vectorised pass of ``rule`` with ``num_samples`` draws per example.
+
+    With ``max_rows`` the busiest network runs at most that many rows per pass (at least one draw of one
+    example). Without it the pass fits the device's budget (see the module docstring) and keeps at least
+    the device's minimum of rows (64 on CPU) when the examples allow it. When a single example exceeds
+    the budget, its draws are split: ``examples == 1`` and ``draws < num_samples``.
+    """
+    rows = rows_per_example(rule, model.num_classes, num_samples)
+    busiest = max(rows.values())
+    if max_rows is not None:
+        examples = int(max_rows) // busiest
+        if examples >= 1:
+            return examples, num_samples
+        per_draw = max(rows_per_example(rule, model.num_classes, 1).values())
+        return 1, max(1, int(max_rows) // per_draw)
+    lo, hi = _ROW_LIMITS.get(model.device.type, _ROW_LIMITS["cpu"])
+    working_set, activation = _example_bytes(model, rule, num_samples)
+    ws_budget, act_budget = _budget(model)
+    examples = ws_budget // working_set
+    if act_budget is not None:
+        examples = min(examples, act_budget // max(activation, 1))
+    examples = max(examples, lo // busiest)  # tiny networks: at least ``lo`` rows per pass
+    examples = min(examples, max(1, hi // busiest))
+    if examples >= 1:
+        return int(examples), num_samples
+    # One example is too big: the largest number of draws whose pass fits (one draw at the least).
+    draws = num_samples
+    while draws > 1:
+        draws = max(1, draws // 2)
+        ws, act = _example_bytes(model, rule, draws)
+        if ws <= ws_budget and (act_budget is None or act <= act_budget):
+            break
+    return 1, draws
+
+
+def auto_max_rows(model: DGC, rule: str = "mixture", num_samples: int = 10) -> int:
+    """Rows of the busiest network per vectorised pass for ``model`` on its device under ``rule``
+    (the automatic chunk size of :func:`class_log_weights`, see :func:`chunk_plan`)."""
+    examples, draws = chunk_plan(model, rule, num_samples)
+    return examples * max(rows_per_example(rule, model.num_classes, draws).values())
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: ``torch.cuda.mem_get_info`` on CUDA, MemAvailable (Linux) or the free
+    physical pages elsewhere."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+#: The (N, C, D) log weights live beside about three same-sized temporaries while the posterior is formed.
+_RESULT_COPIES = 4
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_prediction_size(model: DGC, num_examples: int, num_samples: int, *, rule: str | None = None) -> None:
+    """Raise ValueError (one line, naming the sizes) when the ``(N, C, D)`` log weights of a prediction of
+    ``num_examples`` examples with ``num_samples`` draws would not fit in the free memory of the model's device.
+
+    Chunking bounds the networks' memory, but the result itself is kept whole (the posterior normalises over
+    all draws), so this is the one request that cannot be made to fit: it is refused before any work.
+    """
+    rule = model.default_rule if rule is None else rule
+    c = model.num_classes
+    draws = num_samples * c if rule == "mixture" else num_samples
+    needed = _RESULT_COPIES * 4 * int(num_examples) * c * draws
+    available = _available_bytes(model.device)
+    if needed > available:
+        raise ValueError(
+            f"num_samples={num_samples} is too many for {num_examples} examples: the ({num_examples}, {c}, {draws}) "
+            f"log weights of the {rule!r} rule and the posterior's temporaries need {_format_bytes(needed)}, more than "
+            f"the {_format_bytes(available)} free on {model.device}; use fewer draws or predict fewer examples per call"
+        )
 
 
 # ----------------------------------------------------------------------------- autocast / channels-last
@@ -339,21 +504,22 @@ def predict(
     autocast: str | None = None,
     channels_last: bool | None = None,
     balanced: bool = False,
+    progress: bool = False,
 ) -> Prediction:
     """Predicted labels with predictive entropy, its aleatoric/epistemic split and the spread over draws.
 
     With ``reject_threshold`` the prediction also carries the reject option: ``rejected`` is True
     where ``reject_score`` (``"entropy"``, ``"least_confidence"`` = 1 - max proba,
     ``"mutual_information"`` or ``"expected_entropy"``) is strictly greater than the threshold.
-    ``max_rows``, ``autocast`` and ``channels_last``: see :func:`class_log_weights`.
-    With ``balanced=True`` the prediction targets a class-balanced test distribution, which is what ACSA
+    ``max_rows``, ``autocast``, ``channels_last`` and ``progress`` (a tqdm bar on stderr): see
+    :func:`class_log_weights`. With ``balanced=True`` the prediction targets a class-balanced test distribution, which is what ACSA
     measures: a model built with ``class_prior`` scores with its prior-free label likelihood softmax(f(z))
     (:meth:`DGC.balanced_labels`); any other model has its own label marginal p(y) (:meth:`DGC.label_prior`)
     divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c).
     """
     with model.balanced_labels() if balanced else contextlib.nullcontext():
-        log_w = class_log_weights(
-            model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last)
+        log_w = class_log_weights(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast,
+                                  channels_last=channels_last, progress=progress)
     if balanced and not model.has_class_prior:
         log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
         log_w = log_w - log_prior[None, :, None]
