@@ -615,7 +615,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {args.checkpoint}; dataset {args.dataset}: {len(split.y_test)} test examples, "
           f"{num_samples} latent draws per class")
     t0 = time.perf_counter()
-    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed)
+    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed,
+                               progress=not args.no_progress)
     evaluated = time.perf_counter() - t0
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
     wrote = ""

@@ -271,3 +271,13 @@ def test_the_calibration_note_explains_a_higher_ece_with_the_runs_numbers():
     assert _calibration_note(run) is None
     run.metrics["ece"], run.baseline_metrics = 0.23, None  # no baseline to compare with
     assert _calibration_note(run) is None
+
+
+def test_evaluate_shows_a_prediction_bar_on_stderr_unless_told_not_to(digits_run, capsys):
+    checkpoint = str(digits_run / "model.safetensors")
+    assert main(["evaluate", "--checkpoint", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "predict" in captured.err and "chunk" in captured.err  # tqdm's bar, on stderr only
+    assert "chunk" not in captured.out
+    assert main(["evaluate", "--checkpoint", checkpoint, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

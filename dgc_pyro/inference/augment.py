@@ -198,7 +198,8 @@ def augment(
             plus the decoded change of its latent, ``x + E[x | z] - E[x | loc]``, which keeps the detail of
             the real image that the (blurry) mean image loses, and varies it along the decoder.
         progress: a tqdm bar on stderr counting the decoded draws (with the filter, its total grows by each
-            round's draws, and the postfix shows the round and how many samples have been kept).
+            round's draws, and the postfix shows the round, whether the round's draws are being scored by the
+            filter, and how many samples have been kept).
 
     Returns:
         ``(x_synthetic, y_synthetic)``: only the new examples, a float32 tensor
