@@ -10,7 +10,7 @@ PIP_FLAGS ?= --no-cache-dir
 .PHONY: demo test install clean
 
 demo: $(STAMP)
-	$(BIN)/dgc-pyro fit --out runs/demo
+	$(BIN)/dgc-pyro fit --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

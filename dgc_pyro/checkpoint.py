@@ -107,8 +107,9 @@ def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tens
 
 def load_model(
     path: PathLike, *, map_location: str | torch.device = "cpu", model: DGC | None = None
-) -> tuple[DGC, dict[str, Any]]:
-    """Rebuild a model from a checkpoint written by :func:`save_model`; returns ``(model, metadata)``.
+) -> DGC:
+    """Rebuild a model from a checkpoint written by :func:`save_model`; returns the model, with the checkpoint's
+    metadata (the dict given to :func:`save_model`, plus ``"model"``: its config) as ``model.metadata``.
 
     ``path`` may also be an output folder of ``dgc-pyro fit`` (its ``model.safetensors`` is loaded) or
     a training state written by ``fit(..., checkpoint_dir=...)`` (the weights of its last epoch are
@@ -149,7 +150,8 @@ def load_model(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:  # defensive: check_state_matches should have caught it
         raise CheckpointError(f"{p} does not match the model architecture: {str(e).splitlines()[-1].strip()}") from None
-    return model.to(device), meta
+    model.metadata = meta
+    return model.to(device)
 
 
 # ---------------------------------------------------------------------------------------------

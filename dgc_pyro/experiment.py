@@ -215,13 +215,14 @@ class ExperimentResult:
 
 def evaluate_model(
     model: DGC, x: torch.Tensor, y: torch.Tensor, train_counts: np.ndarray, num_samples: int = 10, seed: int = 0,
-    balanced: bool | None = None,
+    balanced: bool | None = None, progress: bool = False,
 ) -> tuple[dict[str, float], Prediction]:
     """Imbalance metrics (and ECE) of ``model`` on ``(x, y)``; the latent draws are seeded, so a reloaded
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
-    carries a class prior) is passed to :func:`predict`."""
+    carries a class prior) and ``progress`` (a bar on stderr) are passed to :func:`predict`."""
     seed_everything(seed)
-    pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced)
+    pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced,
+                   progress=progress)
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
     return report, pred
@@ -264,7 +265,8 @@ def run_experiment(
         }},
     )
     t1 = time.perf_counter()
-    metrics, pred = evaluate_model(model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed)
+    metrics, pred = evaluate_model(model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed,
+                                   progress=progress)
     t2 = time.perf_counter()
     seconds = {"dgc_fit": t1 - t0, "dgc_predict": t2 - t1}
     baseline_metrics = None

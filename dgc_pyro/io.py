@@ -21,7 +21,8 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ __all__ = [
     "atomic_write_text",
     "folder_problem",
     "nearest_existing",
+    "staged_folder",
+    "writable_problem",
     "to_jsonable",
     "write_json",
     "save_checkpoint",
@@ -77,6 +80,68 @@ def folder_problem(path: PathLike) -> str | None:
     if existing is not None and not existing.is_dir():
         return f"cannot be created: {existing} is a file, not a folder"
     return None
+
+
+def writable_problem(path: PathLike, need_bytes: int = 0) -> str | None:
+    """Why ``need_bytes`` of files cannot be written in folder ``path`` (or in the nearest existing folder above
+    it, where it would be created), in words to follow its name; None when they can, as far as can be told.
+
+    Checked before long work, so that a read-only folder or a full disk fails at once rather than after
+    training: a hidden, empty probe file is created and removed at once (nothing else is created), and the
+    file system must have ``need_bytes`` free.
+    """
+    existing = nearest_existing(Path(path))
+    if existing is None or not existing.is_dir():
+        return None  # folder_problem's case
+    where = "" if existing == Path(path) else f" (its nearest existing folder {existing})"
+    try:
+        fd, tmp = _create_temp(existing, "write-probe")
+    except OSError as e:
+        return f"is not writable{where}: {e.strerror or e}"
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        return (f"has only {free / 2**20:.1f} MiB free on its file system{where}, and about "
+                f"{need_bytes / 2**20:.1f} MiB will be written")
+    return None
+
+
+@contextlib.contextmanager
+def staged_folder(path: PathLike) -> Iterator[Path]:
+    """Write a set of files as one: the ``with`` block writes them into the temporary folder it is given, whose
+    files then become ``path``'s in renames only (the whole folder when ``path`` does not exist yet, else one
+    rename per file, replacing files of the same names). On any failure inside the block the temporary folder is
+    removed, so either the whole set arrives or nothing does; an OSError naming a file in the temporary folder
+    is re-raised naming the file in ``path`` instead.
+    """
+    target = Path(path)
+    # Beside the target, or inside an existing one, so that every rename stays on one file system.
+    if target.is_dir():
+        stage = target / f".staged.{secrets.token_hex(6)}.tmp"
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    stage.mkdir()
+    try:
+        yield stage
+        if not target.exists():
+            os.replace(stage, target)
+        else:
+            for item in sorted(stage.iterdir()):
+                os.replace(item, target / item.name)
+            stage.rmdir()
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        name = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else None
+        if name is not None and e.errno is not None and name.is_relative_to(stage):
+            raise type(e)(e.errno, e.strerror, str(target / name.relative_to(stage))) from e
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_dir(target if target.is_dir() else target.parent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,6 +205,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        # A failed write(2) or fsync(2) names no file ("[Errno 28] No space left on device"): name the target.
+        if e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(target)) from e
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -10,6 +10,9 @@ Hypothesis property tests at the end cover validators and protocol behaviour not
 
 from __future__ import annotations
 
+import calendar
+import json
+import os
 import pickle
 import re
 import struct
@@ -274,6 +277,13 @@ API_CASES = [
          "y_train has labels up to 1000000000000, which imply 1000000000001 classes, but y_train has only 12 labels"),
     Case("split_from_arrays", "a test class missing from training", lambda c: split_from_arrays(X, Y, X[:1], [3]),
          ValueError, "classes [3] have no examples in y_train"),
+    Case("split_from_arrays", "channels-last images (n, H, W, 3)",
+         lambda c: split_from_arrays(np.repeat(X, 3, axis=1).transpose(0, 2, 3, 1), Y), ValueError,
+         "x_train has shape (12, 8, 8, 3), which looks like channels-last (n, H, W, C) images; store them as "
+         "(n, C, H, W) = (n, 3, 8, 8), e.g. x_train.transpose(0, 3, 1, 2)"),
+    Case("split_from_arrays", "one example of each class and no test set", lambda c: split_from_arrays(X[:3], Y[:3]),
+         ValueError, "x_train and y_train are too small to split: each of the 3 classes has a single example, so no "
+         "test set can be carved from them; carving one needs at least 2 examples of a class, and 3 of every class"),
     Case("load_imbalanced", "more examples than a class has", lambda c: load_imbalanced("digits", counts=[500] + [5] * 9),
          ValueError, "class 0: requested 500 examples but only 128 are available"),
     Case("load_imbalanced", "counts for 3 of 10 classes", lambda c: load_imbalanced("digits", counts=[5, 5, 5]),
@@ -299,6 +309,22 @@ class CliCase:
     what: str
     argv: list[str]  # "{tmp}" is replaced; "--out {out}" is added to fit/evaluate
     prefix: str  # after "dgc-pyro <cmd>: error: "
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # a fault the machine would cause, injected
+
+
+def _refuse_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only folder (chmod cannot make one for root, who runs the tests): creating any file is refused."""
+
+    def refuse(directory, name):
+        raise PermissionError(13, "Permission denied", str(Path(directory) / name))
+
+    monkeypatch.setattr("dgc_pyro.io._create_temp", refuse)
+
+
+def _full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system with 1000 bytes free."""
+    monkeypatch.setattr("dgc_pyro.io.shutil.disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000,
+                                                                                          free=1000))
 
 
 CLI_CASES = [
@@ -382,6 +408,52 @@ CLI_CASES = [
     CliCase("evaluate a checkpoint with counts=5 in its run configuration",
             ["evaluate", "--checkpoint", "{tmp}/cfgcounts.safetensors"],
             "{tmp}/cfgcounts.safetensors: its run configuration is unusable (counts must be a list of integers, got 5)"),
+    # issue 19: a new user's first hour
+    CliCase(".npz with channels-last images (n, 8, 8, 3)", ["fit", "--dataset", "{tmp}/channelslast.npz"],
+            "x_train has shape (12, 8, 8, 3), which looks like channels-last (n, H, W, C) images; store them as "
+            "(n, C, H, W) = (n, 3, 8, 8), e.g. x_train.transpose(0, 3, 1, 2)"),
+    CliCase(".npz with 3 examples of 3 classes", ["fit", "--dataset", "{tmp}/three.npz"],
+            "x_train and y_train are too small to split: each of the 3 classes has a single example, so no test set "
+            "can be carved from them; carving one needs at least 2 examples of a class, and 3 of every class so that "
+            "each class is in the training, validation and test sets (9 examples)"),
+    CliCase("a fresh fit into a finished run's --out", ["fit", "--out", "{tmp}/finished"],
+            "--out {tmp}/finished holds a finished run ({tmp}/finished/metrics.json: digits, seed 0, ACSA 0.850, "
+            "written 2026-01-02 03:04 UTC); give --overwrite to replace it, or another --out"),
+    CliCase("fit --out on a read-only folder", ["fit", "--out", "{tmp}/outdir"],
+            "--out {tmp}/outdir is not writable: Permission denied; give another folder", _refuse_writes),
+    CliCase("fit --out on a full disk", ["fit", "--out", "{tmp}/outdir"],
+            "--out {tmp}/outdir has only 0.0 MiB free on its file system, and about 1.0 MiB will be written", _full_disk),
+    CliCase("fit --out below a read-only folder", ["fit", "--out", "{tmp}/outdir/new/run"],
+            "--out {tmp}/outdir/new/run is not writable (its nearest existing folder {tmp}/outdir): Permission denied",
+            _refuse_writes),
+    CliCase("evaluate --out on a read-only folder",
+            ["evaluate", "--checkpoint", "{tmp}/model.safetensors", "--out", "{tmp}/outdir"],
+            "--out {tmp}/outdir is not writable: Permission denied", _refuse_writes),
+    CliCase("augment --out on a read-only folder",
+            ["augment", "--checkpoint", "{tmp}/model.safetensors", "--out", "{tmp}/outdir"],
+            "--out {tmp}/outdir is not writable: Permission denied", _refuse_writes),
+    CliCase("--perturbation-rate 5", ["fit", "--perturbation-rate", "5"],
+            "--perturbation-rate must be in [0, 1], got 5 (the paper's r: 0 turns the perturbation step off, 1 repeats "
+            "each class's latents up to the majority's count)"),
+    CliCase("a folder as --dataset", ["fit", "--dataset", "{tmp}/empty/"],
+            "--dataset {tmp}/empty/ is a folder; give one of mnist, fashion, svhn, celeba, digits, or an .npz file with "
+            "arrays x_train, y_train[, x_test, y_test]"),
+]
+
+
+@dataclass(frozen=True)
+class NoticeCase:
+    """An input that is accepted, with a one-line notice on stderr of what is done instead."""
+
+    what: str
+    argv: list[str]
+    notice: str  # the whole line
+
+
+NOTICE_CASES = [
+    NoticeCase("a batch size larger than the training data", ["fit", "--batch-size", "100000", "--epochs", "1"],
+               "dgc-pyro fit: notice: the batch size 100000 is more than the 418 training examples (after the "
+               "validation split); every epoch is one batch of 418"),
 ]
 
 
@@ -405,6 +477,11 @@ def ctx(tmp_path_factory):
     (tmp / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (tmp / "evil.pt").write_bytes(pickle.dumps({"w": _Payload(tmp / "pwned")}))
     (tmp / "empty").mkdir()
+    (tmp / "outdir").mkdir()
+    (tmp / "finished").mkdir()
+    (tmp / "finished" / "metrics.json").write_text(json.dumps({"acsa": 0.85, "config": {"dataset": "digits", "seed": 0}}))
+    written = calendar.timegm((2026, 1, 2, 3, 4, 0, 0, 0, 0))
+    os.utime(tmp / "finished" / "metrics.json", (written, written))
     raw = tmp / "partial" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte").write_bytes(b"")
@@ -417,6 +494,8 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "fraclabels.npz", x_train=x, y_train=_with(Y.astype(float), (0,), 0.5))
     np.savez(tmp / "oneclass.npz", x_train=x, y_train=np.zeros(12, int))
     np.savez(tmp / "good.npz", x_train=x, y_train=Y)
+    np.savez(tmp / "channelslast.npz", x_train=np.repeat(X, 3, axis=1).transpose(0, 2, 3, 1), y_train=Y)
+    np.savez(tmp / "three.npz", x_train=x[:3], y_train=Y[:3])
     good = (tmp / "good.npz").read_bytes()
     (tmp / "truncated.npz").write_bytes(good[: len(good) // 2])
     # A byte inside x_train's data (after the zip entry and .npy headers): the zip's CRC no longer matches.
@@ -460,7 +539,9 @@ def _snapshot(folder: Path) -> list[tuple[str, bytes]] | None:
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.what)
-def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_path):
+def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_path, monkeypatch):
+    if case.patch is not None:
+        case.patch(monkeypatch)
     out = tmp_path / "out"
     argv = [a.replace("{tmp}", str(ctx.tmp)) for a in case.argv]
     if "--resume" not in argv and "--out" not in argv:
@@ -482,6 +563,15 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(ctx, case, capsys, tmp_pa
     expected = f"dgc-pyro {argv[0]}: error: " + case.prefix.replace("{tmp}", str(ctx.tmp))
     assert err.startswith(expected), f"{err!r}\ndoes not start with\n{expected!r}"
     assert _snapshot(out) == before  # no half-written output: a new folder is not created, an old one is untouched
+
+
+@pytest.mark.parametrize("case", NOTICE_CASES, ids=lambda c: c.what)
+def test_cli_notice_is_one_line_and_the_command_runs(case, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main([*case.argv, "--out", str(out), "--no-progress", "--baseline", "none", "--num-samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [case.notice]
+    assert (out / "metrics.json").is_file()
 
 
 def test_cli_resume_error_leaves_run_folder_untouched(ctx, capsys):
@@ -509,6 +599,8 @@ def render_table() -> str:
     for c in CLI_CASES:
         cmd = " ".join(a if not a.startswith("{tmp}") else a.replace("{tmp}", "<dir>") for a in c.argv)
         rows.append(f"| `dgc-pyro {cmd}` | {c.what} | exit 2 | {cell(f'dgc-pyro {c.argv[0]}: error: ' + c.prefix)} |")
+    for n in NOTICE_CASES:
+        rows.append(f"| `dgc-pyro {' '.join(n.argv)}` | {n.what} | exit 0, runs | {cell(n.notice)} |")
     return "\n".join(rows) + "\n"
 
 

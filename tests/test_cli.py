@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -175,3 +176,110 @@ def test_every_fit_option_is_either_taken_from_the_checkpoint_or_free_under_resu
     assert dests == set(cli._RESUME_FIXED) | set(cli._RESUME_FREE)
     resume_help = next(a.help for a in sub.choices["fit"]._actions if a.dest == "resume")
     assert all(flag in resume_help for flag in cli._flags(cli._RESUME_FREE))  # the help lists the free ones
+
+
+def _options(command):
+    from dgc_pyro import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", ["fit", "evaluate", "augment"])
+def test_every_option_says_its_default(command):
+    parser = _options(command)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or action.required:
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        assert "default" in formatter._get_help_string(action), f"{command} {action.option_strings[0]}: {text!r}"
+    shown = parser.format_help()
+    assert "(default: None)" not in shown and "%(default)" not in shown
+
+
+def test_fit_help_names_the_recipe_defaults():
+    from dgc_pyro.experiment import DEFAULT_RECIPES
+
+    shown = " ".join(_options("fit").format_help().split())
+    assert f"(default: {DEFAULT_RECIPES['digits'].epochs} (digits), {DEFAULT_RECIPES['mnist'].epochs} (mnist, fashion" \
+           in shown
+    assert "--device {auto,cpu,cuda} where to train and predict" in shown
+
+
+def test_fit_closing_line_has_each_phase_and_the_total(tmp_path, capsys):
+    assert main(["fit", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"), "--num-samples", "2"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"fit \d+\.\d s, evaluation \d+\.\d s, baseline \d+\.\d s, total \d+\.\d s on cpu; wrote "
+                        + re.escape(str(tmp_path / "r" / "metrics.json")), last), last
+    times = [float(t) for t in re.findall(r"(\d+\.\d) s", last)]
+    assert times[-1] >= sum(times[:-1]) - 0.15  # the total covers the phases (each rounded to 0.1 s)
+
+
+def test_evaluate_says_which_checkpoint_and_dataset(digits_run, capsys):
+    assert main(["evaluate", "--checkpoint", str(digits_run / "model.safetensors"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"checkpoint {digits_run / 'model.safetensors'}; dataset digits: 500 test examples, " \
+                       "10 latent draws per class"
+    assert re.fullmatch(r"evaluation \d+\.\d s, total \d+\.\d s on cpu", lines[-1]), lines[-1]
+
+
+def test_augment_leaves_nothing_when_a_write_fails_half_way(digits_run, tmp_path, capsys, monkeypatch):
+    import dgc_pyro.cli as cli
+
+    written = []
+    real = cli.save_augmentation_grid
+
+    def fill_the_disk(path, *args, **kwargs):  # the second PNG finds the disk full
+        if written:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, *args, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(cli, "save_augmentation_grid", fill_the_disk)
+    out = tmp_path / "aug"
+    argv = ["augment", "--checkpoint", str(digits_run / "model.safetensors"), "--grid-per-class", "2", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"dgc-pyro augment: error: \[Errno 28\] No space left on device: '"
+                        + re.escape(str(out)) + r"/grid_class_\d\.png'\n", err), err
+    assert written and not out.exists() and list(tmp_path.iterdir()) == []  # no synthetic.npz, no PNG, no temp folder
+    out.mkdir()
+    (out / "synthetic.npz").write_bytes(b"an earlier run's")
+    assert main(argv) == 2
+    assert [p.name for p in out.iterdir()] == ["synthetic.npz"] and (out / "synthetic.npz").read_bytes() == b"an earlier run's"
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command without the fault writes the whole set
+    assert (out / "synthetic.npz").read_bytes() != b"an earlier run's" and len(list(out.glob("grid_class_*.png"))) >= 2
+    assert "augment " in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_the_calibration_note_explains_a_higher_ece_with_the_runs_numbers():
+    import torch
+    from types import SimpleNamespace
+
+    from dgc_pyro.cli import _calibration_note
+
+    proba = torch.tensor([[0.98, 0.02], [0.96, 0.04], [0.02, 0.98], [0.99, 0.01]])  # confident, 3 of 4 right
+    run = SimpleNamespace(prediction=SimpleNamespace(proba=proba), metrics={"acc": 0.75, "ece": 0.23},
+                          baseline_metrics={"ece": 0.05})
+    note = _calibration_note(run)
+    assert note.startswith("note: DGC's ECE is above the baseline's because its class posterior is overconfident "
+                           "(mean confidence 0.978, accuracy 0.750)")
+    run.metrics["ece"] = 0.04  # calibrated better than the baseline: nothing to explain
+    assert _calibration_note(run) is None
+    run.metrics["ece"], run.baseline_metrics = 0.23, None  # no baseline to compare with
+    assert _calibration_note(run) is None
+
+
+def test_evaluate_shows_a_prediction_bar_on_stderr_unless_told_not_to(digits_run, capsys):
+    checkpoint = str(digits_run / "model.safetensors")
+    assert main(["evaluate", "--checkpoint", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "predict" in captured.err and "chunk" in captured.err  # tqdm's bar, on stderr only
+    assert "chunk" not in captured.out
+    assert main(["evaluate", "--checkpoint", checkpoint, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

@@ -337,3 +337,70 @@ def test_bad_metadata(tmp_path, header, match):
     path.write_bytes(safetensors.torch.save({"x": torch.ones(2)}, metadata=header))
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Output folders: writability before the work, failed writes that name their file, sets of files
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
+    # write(2) and fsync(2) errors carry no file name ("[Errno 28] No space left on device").
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dio.os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as info:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+    monkeypatch.undo()
+    assert info.value.errno == 28
+    assert str(info.value) == f"[Errno 28] No space left on device: '{tmp_path / 'metrics.json'}'"
+    assert _leftovers(tmp_path, set()) == []
+
+
+def test_writable_problem_probes_without_leaving_anything(tmp_path, monkeypatch):
+    assert dio.writable_problem(tmp_path) is None
+    assert dio.writable_problem(tmp_path / "new" / "run") is None  # probed in tmp_path, nothing created
+    assert _leftovers(tmp_path, set()) == []
+
+    def refuse(directory, name):
+        raise PermissionError(13, "Permission denied", str(directory / name))
+
+    monkeypatch.setattr(dio, "_create_temp", refuse)  # chmod does not stop root, who runs the tests
+    assert dio.writable_problem(tmp_path) == "is not writable: Permission denied"
+    assert dio.writable_problem(tmp_path / "new") == f"is not writable (its nearest existing folder {tmp_path}): " \
+                                                     "Permission denied"
+    monkeypatch.undo()
+    monkeypatch.setattr(dio.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**20})())
+    assert dio.writable_problem(tmp_path, need_bytes=2**20) is None
+    assert dio.writable_problem(tmp_path, need_bytes=3 * 2**20) == (
+        "has only 1.0 MiB free on its file system, and about 3.0 MiB will be written")
+
+
+def test_staged_folder_writes_the_set_or_nothing(tmp_path):
+    out = tmp_path / "aug"
+    with dio.staged_folder(out) as stage:
+        atomic_write_bytes(stage / "a.bin", b"a")
+        assert not out.exists()  # nothing is visible until the set is complete
+        atomic_write_bytes(stage / "b.bin", b"b")
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
+    assert _leftovers(tmp_path, {"aug"}) == []
+
+    with pytest.raises(OSError) as info:  # a second set into the existing folder fails half-way ...
+        with dio.staged_folder(out) as stage:
+            atomic_write_bytes(stage / "a.bin", b"new a")
+            raise OSError(28, "No space left on device", str(stage / "b.bin"))
+    assert str(info.value) == f"[Errno 28] No space left on device: '{out / 'b.bin'}'"  # named where it was going
+    assert (out / "a.bin").read_bytes() == b"a"  # ... and the old set is untouched, nothing is left over
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
+
+    with dio.staged_folder(out) as stage:  # a complete second set replaces files of the same names
+        atomic_write_bytes(stage / "a.bin", b"new a")
+    assert (out / "a.bin").read_bytes() == b"new a" and (out / "b.bin").read_bytes() == b"b"
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
+
+    with pytest.raises(KeyboardInterrupt):
+        with dio.staged_folder(tmp_path / "never") as stage:
+            atomic_write_bytes(stage / "a.bin", b"a")
+            raise KeyboardInterrupt
+    assert _leftovers(tmp_path, {"aug"}) == []

@@ -92,6 +92,8 @@ def test_notebook_executes(path, kernel):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    # No "TqdmWarning: IProgress not found" (pyro.infer imports tqdm.auto; ipywidgets is not a dependency).
+    assert not [o for c in code for o in c.outputs if "IProgress" in o.get("text", "")]
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs).split()
     assert Path(printed[0]) == Path(sys.executable) and printed[1] == TINY_ENV["DGC_NB_EPOCHS"]
     # The committed file is untouched by the run.

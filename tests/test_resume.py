@@ -325,14 +325,15 @@ def test_load_model_damaged_and_mismatched(digits, tmp_path):
     path.write_bytes(good)
     with pytest.raises(CheckpointError, match="does not match the model architecture"):
         load_model(path, model=DGC(digits.input_shape, 10, latent_dim=5))
-    loaded, _ = load_model(tmp_path)  # a folder holding model.safetensors
+    loaded = load_model(tmp_path)  # a folder holding model.safetensors
     assert_same_params(loaded, m)
 
 
 def test_load_model_reads_training_state_weights(digits, tmp_path):
     m = new_model(digits)
     fit(m, digits.x_train, digits.y_train, epochs=1, checkpoint_dir=tmp_path, val_fraction=0.0, **FIT_KW)
-    loaded, meta = load_model(tmp_path / TRAINING_STATE_FILE)
+    loaded = load_model(tmp_path / TRAINING_STATE_FILE)
+    meta = loaded.metadata
     assert meta["epoch"] == 1
     assert_same_params(loaded, m)  # without validation the fitted weights are the last epoch's
 
@@ -364,7 +365,11 @@ def test_cli_fresh_fit_refuses_to_overwrite_an_interrupted_fit(tmp_path, capsys)
     common = ["--epochs", "1", "--batch-size", "64", "--latent-dim", "4", "--num-samples", "2", "--baseline", "none",
               "--no-progress", "--out", str(tmp_path / "run")]
     assert main(["fit", *common]) == 0
-    assert main(["fit", *common]) == 0  # a finished fit (metrics.json after its checkpoint) may be overwritten
+    capsys.readouterr()
+    assert main(["fit", *common]) == 2  # a finished fit (metrics.json after its checkpoint) is kept (issue 19) ...
+    assert f"--out {tmp_path / 'run'} holds a finished run ({tmp_path / 'run' / 'metrics.json'}: digits, seed 0, " \
+        in capsys.readouterr().err
+    assert main(["fit", *common, "--overwrite"]) == 0  # ... unless --overwrite is given
     state = tmp_path / "run" / "checkpoint" / TRAINING_STATE_FILE
     metrics = tmp_path / "run" / "metrics.json"
     later = metrics.stat().st_mtime + 10
@@ -376,3 +381,5 @@ def test_cli_fresh_fit_refuses_to_overwrite_an_interrupted_fit(tmp_path, capsys)
     assert state.read_bytes() == before
     metrics.unlink()  # an interrupted first fit has no metrics at all
     assert main(["fit", *common]) == 2
+    assert main(["fit", *common, "--overwrite"]) == 0  # --overwrite starts afresh
+    assert load_training_state(state.parent).epoch == 1

@@ -146,6 +146,17 @@ def stratified_holdout(y: Any, fraction: float, seed: int) -> tuple[np.ndarray, 
     return train, holdout
 
 
+def _refuse_channels_last(x: torch.Tensor, name: str) -> None:
+    """Images must be (n, C, H, W) with C = 1 or 3; (n, H, W, C) would silently become C = H channels of W x C
+    images (the same channels-last hint as :func:`check_features` gives when the shape is known)."""
+    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        shape = tuple(x.shape)
+        raise ValueError(
+            f"{name} has shape {shape}, which looks like channels-last (n, H, W, C) images; store them as "
+            f"(n, C, H, W) = (n, {shape[3]}, {shape[1]}, {shape[2]}), e.g. {name}.transpose(0, 3, 1, 2)"
+        )
+
+
 def split_from_arrays(
     x_train: Any,
     y_train: Any,
@@ -158,6 +169,9 @@ def split_from_arrays(
 ) -> ImbalancedSplit:
     """Build an :class:`ImbalancedSplit` from user arrays, validating them.
 
+    Images are ``(n, C, H, W)``; 4-D arrays that look channels-last, ``(n, H, W, C)`` with C = 1 or 3, are
+    refused with the transpose that fixes them.
+
     Without test arrays a stratified 20% test set is carved from the training arrays with
     :func:`stratified_holdout` (seed 0); classes with a single example then stay in training only.
     ``num_classes`` defaults to ``max label + 1`` over train and test labels; every class must
@@ -167,6 +181,7 @@ def split_from_arrays(
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither (a stratified 20% test set is then carved from the training data)")
     xt = check_features(x_train, name="x_train")
+    _refuse_channels_last(xt, "x_train")
     yt = check_labels(y_train, name="y_train")
     yte = check_labels(y_test, name="y_test") if y_test is not None else None
     if num_classes is None:
@@ -186,6 +201,13 @@ def split_from_arrays(
     input_shape = tuple(x.shape[1:])
     if x_test is None:
         tr, te = stratified_holdout(y, DEFAULT_TEST_FRACTION, seed=0)
+        if len(te) == 0:
+            raise ValueError(
+                f"x_train and y_train are too small to split: each of the {num_classes} classes has a single "
+                f"example, so no test set can be carved from them; carving one needs at least 2 examples of a class, "
+                f"and 3 of every class so that each class is in the training, validation and test sets "
+                f"({3 * num_classes} examples); add examples, or give x_test and y_test"
+            )
         x_te, y_te = x[torch.from_numpy(te)], y[torch.from_numpy(te)]
         x, y = x[torch.from_numpy(tr)], y[torch.from_numpy(tr)]
     else:

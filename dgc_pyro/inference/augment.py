@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dgc_pyro.data.validation import check_features, check_labels
 from dgc_pyro.inference.predict import predict_proba
@@ -109,9 +110,11 @@ class _SourceCycler:
 
 @torch.no_grad()
 def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor: float,
-                      generator: torch.Generator, batch_size: int, output: str = "mean") -> torch.Tensor:
+                      generator: torch.Generator, batch_size: int, output: str = "mean",
+                      bar: tqdm | None = None) -> torch.Tensor:
     """Images decoded from z = loc + scale_factor * scale * eps, z's from q(z | x, y): the mean of p(x | z)
-    (``output="mean"``), or ``x + mean(z) - mean(loc)`` (``"residual"``), clipped to [0, 1]."""
+    (``output="mean"``), or ``x + mean(z) - mean(loc)`` (``"residual"``), clipped to [0, 1]; ``bar`` counts
+    the decoded examples."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(model.device)
@@ -124,6 +127,8 @@ def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor
         if output == "residual":
             mean = xb + mean - likelihood_mean(model.likelihood_name, model.decoder(loc))
         out.append(mean.clamp(0.0, 1.0).to(torch.float32).cpu())
+        if bar is not None:
+            bar.update(xb.shape[0])
     return torch.cat(out)
 
 
@@ -155,6 +160,7 @@ def augment(
     seed: int | None = None,
     batch_size: int = 256,
     output: str = "mean",
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic examples that rebalance ``(x, y)``, drawn from the fitted ``model``.
 
@@ -191,6 +197,9 @@ def augment(
         output: ``"mean"`` returns the mean image of p(x | z); ``"residual"`` returns the source example
             plus the decoded change of its latent, ``x + E[x | z] - E[x | loc]``, which keeps the detail of
             the real image that the (blurry) mean image loses, and varies it along the decoder.
+        progress: a tqdm bar on stderr counting the decoded draws (with the filter, its total grows by each
+            round's draws, and the postfix shows the round, whether the round's draws are being scored by the
+            filter, and how many samples have been kept).
 
     Returns:
         ``(x_synthetic, y_synthetic)``: only the new examples, a float32 tensor
@@ -221,6 +230,7 @@ def augment(
 
     was_training = model.training
     model.eval()
+    bar = tqdm(total=0, desc="augment", unit="draw", disable=not progress, leave=False)
     try:
         for done in range(rounds):
             pending = {c: quota[c] - have[c] for c in quota if have[c] < quota[c] and c not in given_up}
@@ -236,9 +246,14 @@ def augment(
                     plan[c] = _round_cap(need, rate)
             src = np.concatenate([cyclers[c].take(k) for c, k in plan.items()])
             ys = torch.cat([torch.full((k,), c, dtype=torch.int64) for c, k in plan.items()])
-            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
-                                   output)
+            bar.total += len(src)
             if filter_threshold is not None:
+                bar.set_postfix_str(f"round {done + 1}, kept {sum(have.values())} of {sum(quota.values())}")
+            bar.refresh()
+            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
+                                   output, bar)
+            if filter_threshold is not None:
+                bar.set_postfix_str(f"round {done + 1}, filtering, kept {sum(have.values())} of {sum(quota.values())}")
                 # The filter's latent draws come from torch's global generator: seed them too, without
                 # touching the caller's random state, so that a seed fixes which samples pass.
                 devices = [model.device] if model.device.type == "cuda" else []
@@ -259,6 +274,7 @@ def augment(
                 if filter_threshold is not None and _hopeless(quota[c] - have[c], passed[c], drawn[c], rounds - done - 1):
                     given_up[c] = done + 1
     finally:
+        bar.close()
         model.train(was_training)
 
     short = {c: (have[c], quota[c]) for c in quota if have[c] < quota[c]}

@@ -114,6 +114,9 @@ class DGC(PyroModule):
         self.logit_adjustment = float(logit_adjustment)
         self.observe_x = bool(observe_x)
         self._offset_active = True
+        #: what the checkpoint this model was loaded from holds beside the weights (``load_model``; the CLI's run
+        #: configuration is under ``"config"``); empty for a model built here
+        self.metadata: dict[str, Any] = {}
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
             name for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier)) if net is not None
