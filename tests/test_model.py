@@ -202,7 +202,7 @@ def test_observe_x_false_drops_the_x_site_and_round_trips(tmp_path):
     # Config, checkpoint and recipe keep the choice; an old config without the key is a DGC with the x site.
     assert DGC.from_config(model.config).observe_x is False
     save_model(tmp_path / "m.safetensors", model)
-    assert load_model(tmp_path / "m.safetensors")[0].observe_x is False
+    assert load_model(tmp_path / "m.safetensors").observe_x is False
     old = {k: v for k, v in model.config.items() if k != "observe_x"} | {"label_in_guide": True}
     assert DGC.from_config(old).observe_x is True
     assert Recipe(label_in_guide=False, observe_x=False).build_model((1, 8, 8), 3).observe_x is False
