@@ -6,7 +6,7 @@
 #      (--preset paper with that preset's own recipe, lr 3e-4; DGC and logit-adjusted CE), then collected.
 # Every finished piece is on disk when a limit hits, so a partial result is still a result. Files for $OUT (at
 # most 8 come back from the device machine): suite.log, pytest.log, speed_small.json, speed_paper.json,
-# main_metrics.json, table.md, results.tgz (everything under WORK).
+# main_metrics.json, table.md, results.tgz (everything under WORK but the data and the weights).
 #
 #   benchmarks/gpu_suite.sh prepare DATA_DIR    # here, once, in the repository root: wheels -> .whl/, data -> .gpu_data/
 #   benchmarks/gpu_suite.sh run OUT             # there: run(command="benchmarks/gpu_suite.sh run $OUT",
@@ -25,13 +25,15 @@ arviz-plots==1.3.2 arviz-stats==1.3.3 xarray-einstats==0.11.0"
 
 if [ "$MODE" = prepare ]; then
   DATA=${2:?usage: gpu_suite.sh prepare DATA_DIR}
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-  grep -qx '/.gpu_data/' .git/info/exclude 2>/dev/null || echo '/.gpu_data/' >> .git/info/exclude
+  EXCLUDE=$(git rev-parse --git-path info/exclude) || exit 1   # also right in a git worktree
+  mkdir -p "$(dirname "$EXCLUDE")"
+  grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
+  grep -qx '/.gpu_data/' "$EXCLUDE" 2>/dev/null || echo '/.gpu_data/' >> "$EXCLUDE"
   mkdir -p .whl .gpu_data/FashionMNIST/raw
   # shellcheck disable=SC2086  # WHEELS is a list of requirement strings
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform any -d .whl $WHEELS || exit 1
+      -d .whl $WHEELS || exit 1
   for f in "$DATA"/FashionMNIST/raw/*-ubyte; do gzip -c "$f" > ".gpu_data/FashionMNIST/raw/$(basename "$f").gz" || exit 1; done
   du -sh .whl .gpu_data
   exit 0
@@ -119,5 +121,5 @@ for f in suite.log pytest.log speed_small.json speed_paper.json table.md; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"
 done
 [ -f "$WORK/main/metrics.json" ] && cp "$WORK/main/metrics.json" "$OUT/main_metrics.json"
-tar czf "$OUT/results.tgz" --exclude=./data -C "$WORK" .
+tar czf "$OUT/results.tgz" --exclude=./data --exclude="*.safetensors" -C "$WORK" .   # weights: over 16 MiB
 ls -la "$OUT"

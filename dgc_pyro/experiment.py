@@ -133,7 +133,8 @@ PAPER_RECIPES["fashion"] = PAPER_RECIPES["mnist"]  # the reference code has no f
 
 #: What a network preset changes in a dataset's recipe. The paper networks (deeper, convolutional) diverged with the
 #: dataset recipes' lr 1e-3 (Fashion-MNIST on an H200: loss 3.8e6 in epoch 1, test ACSA .37-.47 on 3 seeds) and
-#: trained at 3e-4 (test ACSA .871-.880 on 5 seeds) and 1e-4 (.865, .878); see benchmarks/RESULTS.md.
+#: trained at 3e-4 (test ACSA .871-.880 on 5 seeds) and 1e-4 (.865, .878): benchmarks/paper_table.py --preset paper
+#: --recipe-set lr=... on one H200, 2026-12-04 (the GPU measurements of issue 18).
 PRESET_CHANGES: dict[str, dict[str, Any]] = {
     "small": {},
     "paper": {"lr": 3e-4},

@@ -257,9 +257,9 @@ def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[t
 
 def adam_kernel(device: torch.device) -> dict[str, Any]:
     """The ``torch.optim.Adam`` implementation options every engine uses on ``device``: fused on CUDA, foreach
-    elsewhere. One choice for all engines: fused and foreach Adam round differently, and since Adam's first
-    updates are close to ``lr * sign(grad)``, a rounding difference in a tiny gradient moves a weight by up to
-    ``2 * lr``; with different kernels ``engine="svi"`` left the torch engine's trajectory on CUDA."""
+    elsewhere. One choice for all engines: fused and foreach Adam round differently, enough to move a short fit's
+    weights by ~1e-6 (``benchmarks/adam_kernels.py``), which put ``engine="svi"`` (then on Pyro's foreach Adam)
+    outside the engines' equality tolerance on CUDA, where the other engines ran fused Adam."""
     fused = device.type == "cuda"
     return {"foreach": not fused, "fused": fused or None}
 
