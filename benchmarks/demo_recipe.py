@@ -32,7 +32,7 @@ from dgc_pyro.experiment import DEFAULT_RECIPES, Recipe, run_experiment
 
 #: candidates: today's recipe, and shorter cosine-decayed fits whose last epoch is kept (no noisy pick)
 CANDIDATES: dict[str, dict] = {
-    "current": {},
+    "current": {"val_fraction": 0.1, "label_weight": 1.0},  # the recipe before issue 19
     "e30_cosine_last": {"epochs": 30, "lr_schedule": "cosine", "select_best": False},
     "e30_cosine_best": {"epochs": 30, "lr_schedule": "cosine"},
     "e40_cosine_last": {"epochs": 40, "lr_schedule": "cosine", "select_best": False},
@@ -40,6 +40,13 @@ CANDIDATES: dict[str, dict] = {
     "e30_val20_best": {"epochs": 30, "val_fraction": 0.2},
     "val20": {"val_fraction": 0.2},
     "val25": {"val_fraction": 0.25},
+    "val20_e90": {"val_fraction": 0.2, "epochs": 90},
+    "val20_lw10": {"val_fraction": 0.2, "label_weight": 10.0},
+    "val20_latent32": {"val_fraction": 0.2, "latent_dim": 32},
+    "lw10": {"val_fraction": 0.1, "label_weight": 10.0},
+    "val20_lw30": {"val_fraction": 0.2, "label_weight": 30.0},
+    "val20_lw100": {"val_fraction": 0.2, "label_weight": 100.0},
+    "val20_lw10_cosine_last": {"val_fraction": 0.2, "label_weight": 10.0, "lr_schedule": "cosine", "select_best": False},
 }
 
 
@@ -65,7 +72,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--recipes", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--engine", default="torch", choices=("torch", "graph"))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo's 2-core machine: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (dgc-pyro fit's default for digits: 1)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -453,8 +453,8 @@ class NoticeCase:
 
 NOTICE_CASES = [
     NoticeCase("a batch size larger than the training data", ["fit", "--batch-size", "100000", "--epochs", "1"],
-               "dgc-pyro fit: notice: the batch size 100000 is more than the 418 training examples (after the "
-               "validation split); every epoch is one batch of 418"),
+               "dgc-pyro fit: notice: the batch size 100000 is more than the 372 training examples (after the "
+               "validation split); every epoch is one batch of 372"),
 ]
 
 
