@@ -141,3 +141,12 @@ def test_keep_last_state_keeps_the_last_epoch_beside_the_selected_one(digits):
     assert both.best_epoch < 5 and fit_baseline("ce", digits.x_train, digits.y_train, **kw).last_state is None
     assert both.last_state.keys() == last.module.state_dict().keys()
     assert all(torch.equal(both.last_state[k], v.cpu()) for k, v in last.module.state_dict().items())
+
+
+def test_fit_baseline_shows_an_epoch_bar_on_stderr_only_when_asked(digits, capsys):
+    quiet = fit_baseline("ce", digits.x_train, digits.y_train, epochs=2, batch_size=128)
+    assert capsys.readouterr().err == ""  # the API default: no bar
+    shown = fit_baseline("ce", digits.x_train, digits.y_train, epochs=2, batch_size=128, progress=True)
+    err = capsys.readouterr().err
+    assert "ce:" in err and "/2 [" in err  # the CLI's: the loss name and the epochs
+    assert quiet.history == shown.history  # the bar changes nothing
