@@ -542,8 +542,8 @@ def _calibration_note(result: Any) -> str | None:
 
 
 def _set_threads(threads: int | None, input_shape: tuple[int, ...], preset: str) -> None:
-    """``--threads``: as given, else 1 for MLP networks (tiny matrix products, where a second thread saves
-    little on an idle machine and costs many times over on a busy one: docs/cli.md), else torch's default."""
+    """``--threads``: as given, else 1 for MLP networks (tiny matrix products: on a busy 2-core machine a second
+    thread made the digits fit 7-12x slower, benchmarks/threads.py), else torch's default."""
     import torch
 
     from dgc_pyro.models.networks import CONV_SPECS
