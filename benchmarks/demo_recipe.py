@@ -10,9 +10,15 @@ Per run it records the DGC fit's wall time (``ExperimentResult.seconds["dgc_fit"
 dev ACSA and ECE, the CE baseline's dev ACSA and ECE, and the largest epoch-to-epoch change of the
 validation ACSA. Prints one line per recipe (means over seeds) and writes all runs as JSON.
 
-Example (what the report quotes)::
+The runs behind the digits recipe (one thread, as ``dgc-pyro fit`` runs digits; 2-core shared CPU, 2026-12-04)::
 
-    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 --json benchmarks/results/demo_recipe/runs.json
+    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 4 5 --recipes current val20 val20_e90 val20_lw10 \
+        val20_latent32 --json benchmarks/results/demo_recipe/runs_t1_s1_5.json
+    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 4 5 --recipes lw10 val20_lw30 val20_lw100 \
+        val20_lw10_cosine_last --json benchmarks/results/demo_recipe/runs_t1_lw_s1_5.json
+
+(``runs_s1_2.json`` and ``runs_val_s1_3.json`` are earlier, two-thread runs of the cosine and validation-size
+candidates; their ``settings`` record each recipe in full.)
 """
 
 from __future__ import annotations
