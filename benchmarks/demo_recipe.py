@@ -10,9 +10,15 @@ Per run it records the DGC fit's wall time (``ExperimentResult.seconds["dgc_fit"
 dev ACSA and ECE, the CE baseline's dev ACSA and ECE, and the largest epoch-to-epoch change of the
 validation ACSA. Prints one line per recipe (means over seeds) and writes all runs as JSON.
 
-Example (what the report quotes)::
+The runs behind the digits recipe (one thread, as ``dgc-pyro fit`` runs digits; 2-core shared CPU, 2026-12-04)::
 
-    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 --json benchmarks/results/demo_recipe/runs.json
+    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 4 5 --recipes current val20 val20_e90 val20_lw10 \
+        val20_latent32 --json benchmarks/results/demo_recipe/runs_t1_s1_5.json
+    .venv/bin/python benchmarks/demo_recipe.py --seeds 1 2 3 4 5 --recipes lw10 val20_lw30 val20_lw100 \
+        val20_lw10_cosine_last --json benchmarks/results/demo_recipe/runs_t1_lw_s1_5.json
+
+(``runs_s1_2.json`` and ``runs_val_s1_3.json`` are earlier, two-thread runs of the cosine and validation-size
+candidates; their ``settings`` record each recipe in full.)
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dgc_pyro.experiment import DEFAULT_RECIPES, Recipe, run_experiment
 
 #: candidates: today's recipe, and shorter cosine-decayed fits whose last epoch is kept (no noisy pick)
 CANDIDATES: dict[str, dict] = {
-    "current": {},
+    "current": {"val_fraction": 0.1, "label_weight": 1.0},  # the recipe before issue 19
     "e30_cosine_last": {"epochs": 30, "lr_schedule": "cosine", "select_best": False},
     "e30_cosine_best": {"epochs": 30, "lr_schedule": "cosine"},
     "e40_cosine_last": {"epochs": 40, "lr_schedule": "cosine", "select_best": False},
@@ -40,6 +46,13 @@ CANDIDATES: dict[str, dict] = {
     "e30_val20_best": {"epochs": 30, "val_fraction": 0.2},
     "val20": {"val_fraction": 0.2},
     "val25": {"val_fraction": 0.25},
+    "val20_e90": {"val_fraction": 0.2, "epochs": 90},
+    "val20_lw10": {"val_fraction": 0.2, "label_weight": 10.0},
+    "val20_latent32": {"val_fraction": 0.2, "latent_dim": 32},
+    "lw10": {"val_fraction": 0.1, "label_weight": 10.0},
+    "val20_lw30": {"val_fraction": 0.2, "label_weight": 30.0},
+    "val20_lw100": {"val_fraction": 0.2, "label_weight": 100.0},
+    "val20_lw10_cosine_last": {"val_fraction": 0.2, "label_weight": 10.0, "lr_schedule": "cosine", "select_best": False},
 }
 
 
@@ -65,7 +78,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--recipes", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--engine", default="torch", choices=("torch", "graph"))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the demo's 2-core machine: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (dgc-pyro fit's default for digits: 1)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

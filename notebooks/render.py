@@ -29,6 +29,8 @@ def render(name: str) -> Path:
     # The DGC_NB_* variables would shrink the runs to the tests' tiny settings; this checkout's dgc_pyro comes first.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DGC_NB_") and k != "MPLBACKEND"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    # The digits MLPs run fastest on one thread, many times so on a busy machine (docs/cli.md, --threads).
+    env.setdefault("OMP_NUM_THREADS", "1")
     client = NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(OUT)}})
     client.execute(env=env)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -500,3 +500,13 @@ def test_a_request_larger_than_memory_is_refused_before_any_drawing(model, data,
                                          r"of this machine's 1\.0 GiB"):
         augment(model, x, y, {3: 10_000_001})
     assert augment(model, x, y, {3: 5}, seed=0)[0].shape == (4, *SHAPE)  # small requests are untouched
+
+
+def test_progress_bar_goes_to_stderr_and_changes_nothing(model, data, capsys):
+    x, y = data
+    quiet = augment(model, x, y, seed=3, filter_threshold=0.0, num_samples_filter=2)
+    assert capsys.readouterr().err == ""
+    shown = augment(model, x, y, seed=3, filter_threshold=0.0, num_samples_filter=2, progress=True)
+    err = capsys.readouterr().err
+    assert "augment" in err and "draw" in err and "round 1" in err  # the bar, with the filter's round
+    assert torch.equal(quiet[0], shown[0]) and torch.equal(quiet[1], shown[1])

@@ -432,6 +432,9 @@ CLI_CASES = [
     CliCase("augment --out on a read-only folder",
             ["augment", "--checkpoint", "{tmp}/model.safetensors", "--out", "{tmp}/outdir"],
             "--out {tmp}/outdir is not writable: Permission denied", _refuse_writes),
+    CliCase("--num-samples 1000000000 (checked before training)", ["fit", "--num-samples", "1000000000"],
+            "num_samples=1000000000 is too many for 500 examples: the (500, 10, 10000000000) log weights of the "
+            "'mixture' rule and the posterior's temporaries need "),
     CliCase("--perturbation-rate 5", ["fit", "--perturbation-rate", "5"],
             "--perturbation-rate must be in [0, 1], got 5 (the paper's r: 0 turns the perturbation step off, 1 repeats "
             "each class's latents up to the majority's count)"),
@@ -452,8 +455,8 @@ class NoticeCase:
 
 NOTICE_CASES = [
     NoticeCase("a batch size larger than the training data", ["fit", "--batch-size", "100000", "--epochs", "1"],
-               "dgc-pyro fit: notice: the batch size 100000 is more than the 418 training examples (after the "
-               "validation split); every epoch is one batch of 418"),
+               "dgc-pyro fit: notice: the batch size 100000 is more than the 372 training examples (after the "
+               "validation split); every epoch is one batch of 372"),
 ]
 
 

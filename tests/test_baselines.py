@@ -156,7 +156,6 @@ def test_tau_scales_the_log_prior_and_balanced_softmax_equals_logit_adjustment()
     assert torch.equal(baseline_loss("ce", logits, y, COUNTS, tau=3.0), baseline_loss("ce", logits, y, COUNTS))
 
 
-
 def test_balanced_softmax_tau_scales_the_log_counts():
     logits, y = _batch(seed=3)
     expected = F.cross_entropy(logits + 0.5 * COUNTS.log(), y)
@@ -192,3 +191,12 @@ def test_logits_and_temperature_give_predict_proba(name, digits):
     fitted.temperature = 0.0
     with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         fitted.predict_proba(digits.x_test)
+
+
+def test_fit_baseline_shows_an_epoch_bar_on_stderr_only_when_asked(digits, capsys):
+    quiet = fit_baseline("ce", digits.x_train, digits.y_train, epochs=2, batch_size=128)
+    assert capsys.readouterr().err == ""  # the API default: no bar
+    shown = fit_baseline("ce", digits.x_train, digits.y_train, epochs=2, batch_size=128, progress=True)
+    err = capsys.readouterr().err
+    assert "ce:" in err and "/2 [" in err  # the CLI's: the loss name and the epochs
+    assert quiet.history == shown.history  # the bar changes nothing

@@ -263,15 +263,19 @@ def test_the_calibration_note_explains_a_higher_ece_with_the_runs_numbers():
 
     from dgc_pyro.cli import _calibration_note
 
-    proba = torch.tensor([[0.98, 0.02], [0.96, 0.04], [0.02, 0.98], [0.99, 0.01]])  # confident, 3 of 4 right
-    run = SimpleNamespace(prediction=SimpleNamespace(proba=proba), metrics={"acc": 0.75, "ece": 0.23},
+    proba = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4]])  # all right, with little confidence
+    run = SimpleNamespace(prediction=SimpleNamespace(proba=proba, rule="mixture"), metrics={"acc": 1.0, "ece": 0.35},
                           baseline_metrics={"ece": 0.05})
-    note = _calibration_note(run)
-    assert note.startswith("note: DGC's ECE is above the baseline's because its class posterior is overconfident "
-                           "(mean confidence 0.978, accuracy 0.750)")
+    assert _calibration_note(run) == (
+        "note: DGC's ECE (0.350) is above the baseline's (0.050) because its class posterior is underconfident: "
+        "mean confidence 0.650, accuracy 1.000; its 'mixture' rule averages p(y | z) over the latent draws of every "
+        "class hypothesis, which flattens it. ACSA and the other metrics depend only on which class scores highest "
+        "(docs/cli.md)")
+    run.prediction.rule, run.metrics["acc"] = "latent", 0.25
+    assert "overconfident: mean confidence 0.650, accuracy 0.250. ACSA" in _calibration_note(run)
     run.metrics["ece"] = 0.04  # calibrated better than the baseline: nothing to explain
     assert _calibration_note(run) is None
-    run.metrics["ece"], run.baseline_metrics = 0.23, None  # no baseline to compare with
+    run.metrics["ece"], run.baseline_metrics = 0.35, None  # no baseline to compare with
     assert _calibration_note(run) is None
 
 

@@ -98,3 +98,16 @@ def test_notebook_executes(path, kernel):
     assert Path(printed[0]) == Path(sys.executable) and printed[1] == TINY_ENV["DGC_NB_EPOCHS"]
     # The committed file is untouched by the run.
     assert all(c.outputs == [] for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_the_executed_copy_in_docs_matches_and_shows_its_figures(path):
+    """docs/notebooks/ holds each notebook executed with its full settings (``notebooks/render.py``), so readers
+    see the figures; its code must be the notebook's own, or the copy is stale."""
+    executed = nbformat.read(path.parents[1] / "docs" / "notebooks" / path.name, as_version=4)
+    source = [c.source for c in nbformat.read(path, as_version=4).cells]
+    assert [c.source for c in executed.cells] == source, f"re-run: python notebooks/render.py {path.name}"
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error" or o.get("name") == "stderr"]
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
