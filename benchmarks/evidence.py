@@ -17,7 +17,8 @@ test images; the other metrics use the whole test split): the ``mixture`` rule o
 class hypothesis through the decoder, and is the slowest part of a test run.
 
 Per-seed processes may share OUT (``--methods``/``--seeds`` pick the runs); ``--collect`` fits nothing and only
-summarises what exists.
+summarises what exists. The plan pools the tune seeds of the call that completes it, so split the tune phase by
+``--methods`` (each with every tune seed), or end it with ``--phase tune --collect`` over all of them.
 
 Protocol (every method alike): the "small" conv networks, shift-flip training transform, cosine learning rate,
 ``--epochs`` (30) epochs, the last epoch's weights (the 10% validation split is still carved, as in
