@@ -107,16 +107,19 @@ def load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
 
 #: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
 RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None}
+#: Model options added after checkpoints existed: a checkpoint's model config that lacks one had this value.
+MODEL_CONFIG_DEFAULTS: dict[str, Any] = {"observe_x": True}
 
 
 def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
     """Raise CheckpointError unless ``saved`` was written for this model, these settings and this data."""
-    if saved.model_config and saved.model_config != to_jsonable(model.config):
-        diff = sorted(k for k in set(saved.model_config) | set(model.config)
-                      if saved.model_config.get(k) != to_jsonable(model.config).get(k))
+    saved_model = {**MODEL_CONFIG_DEFAULTS, **saved.model_config} if saved.model_config else {}
+    now = to_jsonable(model.config)
+    if saved_model and saved_model != now:
+        diff = sorted(k for k in set(saved_model) | set(now) if saved_model.get(k) != now.get(k))
         raise CheckpointError(
             f"cannot resume from {source}: it was written for a different model ("
-            + ", ".join(f"{k}: {saved.model_config.get(k)!r} in the checkpoint, {to_jsonable(model.config).get(k)!r} now" for k in diff)
+            + ", ".join(f"{k}: {saved_model.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in diff)
             + ")"
         )
     check_state_matches(model, saved.model, source)
