@@ -68,7 +68,7 @@ import torch
 
 from dgc_pyro.baselines import FittedBaseline, fit_baseline
 from dgc_pyro.calibration import apply_temperature, temperature_scale
-from dgc_pyro.data import load_imbalanced, parse_counts
+from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.experiment import Recipe, default_recipe
@@ -357,6 +357,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.dev_per_class = args.dev_per_class or SMOKE["dev_per_class"]
         args.ood_per_set = args.ood_per_set or SMOKE["ood_per_set"]
     args.dataset = args.dataset or "fashion"
+    args.counts = tuple(args.counts or default_counts(args.dataset))
     args.dev_per_class = args.dev_per_class or 1000
     args.seeds = list(args.seeds or DEFAULT_SEEDS[args.phase])
     if len(set(args.seeds)) != len(args.seeds):
@@ -381,12 +382,13 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished run at ``path`` if there is one; refuses one made with other settings."""
+def _reuse(path: Path, settings: dict[str, Any], args: argparse.Namespace, **extra: Any) -> dict[str, Any] | None:
+    """The finished run at ``path`` if there is one; refuses one made with other settings or data (dataset,
+    counts, dev set, smoke mode, and ``extra``)."""
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    diffs = paper_table.settings_differences(run, {"settings": settings})
+    diffs = paper_table.settings_differences(run, {"settings": settings, **_common(args), **extra})
     if diffs:
         raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}); "
                          "use another --out or remove the run")
@@ -399,8 +401,8 @@ def _load(args: argparse.Namespace, seed: int, evaluate_on: str) -> ImbalancedSp
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dataset": args.dataset, "counts": list(args.counts) if args.counts else None,
-            "dev_per_class": args.dev_per_class, "smoke": args.smoke}
+    return {"dataset": args.dataset, "counts": list(args.counts), "dev_per_class": args.dev_per_class,
+            "smoke": args.smoke}
 
 
 def _environment(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> dict[str, Any]:
@@ -424,7 +426,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                 key = config_key(config)
                 path = out / "tune" / f"{method}_{key}_seed{seed}.json"
                 settings = run_settings(method, recipe, config, epochs)
-                run = _reuse(path, settings)
+                run = _reuse(path, settings, args)
                 if run is None and not args.collect:
                     if split is None:
                         split = _load(args, seed, "dev")
@@ -472,7 +474,7 @@ def make_plan(out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, 
             runs = []
             for seed in seeds:
                 path = out / "tune" / f"{method}_{config_key(config)}_seed{seed}.json"
-                run = _reuse(path, run_settings(method, recipe, config, epochs))
+                run = _reuse(path, run_settings(method, recipe, config, epochs), args)
                 if run is None:
                     missing.append(path.name)
                 else:
@@ -528,7 +530,7 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
             config, epochs = planned(method, plan)
             settings = run_settings(method, recipe, config, epochs)
             path = out / "runs" / f"{method}_seed{seed}.json"
-            run = _reuse(path, settings)
+            run = _reuse(path, settings, args, ood_per_set=args.ood_per_set or "all")
             if run is None and not args.collect:
                 if split is None:
                     split, dev = _load(args, seed, "test"), _load(args, seed, "dev")
@@ -539,7 +541,8 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                 run.update(method=method, seed=seed, config=config, epochs=epochs, settings=settings, phase="test",
                            fit_seconds=fitted.fit_seconds, seconds=fitted.fit_seconds + run["evaluate_seconds"],
                            train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
-                           dev_size=len(dev.y_test), evaluated_on="test", history=fitted.history, **_common(args))
+                           dev_size=len(dev.y_test), evaluated_on="test", ood_per_set=args.ood_per_set or "all",
+                           history=fitted.history, **_common(args))
                 write_json(path, run)
                 print(f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
                       f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "

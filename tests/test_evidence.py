@@ -136,3 +136,11 @@ def test_a_density_from_predict_gives_the_density_and_typicality_scores(evidence
     # the inverted images are much brighter than digits: the fake density separates them perfectly
     assert run["ood"]["density"]["invert"]["auroc"] == 1.0
     assert 0.0 <= run["ood_auroc_by_typicality"] <= 1.0
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_pooled(evidence, smoke):
+    common = ["--phase", "test", "--seeds", "2", "--smoke", "--methods", "ce", "--collect", "--out", str(smoke)]
+    with pytest.raises(SystemExit, match="ood_per_set: 50 in the run, 40 now"):
+        evidence.main([*common, "--ood-per-set", "40"])
+    with pytest.raises(SystemExit, match="plan.json was made with dev_per_class 5, this command has 4"):
+        evidence.main([*common, "--dev-per-class", "4"])
