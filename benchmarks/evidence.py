@@ -7,12 +7,18 @@ finished run made with other settings):
     #    OUT/plan.json (the selected settings and the matched baselines' epochs)
     python benchmarks/evidence.py --phase tune --data-dir ../shared/data --seeds 31 32 --out benchmarks/results/evidence
     # 2. test: the planned settings on fresh seeds; each run touches the test split once
-    python benchmarks/evidence.py --phase test --data-dir ../shared/data --seeds 41 42 43 44 45 --out benchmarks/results/evidence
+    python benchmarks/evidence.py --phase test --data-dir ../shared/data --seeds 51 52 53 54 55 --ood-per-set 2000 \
+        --out benchmarks/results/evidence
     # the smoke mode of the tests (digits, one epoch, a two-point grid; seconds)
     python benchmarks/evidence.py --phase tune --smoke --seeds 1 --out /tmp/ev && python benchmarks/evidence.py --phase test --smoke --seeds 2 --out /tmp/ev
 
+``--ood-per-set 2000`` bounds the OOD part of the evaluation (2,000 images a set, scored against the first 2,000
+test images; the other metrics use the whole test split): the ``mixture`` rule of ``dgc_paper_guide`` scores every
+class hypothesis through the decoder, and is the slowest part of a test run.
+
 Per-seed processes may share OUT (``--methods``/``--seeds`` pick the runs); ``--collect`` fits nothing and only
-summarises what exists.
+summarises what exists. The plan pools the tune seeds of the call that completes it, so split the tune phase by
+``--methods`` (each with every tune seed), or end it with ``--phase tune --collect`` over all of them.
 
 Protocol (every method alike): the "small" conv networks, shift-flip training transform, cosine learning rate,
 ``--epochs`` (30) epochs, the last epoch's weights (the 10% validation split is still carved, as in
@@ -62,7 +68,7 @@ import torch
 
 from dgc_pyro.baselines import FittedBaseline, fit_baseline
 from dgc_pyro.calibration import apply_temperature, temperature_scale
-from dgc_pyro.data import load_imbalanced, parse_counts
+from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.experiment import Recipe, default_recipe
@@ -120,7 +126,7 @@ PROTOCOL: dict[str, Any] = {"preset": "small", "transform": "shift-flip", "lr_sc
 VAL_NUM_SAMPLES = 2
 SMOKE = {"dataset": "digits", "counts": (12, 10, 8, 6, 5, 4, 4, 3, 3, 3), "epochs": 1, "latent_dim": 8,
          "num_samples": 2, "dev_per_class": 5, "ood_per_set": 50, "max_matched_epochs": 3}
-DEFAULT_SEEDS = {"tune": (31, 32), "test": (41, 42, 43, 44, 45)}
+DEFAULT_SEEDS = {"tune": (31, 32), "test": (51, 52, 53, 54, 55)}
 COVERAGES = (0.8, 0.9)
 PRIMARY_SCORE = "maxprob"  # the OOD and reject score every method has
 #: each row's own OOD score, fixed before any run (``ood_auroc_own``): the density score only a generative model has
@@ -351,6 +357,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.dev_per_class = args.dev_per_class or SMOKE["dev_per_class"]
         args.ood_per_set = args.ood_per_set or SMOKE["ood_per_set"]
     args.dataset = args.dataset or "fashion"
+    args.counts = tuple(args.counts or default_counts(args.dataset))
     args.dev_per_class = args.dev_per_class or 1000
     args.seeds = list(args.seeds or DEFAULT_SEEDS[args.phase])
     if len(set(args.seeds)) != len(args.seeds):
@@ -375,12 +382,13 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished run at ``path`` if there is one; refuses one made with other settings."""
+def _reuse(path: Path, settings: dict[str, Any], args: argparse.Namespace, **extra: Any) -> dict[str, Any] | None:
+    """The finished run at ``path`` if there is one; refuses one made with other settings or data (dataset,
+    counts, dev set, smoke mode, and ``extra``)."""
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    diffs = paper_table.settings_differences(run, {"settings": settings})
+    diffs = paper_table.settings_differences(run, {"settings": settings, **_common(args), **extra})
     if diffs:
         raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}); "
                          "use another --out or remove the run")
@@ -393,8 +401,8 @@ def _load(args: argparse.Namespace, seed: int, evaluate_on: str) -> ImbalancedSp
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dataset": args.dataset, "counts": list(args.counts) if args.counts else None,
-            "dev_per_class": args.dev_per_class, "smoke": args.smoke}
+    return {"dataset": args.dataset, "counts": list(args.counts), "dev_per_class": args.dev_per_class,
+            "smoke": args.smoke}
 
 
 def _environment(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> dict[str, Any]:
@@ -418,7 +426,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                 key = config_key(config)
                 path = out / "tune" / f"{method}_{key}_seed{seed}.json"
                 settings = run_settings(method, recipe, config, epochs)
-                run = _reuse(path, settings)
+                run = _reuse(path, settings, args)
                 if run is None and not args.collect:
                     if split is None:
                         split = _load(args, seed, "dev")
@@ -466,7 +474,7 @@ def make_plan(out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, 
             runs = []
             for seed in seeds:
                 path = out / "tune" / f"{method}_{config_key(config)}_seed{seed}.json"
-                run = _reuse(path, run_settings(method, recipe, config, epochs))
+                run = _reuse(path, run_settings(method, recipe, config, epochs), args)
                 if run is None:
                     missing.append(path.name)
                 else:
@@ -522,7 +530,7 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
             config, epochs = planned(method, plan)
             settings = run_settings(method, recipe, config, epochs)
             path = out / "runs" / f"{method}_seed{seed}.json"
-            run = _reuse(path, settings)
+            run = _reuse(path, settings, args, ood_per_set=args.ood_per_set or "all")
             if run is None and not args.collect:
                 if split is None:
                     split, dev = _load(args, seed, "test"), _load(args, seed, "dev")
@@ -533,7 +541,8 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                 run.update(method=method, seed=seed, config=config, epochs=epochs, settings=settings, phase="test",
                            fit_seconds=fitted.fit_seconds, seconds=fitted.fit_seconds + run["evaluate_seconds"],
                            train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
-                           dev_size=len(dev.y_test), evaluated_on="test", history=fitted.history, **_common(args))
+                           dev_size=len(dev.y_test), evaluated_on="test", ood_per_set=args.ood_per_set or "all",
+                           history=fitted.history, **_common(args))
                 write_json(path, run)
                 print(f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
                       f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "

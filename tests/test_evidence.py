@@ -107,3 +107,40 @@ def test_protocol_refusals(evidence, smoke, argv, match):
 def test_the_test_phase_needs_a_plan(evidence, tmp_path):
     with pytest.raises(SystemExit, match="run --phase tune first"):
         evidence.main(["--phase", "test", "--smoke", "--out", str(tmp_path)])
+
+
+def test_a_density_from_predict_gives_the_density_and_typicality_scores(evidence, monkeypatch):
+    """Prediction.log_density (another branch adds it to predict) feeds DGC's own OOD score; faked here."""
+    import torch
+
+    from dgc_pyro.data import load_imbalanced
+    from dgc_pyro.experiment import Recipe
+
+    split = load_imbalanced("digits", counts=(12, 10, 8, 6, 5, 4, 4, 3, 3, 3), seed=1)
+    dev = load_imbalanced("digits", counts=(12, 10, 8, 6, 5, 4, 4, 3, 3, 3), seed=1, evaluate_on="dev",
+                          dev_per_class=5)
+    recipe = Recipe(latent_dim=4, num_samples=2, label_in_guide=False, logit_adjustment=1.0)
+    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
+    real = evidence.predict
+
+    def with_density(model, x, *args, **kwargs):
+        pred = real(model, x, *args, **kwargs)
+        pred.log_density = -x.reshape(len(x), -1).sum(-1)  # brighter images are "less likely"
+        return pred
+
+    monkeypatch.setattr(evidence, "predict", with_density)
+    fitted = evidence.Fitted("dgc_elbo", 0.0, model=model, recipe=recipe)
+    run = evidence.evaluate_run(fitted, split, dev.x_test, dev.y_test, seed=0, ood_per_set=40)
+    assert {"density", "typicality"} <= set(run["ood"]) and run["ood_own_score"] == "density"
+    assert run["ood_auroc_own"] == run["ood_auroc_by_density"]
+    # the inverted images are much brighter than digits: the fake density separates them perfectly
+    assert run["ood"]["density"]["invert"]["auroc"] == 1.0
+    assert 0.0 <= run["ood_auroc_by_typicality"] <= 1.0
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_pooled(evidence, smoke):
+    common = ["--phase", "test", "--seeds", "2", "--smoke", "--methods", "ce", "--collect", "--out", str(smoke)]
+    with pytest.raises(SystemExit, match="ood_per_set: 50 in the run, 40 now"):
+        evidence.main([*common, "--ood-per-set", "40"])
+    with pytest.raises(SystemExit, match="plan.json was made with dev_per_class 5, this command has 4"):
+        evidence.main([*common, "--dev-per-class", "4"])

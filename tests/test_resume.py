@@ -255,6 +255,19 @@ def test_resume_with_other_architecture_leaves_model_untouched(digits, one_epoch
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
+def test_a_checkpoint_from_before_observe_x_resumes_and_a_changed_observe_x_is_named(digits, one_epoch_checkpoint, tmp_path):
+    path = tmp_path / TRAINING_STATE_FILE
+    path.write_bytes(one_epoch_checkpoint)
+    state = load_training_state(path)
+    old = dataclasses.replace(state, model_config={k: v for k, v in state.model_config.items() if k != "observe_x"})
+    save_training_state(path, old)  # as written before the model had the option
+    assert _resume(digits, tmp_path).resumed_from == 1
+    path.write_bytes(one_epoch_checkpoint)
+    vib = DGC(digits.input_shape, 10, latent_dim=4, label_in_guide=False, observe_x=False)
+    with pytest.raises(CheckpointError, match="different model .*observe_x: True in the checkpoint, False now"):
+        _resume(digits, tmp_path, model=vib)
+
+
 def test_resume_with_other_settings_or_data(digits, one_epoch_checkpoint, tmp_path):
     (tmp_path / TRAINING_STATE_FILE).write_bytes(one_epoch_checkpoint)
     with pytest.raises(CheckpointError, match="different settings .*batch_size=64 in the checkpoint, 32 now"):

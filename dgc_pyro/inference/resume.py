@@ -110,16 +110,19 @@ RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule":
                                    "warmup_steps": 0}
 #: Engines that run the same step on the same optimiser state: a checkpoint of one resumes with the other.
 _SAME_STEP = {"graph": "torch"}
+#: Model options added after checkpoints existed: a checkpoint's model config that lacks one had this value.
+MODEL_CONFIG_DEFAULTS: dict[str, Any] = {"observe_x": True}
 
 
 def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[str, Any], fingerprint: str) -> None:
     """Raise CheckpointError unless ``saved`` was written for this model, these settings and this data."""
-    if saved.model_config and saved.model_config != to_jsonable(model.config):
-        diff = sorted(k for k in set(saved.model_config) | set(model.config)
-                      if saved.model_config.get(k) != to_jsonable(model.config).get(k))
+    saved_model = {**MODEL_CONFIG_DEFAULTS, **saved.model_config} if saved.model_config else {}
+    now = to_jsonable(model.config)
+    if saved_model and saved_model != now:
+        diff = sorted(k for k in set(saved_model) | set(now) if saved_model.get(k) != now.get(k))
         raise CheckpointError(
             f"cannot resume from {source}: it was written for a different model ("
-            + ", ".join(f"{k}: {saved.model_config.get(k)!r} in the checkpoint, {to_jsonable(model.config).get(k)!r} now" for k in diff)
+            + ", ".join(f"{k}: {saved_model.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in diff)
             + ")"
         )
     check_state_matches(model, saved.model, source)
