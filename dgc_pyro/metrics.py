@@ -52,6 +52,8 @@ __all__ = [
     "format_paired",
     "ood_auroc",
     "fpr_at_tpr",
+    "risk_coverage_curve",
+    "aurc",
 ]
 
 IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
@@ -482,6 +484,35 @@ def fpr_at_tpr(score_in: Any, score_out: Any, tpr: float = 0.95) -> float:
     # Accept an input when its outlier score is <= the tpr-quantile of the in-distribution scores.
     threshold = np.quantile(s_in, float(tpr), method="higher")
     return float(np.mean(s_out <= threshold))
+
+
+def risk_coverage_curve(correct: Any, score: Any) -> dict[str, np.ndarray]:
+    """Risk (error rate of the accepted inputs) against coverage as a reject threshold sweeps ``score``.
+
+    ``correct`` ``(N,)`` is True where the prediction is right; on a mixed stream of in- and
+    out-of-distribution inputs an out-of-distribution input is never correct, so accepting it counts as an
+    error. ``score`` is an outlier/uncertainty score (higher = rejected first). Inputs are accepted from the
+    lowest score up, ties together; returns ``coverage``, ``risk`` and ``threshold`` in increasing coverage.
+    """
+    c = np.asarray(_to_numpy(correct)).reshape(-1).astype(bool)
+    s = np.asarray(_to_numpy(score), dtype=float).reshape(-1)
+    if len(c) == 0 or c.shape != s.shape:
+        raise ValueError(f"correct and score must be non-empty and of one length, got {c.shape} and {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"score contains NaN or inf ({int((~np.isfinite(s)).sum())} of {len(s)} values)")
+    order = np.argsort(s, kind="stable")
+    s_sorted, errors = s[order], np.cumsum(~c[order])
+    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
+    k = ends + 1
+    return {"coverage": k / len(c), "risk": errors[ends] / k, "threshold": s_sorted[ends]}
+
+
+def aurc(correct: Any, score: Any) -> float:
+    """Area under the risk-coverage curve (Geifman & El-Yaniv 2018): the mean risk over the coverages
+    1/N, 2/N, ..., 1 (ties accepted together count at their group's risk); lower is better."""
+    curve = risk_coverage_curve(correct, score)
+    sizes = np.diff(np.concatenate([[0.0], curve["coverage"]]))
+    return float(np.sum(sizes * curve["risk"]))
 
 
 # ---------------------------------------------------------------------------------------
