@@ -150,6 +150,16 @@ class FittedBaseline:
         out = [torch.softmax(self._logits(x[i : i + batch_size].to(self.device)), -1).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out)
 
+    @torch.no_grad()
+    def logits(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
+        """Class logits ``(N, C)`` of a network baseline (those whose softmax is :meth:`predict_proba`), e.g. for
+        the energy score -logsumexp(logits); a scikit-learn baseline has none (ValueError)."""
+        if self.module is None:
+            raise ValueError(f"the {self.name!r} baseline is a scikit-learn model without logits")
+        x = check_features(x, input_shape=self.input_shape)
+        self.module.eval()
+        return torch.cat([self._logits(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)])
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         assert self.module is not None
         logits = self.module(x)
