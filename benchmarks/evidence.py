@@ -240,7 +240,9 @@ def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
     scores of ``fitted`` on ``x`` (larger = less certain / more out of distribution)."""
     if fitted.model is not None:
         seed_everything(seed)  # the latent draws
-        pred = predict(fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced)
+        # The density score (log p(x)) needs the x site, which the vib row lacks.
+        pred = predict(fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced,
+                       density=fitted.model.observe_x)
         proba = pred.proba.detach().cpu().double()
         out: dict[str, Any] = {"proba": proba, "log_scores": proba.clamp_min(1e-45).log(), "scores": {
             "maxprob": 1.0 - proba.max(1).values, "entropy": pred.entropy.detach().cpu().double(),
@@ -278,14 +280,15 @@ def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, de
         out[f"nll{suffix}"] = negative_log_likelihood(y, p)
         out[f"brier{suffix}"] = brier_score(y, p)
     out["temperature"] = temperature
+    correct = _np(test["proba"].argmax(-1) == y)
     for score in ("maxprob", "entropy", "mi"):
         if score not in test["scores"]:
             continue
         suffix = "" if score == PRIMARY_SCORE else f"_{score}"
         unc = _np(test["scores"][score])
-        out[f"aurc{suffix}"] = aurc(y, test["proba"], unc)
+        out[f"aurc{suffix}"] = aurc(correct, unc)
         for c in COVERAGES:
-            out[f"acc_cov{round(100 * c)}{suffix}"] = accuracy_at_coverage(y, test["proba"], unc, c)
+            out[f"acc_cov{round(100 * c)}{suffix}"] = accuracy_at_coverage(correct, unc, c)
     if "log_density" in dev:  # typicality: distance of log p(x) from its typical (dev-set) value
         typical = float(dev["log_density"].mean())
         test["scores"]["typicality"] = (test["log_density"] - typical).abs()
