@@ -103,6 +103,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     stream_dgc = {k: [dgc_in[k]] for k in ("entropy", "flag_score", "both")}
     stream_base = [base_in["max_softmax"]]
     for name, x_out in sets.items():
+        x_out = x_out[:n_in]  # at most as many OOD as in-distribution images (the digits set has 1,797)
         dgc_out = _dgc_outputs(model, x_out, recipe.num_samples, seed)
         base_out = _baseline_outputs(fitted, x_out)
         row: dict[str, Any] = {"size": int(len(x_out)), "flag_rate": float(dgc_out["ood"].float().mean())}
