@@ -204,7 +204,9 @@ def evaluate_model(
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
     carries a class prior) is passed to :func:`predict`."""
     seed_everything(seed)
-    pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced)
+    # A model without the x site (observe_x=False) has no density score, hence no OOD flag.
+    pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced,
+                   density=model.observe_x)
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
     if pred.ood is not None:  # the calibrated OOD flag's rate on these (in-distribution) examples
@@ -221,8 +223,9 @@ def calibrate_ood_flag(model: DGC, split: ImbalancedSplit, recipe: Recipe, seed:
     """Calibrate ``model``'s OOD flag (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) on the validation
     images that ``fit`` held out of ``split``'s training data (the same stratified hold-out, rebuilt from
     ``recipe.val_fraction`` and ``seed``): images the model never trained on. Returns False, leaving the model
-    without a flag, when that hold-out is too small for ``false_alarm`` or there is none."""
-    if recipe.val_fraction <= 0:
+    without a flag, when that hold-out is too small for ``false_alarm`` or there is none, or when the model has no
+    density to flag (``observe_x=False``)."""
+    if recipe.val_fraction <= 0 or not model.observe_x:
         return False
     _, val_idx = stratified_holdout(split.y_train.numpy(), recipe.val_fraction, seed)
     if len(val_idx) < math.ceil(1.0 / false_alarm):
