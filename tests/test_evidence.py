@@ -112,8 +112,6 @@ def test_the_test_phase_needs_a_plan(evidence, tmp_path):
 def test_a_density_from_predict_gives_the_density_and_typicality_scores(evidence, monkeypatch):
     """The density and typicality scores and DGC's own OOD score, from a log_density faked so that the expected
     separation is known (a one-epoch model's real density ranks nothing reliably)."""
-    import torch
-
     from dgc_pyro.data import load_imbalanced
     from dgc_pyro.experiment import Recipe
 
