@@ -620,6 +620,8 @@ def predict(
     """
     from dgc_pyro.inference.density import REJECT_RULES
 
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if reject is None and reject_threshold is not None:
         reject = "entropy"
     if reject is not None and reject not in REJECT_RULES:
