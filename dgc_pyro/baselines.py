@@ -157,7 +157,8 @@ class FittedBaseline:
     @torch.no_grad()
     def logits(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
         """Class scores (N, C) on the CPU, before the temperature: the network's logits (LDAM's scaled cosines;
-        the logistic model's decision function). For the logit-adjusted family these are the prior-free f(x)."""
+        the logistic model's decision function), e.g. for the energy score -logsumexp(logits). For the
+        logit-adjusted family these are the prior-free f(x)."""
         x = check_features(x, input_shape=self.input_shape)
         if self.sklearn_model is not None:
             flat = x.reshape(len(x), -1).cpu().numpy()

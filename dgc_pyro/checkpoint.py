@@ -58,6 +58,9 @@ def save_model(path: PathLike, model: DGC, metadata: dict[str, Any] | None = Non
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     meta = dict(metadata or {})
     meta["model"] = model.config
+    detector = getattr(model, "ood_detector", None)
+    if detector is not None:  # the calibrated OOD flag (dgc_pyro.inference.density) travels with the weights
+        meta["ood_detector"] = detector.to_dict()
     save_checkpoint(path, model.state_dict(), meta)
 
 
@@ -150,6 +153,13 @@ def load_model(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:  # defensive: check_state_matches should have caught it
         raise CheckpointError(f"{p} does not match the model architecture: {str(e).splitlines()[-1].strip()}") from None
+    if meta.get("ood_detector") is not None:  # absent from checkpoints written before the flag existed
+        from dgc_pyro.inference.density import OODDetector
+
+        try:
+            model.ood_detector = OODDetector.from_dict(meta["ood_detector"])
+        except ValueError as e:
+            raise CheckpointError(f"{p}: {e}") from None
     model.metadata = meta
     return model.to(device)
 

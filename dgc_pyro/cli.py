@@ -1,4 +1,4 @@
-"""Command line interface: ``dgc-pyro fit``, ``dgc-pyro evaluate`` and ``dgc-pyro augment``.
+"""Command line interface: ``dgc-pyro fit``, ``dgc-pyro evaluate``, ``dgc-pyro augment`` and ``dgc-pyro predict``.
 
 A thin layer over :mod:`dgc_pyro.experiment`; every error a user can cause ends in a one-line message
 and exit status 2, never a traceback.
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "change of its latent (keeps the source's detail)")
     a.add_argument("--grid-per-class", type=int, default=16,
                    help="synthetic examples shown in each class's PNG grid (0: no grids)")
+    _add_predict_parser(sub)
     return parser
 
 
@@ -650,6 +651,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     evaluated = time.perf_counter() - t0
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
+    print(_ood_flag_line(model, report))
     wrote = ""
     if args.out:
         write_json(Path(args.out) / "metrics.json", {**report, "checkpoint": str(args.checkpoint), "dataset": split.name})
@@ -795,6 +797,104 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- dgc-pyro predict (issue 22)
+def _ood_flag_line(model: Any, report: dict[str, Any]) -> str:
+    """``evaluate``'s line on the OOD flag: its rate on the test split against the stated false-alarm rate."""
+    detector = getattr(model, "ood_detector", None)
+    if detector is None or "ood_flag_rate" not in report:
+        return "OOD flag: none in this checkpoint (fit it with dgc_pyro.fit_ood_threshold, or refit with dgc-pyro fit)"
+    return (f"OOD flag ({detector.score} score): {report['ood_flag_rate']:.3f} of the test split flagged "
+            f"(stated false-alarm rate {detector.false_alarm:.3f}, calibrated on {detector.num_dev} held-out images)")
+
+
+def _add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="label new data with a saved model: classes, uncertainty, density, OOD flags")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
+    p.add_argument("--input", required=True,
+                   help="an .npz file whose array 'x' (or only array) holds the examples, shaped like the training data")
+    p.add_argument("--out", required=True, help="output folder for predictions.npz and predictions.csv")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="latent draws per class (default: the checkpoint's recipe, else 10)")
+    p.add_argument("--reject", choices=("entropy", "density", "both"), default=None,
+                   help="also write the reject option's mask (entropy: above the held-out entropy quantile; density: "
+                        "the OOD flag; both: either)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--seed", type=_seed_arg, default=0, help="seed of the latent draws")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _read_predict_input(path: Path) -> np.ndarray:
+    """The examples of ``dgc-pyro predict --input``: array ``x``, or the file's only array."""
+    if not path.is_file():
+        raise UserError(f"--input {path} does not exist" if not path.exists() else f"--input {path} is not a file")
+    data = _read_npz(path)
+    if "x" in data:
+        return data["x"]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    raise UserError(f"--input {path} must hold an array named 'x' (or a single array); found {sorted(data) or 'none'}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io as text_io
+
+    from dgc_pyro.checkpoint import load_model
+    from dgc_pyro.data.validation import check_features
+    from dgc_pyro.inference.device import resolve_device
+    from dgc_pyro.inference.predict import predict
+    from dgc_pyro.io import atomic_write_bytes, atomic_write_text
+    from dgc_pyro.reproducibility import seed_everything
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
+    _check_out_folder(args.out)
+    x_raw = _read_predict_input(Path(args.input))
+    model = load_model(args.checkpoint, map_location=resolve_device(args.device))
+    meta = model.metadata
+    try:
+        x = check_features(x_raw, input_shape=model.input_shape, name=f"--input {args.input}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.reject in ("density", "both") and getattr(model, "ood_detector", None) is None:
+        raise UserError(f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
+                        "(fit it with dgc_pyro.fit_ood_threshold and save the model again)")
+    saved = _saved_run_config(meta.get("config", {}), args.checkpoint)
+    num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
+    seed_everything(args.seed)
+    pred = predict(model, x, int(num_samples), balanced=model.has_class_prior, reject=args.reject,
+                   progress=not args.no_progress)
+    columns: dict[str, np.ndarray] = {
+        "label": pred.labels, "entropy": pred.entropy, "mutual_information": pred.mutual_information,
+        "expected_entropy": pred.expected_entropy, "log_density": pred.log_density,
+    }
+    if pred.ood is not None:
+        columns.update(ood_score=pred.ood_score, ood=pred.ood)
+    if pred.rejected is not None:
+        columns["rejected"] = pred.rejected
+    columns = {k: v.detach().cpu().numpy() for k, v in columns.items()}
+    proba = pred.proba.detach().cpu().numpy()
+    names = [str(n) for n in meta.get("class_names") or range(model.num_classes)]
+    # Everything is computed before anything is written; each file is written atomically.
+    buf = text_io.BytesIO()
+    np.savez_compressed(buf, proba=proba, class_names=np.array(names), **columns)
+    table = text_io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["index", *columns, *(f"p_{name}" for name in names)])
+    for i in range(len(proba)):
+        row = [columns[k][i] for k in columns]
+        writer.writerow([i, *(int(v) if isinstance(v, (np.bool_, np.integer)) else f"{v:.6g}" for v in row),
+                         *(f"{p:.6g}" for p in proba[i])])
+    out = Path(args.out)
+    atomic_write_bytes(out / "predictions.npz", buf.getvalue())
+    atomic_write_text(out / "predictions.csv", table.getvalue())
+    flagged = f", {int(columns['ood'].sum())} flagged out of distribution" if "ood" in columns else \
+        " (no OOD flag in this checkpoint)"
+    rejected = f", {int(columns['rejected'].sum())} rejected ({args.reject})" if "rejected" in columns else ""
+    print(f"predicted {len(proba)} examples{flagged}{rejected}; wrote {out / 'predictions.npz'} and {out / 'predictions.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dgc-pyro`` console script."""
     parser = build_parser()
@@ -809,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads = torch.get_num_threads()  # --threads holds for this command only (main may be called in-process)
     try:
-        commands = {"fit": _cmd_fit, "evaluate": _cmd_evaluate, "augment": _cmd_augment}
+        commands = {"fit": _cmd_fit, "evaluate": _cmd_evaluate, "augment": _cmd_augment, "predict": _cmd_predict}
         return commands[args.command](args)
     except (UserError, ValueError, OSError, CheckpointError, FloatingPointError) as e:
         # Multi-line library messages (e.g. a list of missing files) are folded into the one line.

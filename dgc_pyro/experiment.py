@@ -19,7 +19,8 @@ import torch
 
 from dgc_pyro.baselines import BASELINES, fit_baseline
 from dgc_pyro.checkpoint import save_model
-from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
+from dgc_pyro.inference.density import fit_ood_threshold
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import write_json
@@ -226,11 +227,35 @@ def evaluate_model(
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
     carries a class prior) and ``progress`` (a bar on stderr) are passed to :func:`predict`."""
     seed_everything(seed)
+    # A model without the x site (observe_x=False) has no density score, hence no OOD flag.
     pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced,
-                   progress=progress)
+                   density=model.observe_x, progress=progress)
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
+    if pred.ood is not None:  # the calibrated OOD flag's rate on these (in-distribution) examples
+        report["ood_flag_rate"] = float(pred.ood.float().mean())
     return report, pred
+
+
+#: The false-alarm rate of the OOD flag that run_experiment calibrates on the validation split.
+OOD_FALSE_ALARM = 0.05
+
+
+def calibrate_ood_flag(model: DGC, split: ImbalancedSplit, recipe: Recipe, seed: int = 0,
+                       false_alarm: float = OOD_FALSE_ALARM) -> bool:
+    """Calibrate ``model``'s OOD flag (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) on the validation
+    images that ``fit`` held out of ``split``'s training data (the same stratified hold-out, rebuilt from
+    ``recipe.val_fraction`` and ``seed``): images the model never trained on. Returns False, leaving the model
+    without a flag, when that hold-out is too small for ``false_alarm`` or there is none, or when the model has no
+    density to flag (``observe_x=False``)."""
+    if recipe.val_fraction <= 0 or not model.observe_x:
+        return False
+    _, val_idx = stratified_holdout(split.y_train.numpy(), recipe.val_fraction, seed)
+    if len(val_idx) < math.ceil(1.0 / false_alarm):
+        return False
+    fit_ood_threshold(model, split.x_train[torch.as_tensor(val_idx)], false_alarm, num_samples=recipe.num_samples,
+                      seed=seed)
+    return True
 
 
 def run_experiment(
@@ -270,6 +295,7 @@ def run_experiment(
         }},
     )
     t1 = time.perf_counter()
+    calibrate_ood_flag(model, split, recipe, seed)
     metrics, pred = evaluate_model(model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed,
                                    progress=progress)
     t2 = time.perf_counter()

@@ -52,6 +52,7 @@ __all__ = [
     "format_paired",
     "ood_auroc",
     "fpr_at_tpr",
+    "risk_coverage_curve",
     "coverage_curve",
     "aurc",
     "accuracy_at_coverage",
@@ -450,15 +451,44 @@ def brier_score(y_true: Any, proba: Any) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def coverage_curve(y_true: Any, proba: Any, uncertainty: Any) -> dict[str, np.ndarray]:
-    """Accuracy and ACSA on the accepted examples as a reject threshold sweeps ``uncertainty`` (larger = less certain).
+def risk_coverage_curve(correct: Any, score: Any) -> dict[str, np.ndarray]:
+    """Risk (error rate of the accepted inputs) against coverage as a reject threshold sweeps ``score``.
 
-    Examples are accepted from the most to the least certain; one point per distinct score value (ties are
-    accepted together). Returns arrays of equal length, in increasing coverage:
+    ``correct`` ``(N,)`` is True where the prediction is right; on a mixed stream of in- and
+    out-of-distribution inputs an out-of-distribution input is never correct, so accepting it counts as an
+    error. ``score`` is an outlier/uncertainty score (higher = rejected first). Inputs are accepted from the
+    lowest score up, ties together; returns ``coverage``, ``risk`` and ``threshold`` in increasing coverage.
+    """
+    c = np.asarray(_to_numpy(correct)).reshape(-1).astype(bool)
+    s = np.asarray(_to_numpy(score), dtype=float).reshape(-1)
+    if len(c) == 0 or c.shape != s.shape:
+        raise ValueError(f"correct and score must be non-empty and of one length, got {c.shape} and {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"score contains NaN or inf ({int((~np.isfinite(s)).sum())} of {len(s)} values)")
+    order = np.argsort(s, kind="stable")
+    s_sorted, errors = s[order], np.cumsum(~c[order])
+    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
+    k = ends + 1
+    return {"coverage": k / len(c), "risk": errors[ends] / k, "threshold": s_sorted[ends]}
+
+
+def aurc(correct: Any, score: Any) -> float:
+    """Area under the risk-coverage curve (Geifman & El-Yaniv 2018): the mean risk over the coverages
+    1/N, 2/N, ..., 1 (ties accepted together count at their group's risk); lower is better."""
+    curve = risk_coverage_curve(correct, score)
+    sizes = np.diff(np.concatenate([[0.0], curve["coverage"]]))
+    return float(np.sum(sizes * curve["risk"]))
+
+
+def coverage_curve(y_true: Any, proba: Any, uncertainty: Any) -> dict[str, np.ndarray]:
+    """Accuracy and ACSA on the accepted examples as a reject threshold sweeps ``uncertainty`` (larger = less certain):
+    :func:`risk_coverage_curve` of ``proba``'s argmax, with the per-class view beside it.
+
+    Returns arrays of equal length, in increasing coverage (one point per distinct score; ties accepted together):
 
     - ``threshold``: accept examples whose score is <= this value;
     - ``coverage``: fraction of examples accepted (the last point is 1);
-    - ``accuracy``: accuracy of ``proba``'s argmax on the accepted examples;
+    - ``accuracy``: accuracy on the accepted examples (1 - the risk);
     - ``acsa``: mean per-class recall on the accepted examples, over the classes that have at least one accepted
       example (a class whose examples are all rejected is left out rather than counted as recall 0).
     """
@@ -466,54 +496,38 @@ def coverage_curve(y_true: Any, proba: Any, uncertainty: Any) -> dict[str, np.nd
     s = np.asarray(_to_numpy(uncertainty), dtype=float)
     if s.shape != yt.shape:
         raise ValueError(f"the uncertainty scores have shape {s.shape} but y_true has {yt.size} labels")
-    if not np.isfinite(s).all():
-        raise ValueError(f"the uncertainty scores contain NaN or inf ({int((~np.isfinite(s)).sum())} of {s.size})")
+    correct = p.argmax(axis=1) == yt
+    curve = risk_coverage_curve(correct, s)
     n, c = p.shape
     order = np.argsort(s, kind="stable")
-    s_sorted = s[order]
-    y_sorted = yt[order]
-    correct = (p.argmax(axis=1) == yt)[order]
-    ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))  # last index of each tie group
-    k = ends + 1
-    cum_correct = np.cumsum(correct)[ends]
+    k = np.rint(curve["coverage"] * n).astype(int)  # the accepted count at each point
     onehot = np.zeros((n, c))
-    onehot[np.arange(n), y_sorted] = 1.0
-    total_c = np.cumsum(onehot, axis=0)[ends]
-    correct_c = np.cumsum(onehot * correct[:, None], axis=0)[ends]
+    onehot[np.arange(n), yt[order]] = 1.0
+    total_c = np.cumsum(onehot, axis=0)[k - 1]
+    correct_c = np.cumsum(onehot * correct[order][:, None], axis=0)[k - 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(total_c > 0, correct_c / total_c, np.nan)
     return {
-        "threshold": s_sorted[ends],
-        "coverage": k / n,
-        "accuracy": cum_correct / k,
+        "threshold": curve["threshold"],
+        "coverage": curve["coverage"],
+        "accuracy": np.cumsum(correct[order])[k - 1] / k,
         "acsa": np.nanmean(recall, axis=1),
     }
 
 
-def aurc(y_true: Any, proba: Any, uncertainty: Any) -> float:
-    """Area under the risk-coverage curve (Geifman & El-Yaniv 2017): the selective error rate averaged over
-    coverages, in [0, 1]; lower is better.
+def accuracy_at_coverage(correct: Any, score: Any, coverage: float) -> float:
+    """Accuracy on the most certain ``coverage`` share of the inputs (e.g. 0.8: the 20% with the highest ``score``
+    rejected); ``correct`` and ``score`` as in :func:`risk_coverage_curve`.
 
-    Without ties it is the mean over k = 1..N of the error rate among the k most certain examples; a group of
-    tied scores enters as one step of the curve (accepted together), so the order inside a tie does not matter.
-    """
-    curve = coverage_curve(y_true, proba, uncertainty)
-    steps = np.diff(np.concatenate([[0.0], curve["coverage"]]))
-    return float(np.sum(steps * (1.0 - curve["accuracy"])))
-
-
-def accuracy_at_coverage(y_true: Any, proba: Any, uncertainty: Any, coverage: float) -> float:
-    """Accuracy on the most certain ``coverage`` share of the examples (e.g. 0.8: the 20% least certain rejected).
-
-    The threshold is the first point of :func:`coverage_curve` that accepts at least that share, so a tie
-    straddling the cut is accepted whole.
+    The threshold is the first point of the curve that accepts at least that share, so a tie straddling the cut is
+    accepted whole.
     """
     if isinstance(coverage, bool) or not isinstance(coverage, (int, float, np.floating)) or not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must lie in (0, 1], got {coverage!r}")
-    curve = coverage_curve(y_true, proba, uncertainty)
-    # A tolerance so that 0.8 of 10 examples (0.8000000000000002 in floats) still stops at 8.
+    curve = risk_coverage_curve(correct, score)
+    # A tolerance so that 0.8 of 10 inputs (0.8000000000000002 in floats) still stops at 8.
     i = int(np.searchsorted(curve["coverage"], float(coverage) - 1e-12, side="left"))
-    return float(curve["accuracy"][i])
+    return float(1.0 - curve["risk"][i])
 
 
 # ---------------------------------------------------------------------------------------

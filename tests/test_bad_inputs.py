@@ -42,6 +42,7 @@ from dgc_pyro.data import (
     stratified_holdout,
 )
 from dgc_pyro.inference.augment import augment
+from dgc_pyro.inference.density import fit_ood_threshold
 from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import predict, predict_proba
@@ -214,6 +215,18 @@ API_CASES = [
          "num_samples must be an integer >= 1, got 0"),
     Case("predict", "num_samples=2.5", lambda c: predict(c.model, X, 2.5), ValueError,
          "num_samples must be an integer >= 1, got 2.5"),
+    Case("predict", "num_samples=10**9 (a result too big for memory)", lambda c: predict(c.model, X, 10**9), ValueError,
+         "num_samples=1000000000 is too many for 12 examples: the (12, 3, 3000000000) log weights"),
+    Case("predict", "density_samples=0", lambda c: predict(c.model, X, 2, density_samples=0), ValueError,
+         "density_samples must be an integer >= 1, got 0"),
+    Case("predict", "an unknown reject rule", lambda c: predict(c.model, X, 2, reject="energy"), ValueError,
+         "reject must be one of ('entropy', 'density', 'both') or None, got 'energy'"),
+    Case("predict", 'reject="density" without an OOD detector', lambda c: predict(c.model, X, 2, reject="density"),
+         ValueError, 'reject="density" needs the calibrated OOD flag: the model has no OOD detector'),
+    Case("fit_ood_threshold", "false_alarm=1.5", lambda c: fit_ood_threshold(c.model, X, 1.5), ValueError,
+         "false_alarm must be a rate strictly between 0 and 1, got 1.5"),
+    Case("fit_ood_threshold", "too few held-out images for the rate", lambda c: fit_ood_threshold(c.model, X, 0.05),
+         ValueError, "x_dev has 12 images; a false-alarm rate of 0.05 needs at least 20 held-out"),
     Case("predict_proba", "empty x", lambda c: predict_proba(c.model, X[:0]), ValueError, "x is empty"),
     Case("predict_proba", "x as float pixels 0..255", lambda c: predict_proba(c.model, X * 255), ValueError,
          "x has values outside [0, 1]"),
@@ -395,6 +408,13 @@ CLI_CASES = [
             "--resume takes the data and recipe from the checkpoint; drop --lr"),
     CliCase("--resume with a changed weight choice", ["fit", "--resume", "{tmp}/badrun", "--keep", "last"],
             "--resume takes the data and recipe from the checkpoint; drop --keep"),
+    CliCase("predict an input of another shape", ["predict", "--checkpoint", "{tmp}/model.safetensors", "--input",
+            "{tmp}/pred_shape.npz", "--out", "{tmp}/predout"],
+            "--input {tmp}/pred_shape.npz has the wrong shape: expected (n, 1, 8, 8), got (12, 64)"),
+    CliCase("predict an input with a NaN", ["predict", "--checkpoint", "{tmp}/model.safetensors", "--input",
+            "{tmp}/pred_nan.npz", "--out", "{tmp}/predout"], "--input {tmp}/pred_nan.npz contains non-finite values"),
+    CliCase("predict an empty input", ["predict", "--checkpoint", "{tmp}/model.safetensors", "--input",
+            "{tmp}/pred_empty.npz", "--out", "{tmp}/predout"], "--input {tmp}/pred_empty.npz is empty"),
     CliCase("evaluate a missing checkpoint", ["evaluate", "--checkpoint", "{tmp}/missing.safetensors"],
             "[Errno 2] checkpoint file not found: '{tmp}/missing.safetensors'"),
     CliCase("evaluate a pickle", ["evaluate", "--checkpoint", "{tmp}/evil.pt"],
@@ -499,6 +519,9 @@ def ctx(tmp_path_factory):
     np.savez(tmp / "good.npz", x_train=x, y_train=Y)
     np.savez(tmp / "channelslast.npz", x_train=np.repeat(X, 3, axis=1).transpose(0, 2, 3, 1), y_train=Y)
     np.savez(tmp / "three.npz", x_train=x[:3], y_train=Y[:3])
+    np.savez(tmp / "pred_shape.npz", x=x)
+    np.savez(tmp / "pred_nan.npz", x=_with(X, (0, 0, 0, 0), np.nan))
+    np.savez(tmp / "pred_empty.npz", x=X[:0])
     good = (tmp / "good.npz").read_bytes()
     (tmp / "truncated.npz").write_bytes(good[: len(good) // 2])
     # A byte inside x_train's data (after the zip entry and .npy headers): the zip's CRC no longer matches.

@@ -317,3 +317,17 @@ def test_plots_are_drawn_and_saved(tmp_path, tiny, trees):
     ax.figure.savefig(tmp_path / "rel.png")
     plt.close(ax.figure)
     assert (tmp_path / "diag.png").stat().st_size > 1000 and (tmp_path / "rel.png").stat().st_size > 1000
+
+
+def test_datatree_density_group_agrees_with_predict(trees, tiny):
+    dt, _ = trees
+    model, x, _, _ = tiny
+    dens = dt["density"]
+    assert dens["log_density"].dims == ("example",) and dens["log_density"].shape == (40,)
+    assert dens.attrs["units"] == "nats" and "ood" not in dens  # no detector fitted on this model
+    torch.manual_seed(3)
+    from_predict = predict(model, x[:40], 30).log_density.double().numpy()
+    # two importance-weighted estimates of the same log p(x): the proposal at the observed label (60 draws) and
+    # the mixture over the class hypotheses (300 draws): a few nats apart on values spread over ~200 nats
+    assert np.abs(dens["log_density"].values - from_predict).mean() < 4.0
+    assert np.corrcoef(dens["log_density"].values, from_predict)[0, 1] > 0.99

@@ -393,34 +393,40 @@ def test_format_paired_rows():
 
 
 # --------------------------------------------------------------------------- selective prediction
-def test_aurc_and_accuracy_at_coverage_by_hand():
-    from dgc_pyro.metrics import accuracy_at_coverage, aurc
+def test_accuracy_at_coverage_by_hand():
+    from dgc_pyro.metrics import accuracy_at_coverage
 
-    # Four examples, the two least certain ones wrong: risks at k = 1..4 are 0, 0, 1/3, 2/4.
-    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45]])
-    y = [0, 0, 1, 1]
-    unc = 1.0 - proba.max(1)
-    assert aurc(y, proba, unc) == pytest.approx((0 + 0 + 1 / 3 + 2 / 4) / 4)
-    assert accuracy_at_coverage(y, proba, unc, 0.5) == 1.0
-    assert accuracy_at_coverage(y, proba, unc, 0.75) == pytest.approx(2 / 3)
-    assert accuracy_at_coverage(y, proba, unc, 1.0) == 0.5
-    # A score that ranks the errors first is worse; one that cannot rank (all tied) is the plain error rate.
-    assert aurc(y, proba, -unc) > aurc(y, proba, unc)
-    assert aurc(y, proba, np.zeros(4)) == pytest.approx(0.5)
-    assert accuracy_at_coverage(y, proba, np.zeros(4), 0.25) == 0.5  # the tie is accepted whole
+    # Four inputs, the two least certain ones wrong (aurc and risk_coverage_curve: tests/test_density.py).
+    correct = np.array([True, True, False, False])
+    unc = np.array([0.1, 0.2, 0.4, 0.45])
+    assert accuracy_at_coverage(correct, unc, 0.5) == 1.0
+    assert accuracy_at_coverage(correct, unc, 0.75) == pytest.approx(2 / 3)
+    assert accuracy_at_coverage(correct, unc, 1.0) == 0.5
+    assert accuracy_at_coverage(correct, np.zeros(4), 0.25) == 0.5  # the tie is accepted whole
 
 
 def test_coverage_at_a_float_edge_stops_at_the_exact_count():
     from dgc_pyro.metrics import accuracy_at_coverage
 
-    proba = np.tile([[0.6, 0.4]], (10, 1))
-    y = [0] * 8 + [1, 1]
-    unc = np.arange(10.0)  # the two errors are the least certain
-    assert accuracy_at_coverage(y, proba, unc, 0.8) == 1.0
+    correct = np.array([True] * 8 + [False, False])
+    assert accuracy_at_coverage(correct, np.arange(10.0), 0.8) == 1.0  # the two errors are the least certain
+
+
+def test_coverage_curve_agrees_with_the_risk_coverage_curve():
+    from dgc_pyro.metrics import coverage_curve, risk_coverage_curve
+
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
+    y = np.array([0, 0, 1, 1, 1])
+    unc = np.array([0.1, 0.2, 0.2, 0.45, 0.3])
+    curve = coverage_curve(y, proba, unc)
+    rc = risk_coverage_curve(proba.argmax(1) == y, unc)
+    assert np.allclose(curve["accuracy"], 1.0 - rc["risk"]) and np.array_equal(curve["coverage"], rc["coverage"])
+    # per-class recall on the accepted: at coverage 3/5 class 0 has 2 of 2 right, class 1 0 of 1
+    assert curve["acsa"][1] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("unc, coverage, match", [
-    ([0.1, 0.2], 0.5, "shape"),
+    ([0.1, 0.2], 0.5, "of one length"),
     ([0.1, np.nan, 0.3], 0.5, "NaN or inf"),
     ([0.1, 0.2, 0.3], 0.0, r"coverage must lie in \(0, 1\]"),
     ([0.1, 0.2, 0.3], 1.5, r"coverage must lie in \(0, 1\]"),
@@ -428,6 +434,5 @@ def test_coverage_at_a_float_edge_stops_at_the_exact_count():
 def test_selective_metrics_name_bad_input(unc, coverage, match):
     from dgc_pyro.metrics import accuracy_at_coverage
 
-    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
     with pytest.raises(ValueError, match=match):
-        accuracy_at_coverage([0, 1, 0], proba, unc, coverage)
+        accuracy_at_coverage([True, False, True], unc, coverage)

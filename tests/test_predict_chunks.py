@@ -85,7 +85,6 @@ def test_progress_bar_on_stderr(capsys):
     model = _model()
     predict(model, _x(), 2, max_rows=40, progress=True)  # 2 examples per pass: 3 chunks
     err = capsys.readouterr().err
-    # a bar over the 3 chunks (its last state may be cleared on close: tqdm redraws at most every 0.1 s)
-    assert "predict" in err and "0/3" in err
+    assert "predict" in err and "/3 " in err  # three passes (tqdm redraws at most every 0.1 s)
     predict(model, _x(), 2, max_rows=40)
     assert capsys.readouterr().err == ""

@@ -10,7 +10,10 @@
   ``xy`` (chain, draw, example);
 - ``sample_stats``: ``log_p`` = log p(z_i, x_i, y_i) and ``log_q`` = log q(z_i | x_i, y_i)
   (chain, draw, example), the densities that the approximate-posterior LOO needs;
-- ``observed_data``: ``y`` (example) and, with ``include_x``, ``x``.
+- ``observed_data``: ``y`` (example) and, with ``include_x``, ``x``;
+- ``density``: ``log_density`` (example), the importance-weighted log p(x) in nats from the same draws, and
+  with a calibrated OOD detector (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) ``ood_score`` and
+  the ``ood`` flag.
 
 There is one chain (the draws are independent, not MCMC). Because z is a *local* latent (one per
 example), leaving example i out of the data leaves its z_i with the prior p(z); :func:`loo` therefore
@@ -20,6 +23,7 @@ the importance-sampled marginal p(x_i, y_i) and its k-hat the reliability of tha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -150,7 +154,30 @@ def to_datatree(
     )
     for name, node in data.children.items():
         main[name] = node
+    main["density"] = _density_group(model, x, dens, coords["example"])
     return main
+
+
+def _density_group(model: DGC, x: torch.Tensor, dens: dict[str, torch.Tensor], examples: np.ndarray) -> xr.DataTree:
+    """The ``density`` group: log p(x) per example from the draws already taken (free: no further network pass).
+
+    log p(x) ~ logmeanexp_s [log p(z_s) + log p(x | z_s) - log q(z_s | x, y)], an importance-weighted lower bound
+    (in expectation) with the proposal at the observed label; with the model's calibrated OOD detector also its
+    score and flag (see :mod:`dgc_pyro.inference.density`).
+    """
+    import xarray as xr
+
+    log_w = (dens["log_prior"] + dens["log_lik_x"] - dens["log_q"]).double()  # (S, N)
+    log_density = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    data = {"log_density": ("example", _np(log_density))}
+    detector = getattr(model, "ood_detector", None)
+    if detector is not None:
+        score = detector.scores(log_density.float(), x if detector.score == "complexity" else None)
+        data["ood_score"] = ("example", _np(score))
+        data["ood"] = ("example", _np(detector.flags(score)))
+    attrs = {"units": "nats", "estimator": "importance-weighted bound on log p(x), proposal q(z | x, y)",
+             "num_samples": int(log_w.shape[0])}
+    return xr.DataTree(dataset=xr.Dataset(data, coords={"example": examples}, attrs=attrs))
 
 
 def _log_density(dt: xr.DataTree, name: str, method: str) -> xr.DataArray:

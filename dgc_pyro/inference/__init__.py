@@ -1,6 +1,7 @@
 """Objectives, SVI training, prediction and augmentation for DGC."""
 
 from dgc_pyro.inference.augment import AugmentationWarning, augment, synthetic_counts
+from dgc_pyro.inference.density import OODDetector, fit_ood_threshold
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.fit import History, fit
@@ -25,6 +26,8 @@ __all__ = [
     "predict_proba",
     "Prediction",
     "class_log_weights",
+    "fit_ood_threshold",
+    "OODDetector",
     "posterior_from_log_weights",
     "posterior_predictive",
     "posterior_log_densities",

@@ -620,7 +620,8 @@ class _Loop:
                 "lr": epoch_lr,
             }
             if self.x_val is not None:
-                pred = predict(model, self.x_val, self.val_num_samples, balanced=model.has_class_prior)
+                # Labels only: no density score (it costs decoder rows, and a model without the x site has none).
+                pred = predict(model, self.x_val, self.val_num_samples, balanced=model.has_class_prior, density=False)
                 report = imbalance_report(self.y_val, pred.labels.cpu(), num_classes=model.num_classes,
                                           train_counts=self.counts)
                 record.update({f"val_{k}": v for k, v in report.items()})

@@ -70,9 +70,18 @@ class Prediction:
         spread: standard deviation over draws of the predicted class's per-draw probability.
         log_weights: ``(N, C, S)`` log importance weights, kept for diagnostics.
         rule: the scoring rule that produced ``log_weights`` (None when built by hand).
-        rejected: ``(N,)`` bool mask of the reject option (``predict(..., reject_threshold=t)``):
-            True where the uncertainty score exceeds ``t``; None when no threshold was given.
+        rejected: ``(N,)`` bool mask of the reject option (``predict(..., reject=...)`` or
+            ``reject_threshold=t``): True where the example is rejected; None when no reject option was used.
             ``labels`` always holds the argmax; :attr:`labels_with_reject` has -1 where rejected.
+        log_density: ``(N,)`` importance-weighted lower bound on log p(x) in nats per example (None with
+            ``density=False``); see :mod:`dgc_pyro.inference.density` for what it means and its pitfalls.
+        density_samples: draws behind ``log_density`` (per class hypothesis for the decoding rules).
+        ood_score: ``(N,)`` the model's OOD detector score (larger = more unusual), None without a detector.
+        ood: ``(N,)`` bool, True where the calibrated OOD flag fires; None without a detector
+            (:func:`~dgc_pyro.inference.density.fit_ood_threshold`).
+        reject_rank: ``(N,)`` the continuous score behind the reject rule (``"entropy"``: the uncertainty
+            score; ``"density"``: ``ood_score``; ``"both"``: the larger dev percentile of the two), for
+            coverage curves; None when no reject rule was used.
     """
 
     labels: torch.Tensor
@@ -84,6 +93,11 @@ class Prediction:
     log_weights: torch.Tensor
     rejected: torch.Tensor | None = None
     rule: str | None = None
+    log_density: torch.Tensor | None = None
+    density_samples: int | None = None
+    ood_score: torch.Tensor | None = None
+    ood: torch.Tensor | None = None
+    reject_rank: torch.Tensor | None = None
 
     @property
     def labels_with_reject(self) -> torch.Tensor:
@@ -104,7 +118,17 @@ def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Norm
     return normal
 
 
-def _log_weight_chunk(model: DGC, x: torch.Tensor, num_samples: int, rule: str) -> torch.Tensor:
+def _log_weight_chunk(
+    model: DGC, x: torch.Tensor, num_samples: int, rule: str, density_draws: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log weights ``(n, C, D)`` of one pass, and with ``density_draws > 0`` the log-sum-exp over this
+    pass's draws of the importance weights of log p(x), ``(n, K)`` (see :func:`_density_count`).
+
+    The density terms reuse the pass's draws and decoder rows: for ``"mixture"`` they are its weights
+    against the mixture proposal, for ``"iw"``/``"paper"`` the per-class weights of log p(x, y = c) (y is
+    marginalised by the sum over c), and for ``"latent"`` the first ``density_draws`` draws of q(z | x) are
+    decoded (the only decoder rows that rule runs).
+    """
     n, c = x.shape[0], model.num_classes
     # The same model and guide, without PyroModule's per-parameter bookkeeping where it is moot.
     guide_fn, model_fn = _bare_method(model, "guide"), _bare_method(model, "model")
@@ -113,8 +137,20 @@ def _log_weight_chunk(model: DGC, x: torch.Tensor, num_samples: int, rule: str) 
         # trained label-free guide (label_in_guide=False) makes q(z | x) meaningful.
         with pyro.plate("particles", num_samples, dim=-2):
             guide_tr = poutine.trace(guide_fn).get_trace(x, None)
-        log_py = torch.log_softmax(model.label_logits(guide_tr.nodes["z"]["value"]), dim=-1)  # (S, n, c)
-        return log_py.permute(1, 2, 0)
+        z = guide_tr.nodes["z"]["value"]
+        log_py = torch.log_softmax(model.label_logits(z), dim=-1)  # (S, n, c)
+        dens = None
+        if density_draws > 0:
+            zd = z[:density_draws]
+            log_q = guide_tr.nodes["z"]["fn"].log_prob(z)[:density_draws]
+            # The model's own sites (a subclass's prior or likelihood included), at the drawn latents; y is
+            # observed at a placeholder (its term is unused) so that no random number is drawn for it.
+            y0 = torch.zeros(zd.shape[:-1], dtype=torch.long, device=x.device)
+            with pyro.plate("particles", density_draws, dim=-2):
+                model_tr = poutine.trace(poutine.condition(model_fn, data={"z": zd, "y": y0})).get_trace(x, None)
+            log_w_x = model_tr.nodes["x"]["fn"].log_prob(x) + model_tr.nodes["z"]["fn"].log_prob(zd) - log_q
+            dens = torch.logsumexp(log_w_x, dim=0)[:, None]  # (n, 1)
+        return log_py.permute(1, 2, 0), dens
     # Class-major tiling: row j*n + i holds example i under class hypothesis j.
     xc = x.repeat((c,) + (1,) * (x.dim() - 1))
     yc = torch.arange(c, device=x.device).repeat_interleave(n)
@@ -136,12 +172,29 @@ def _log_weight_chunk(model: DGC, x: torch.Tensor, num_samples: int, rule: str) 
         log_shared = log_px + model_tr.nodes["z"]["fn"].log_prob(z)  # (S, c*n)
         log_shared = log_shared.reshape(num_samples * c, n) - log_q_mix
         log_py = torch.log_softmax(model.label_logits(zd.squeeze(-2)), dim=-1)  # (S*c, n, c)
-        return (log_shared[..., None] + log_py).permute(1, 2, 0)  # (n, c, S*c)
+        # sum_c p(y = c | z) = 1, so the weights of log p(x) are the shared part alone.
+        dens = torch.logsumexp(log_shared, dim=0)[:, None] if density_draws > 0 else None
+        return (log_shared[..., None] + log_py).permute(1, 2, 0), dens  # (n, c, S*c)
     log_w = log_px + model_tr.nodes["y"]["fn"].log_prob(yc)
+    log_iw = log_w + model_tr.nodes["z"]["fn"].log_prob(z) - guide_tr.nodes["z"]["fn"].log_prob(z)
     if rule == "iw":
-        log_w = log_w + model_tr.nodes["z"]["fn"].log_prob(z) - guide_tr.nodes["z"]["fn"].log_prob(z)
+        log_w = log_iw
+    dens = None
+    if density_draws > 0:
+        dens = torch.logsumexp(log_iw.reshape(num_samples, c, n), dim=0).transpose(0, 1)  # (n, c)
     # (S, c*n) -> (n, c, S)
-    return log_w.reshape(num_samples, c, n).permute(2, 1, 0)
+    return log_w.reshape(num_samples, c, n).permute(2, 1, 0), dens
+
+
+def _density_count(rule: str, num_classes: int, num_samples: int, density_draws: int) -> int:
+    """Number of importance weights averaged per term of the log p(x) estimate: D = S*C draws of the
+    mixture proposal (``"mixture"``), S per class (``"iw"``, ``"paper"``: summed over the C classes) or the
+    ``density_draws`` draws of q(z | x) (``"latent"``)."""
+    if rule == "mixture":
+        return num_samples * num_classes
+    if rule == "latent":
+        return density_draws
+    return num_samples
 
 
 @torch.no_grad()
@@ -185,6 +238,7 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+@torch.no_grad()
 def _class_log_weights(
     model: DGC,
     x: torch.Tensor,
@@ -195,8 +249,11 @@ def _class_log_weights(
     autocast: str | None,
     channels_last: bool | None,
     progress: bool,
-) -> tuple[torch.Tensor, None]:
-    """:func:`class_log_weights` and (reserved) per-example extras of the same pass."""
+    density_samples: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`class_log_weights` and, with ``density_samples > 0``, the importance-weighted log p(x) ``(N,)``
+    of the same pass (``density_samples`` is the number of draws the ``"latent"`` rule decodes for it; the
+    other rules use all their draws)."""
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if rule is None:
@@ -204,20 +261,24 @@ def _class_log_weights(
     if rule not in SCORING_RULES:
         raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
     _check_count("num_samples", num_samples, 1)
+    _check_count("density_samples", density_samples, 0)
     if autocast not in AUTOCAST_CHOICES:
         raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     x = check_features(x, input_shape=model.input_shape)
     num_samples = int(num_samples)
+    # The latent rule decodes at most its own draws; the other rules' density costs no extra rows.
+    density_draws = min(int(density_samples), num_samples) if rule == "latent" else int(density_samples > 0)
     check_prediction_size(model, x.shape[0], num_samples, rule=rule)
     was_training = model.training
     model.eval()
     if channels_last is None:
         channels_last = model.device.type == "cpu" or autocast is not None
-    out = []
+    out, dens_out = [], []
     try:
-        examples, draws = chunk_plan(model, rule, num_samples, max_rows=max_rows)
+        examples, draws = chunk_plan(model, rule, num_samples, max_rows=max_rows,
+                                     density_samples=density_draws if rule == "latent" else 0)
         blocks = [(s, min(s + draws, num_samples)) for s in range(0, num_samples, draws)]
         starts = range(0, x.shape[0], examples)
         with contextlib.ExitStack() as stack:
@@ -232,14 +293,24 @@ def _class_log_weights(
                 xb = x[start : start + examples].to(model.device, model.dtype, non_blocking=True)
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                parts = []
+                parts, dens = [], None
                 for lo, hi in blocks:
-                    parts.append(_log_weight_chunk(model, xb, hi - lo, rule).float())
+                    here = max(0, min(density_draws, hi) - lo) if rule == "latent" else density_draws
+                    log_w, d = _log_weight_chunk(model, xb, hi - lo, rule, here)
+                    parts.append(log_w.float())
+                    if d is not None:
+                        dens = d.float() if dens is None else torch.logaddexp(dens, d.float())
                     bar.update(1)
                 out.append(parts[0] if len(parts) == 1 else _join_draw_blocks(parts, rule, model.num_classes))
+                if dens is not None:
+                    dens_out.append(dens)
     finally:
         model.train(was_training)
-    return torch.cat(out, dim=0), None
+    log_density = None
+    if dens_out:
+        count = _density_count(rule, model.num_classes, num_samples, density_draws)
+        log_density = torch.logsumexp(torch.cat(dens_out, dim=0), dim=-1) - math.log(count)
+    return torch.cat(out, dim=0), log_density
 
 
 def _join_draw_blocks(parts: list[torch.Tensor], rule: str, num_classes: int) -> torch.Tensor:
@@ -288,18 +359,20 @@ def _row_bytes(model: DGC) -> dict[str, int]:
     return row
 
 
-def rows_per_example(rule: str, num_classes: int, num_samples: int) -> dict[str, int]:
+def rows_per_example(rule: str, num_classes: int, num_samples: int, density_samples: int = 0) -> dict[str, int]:
     """Rows each network runs per example under ``rule`` with ``num_samples`` draws.
 
-    ``"latent"``: the encoder once and the label head once per draw (no decoder); the other rules encode
-    every class hypothesis once and decode and classify every (class, draw) pair.
+    ``"latent"``: the encoder once and the label head once per draw, and the decoder (and the head) once for
+    each of the ``density_samples`` draws decoded for the density score; the other rules encode every class
+    hypothesis once and decode and classify every (class, draw) pair (their density score is free).
     """
     if rule == "latent":
-        return {"encoder": 1, "decoder": 0, "classifier": num_samples}
+        d = min(density_samples, num_samples)
+        return {"encoder": 1, "decoder": d, "classifier": num_samples + d}
     return {"encoder": num_classes, "decoder": num_classes * num_samples, "classifier": num_classes * num_samples}
 
 
-def _example_bytes(model: DGC, rule: str, num_samples: int) -> tuple[int, int]:
+def _example_bytes(model: DGC, rule: str, num_samples: int, density_samples: int = 0) -> tuple[int, int]:
     """``(working set, largest activation)`` in bytes of one example's pass with ``num_samples`` draws.
 
     The working set is three times each network's activations (a layer's input, its output and a
@@ -307,7 +380,7 @@ def _example_bytes(model: DGC, rule: str, num_samples: int) -> tuple[int, int]:
     temporaries of it) and the (C, D) log weights themselves.
     """
     per_row = _row_bytes(model)
-    rows = rows_per_example(rule, model.num_classes, num_samples)
+    rows = rows_per_example(rule, model.num_classes, num_samples, density_samples)
     elem = next(iter(model.parameters())).element_size()
     c, k = model.num_classes, model.latent_dim
     draws = c * num_samples if rule == "mixture" else num_samples
@@ -325,24 +398,26 @@ def _budget(model: DGC) -> tuple[int, int | None]:
     return CPU_CHUNK_BYTES, CPU_ACTIVATION_BYTES
 
 
-def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None) -> tuple[int, int]:
+def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None,
+               density_samples: int = 0) -> tuple[int, int]:
     """``(examples, draws)`` per vectorised pass of ``rule`` with ``num_samples`` draws per example.
 
     With ``max_rows`` the busiest network runs at most that many rows per pass (at least one draw of one
     example). Without it the pass fits the device's budget (see the module docstring) and keeps at least
     the device's minimum of rows (64 on CPU) when the examples allow it. When a single example exceeds
-    the budget, its draws are split: ``examples == 1`` and ``draws < num_samples``.
+    the budget, its draws are split: ``examples == 1`` and ``draws < num_samples``. ``density_samples``:
+    the draws the ``"latent"`` rule decodes per example for the density score.
     """
-    rows = rows_per_example(rule, model.num_classes, num_samples)
+    rows = rows_per_example(rule, model.num_classes, num_samples, density_samples)
     busiest = max(rows.values())
     if max_rows is not None:
         examples = int(max_rows) // busiest
         if examples >= 1:
             return examples, num_samples
-        per_draw = max(rows_per_example(rule, model.num_classes, 1).values())
+        per_draw = max(rows_per_example(rule, model.num_classes, 1, min(density_samples, 1)).values())
         return 1, max(1, int(max_rows) // per_draw)
     lo, hi = _ROW_LIMITS.get(model.device.type, _ROW_LIMITS["cpu"])
-    working_set, activation = _example_bytes(model, rule, num_samples)
+    working_set, activation = _example_bytes(model, rule, num_samples, density_samples)
     ws_budget, act_budget = _budget(model)
     examples = ws_budget // working_set
     if act_budget is not None:
@@ -355,7 +430,7 @@ def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None 
     draws = num_samples
     while draws > 1:
         draws = max(1, draws // 2)
-        ws, act = _example_bytes(model, rule, draws)
+        ws, act = _example_bytes(model, rule, draws, min(density_samples, draws))
         if ws <= ws_budget and (act_budget is None or act <= act_budget):
             break
     return 1, draws
@@ -492,6 +567,12 @@ def posterior_from_log_weights(log_w: torch.Tensor) -> Prediction:
     )
 
 
+#: Draws of q(z | x) the ``"latent"`` rule decodes for the density score by default: the decoder is that rule's
+#: only extra cost (the label head needs none), and 2 keeps ``dgc-pyro evaluate`` of the 10,000 Fashion test
+#: images within its 30 s CPU target (benchmarks/evaluate_speed.py). The other rules use all their draws.
+DEFAULT_DENSITY_SAMPLES = 2
+
+
 def predict(
     model: DGC,
     x: torch.Tensor,
@@ -501,36 +582,99 @@ def predict(
     max_rows: int | None = None,
     reject_threshold: float | None = None,
     reject_score: str = "entropy",
+    reject: str | None = None,
+    density: bool = True,
+    density_samples: int | None = None,
+    ood: bool = True,
     autocast: str | None = None,
     channels_last: bool | None = None,
     balanced: bool = False,
     progress: bool = False,
 ) -> Prediction:
-    """Predicted labels with predictive entropy, its aleatoric/epistemic split and the spread over draws.
+    """Predicted labels with predictive entropy, its aleatoric/epistemic split, the spread over draws, and the
+    density of x.
 
-    With ``reject_threshold`` the prediction also carries the reject option: ``rejected`` is True
-    where ``reject_score`` (``"entropy"``, ``"least_confidence"`` = 1 - max proba,
-    ``"mutual_information"`` or ``"expected_entropy"``) is strictly greater than the threshold.
-    ``max_rows``, ``autocast``, ``channels_last`` and ``progress`` (a tqdm bar on stderr): see
-    :func:`class_log_weights`. With ``balanced=True`` the prediction targets a class-balanced test distribution, which is what ACSA
+    ``log_density`` is an importance-weighted lower bound on log p(x) (nats per example) from the draws the
+    rule already takes: the mixture proposal's weights (``"mixture"``), the per-class weights of
+    log p(x, y = c) summed over c (``"iw"``, ``"paper"``), or ``density_samples`` (default
+    :data:`DEFAULT_DENSITY_SAMPLES`, at most ``num_samples``) decoded draws of q(z | x) (``"latent"``, whose
+    class posterior needs no decoder). ``density=False`` skips it (and the flags). When the model carries an
+    OOD detector (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) and ``ood`` is True, ``ood_score``
+    and the calibrated ``ood`` flags are filled in.
+
+    The reject option abstains (``rejected``; :attr:`Prediction.labels_with_reject`):
+
+    - ``reject="entropy"``: where ``reject_score`` (``"entropy"``, ``"least_confidence"`` = 1 - max proba,
+      ``"mutual_information"`` or ``"expected_entropy"``) is strictly greater than ``reject_threshold``
+      (default: the detector's dev-set entropy quantile at its false-alarm rate);
+    - ``reject="density"``: where the OOD flag fires (needs a detector);
+    - ``reject="both"``: where either does: inputs the model cannot classify or cannot explain.
+
+    ``reject_threshold`` alone (``reject=None``) is the entropy rule. ``max_rows``, ``autocast``,
+    ``channels_last`` and ``progress`` (a tqdm bar on stderr): see :func:`class_log_weights`.
+    With ``balanced=True`` the prediction targets a class-balanced test distribution, which is what ACSA
     measures: a model built with ``class_prior`` scores with its prior-free label likelihood softmax(f(z))
     (:meth:`DGC.balanced_labels`); any other model has its own label marginal p(y) (:meth:`DGC.label_prior`)
-    divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c).
+    divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c). The density is that of
+    the model's x either way.
     """
+    from dgc_pyro.inference.density import REJECT_RULES
+
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    if reject is None and reject_threshold is not None:
+        reject = "entropy"
+    if reject is not None and reject not in REJECT_RULES:
+        raise ValueError(f"reject must be one of {REJECT_RULES} or None, got {reject!r}")
+    detector = getattr(model, "ood_detector", None) if ood and density else None
+    if reject in ("density", "both") and detector is None:
+        why = "density=False and ood=False switch it off" if not (ood and density) else \
+            "the model has no OOD detector; calibrate one with dgc_pyro.fit_ood_threshold(model, x_dev)"
+        raise ValueError(f'reject="{reject}" needs the calibrated OOD flag: {why}')
+    if reject == "entropy" and reject_threshold is None and detector is None:
+        raise ValueError('reject="entropy" needs reject_threshold (or a model with an OOD detector, whose dev-set '
+                         "entropy quantile is the default)")
+    if density_samples is None:
+        density_samples = DEFAULT_DENSITY_SAMPLES
+    _check_count("density_samples", density_samples, 1)
+    rule = rule or model.default_rule
     with model.balanced_labels() if balanced else contextlib.nullcontext():
-        log_w = class_log_weights(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast,
-                                  channels_last=channels_last, progress=progress)
+        log_w, log_density = _class_log_weights(
+            model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last,
+            progress=progress, density_samples=int(density_samples) if density else 0)
     if balanced and not model.has_class_prior:
         log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
         log_w = log_w - log_prior[None, :, None]
     pred = posterior_from_log_weights(log_w)
-    pred.rule = rule or model.default_rule
-    if reject_threshold is not None:
-        from dgc_pyro.diagnostics.uncertainty import reject  # local: diagnostics imports this module
-
-        mask = reject(pred, reject_threshold, reject_score)
-        pred.rejected = torch.as_tensor(mask, dtype=torch.bool, device=pred.labels.device)
+    pred.rule = rule
+    if log_density is not None:
+        pred.log_density = log_density
+        pred.density_samples = min(int(density_samples), int(num_samples)) if rule == "latent" else int(num_samples)
+    if detector is not None:
+        score = detector.scores(log_density, x if detector.score == "complexity" else None).to(log_w.device)
+        pred.ood_score = score
+        pred.ood = detector.flags(score)
+    if reject is not None:
+        _apply_reject(pred, reject, reject_threshold, reject_score, detector)
     return pred
+
+
+def _apply_reject(pred: Prediction, reject: str, threshold: float | None, score: str, detector: Any) -> None:
+    """Fill ``pred.rejected`` and ``pred.reject_rank`` for a reject rule of :func:`predict`."""
+    from dgc_pyro.diagnostics.uncertainty import uncertainty_score  # local: diagnostics imports this module
+
+    device = pred.labels.device
+    uncertainty = torch.as_tensor(uncertainty_score(pred, score), dtype=torch.float32, device=device)
+    if threshold is None:
+        threshold = detector.entropy_threshold
+    by_uncertainty = uncertainty > float(threshold)
+    if reject == "entropy":
+        pred.rejected, pred.reject_rank = by_uncertainty, uncertainty
+    elif reject == "density":
+        pred.rejected, pred.reject_rank = pred.ood, pred.ood_score
+    else:
+        pred.rejected = by_uncertainty | pred.ood
+        pred.reject_rank = detector.combined(uncertainty, pred.ood_score).to(device)
 
 
 def predict_proba(
@@ -546,4 +690,4 @@ def predict_proba(
 ) -> torch.Tensor:
     """Class posterior p(y | x) as an ``(N, C)`` tensor whose rows sum to one (see :func:`predict`)."""
     return predict(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, balanced=balanced,
-                   channels_last=channels_last).proba
+                   channels_last=channels_last, density=False).proba

@@ -1,0 +1,84 @@
+"""``dgc-pyro predict`` and the OOD flag of ``fit``/``evaluate`` (issue 22), end to end on digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from dgc_pyro.checkpoint import load_model
+from dgc_pyro.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["fit", "--epochs", "2", "--no-progress", "--baseline", "none", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    from dgc_pyro.data import load_imbalanced
+
+    return load_imbalanced("digits", seed=0).x_test[:40].numpy()
+
+
+def test_fit_calibrates_the_flag_and_evaluate_reports_its_rate(run, tmp_path, capsys):
+    model = load_model(run / "model.safetensors")
+    assert model.ood_detector is not None and model.ood_detector.false_alarm == 0.05
+    fitted = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= fitted["ood_flag_rate"] <= 0.3
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "model.safetensors"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "OOD flag (typicality score):" in out and "stated false-alarm rate 0.050" in out
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again["ood_flag_rate"] == pytest.approx(fitted["ood_flag_rate"])
+
+
+def test_predict_writes_labels_probabilities_density_and_flags(run, images, tmp_path, capsys):
+    noise = np.random.default_rng(0).random((10, 1, 8, 8)).round().astype(np.float32)
+    np.savez(tmp_path / "new.npz", x=np.concatenate([images, noise]))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run), "--input", str(tmp_path / "new.npz"), "--out", str(out),
+                 "--reject", "both", "--no-progress"]) == 0
+    assert "predicted 50 examples" in capsys.readouterr().out
+    with np.load(out / "predictions.npz") as z:
+        assert z["proba"].shape == (50, 10) and np.allclose(z["proba"].sum(1), 1, atol=1e-5)
+        assert z["label"].shape == z["log_density"].shape == z["ood"].shape == z["rejected"].shape == (50,)
+        assert z["ood"][40:].mean() > 0.8  # the noise images are flagged
+        assert (z["rejected"] >= z["ood"]).all()  # "both" rejects every flagged input
+        labels = z["label"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 50 and {"label", "log_density", "ood", "rejected", "p_0", "p_9"} <= set(rows[0])
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shape", "wrong shape: expected (n, 1, 8, 8)"),
+    ("nan", "non-finite values"),
+    ("empty", "is empty"),
+    ("missing", "does not exist"),
+    ("names", "must hold an array named 'x'"),
+    ("text", "is not a valid .npz archive"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, case, message):
+    path = tmp_path / "in.npz"
+    if case == "shape":
+        np.savez(path, x=np.zeros((3, 64), np.float32))
+    elif case == "nan":
+        np.savez(path, x=np.full((3, 1, 8, 8), np.nan, np.float32))
+    elif case == "empty":
+        np.savez(path, x=np.zeros((0, 1, 8, 8), np.float32))
+    elif case == "names":
+        np.savez(path, a=np.zeros((3, 1, 8, 8)), b=np.zeros(3))
+    elif case == "text":
+        path.write_text("not an archive")
+    out = tmp_path / "pred"
+    code = main(["predict", "--checkpoint", str(run), "--input", str(path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (out / "predictions.npz").exists() and not (out / "predictions.csv").exists()
