@@ -14,7 +14,7 @@ from dgc_pyro.checkpoint import load_training_state
 from dgc_pyro.data import load_imbalanced
 from dgc_pyro.experiment import Recipe, recipe_overrides
 from dgc_pyro.inference.deferred import balanced_order, balanced_weights, first_perturbation_epoch
-from dgc_pyro.inference.fit import TrainingInterrupted, fit
+from dgc_pyro.inference.fit import TrainingDivergedError, TrainingInterrupted, fit
 from dgc_pyro.inference.perturbation import borrowed_scale, head_classes, perturbation_loss, repeat_counts
 from dgc_pyro.io import CheckpointError
 from dgc_pyro.models.dgc import DGC
@@ -129,6 +129,21 @@ def test_head_retraining_trains_the_label_head_alone(digits):
     assert h.config["retrain_head_epochs"] == 2
     _, plain = run(digits, epochs=2)
     assert h.epochs[:2] == plain.epochs[:2]  # the stages before the re-training are today's fit
+
+
+def test_divergence_inside_the_head_retraining_is_replayed_with_the_head_step(digits):
+    m = new_model(digits)
+
+    def poison(epoch, record):
+        if epoch == 3:
+            with torch.no_grad():
+                m.classifier.net.weight[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDivergedError) as info:
+        run(digits, model=m, retrain_head_epochs=1, callback=poison)
+    e = info.value
+    assert (e.epoch, e.step) == (4, 1) and "replaying the step" not in str(e)
+    assert e.nonfinite_parameters == ["classifier.net.weight"]
 
 
 @pytest.mark.parametrize("stop_after", [2, 3], ids=["before-the-stage", "inside-the-stage"])
