@@ -107,6 +107,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class History:
     """What a fit did: one dict per epoch (``loss``, ``perturbation_loss``, validation metrics).
 
+    In the epochs of a head re-training stage (``fit(..., retrain_head_epochs=k)``, the last k) ``loss`` is the
+    label head's cross-entropy on class-balanced latent draws and ``perturbation_loss`` is 0.
+
     ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds (the last
     one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a
     resumed fit started from.
