@@ -25,7 +25,8 @@ from torch.nn import functional as F
 from dgc_pyro.arguments import check_fraction, check_non_negative
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from", "make_head_step"]
+__all__ = ["balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from",
+           "make_head_step"]
 
 
 def first_perturbation_epoch(perturbation_start: float, epochs: int) -> int:
@@ -46,13 +47,13 @@ def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: in
     check_fraction("perturbation_start", perturbation_start)
     check_non_negative("retrain_head_epochs", retrain_head_epochs, integer=True)
     if retrain_head_epochs >= epochs:
-        raise ValueError(f"retrain_head_epochs={retrain_head_epochs} leaves no epoch of the main fit (epochs={epochs}); "
-                         "it must be smaller than epochs")
+        raise ValueError(f"retrain_head_epochs={retrain_head_epochs} leaves no epoch of the main fit "
+                         f"(epochs={epochs}); it must be smaller than epochs")
     last = epochs - retrain_head_epochs  # the last epoch of the main steps
     first = first_perturbation_epoch(perturbation_start, epochs)
     if perturbation_start > 0 and perturbation_rate > 0 and first > last:
-        raise ValueError(f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, after "
-                         f"the last epoch of the main steps ({last} of {epochs}): it would never run")
+        raise ValueError(f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, "
+                         f"after the last epoch of the main steps ({last} of {epochs}): it would never run")
 
 
 def balanced_order(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
