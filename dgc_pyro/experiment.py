@@ -65,6 +65,12 @@ class Recipe:
     #: the model has the pixel site p(x | z) (True, DGC) or not (False: the "vib" control, a label-free guide
     #: with the label likelihood only; see DGC's ``observe_x``)
     observe_x: bool = True
+    #: deferred re-balancing (DRW): the perturbation step only from epoch ceil(perturbation_start * epochs) + 1 on
+    perturbation_start: float = 0.0
+    #: classifier re-training (cRT): the last this many epochs train p(y | z) alone on class-balanced q(z | x) draws
+    retrain_head_epochs: int = 0
+    #: spread of the perturbation step's re-drawn tail latents: q's own sigma ("own") or the head classes' ("head")
+    perturbation_noise: str = "own"
 
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
@@ -74,6 +80,8 @@ class Recipe:
             "val_fraction": self.val_fraction, "perturbation_rate": self.perturbation_rate, "betas": tuple(self.betas),
             "pretrain_steps": self.pretrain_steps, "transform": self.transform, "perturbation_prior": self.perturbation_prior,
             "lr_schedule": self.lr_schedule, "select_best": self.select_best,
+            "perturbation_start": self.perturbation_start, "retrain_head_epochs": self.retrain_head_epochs,
+            "perturbation_noise": self.perturbation_noise,
         }
 
     def baseline_options(self) -> dict[str, Any]:

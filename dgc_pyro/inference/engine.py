@@ -45,7 +45,7 @@ from pyro.poutine.util import site_is_subsample
 from dgc_pyro.inference import distributed as _distributed
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.objectives import Objective
-from dgc_pyro.inference.perturbation import guide_normal_params, perturbation_loss
+from dgc_pyro.inference.perturbation import borrowed_scale, guide_normal_params, perturbation_loss
 from dgc_pyro.models.dgc import DGC
 
 ENGINES = ("torch", "graph", "svi")
@@ -291,6 +291,7 @@ def make_step(
     compile: bool | dict[str, Any] = False,
     perturbation_offset: torch.Tensor | None = None,
     fallback: bool = False,
+    borrow_from: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
@@ -298,7 +299,12 @@ def make_step(
     a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`), or, with
     ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
     perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
-    The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``).
+    ``borrow_from``: boolean mask of the head classes whose pooled within-class spread the tail classes'
+    re-drawn latents get (:func:`~dgc_pyro.inference.perturbation.borrowed_scale`); None keeps q's own sigma.
+    The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``) and
+    ``step.set_perturbing(on)``, which turns the perturbation update on or off from the next call (deferred
+    re-balancing). The switch is read in Python at every call, outside any captured graph, which returns the
+    guide's parameters whenever ``perturb`` is set, so a ``"graph"`` step never bakes the switch in.
     A ``"graph"`` step raises :class:`~dgc_pyro.inference.capture.GraphCaptureError` when a model cannot be
     captured; with ``fallback`` it warns once instead and runs the torch engine's step from then on (the same
     numbers, on the same optimisers), and ``step.engine`` becomes ``"torch"``.
@@ -308,6 +314,8 @@ def make_step(
     ctx = _distributed.current()
     if ctx is not None:
         _distributed.check_engine(engine)
+        if borrow_from is not None:  # the head classes' spread would be one shard's, not the global batch's
+            raise ValueError("perturbation_noise='head' is not supported in data-parallel fits")
     if compile and engine != "graph":
         compile_networks(model, compile if isinstance(compile, dict) else None)
     if ctx is not None:
@@ -318,13 +326,19 @@ def make_step(
     zero = torch.zeros((), device=device)
     max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
     latent_dim = model.latent_dim
+    switch = types.SimpleNamespace(on=True)  # step.set_perturbing: deferred re-balancing turns it on late
+
+    def set_perturbing(on: bool) -> None:
+        switch.on = bool(on)
 
     def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int] | None = None,
                      guide_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if not perturb:
+        if not (perturb and switch.on):
             return zero
         if shard is None:
             loc, scale = guide_params or guide_normal_params(guide_trace, model, x, y)
+            if borrow_from is not None:
+                scale = borrowed_scale(loc, scale, y, borrow_from)
             loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps, offset=perturbation_offset)
         else:
             # x, y: the global batch; the guide trace holds this rank's shard. The noise and the
@@ -377,6 +391,7 @@ def make_step(
             return torch.tensor(loss, device=device), perturbation(traced_guide.trace, x, y)
 
         svi_step.optimizers = {"main": optim, "perturbation": cls_opt}  # for checkpoints (resume.py)
+        svi_step.set_perturbing = set_perturbing
         return svi_step
 
     params = list(model.parameters())
@@ -410,6 +425,7 @@ def make_step(
             return loss, perturbation(guide_tr, x, y, (lo, hi))
 
     torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (resume.py)
+    torch_step.set_perturbing = set_perturbing
     if engine != "graph":
         return torch_step
 
@@ -441,5 +457,6 @@ def make_step(
 
     graph_step.engine = "graph"  # "torch" once a capture failed
     graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
+    graph_step.set_perturbing = set_perturbing
     graph_step.captured = captured
     return graph_step

@@ -45,11 +45,25 @@ from dgc_pyro.checkpoint import (
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform, transform_name
 from dgc_pyro.data.validation import check_xy
+from dgc_pyro.inference.deferred import (
+    balanced_order,
+    balanced_weights,
+    check_deferred,
+    first_perturbation_epoch,
+    head_epochs_from,
+    make_head_step,
+)
 from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.divergence import TrainingDivergedError, describe_term, first_nonfinite, site_terms
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
-from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
+from dgc_pyro.inference.perturbation import (
+    check_perturbation_noise,
+    check_perturbation_prior,
+    head_classes,
+    perturbation_offset,
+    repeat_counts,
+)
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.inference.resume import (
@@ -92,6 +106,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 @dataclass
 class History:
     """What a fit did: one dict per epoch (``loss``, ``perturbation_loss``, validation metrics).
+
+    In the epochs of a head re-training stage (``fit(..., retrain_head_epochs=k)``, the last k) ``loss`` is the
+    label head's cross-entropy on class-balanced latent draws and ``perturbation_loss`` is 0.
 
     ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds (the last
     one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a
@@ -279,6 +296,9 @@ def fit(
     perturbation_prior: str = "train",
     lr_schedule: str = "constant",
     warmup_steps: int | None = None,
+    perturbation_start: float = 0.0,
+    retrain_head_epochs: int = 0,
+    perturbation_noise: str = "own",
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -343,6 +363,17 @@ def fit(
             ``min(warmup_steps, steps per epoch)`` steps, against the early blow-up of deep networks at rates
             that train well afterwards (:mod:`dgc_pyro.inference.schedule`); 0 turns it off. Default
             (None): :data:`DEFAULT_WARMUP_STEPS`, or, when resuming, what the checkpoint's fit used.
+        perturbation_start: deferred re-balancing (DRW, Cao et al. 2019): the perturbation step runs only from
+            epoch ``ceil(perturbation_start * epochs) + 1`` on; a number in [0, 1), 0 (the default) runs it in
+            every epoch (:mod:`dgc_pyro.inference.deferred`).
+        retrain_head_epochs: classifier re-training (cRT, Kang et al. 2020): the last this many epochs freeze the
+            encoder and decoder and train p(y | z) alone, with the perturbation step's optimiser, on
+            class-balanced batches of latents drawn from q(z | x, y); their ``loss`` is that cross-entropy.
+            0 (the default) has no such stage. Either deferral fixes the stages to ``epochs``, so a resumed fit
+            must keep them.
+        perturbation_noise: ``"own"`` (the default): re-drawn latents use q's own sigma; ``"head"``: those of
+            the tail classes (the ones the step repeats) get the head classes' pooled within-class spread
+            (ISDA / RSG / GCL; :func:`~dgc_pyro.inference.perturbation.borrowed_scale`). Single-process only.
 
     When the validation ACSA is still near chance after :data:`CHANCE_CHECK_EPOCH` epochs (fits of fewer epochs
     are not judged; near chance means at most
@@ -354,6 +385,8 @@ def fit(
         became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
         resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
+    if (devices != 1 or strategy is not None) and (retrain_head_epochs or perturbation_noise != "own"):
+        raise ValueError("retrain_head_epochs and perturbation_noise='head' are not supported in data-parallel fits")
     if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes (engine "torch")
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed
@@ -370,6 +403,8 @@ def fit(
     if warmup_steps is not None:
         check_non_negative("warmup_steps", warmup_steps, integer=True)
     check_perturbation_prior(perturbation_prior)  # before any data work; the offset is built after the split
+    check_perturbation_noise(perturbation_noise)
+    check_deferred(perturbation_start, retrain_head_epochs, epochs, perturbation_rate)
     check_lr_schedule(lr_schedule)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable, got {callback!r}")
@@ -417,6 +452,10 @@ def fit(
         # the cosine's length is part of every step's rate, so such a fit cannot grow its epochs on resume
         "schedule_epochs": epochs if lr_schedule != "constant" else None,
         "warmup_steps": warmup_steps,
+        "perturbation_start": perturbation_start, "retrain_head_epochs": retrain_head_epochs,
+        "perturbation_noise": perturbation_noise,
+        # the deferred stages' epochs are fractions or counts of `epochs`, which a resumed fit must then keep
+        "deferred_epochs": epochs if perturbation_start > 0 or retrain_head_epochs else None,
     })
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = data_fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -453,6 +492,8 @@ def fit(
                 "pretrain_steps": pretrain_steps, "transform": transform_label,
                 "perturbation_prior": perturbation_prior, "lr_schedule": lr_schedule,
                 "warmup_steps": min(warmup_steps, math.ceil(len(y) / batch_size)),
+                "perturbation_start": perturbation_start, "retrain_head_epochs": retrain_head_epochs,
+                "perturbation_noise": perturbation_noise,
             },
             train_counts=counts.tolist(),
         )
@@ -460,7 +501,7 @@ def fit(
             pretrain_encoder(model, x_dev, y_dev, pretrain_steps, batch_size=batch_size, lr=lr, betas=betas, seed=seed)
         step = make_step(model, loss_fn, engine, lr, betas, classifier_lr or lr, perturbation_rate > 0, reps, dev,
                          compile=compile, perturbation_offset=perturbation_offset(model, reps, perturbation_prior),
-                         fallback=True)
+                         fallback=True, borrow_from=head_classes(reps) if perturbation_noise == "head" else None)
         optimizers = getattr(step, "optimizers", None)
         if not isinstance(optimizers, dict):
             raise RuntimeError("make_step must expose the step's optimisers as step.optimizers (a dict)")
@@ -488,7 +529,10 @@ def fit(
         ctx = _Loop(run, x_dev, y_dev, x_val, y_val, counts, batch_size, epochs, checkpoint_every, check_every,
                     select_best, val_num_samples, callback, progress, lr, batch_transform,
                     schedule=lr_schedule, base_lrs={"main": lr, "perturbation": classifier_lr or lr},
-                    warmup_steps=warmup_steps)
+                    warmup_steps=warmup_steps,
+                    perturbation_from=first_perturbation_epoch(perturbation_start, epochs),
+                    head_from=head_epochs_from(retrain_head_epochs, epochs),
+                    head_step=make_head_step(model, optimizers["perturbation"]) if retrain_head_epochs else None)
         ctx.run(start)
         if getattr(step, "engine", engine) != engine:  # the graph engine fell back to the torch engine
             history.config["engine"] = step.engine
@@ -510,7 +554,8 @@ class _Loop:
                  batch_size: int, epochs: int, checkpoint_every: int, check_every: int | None, select_best: bool,
                  val_num_samples: int, callback: Any, progress: bool, lr: float,
                  transform: Transform | None = None, schedule: str = "constant",
-                 base_lrs: dict[str, float] | None = None, warmup_steps: int = 0) -> None:
+                 base_lrs: dict[str, float] | None = None, warmup_steps: int = 0, perturbation_from: int = 1,
+                 head_from: int | None = None, head_step: Callable | None = None) -> None:
         self.run_ = run
         self.x, self.y, self.x_val, self.y_val, self.counts = x, y, x_val, y_val, counts
         self.batch_size, self.epochs = batch_size, epochs
@@ -523,6 +568,27 @@ class _Loop:
         self.schedule, self.base_lrs = schedule, dict(base_lrs or {})
         self.total_steps = epochs * self.num_batches
         self.warmup = min(warmup_steps, self.num_batches)  # at most the first epoch
+        self.perturbation_from, self.head_from, self.head_step = perturbation_from, head_from, head_step
+        self.weights = balanced_weights(y, counts) if head_from is not None else None
+
+    def retraining(self, epoch: int) -> bool:
+        """Whether ``epoch`` is in the head re-training stage (``retrain_head_epochs``)."""
+        return self.head_from is not None and epoch >= self.head_from
+
+    def start_epoch(self, epoch: int) -> tuple[torch.Tensor, Callable]:
+        """Set the model's modes and the perturbation switch for ``epoch``; return its data order and step.
+
+        Everything here follows from the epoch number (and the fit's generator), so a resumed or replayed
+        epoch starts exactly as the uninterrupted one did.
+        """
+        run = self.run_
+        run.model.train()
+        run.step.set_perturbing(epoch >= self.perturbation_from)
+        if self.retraining(epoch):
+            run.model.encoder.eval()  # frozen: its BatchNorm/dropout as at prediction, no running-statistic updates
+            run.model.decoder.eval()
+            return balanced_order(self.weights, run.generator), self.head_step
+        return torch.randperm(self.n, device=self.x.device, generator=run.generator), run.step
 
     def set_step_lr(self, step: int) -> float:
         """Apply the schedule's rates for global step ``step`` to every optimiser; returns the main rate."""
@@ -584,8 +650,7 @@ class _Loop:
         bar = tqdm(range(start + 1, self.epochs + 1), desc="fit", unit="epoch", disable=not self.progress,
                    leave=False, initial=start, total=self.epochs)
         for epoch in bar:
-            model.train()
-            perm = torch.randperm(self.n, device=self.x.device, generator=run.generator)
+            perm, step = self.start_epoch(epoch)
             mains: list[torch.Tensor] = []
             perts: list[torch.Tensor] = []
             checked = 0
@@ -594,7 +659,7 @@ class _Loop:
                 if b:
                     self.set_step_lr(run.global_step + b)
                 try:
-                    main, pert = run.step(*self.batch(perm, b))
+                    main, pert = step(*self.batch(perm, b))
                 except ValueError as e:
                     # torch.distributions' argument validation: non-finite parameters reached a distribution.
                     if "found invalid values" not in str(e):
@@ -653,10 +718,10 @@ class _Loop:
             # Replay the epoch from the last good state up to step k (same RNG draws on the same
             # device), then evaluate every site of the model and guide on the offending batch.
             run.restore(good)
-            perm = torch.randperm(self.n, device=self.x.device, generator=run.generator)
+            perm, step = self.start_epoch(epoch)
             for b in range(k):
                 self.set_step_lr(good.global_step + b)
-                run.step(*self.batch(perm, b))
+                step(*self.batch(perm, b))
             self.set_step_lr(good.global_step + k)
             bad_params = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
             if main is None or not math.isfinite(main):

@@ -9,6 +9,11 @@ tau * log pi to the logits, pi the training class frequencies. The perturbation 
 follow pi: class c appears n_c * reps_c times. ``perturbation_prior="perturbed"`` gives the step the
 offset of the frequencies it actually sees (:func:`perturbation_offset`), so both steps fit the same
 balanced classifier; ``"train"`` (the default) keeps the training prior's offset in both.
+
+``perturbation_noise="head"`` (:func:`borrowed_scale`) re-draws the latents of the tail classes (those the
+step repeats, ``reps_c > 1``) with the pooled within-class spread of the head classes (``reps_c == 1``)
+instead of q's own sigma, as ISDA (Wang et al. 2019), RSG (Wang et al. 2021) and GCL (Li et al. 2022)
+transfer the frequent classes' feature variation to the rare ones; ``"own"`` (the default) keeps q's sigma.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dgc_pyro.models.dgc import DGC, unwrap_normal
 
 #: Which class frequencies the perturbation step's logit adjustment follows (see the module docs).
 PERTURBATION_PRIORS = ("train", "perturbed")
+#: Whose spread the perturbation step's re-drawn tail latents get: q's own sigma or the head classes' (module docs).
+PERTURBATION_NOISES = ("own", "head")
 
 
 def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch.Tensor:
@@ -40,6 +47,45 @@ def check_perturbation_prior(prior: str) -> None:
     """Raise ValueError naming ``prior`` unless it is one of :data:`PERTURBATION_PRIORS`."""
     if prior not in PERTURBATION_PRIORS:
         raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
+
+
+def check_perturbation_noise(noise: str) -> None:
+    """Raise ValueError naming ``noise`` unless it is one of :data:`PERTURBATION_NOISES`."""
+    if noise not in PERTURBATION_NOISES:
+        raise ValueError(f"perturbation_noise must be one of {PERTURBATION_NOISES}, got {noise!r}")
+
+
+def head_classes(reps_per_class: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the head classes: those the perturbation step does not repeat (``reps_c == 1``)."""
+    return reps_per_class == 1
+
+
+def borrowed_scale(loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """``scale`` with the rows of tail-class examples replaced by the head classes' pooled within-class spread.
+
+    The spread is the per-dimension standard deviation of z ~ q(z | x) within a head class, pooled over the
+    head classes of this batch: by the law of total variance, the pooled (unbiased) variance of the class
+    members' locations plus the mean of q's own variances, ``sum_c sum_{i in c} (loc_i - mean_c)^2 /
+    (n_head - C_head) + mean_i scale_i^2``. A tail example's re-drawn latent ``loc_i + spread * eps`` then
+    scatters around it as widely as head-class latents scatter within their class. Rows of head classes, and
+    every row when the batch holds no head example, keep q's own scale. Fixed shapes, no host synchronisation.
+
+    Args:
+        loc, scale: q(z | x, y)'s parameters, ``(n, k)`` (detached).
+        y: labels ``(n,)``.
+        head: boolean mask ``(C,)`` of the head classes (:func:`head_classes`).
+    """
+    classes = torch.arange(head.shape[0], device=y.device)
+    member = ((y[:, None] == classes) & head).to(loc.dtype)  # (n, C): example i in head class c
+    in_head = member.sum(1)  # (n,) 1 for head examples
+    n_c = member.sum(0)  # (C,)
+    mean = (member.T @ loc) / n_c.clamp_min(1.0)[:, None]  # (C, k)
+    centred = (loc - member @ mean) * in_head[:, None]  # head rows minus their class mean, tail rows 0
+    n_head = in_head.sum()
+    dof = (n_head - (n_c > 0).sum()).clamp_min(1.0)
+    variance = centred.square().sum(0) / dof + (scale.square() * in_head[:, None]).sum(0) / n_head.clamp_min(1.0)
+    tail = ~head[y] & (n_head > 0)
+    return torch.where(tail[:, None], variance.sqrt().expand_as(scale), scale)
 
 
 def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:

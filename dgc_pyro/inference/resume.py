@@ -107,7 +107,8 @@ def load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
 
 #: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
 RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None,
-                                   "warmup_steps": 0}
+                                   "warmup_steps": 0, "perturbation_start": 0.0, "retrain_head_epochs": 0,
+                                   "perturbation_noise": "own", "deferred_epochs": None}
 #: Engines that run the same step on the same optimiser state: a checkpoint of one resumes with the other.
 _SAME_STEP = {"graph": "torch"}
 #: Model options added after checkpoints existed: a checkpoint's model config that lacks one had this value.
