@@ -13,7 +13,8 @@ Chunks are sized automatically (``max_rows=None``) by the rows each rule really 
 per draw, no decoder; the other rules C encoder rows and C x S decoder and head rows) and each network's
 activation size, measured once per model: on CUDA a quarter of the free memory bounds a pass's working set;
 on CPU, where a convolutional decoder runs about twice as fast on ~100-200 rows as on 1000+ (its
-activations then stay in cache), the largest activation of a pass is kept near 16 MiB and the working set
+activations then stay in cache), the largest activation of a pass is kept near 16 MiB (128 MiB for the
+short passes of the ``"latent"`` rule, whose per-pass overheads dominate on a loaded CPU) and the working set
 under 512 MiB. When one example's draws exceed that, they are split over several passes, so memory
 stays bounded for any ``num_samples``; only a result that cannot fit is refused, before any work.
 
@@ -52,6 +53,11 @@ AUTOCAST_CHOICES = (None, "bf16")
 #: the free memory.
 CPU_CHUNK_BYTES = 512 * 2**20
 CPU_ACTIVATION_BYTES = 16 * 2**20
+#: The "latent" rule's passes (an encoder row per example, a label-head row per draw, a few decoder rows for the
+#: density) are short, so on a shared, loaded CPU the per-pass overheads dominate: 1,000 Fashion images took
+#: 2.2 s in one pass, 4.6 s in passes of 500 and 10.8 s in passes of 166 (the 16 MiB budget) on the project's
+#: 2-core machine at load ~9 (density_samples=1). Its largest activation may therefore reach 128 MiB.
+LATENT_CPU_ACTIVATION_BYTES = 128 * 2**20
 CUDA_CHUNK_SHARE = 0.25
 _ROW_LIMITS = {"cpu": (64, 32768), "cuda": (1024, 1 << 20)}
 _ROW_BYTES: "weakref.WeakKeyDictionary[DGC, dict[str, int]]" = weakref.WeakKeyDictionary()
@@ -389,13 +395,13 @@ def _example_bytes(model: DGC, rule: str, num_samples: int, density_samples: int
     return 3 * sum(acts) + extra, max(acts)
 
 
-def _budget(model: DGC) -> tuple[int, int | None]:
-    """``(working-set bytes, largest-activation bytes or None)`` of one pass on the model's device."""
+def _budget(model: DGC, rule: str) -> tuple[int, int | None]:
+    """``(working-set bytes, largest-activation bytes or None)`` of one pass of ``rule`` on the model's device."""
     device = model.device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(CUDA_CHUNK_SHARE * free), None
-    return CPU_CHUNK_BYTES, CPU_ACTIVATION_BYTES
+    return CPU_CHUNK_BYTES, LATENT_CPU_ACTIVATION_BYTES if rule == "latent" else CPU_ACTIVATION_BYTES
 
 
 def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None,
@@ -418,7 +424,7 @@ def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None 
         return 1, max(1, int(max_rows) // per_draw)
     lo, hi = _ROW_LIMITS.get(model.device.type, _ROW_LIMITS["cpu"])
     working_set, activation = _example_bytes(model, rule, num_samples, density_samples)
-    ws_budget, act_budget = _budget(model)
+    ws_budget, act_budget = _budget(model, rule)
     examples = ws_budget // working_set
     if act_budget is not None:
         examples = min(examples, act_budget // max(activation, 1))
@@ -568,9 +574,10 @@ def posterior_from_log_weights(log_w: torch.Tensor) -> Prediction:
 
 
 #: Draws of q(z | x) the ``"latent"`` rule decodes for the density score by default: the decoder is that rule's
-#: only extra cost (the label head needs none), and 2 keeps ``dgc-pyro evaluate`` of the 10,000 Fashion test
-#: images within its 30 s CPU target (benchmarks/evaluate_speed.py). The other rules use all their draws.
-DEFAULT_DENSITY_SAMPLES = 2
+#: only extra cost (its class posterior needs none); one draw (the single-sample bound, an ELBO estimate) keeps
+#: ``dgc-pyro evaluate`` of the 10,000 Fashion test images near its 30 s target on the loaded 2-core CPU
+#: (benchmarks/evaluate_speed.py), where two took several times longer. The other rules use all their draws.
+DEFAULT_DENSITY_SAMPLES = 1
 
 
 def predict(
@@ -597,7 +604,7 @@ def predict(
     ``log_density`` is an importance-weighted lower bound on log p(x) (nats per example) from the draws the
     rule already takes: the mixture proposal's weights (``"mixture"``), the per-class weights of
     log p(x, y = c) summed over c (``"iw"``, ``"paper"``), or ``density_samples`` (default
-    :data:`DEFAULT_DENSITY_SAMPLES`, at most ``num_samples``) decoded draws of q(z | x) (``"latent"``, whose
+    :data:`DEFAULT_DENSITY_SAMPLES` = 1, at most ``num_samples``) decoded draws of q(z | x) (``"latent"``, whose
     class posterior needs no decoder). ``density=False`` skips it (and the flags). When the model carries an
     OOD detector (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) and ``ood`` is True, ``ood_score``
     and the calibrated ``ood`` flags are filled in.
