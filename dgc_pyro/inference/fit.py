@@ -49,7 +49,9 @@ from dgc_pyro.inference.device import resolve_device
 from dgc_pyro.inference.divergence import TrainingDivergedError, describe_term, first_nonfinite, site_terms
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
-from dgc_pyro.inference.perturbation import check_perturbation_prior, perturbation_offset, repeat_counts
+from dgc_pyro.inference.perturbation import (
+    check_perturbation_model, check_perturbation_prior, perturbation_offset, repeat_counts,
+)
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.inference.resume import (
@@ -354,6 +356,7 @@ def fit(
         became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an unusable checkpoint to
         resume from. TrainingInterrupted (a KeyboardInterrupt): Ctrl-C/SIGTERM during a checkpointed fit.
     """
+    check_perturbation_model(model, perturbation_rate)  # before the data-parallel workers are started
     if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes (engine "torch")
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed

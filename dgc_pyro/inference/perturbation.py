@@ -42,6 +42,18 @@ def check_perturbation_prior(prior: str) -> None:
         raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
 
 
+def check_perturbation_model(model: Any, rate: Any) -> None:
+    """Raise ValueError when the step is asked of a model without a label head (``DGC.has_label_head`` False).
+
+    The step trains the classifier network p(y | z) alone; the class-conditional prior's p(y | z) is Bayes' rule
+    on its class Gaussians, which the step's optimiser does not hold, so it would silently do nothing.
+    """
+    if isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool) and rate > 0 \
+            and not getattr(model, "has_label_head", True):
+        raise ValueError(f"perturbation_rate={rate} needs a label head p(y | z), which a model with "
+                         "latent_prior='class_conditional' does not have; use perturbation_rate=0")
+
+
 def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:
     """The logit offset of the perturbation step, or None to use ``model.label_logits`` unchanged.
 
