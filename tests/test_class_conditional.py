@@ -58,6 +58,14 @@ def test_trace_has_the_documented_sites_and_shapes(covariance):
     _, free_tr = _traces(model, x, None)
     assert not free_tr.nodes["y"]["is_observed"] and free_tr.nodes["y"]["value"].shape == (6,)
     assert model.default_rule == "bayes" and not model.has_label_head
+    # the other rules and a vectorised multi-particle ELBO run the same model under an outer plate
+    for rule in ("iw", "mixture", "latent"):
+        proba = predict(model, x, 3, rule=rule).proba
+        assert proba.shape == (6, 3) and torch.allclose(proba.sum(-1), torch.ones(6)), rule
+    with pyro.settings.context(module_local_params=True):
+        assert torch.isfinite(get_objective("elbo")(model.model, model.guide, x, y))
+        from dgc_pyro.inference.objectives import elbo_loss
+        assert torch.isfinite(elbo_loss(num_particles=3)(model.model, model.guide, x, y))
 
 
 def test_objectives_train_the_class_means_and_analytic_kl_uses_the_observed_class():

@@ -360,8 +360,10 @@ class DGC(PyroModule):
                 if self.label_weight != 1.0:
                     # p(y) p(z | y) = p(z) p(y | z): label_weight multiplies log p(y | z) as in the standard model,
                     # the surplus (label_weight - 1) log p(y | z) entering as a factor beside the exact joint.
-                    log_py = torch.log_softmax(self.label_logits(z), dim=-1).gather(-1, y.long()[..., None])
-                    pyro.factor("label_weight", (self.label_weight - 1.0) * log_py.squeeze(-1))
+                    # (z may carry leading particle dims that the labels lack: broadcast them before the gather)
+                    log_py = torch.log_softmax(self.label_logits(z), dim=-1)
+                    log_py = log_py.gather(-1, y.long().expand(log_py.shape[:-1])[..., None]).squeeze(-1)
+                    pyro.factor("label_weight", (self.label_weight - 1.0) * log_py)
             else:
                 z = pyro.sample("z", self.prior((n,)))
                 pyro.sample("x", self.likelihood(z), obs=x)
