@@ -15,6 +15,8 @@ pull goes from the pooled (head-dominated) statistics to each class, never the o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,8 +52,8 @@ class ClassConditionalPrior(nn.Module):
     def log_prob_all(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; mu_c, diag(sigma_c^2)) for every class: ``(..., k)`` -> ``(..., C)``."""
         diff = (z[..., None, :] - self.loc) / self.scale
-        log_norm = self.log_scale.expand_as(self.loc).sum(-1) + 0.5 * self.loc.shape[-1] * torch.log(
-            torch.tensor(2.0 * torch.pi, dtype=z.dtype, device=z.device))
+        # a Python constant, not a new tensor: no host-to-device copy inside a captured CUDA graph
+        log_norm = self.log_scale.expand_as(self.loc).sum(-1) + 0.5 * self.loc.shape[-1] * math.log(2.0 * math.pi)
         return -0.5 * diff.pow(2).sum(-1) - log_norm
 
     def shrinkage_penalty(self, class_counts: torch.Tensor, strength: float) -> torch.Tensor:
