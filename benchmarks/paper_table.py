@@ -62,6 +62,9 @@ DGC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dgc_wae_mmd_kl": ("wae-mmd-kl", {}),
     "dgc_elbo_paper_guide": ("elbo", PAPER_GUIDE),
     "dgc_elbo_paper_guide_la": ("elbo", {**PAPER_GUIDE, "logit_adjustment": 1.0}),
+    # issue 21, mechanism 1: p(z | y) = N(mu_y, Sigma) scored by Bayes' rule; no label head, so no perturbation step
+    "dgc_class_conditional": ("elbo", {"latent_prior": "class_conditional", "label_in_guide": False,
+                                       "perturbation_rate": 0.0}),
 }
 DGC_METHODS = tuple(DGC_VARIANTS)
 METHODS = DGC_METHODS + BASELINE_LOSSES
@@ -93,6 +96,7 @@ METHOD_LABELS = {
     "dgc_wae_mmd_kl": "DGC, WAE-MMD + KL (ours)",
     "dgc_elbo_paper_guide": "DGC, ELBO, paper's q(z|x,y) (ours)",
     "dgc_elbo_paper_guide_la": "DGC, ELBO, paper's q(z|x,y) + logit-adjusted p(y|z) (ours)",
+    "dgc_class_conditional": "DGC, ELBO, class-conditional p(z|y), Bayes' rule (ours)",
     "ce": "CE", "logit_adjusted": "Logit-adjusted CE",
     "balanced_softmax": "Balanced softmax", "cb_focal": "CB focal", "ldam_drw": "LDAM-DRW",
 }

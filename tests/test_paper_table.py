@@ -187,6 +187,16 @@ def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     assert run["rule"] == "mixture"
 
 
+def test_class_conditional_variant_is_scored_by_bayes_rule(paper_table, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
+            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_class_conditional", "--out", str(out)]
+    assert paper_table.main(argv) == 0
+    run = json.loads((out / "runs" / "dgc_class_conditional_seed1.json").read_text())
+    assert run["recipe"]["latent_prior"] == "class_conditional" and run["recipe"]["perturbation_rate"] == 0.0
+    assert run["rule"] == "bayes"
+
+
 def test_transform_reaches_every_method_and_needs_images(paper_table, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--backbone", "conv", "--epochs", "1", "--num-samples", "2",

@@ -58,6 +58,7 @@ from dgc_pyro.inference.divergence import TrainingDivergedError, describe_term, 
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import Objective, get_objective
 from dgc_pyro.inference.perturbation import (
+    check_perturbation_model,
     check_perturbation_noise,
     check_perturbation_prior,
     head_classes,
@@ -387,6 +388,7 @@ def fit(
     """
     if (devices != 1 or strategy is not None) and (retrain_head_epochs or perturbation_noise != "own"):
         raise ValueError("retrain_head_epochs and perturbation_noise='head' are not supported in data-parallel fits")
+    check_perturbation_model(model, perturbation_rate)  # before the data-parallel workers are started
     if devices != 1 or strategy is not None:  # data-parallel: this fit in `devices` processes (engine "torch")
         arguments = dict(locals())
         from dgc_pyro.inference.distributed import fit_distributed

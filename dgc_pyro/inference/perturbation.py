@@ -86,6 +86,16 @@ def borrowed_scale(loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, head
     variance = centred.square().sum(0) / dof + (scale.square() * in_head[:, None]).sum(0) / n_head.clamp_min(1.0)
     tail = ~head[y] & (n_head > 0)
     return torch.where(tail[:, None], variance.sqrt().expand_as(scale), scale)
+def check_perturbation_model(model: Any, rate: Any) -> None:
+    """Raise ValueError when the step is asked of a model without a label head (``DGC.has_label_head`` False).
+
+    The step trains the classifier network p(y | z) alone; the class-conditional prior's p(y | z) is Bayes' rule
+    on its class Gaussians, which the step's optimiser does not hold, so it would silently do nothing.
+    """
+    if isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool) and rate > 0 \
+            and not getattr(model, "has_label_head", True):
+        raise ValueError(f"perturbation_rate={rate} needs a label head p(y | z), which a model with "
+                         "latent_prior='class_conditional' does not have; use perturbation_rate=0")
 
 
 def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:

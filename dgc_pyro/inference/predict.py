@@ -45,8 +45,8 @@ from dgc_pyro.data.validation import check_features
 from dgc_pyro.inference.engine import _bare_method
 from dgc_pyro.models.dgc import DGC, unwrap_normal
 
-ScoringRule = Literal["mixture", "iw", "paper", "latent"]
-SCORING_RULES = ("mixture", "iw", "paper", "latent")
+ScoringRule = Literal["mixture", "iw", "paper", "latent", "bayes"]
+SCORING_RULES = ("mixture", "iw", "paper", "latent", "bayes")
 DEFAULT_MAX_ROWS = 8192  # a fixed chunk size for callers that want one; predict's default is automatic
 AUTOCAST_CHOICES = (None, "bf16")
 #: Chunk budgets: on CPU the working set and the largest single activation (cache), on CUDA a share of
@@ -138,6 +138,10 @@ def _log_weight_chunk(
     n, c = x.shape[0], model.num_classes
     # The same model and guide, without PyroModule's per-parameter bookkeeping where it is moot.
     guide_fn, model_fn = _bare_method(model, "guide"), _bare_method(model, "model")
+    if rule == "bayes":
+        log_w = _bayes_log_weights(model, guide_fn, x, num_samples)
+        # sum_c p(c) p(z | c) = p(z): the per-draw weights of log p(x) are the class sums, (n, S)
+        return log_w, (torch.logsumexp(log_w, dim=1) if density_draws > 0 else None)
     if rule == "latent":
         # q(z | x) taken as the posterior: p(y | x) ~ mean_s p(y | z_s), no importance weights. Only a
         # trained label-free guide (label_in_guide=False) makes q(z | x) meaningful.
@@ -194,13 +198,32 @@ def _log_weight_chunk(
 
 def _density_count(rule: str, num_classes: int, num_samples: int, density_draws: int) -> int:
     """Number of importance weights averaged per term of the log p(x) estimate: D = S*C draws of the
-    mixture proposal (``"mixture"``), S per class (``"iw"``, ``"paper"``: summed over the C classes) or the
+    mixture proposal (``"mixture"``), S per class (``"iw"``, ``"paper"``, ``"bayes"``: summed over the C classes) or the
     ``density_draws`` draws of q(z | x) (``"latent"``)."""
     if rule == "mixture":
         return num_samples * num_classes
     if rule == "latent":
         return density_draws
     return num_samples
+
+
+def _bayes_log_weights(model: DGC, guide_fn: Any, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Bayes' rule for the class-conditional prior: log w_{s,c} = log p(y = c) + log p(x | z_s) + log p(z_s | y = c)
+    - log q(z_s | x), ``(n, C, S)``, on one set of draws z_s ~ q(z | x) shared by every class.
+
+    Every class is scored on the same draws (one decoder pass per draw, not per class), so the draws' noise in
+    p(x | z_s) / q(z_s | x) is common to all classes; the posterior's softmax over (c, s) gives
+    p(y = c | x) proportional to p(y = c) * mean_s [p(x | z_s) p(z_s | y = c) / q(z_s | x)].
+    """
+    if getattr(model, "class_gaussians", None) is None:
+        raise ValueError("rule='bayes' needs a model built with latent_prior='class_conditional' (a p(z | y) per class)")
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_tr = poutine.trace(guide_fn).get_trace(x, None)
+    node = guide_tr.nodes["z"]
+    z = node["value"]  # (S, n, k)
+    log_shared = model.likelihood(z).log_prob(x) - node["fn"].log_prob(z)  # (S, n)
+    log_w = log_shared[..., None] + model.class_prior_log_density(z) + model.label_log_prior()  # (S, n, C)
+    return log_w.permute(1, 2, 0)
 
 
 @torch.no_grad()
@@ -375,6 +398,8 @@ def rows_per_example(rule: str, num_classes: int, num_samples: int, density_samp
     if rule == "latent":
         d = min(density_samples, num_samples)
         return {"encoder": 1, "decoder": d, "classifier": num_samples + d}
+    if rule == "bayes":  # shared draws: one decoder row per draw, no label head
+        return {"encoder": 1, "decoder": num_samples, "classifier": 0}
     return {"encoder": num_classes, "decoder": num_classes * num_samples, "classifier": num_classes * num_samples}
 
 
