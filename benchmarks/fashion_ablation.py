@@ -32,7 +32,7 @@ import torch
 from dgc_pyro.data import load_imbalanced, parse_counts
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.objectives import wae_mmd_loss
-from dgc_pyro.inference.predict import SCORING_RULES, posterior_from_log_weights, predict
+from dgc_pyro.inference.predict import posterior_from_log_weights, predict, scoring_rules_for
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import expected_calibration_error, imbalance_report
 from dgc_pyro.models.dgc import DGC
@@ -103,7 +103,7 @@ def run(cfg: Config, split, x_tr, x_ev, y_ev, seed: int, num_samples: int) -> di
     fit_s = time.perf_counter() - t0
     out = {"config": dataclasses.asdict(cfg), "fit_seconds": fit_s, "best_epoch": hist.best_epoch,
            "val_acsa": [e.get("val_acsa") for e in hist.epochs], "rules": {}}
-    for rule in SCORING_RULES:
+    for rule in scoring_rules_for(model):
         t1 = time.perf_counter()
         pred = predict(model, x_ev, num_samples, rule=rule)
         rep = imbalance_report(y_ev, pred.labels, num_classes=split.num_classes, train_counts=split.train_counts)

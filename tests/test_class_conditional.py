@@ -222,3 +222,15 @@ def test_tiny_fit_on_digits_beats_chance(digits):
     pred = predict(model, digits.x_test, 10, balanced=True)
     report = imbalance_report(digits.y_test, pred.labels, num_classes=10, train_counts=counts)
     assert report["acsa"] > 0.4, report  # chance is 0.1; seeds 0-2 of this set-up reach 0.53-0.68
+
+
+def test_scoring_rules_for_names_the_rules_each_model_can_use():
+    from dgc_pyro.inference.predict import SCORING_RULES, scoring_rules_for
+
+    standard = DGC((1, 8, 8), 3, latent_dim=2)
+    assert "bayes" not in scoring_rules_for(standard) and set(scoring_rules_for(standard)) == set(SCORING_RULES) - {"bayes"}
+    rules = scoring_rules_for(_model())
+    assert "bayes" in rules and "paper" not in rules
+    x = torch.rand(4, 1, 8, 8)
+    for rule in rules:  # each one it names runs
+        assert predict(_model(), x, 2, rule=rule).proba.shape == (4, 3)

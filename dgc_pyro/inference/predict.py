@@ -117,6 +117,14 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
+def scoring_rules_for(model: DGC) -> tuple[str, ...]:
+    """The scoring rules that apply to ``model``: every rule but ``"bayes"``, which needs the class Gaussians of
+    ``latent_prior="class_conditional"``, and for such a model only the rules that do not need a label head."""
+    if getattr(model, "class_gaussians", None) is None:
+        return tuple(r for r in SCORING_RULES if r != "bayes")
+    return tuple(r for r in SCORING_RULES if r != "paper" or model.has_label_head)
+
+
 def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Normal:
     normal = unwrap_normal(fn)
     if normal is None:
