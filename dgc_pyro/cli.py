@@ -858,7 +858,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if args.reject in ("density", "both") and getattr(model, "ood_detector", None) is None:
         raise UserError(f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
-                        "(fit it with dgc_pyro.fit_ood_threshold and save the model again)")
+                        "(fit it with dgc_pyro.inference.fit_ood_threshold and save the model again)")
     saved = _saved_run_config(meta.get("config", {}), args.checkpoint)
     num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
     seed_everything(args.seed)
