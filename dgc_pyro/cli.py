@@ -802,7 +802,7 @@ def _ood_flag_line(model: Any, report: dict[str, Any]) -> str:
     """``evaluate``'s line on the OOD flag: its rate on the test split against the stated false-alarm rate."""
     detector = getattr(model, "ood_detector", None)
     if detector is None or "ood_flag_rate" not in report:
-        return "OOD flag: none in this checkpoint (fit it with dgc_pyro.fit_ood_threshold, or refit with dgc-pyro fit)"
+        return "OOD flag: none in this checkpoint (fit it with dgc_pyro.inference.fit_ood_threshold, or refit with dgc-pyro fit)"
     return (f"OOD flag ({detector.score} score): {report['ood_flag_rate']:.3f} of the test split flagged "
             f"(stated false-alarm rate {detector.false_alarm:.3f}, calibrated on {detector.num_dev} held-out images)")
 

@@ -669,7 +669,7 @@ def predict(
     detector = getattr(model, "ood_detector", None) if ood and density else None
     if reject in ("density", "both") and detector is None:
         why = "density=False and ood=False switch it off" if not (ood and density) else \
-            "the model has no OOD detector; calibrate one with dgc_pyro.fit_ood_threshold(model, x_dev)"
+            "the model has no OOD detector; calibrate one with dgc_pyro.inference.fit_ood_threshold(model, x_dev)"
         raise ValueError(f'reject="{reject}" needs the calibrated OOD flag: {why}')
     if reject == "entropy" and reject_threshold is None and detector is None:
         raise ValueError('reject="entropy" needs reject_threshold (or a model with an OOD detector, whose dev-set '
