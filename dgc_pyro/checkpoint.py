@@ -26,6 +26,7 @@ import torch
 
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
+from dgc_pyro.ood_detector import OODDetector
 
 __all__ = [
     "TRAINING_STATE_FILE",
@@ -154,8 +155,6 @@ def load_model(
     except RuntimeError as e:  # defensive: check_state_matches should have caught it
         raise CheckpointError(f"{p} does not match the model architecture: {str(e).splitlines()[-1].strip()}") from None
     if meta.get("ood_detector") is not None:  # absent from checkpoints written before the flag existed
-        from dgc_pyro.inference.density import OODDetector
-
         try:
             model.ood_detector = OODDetector.from_dict(meta["ood_detector"])
         except ValueError as e:

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from dgc_pyro.data.validation import check_features
 from dgc_pyro.inference.engine import _bare_method
 from dgc_pyro.models.dgc import DGC, unwrap_normal
+from dgc_pyro.ood_detector import REJECT_RULES
 
 ScoringRule = Literal["mixture", "iw", "paper", "latent", "bayes"]
 SCORING_RULES = ("mixture", "iw", "paper", "latent", "bayes")
@@ -658,7 +659,6 @@ def predict(
     divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c). The density is that of
     the model's x either way.
     """
-    from dgc_pyro.inference.density import REJECT_RULES
 
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
