@@ -76,6 +76,7 @@ from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import atomic_write_text, write_json
+from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.metrics import (
     accuracy_at_coverage,
     aurc,
@@ -257,8 +258,9 @@ def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
     logits = fitted.baseline.logits(x).double()
     proba = torch.softmax(logits, -1)
     entropy = -(proba * proba.clamp_min(1e-300).log()).sum(-1)
+    base = logit_scores(logits)
     return {"proba": proba, "log_scores": logits, "scores": {
-        "maxprob": 1.0 - proba.max(1).values, "entropy": entropy, "energy": -torch.logsumexp(logits, -1)}}
+        "maxprob": base["max_softmax"], "entropy": entropy, "energy": base["energy"]}}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -39,6 +39,7 @@ from dgc_pyro.experiment import default_recipe, run_experiment
 from dgc_pyro.inference.density import OOD_SCORES, fit_ood_threshold, ood_score
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.io import atomic_write_text, write_json
+from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.metrics import aurc, fpr_at_tpr, ood_auroc
 from dgc_pyro.reproducibility import seed_everything
 
@@ -62,9 +63,7 @@ def _dgc_outputs(model: Any, x: torch.Tensor, num_samples: int, seed: int) -> di
 
 def _baseline_outputs(fitted: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     logits = fitted.logits(x)
-    proba = torch.softmax(logits, -1)
-    return {"labels": proba.argmax(-1), "max_softmax": 1.0 - proba.max(-1).values,
-            "energy": -torch.logsumexp(logits, -1)}
+    return {"labels": logits.argmax(-1), **logit_scores(logits)}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["OOD_SCORES", "REJECT_RULES", "OODDetector", "complexity_nats", "ood_score"]
+__all__ = ["OOD_SCORES", "REJECT_RULES", "OODDetector", "complexity_nats", "logit_scores", "ood_score"]
 
 OOD_SCORES = ("typicality", "density", "complexity")
 REJECT_RULES = ("entropy", "density", "both")
@@ -141,3 +141,10 @@ class OODDetector:
                 or len(det.score_quantiles) < 2 or len(det.entropy_quantiles) < 2:
             raise ValueError("the OOD detector entry is unusable (unknown score, false_alarm outside (0, 1) or no quantiles)")
         return det
+
+
+def logit_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A discriminative classifier's outlier scores from its logits ``(N, C)`` (larger = more unusual):
+    ``"max_softmax"``, 1 - max softmax probability (Hendrycks & Gimpel 2017), and ``"energy"``, -logsumexp of the
+    logits (Liu et al. 2020). The baselines' side of every OOD comparison."""
+    return {"max_softmax": 1.0 - torch.softmax(logits, -1).max(-1).values, "energy": -torch.logsumexp(logits, -1)}

@@ -61,3 +61,13 @@ def test_ood_metrics_refuse_empty_or_nonfinite_scores():
         fpr_at_tpr([1.0, float("nan")], [2.0])
     with pytest.raises(ValueError, match="tpr must lie"):
         fpr_at_tpr([1.0], [2.0], tpr=0.0)
+
+
+def test_logit_scores_are_one_minus_max_softmax_and_negative_logsumexp():
+    from dgc_pyro.ood_detector import logit_scores
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    s = logit_scores(logits)
+    assert torch.allclose(s["max_softmax"], 1 - torch.softmax(logits, -1).max(-1).values)
+    assert torch.allclose(s["energy"], torch.tensor([-torch.logsumexp(logits[0], 0), -np.log(3.0)]).float())
+    assert float(s["max_softmax"][1]) > float(s["max_softmax"][0])  # the flat row is the more unusual one
