@@ -48,6 +48,7 @@ from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.data import load_imbalanced, parse_counts
 from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
+from dgc_pyro.diagnostics.plots import save_image_grid
 from dgc_pyro.experiment import default_recipe, evaluate_model
 from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
 from dgc_pyro.io import write_json
@@ -136,37 +137,14 @@ def _random_oversampling(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) 
 
 def save_class_grid(path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.Tensor, n_real: int = 2, n_syn: int = 8) -> None:
     """One row per augmented class: ``n_real`` real examples, a gap, then ``n_syn`` DGC samples."""
-    from io import BytesIO
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dgc_pyro.io import atomic_write_bytes
-
     classes = [c for c in range(split.num_classes) if (y_syn == c).any()]
     if not classes:
         raise ValueError("no synthetic samples to show in a grid")
-    ncols = n_real + 1 + n_syn
-    fig, axes = plt.subplots(len(classes), ncols, figsize=(ncols * 0.62, len(classes) * 0.62 + 0.35), squeeze=False)
-    for r, c in enumerate(classes):
-        real = split.x_train[split.y_train == c][:n_real]
-        syn = x_syn[y_syn == c][:n_syn]
-        images = list(real) + [None] + list(syn)
-        for k, ax in enumerate(axes[r]):
-            ax.axis("off")
-            if k < len(images) and images[k] is not None:
-                img = images[k].numpy()
-                ax.imshow(img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0)), cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].text(-0.15, 0.5, str(split.class_names[c])[:10], transform=axes[r, 0].transAxes, ha="right",
-                        va="center", fontsize=6)
-    fig.suptitle(f"{split.name}: real (left) and DGC samples (right), per augmented class", fontsize=7)
-    fig.subplots_adjust(left=0.12, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05)
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    rows = [(str(split.class_names[c])[:10],
+             [*split.x_train[split.y_train == c][:n_real].numpy(), None, *x_syn[y_syn == c][:n_syn].numpy()])
+            for c in classes]
+    save_image_grid(path, rows, title=f"{split.name}: real (left) and DGC samples (right), per augmented class",
+                    ncols=n_real + 1 + n_syn, cell=0.62, dpi=72)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

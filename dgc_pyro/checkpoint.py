@@ -29,8 +29,10 @@ from dgc_pyro.models.dgc import DGC
 from dgc_pyro.ood_detector import OODDetector
 
 __all__ = [
+    "RUN_CONFIG_FIELDS",
     "TRAINING_STATE_FILE",
     "TrainingState",
+    "check_run_config",
     "load_model",
     "load_training_state",
     "save_model",
@@ -161,6 +163,50 @@ def load_model(
             raise CheckpointError(f"{p}: {e}") from None
     model.metadata = meta
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configurations: what dgc-pyro fit saves beside the weights (model metadata "config") and in its training
+# states (extra "run"), read back by evaluate, augment, predict and fit --resume
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(c) for c in v)
+
+
+#: The entries a run configuration may carry, each with what it must be and its check.
+RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
+    "dataset": ("a string", lambda v: isinstance(v, str)),
+    "dataset_arg": ("a string", lambda v: isinstance(v, str)),
+    "data_dir": ("a string", lambda v: isinstance(v, str)),
+    "seed": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "counts": ("a list of integers", _is_int_list),
+    "train_counts": ("a list of integers", _is_int_list),
+    "baseline": ("a string", lambda v: isinstance(v, str)),
+    "recipe": ("a mapping", lambda v: isinstance(v, dict)),
+}
+
+
+def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``config`` checked entry by entry against :data:`RUN_CONFIG_FIELDS` (absent or None entries pass unless
+    named in ``required``); returns it. The safetensors format protects the tensors, not the JSON metadata beside
+    them, and a damaged entry would otherwise fail deep in the command that reads it.
+
+    Raises CheckpointError ``"<source>: its run configuration is unusable (...)"`` naming the first bad entry.
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its run configuration is unusable (a {type(config).__name__}, not a mapping)")
+    for key in required:
+        if config.get(key) is None:
+            raise CheckpointError(f"{source}: its run configuration is unusable ({key} is missing)")
+    for key, (what, ok) in RUN_CONFIG_FIELDS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise CheckpointError(f"{source}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

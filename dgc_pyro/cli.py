@@ -11,17 +11,17 @@ import dataclasses
 import json
 import sys
 import time
-import zipfile
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from dgc_pyro.baselines import BASELINES
-from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
+from dgc_pyro.data import DATASETS, NPZ_DATASET_FORMAT, load_imbalanced, load_npz, load_npz_examples, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
+from dgc_pyro.diagnostics.plots import save_augmentation_grid
 from dgc_pyro.inference.augment import SAMPLING_STRATEGY_NAMES
 from dgc_pyro.inference.device import DEVICE_CHOICES
 from dgc_pyro.inference.engine import ENGINES
@@ -235,14 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_split(args: argparse.Namespace) -> ImbalancedSplit:
-    split = _read_split(args)
-    subset = getattr(args, "test_subset", None)
+@dataclass(frozen=True)
+class DataChoice:
+    """The split a command builds: the data options it was given, with what it took from a checkpoint filled in."""
+
+    dataset: str
+    data_dir: str = "data"
+    counts: tuple[int, ...] | None = None
+    seed: int = 0
+    download: bool = False
+    test_subset: int | None = None
+    #: the built-in-dataset flags given on the command line (an .npz file refuses them)
+    builtin_flags: tuple[str, ...] = ()
+
+
+def _load_split(data: DataChoice) -> ImbalancedSplit:
+    split = _read_split(data)
+    subset = data.test_subset
     if subset is not None:
         if subset < split.num_classes:
             raise UserError(f"--test-subset must be at least the number of classes ({split.num_classes})")
         if subset < len(split.y_test):
-            _, keep = stratified_holdout(split.y_test.numpy(), subset / len(split.y_test), args.seed)
+            _, keep = stratified_holdout(split.y_test.numpy(), subset / len(split.y_test), data.seed)
             split.x_test, split.y_test = split.x_test[keep], split.y_test[keep]
     return split
 
@@ -251,72 +265,32 @@ def _load_split(args: argparse.Namespace) -> ImbalancedSplit:
 _BUILTIN_DATA_OPTIONS = ("counts", "download", "data_dir")
 
 
-def _given_data_options(args: argparse.Namespace) -> list[str]:
-    """The built-in-dataset options given on the command line (call before defaults are filled in)."""
-    return _flags(tuple(k for k in _BUILTIN_DATA_OPTIONS if getattr(args, k, None) not in (None, False)))
+def _given_data_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The built-in-dataset options given on the command line (None/False: not given)."""
+    return tuple(_flags(tuple(k for k in _BUILTIN_DATA_OPTIONS if getattr(args, k, None) not in (None, False))))
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file; anything else (truncated, corrupted, a lone .npy, text) is a UserError."""
-    invalid = f"{path} is not a valid .npz archive"
-    fix = "write it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
-    try:
-        # allow_pickle=False: an .npz is data; a pickle inside would run code when loaded.
-        arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        # numpy's message for a non-array file suggests loading it with pickle, which we never do.
-        raise UserError(f"{invalid} (not a zip file of .npy arrays: truncated, corrupted or another format); "
-                        f"{fix}") from e
-    if not isinstance(arrays, np.lib.npyio.NpzFile):
-        raise UserError(f"{invalid}: it holds a single .npy array, not named arrays; {fix}")
-    with arrays:
-        data = {}
-        for key in arrays.files:
-            try:
-                data[key] = arrays[key]
-            except ValueError as e:
-                # numpy refuses object arrays with a ValueError that mentions allow_pickle; other ValueErrors
-                # are damaged .npy headers.
-                if "allow_pickle" in str(e):
-                    raise UserError(f"{invalid}: array {key!r} holds Python objects, which are never unpickled; "
-                                    "store numeric arrays") from None
-                raise UserError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise UserError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None
-    return data
-
-
-def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
-    name = args.dataset
+def _read_split(data: DataChoice) -> ImbalancedSplit:
+    name = data.dataset
     if name.endswith(".npz"):
-        path = Path(name)
-        given = getattr(args, "given_data_options", [])
+        given = data.builtin_flags
         if given:
             raise UserError(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the built-in datasets "
-                f"({', '.join(DATASETS)}); {path} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
+                f"({', '.join(DATASETS)}); {name} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
                 "(to train on a subset, write that subset to the .npz file)"
             )
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        data = _read_npz(path)
-        if "x_train" not in data or "y_train" not in data:
-            raise UserError(f"{path} must contain arrays x_train and y_train (found {sorted(data)})")
-        return split_from_arrays(data["x_train"], data["y_train"], data.get("x_test"), data.get("y_test"), name=path.stem)
+        return load_npz(name)
     if Path(name).is_dir():
-        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASETS)}, or {_NPZ_HINT}")
+        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASETS)}, or {NPZ_DATASET_FORMAT}")
     try:
-        return load_imbalanced(name, args.data_dir, counts=args.counts, seed=args.seed, download=args.download)
+        return load_imbalanced(name, data.data_dir, counts=data.counts, seed=data.seed, download=data.download)
     except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads
         raise UserError(str(e)) from None
     except ValueError as e:
         if str(e).startswith("unknown dataset"):
-            raise UserError(f"{e}, or {_NPZ_HINT}") from None
+            raise UserError(f"{e}, or {NPZ_DATASET_FORMAT}") from None
         raise
-
-
-#: what --dataset accepts besides the built-in names
-_NPZ_HINT = "an .npz file with arrays x_train, y_train[, x_test, y_test] (written with np.savez)"
 
 
 def _check_out_folder(out: str | Path, need_bytes: int = 2**20) -> None:
@@ -405,9 +379,20 @@ _RESUME_FREE = ("epochs", "device", "deterministic", "no_progress", "engine", "c
                 "test_subset", "download", "overwrite", "threads")
 
 
-def _resume_args(args: argparse.Namespace):
-    """Fill ``args`` from the run configuration saved in ``--resume DIR``'s checkpoint; returns the recipe."""
-    from dgc_pyro.checkpoint import load_training_state
+@dataclass(frozen=True)
+class FitRun:
+    """What ``dgc-pyro fit`` runs: the data, the recipe (None until the split is loaded, for a fresh fit: the
+    dataset's recipe is chosen by the split's name), the baseline ("none" for none) and the output folder."""
+
+    data: DataChoice
+    recipe: Any
+    baseline: str
+    out: str
+
+
+def _resumed_run(args: argparse.Namespace) -> FitRun:
+    """The run of ``--resume DIR``, from the run configuration saved in DIR's checkpoint."""
+    from dgc_pyro.checkpoint import check_run_config, load_training_state
     from dgc_pyro.experiment import Recipe
 
     out = Path(args.resume)
@@ -421,60 +406,76 @@ def _resume_args(args: argparse.Namespace):
         )
     if not out.is_dir():
         raise FileNotFoundError(f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)")
-    state = load_training_state(out / "checkpoint")
-    run = state.extra.get("run")
+    source = out / "checkpoint"
+    run = load_training_state(source).extra.get("run")
     if not isinstance(run, dict) or "recipe" not in run:
-        raise UserError(f"{out / 'checkpoint'} holds no run configuration; it was not written by dgc-pyro fit")
+        raise UserError(f"{source} holds no run configuration; it was not written by dgc-pyro fit")
+    run = check_run_config(run, source, required=("dataset", "seed"))
     try:
         recipe = Recipe(**run["recipe"])
-        args.dataset = str(run.get("dataset_arg") or run["dataset"])
-        args.data_dir = str(run.get("data_dir") or "data")
-        args.counts = tuple(int(c) for c in run["counts"]) if run.get("counts") else None
-        args.seed = int(run["seed"])
-        args.baseline = run.get("baseline") or "none"
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{out / 'checkpoint'} has an unusable run configuration ({type(e).__name__}: {e})") from None
-    args.out = str(out)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source} has an unusable run configuration ({type(e).__name__}: {e})") from None
     if args.epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=args.epochs)
+    data = DataChoice(
+        dataset=str(run.get("dataset_arg") or run["dataset"]), data_dir=str(run.get("data_dir") or "data"),
+        counts=tuple(run["counts"]) if run.get("counts") else None, seed=run["seed"], download=args.download,
+        test_subset=args.test_subset, builtin_flags=_given_data_options(args),
+    )
+    return FitRun(data, recipe, run.get("baseline") or "none", str(out))
+
+
+def _fresh_run(args: argparse.Namespace) -> FitRun:
+    """The run of a fresh ``dgc-pyro fit``: the options given, the defaults for the others (recipe: not yet)."""
+    data = DataChoice(
+        dataset="digits" if args.dataset is None else args.dataset,
+        data_dir="data" if args.data_dir is None else args.data_dir, counts=args.counts,
+        seed=0 if args.seed is None else args.seed, download=args.download, test_subset=args.test_subset,
+        builtin_flags=_given_data_options(args),
+    )
+    return FitRun(data, None, "ce" if args.baseline is None else args.baseline,
+                  "runs/latest" if args.out is None else args.out)
+
+
+def _recipe_from_flags(args: argparse.Namespace, dataset: str) -> Any:
+    """``dataset``'s recipe for ``--preset`` with the recipe options given on the command line applied."""
+    from dgc_pyro.experiment import default_recipe
+
+    base = default_recipe(dataset, args.preset)
+    overrides = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
+        "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
+        "perturbation_rate": args.perturbation_rate, "perturbation_prior": args.perturbation_prior,
+        "lr_schedule": args.lr_schedule, "num_samples": args.num_samples,
+        "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
+        "label_in_guide": None if args.guide is None else args.guide == "xy",
+        "select_best": None if args.keep is None else args.keep == "best",
+    }
+    recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if args.transform is not None:
+        recipe = dataclasses.replace(recipe, transform=transform_option(args.transform))
     return recipe
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from dgc_pyro.experiment import default_recipe, run_experiment
+    from dgc_pyro.experiment import run_experiment
     from dgc_pyro.metrics import format_comparison
 
     started = time.perf_counter()
     resumed = args.resume is not None
-    args.given_data_options = _given_data_options(args)
     if resumed:
-        recipe = _resume_args(args)
-        _check_out_folder(args.out)
-        split = _load_split(args)
+        run = _resumed_run(args)
+        _check_out_folder(run.out)
+        split = _load_split(run.data)
     else:
-        args.dataset = "digits" if args.dataset is None else args.dataset
-        args.seed = 0 if args.seed is None else args.seed
-        args.data_dir = "data" if args.data_dir is None else args.data_dir
-        args.baseline = "ce" if args.baseline is None else args.baseline
-        args.out = "runs/latest" if args.out is None else args.out
-        _check_out_folder(args.out)
+        run = _fresh_run(args)
+        _check_out_folder(run.out)
         if not args.overwrite:
-            _refuse_to_overwrite_an_interrupted_fit(args.out)
-            _refuse_to_replace_a_finished_run(args.out)
-        split = _load_split(args)
-        base = default_recipe(split.name, args.preset)
-        overrides = {
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
-            "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
-            "perturbation_rate": args.perturbation_rate, "perturbation_prior": args.perturbation_prior,
-            "lr_schedule": args.lr_schedule, "num_samples": args.num_samples,
-            "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
-            "label_in_guide": None if args.guide is None else args.guide == "xy",
-            "select_best": None if args.keep is None else args.keep == "best",
-        }
-        recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-        if args.transform is not None:
-            recipe = dataclasses.replace(recipe, transform=transform_option(args.transform))
+            _refuse_to_overwrite_an_interrupted_fit(run.out)
+            _refuse_to_replace_a_finished_run(run.out)
+        split = _load_split(run.data)
+        run = dataclasses.replace(run, recipe=_recipe_from_flags(args, split.name))
+    recipe, data, out = run.recipe, run.data, run.out
     for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
         if getattr(recipe, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1")
@@ -488,25 +489,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     rank0 = is_rank_zero()  # under torchrun only rank 0 reports and writes the outputs
     if rank0:
-        _check_fit_before_training(recipe, split, args.out, args.device)
+        _check_fit_before_training(recipe, split, out, args.device)
     counts = ", ".join(str(c) for c in split.train_counts)
     if rank0:
         print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
-        _notice_batch_size(recipe, split, args.seed)
-    baseline = None if args.baseline == "none" else args.baseline
+        _notice_batch_size(recipe, split, data.seed)
+    baseline = None if run.baseline == "none" else run.baseline
     fit_options: dict[str, Any] = {"engine": args.engine}
     if args.compile:
         fit_options["compile"] = True
     if args.devices != 1 or args.strategy:
         fit_options.update(devices=args.devices, strategy=args.strategy)
     result = run_experiment(
-        split, recipe, seed=args.seed, device=args.device, baseline=baseline if rank0 else None,
-        out_dir=args.out if rank0 else None,
-        progress=not args.no_progress and rank0, checkpoint_dir=Path(args.out) / "checkpoint", resume=resumed,
+        split, recipe, seed=data.seed, device=args.device, baseline=baseline if rank0 else None,
+        out_dir=out if rank0 else None,
+        progress=not args.no_progress and rank0, checkpoint_dir=Path(out) / "checkpoint", resume=resumed,
         deterministic=args.deterministic, fit_options=fit_options,
         # An .npz path is saved absolute, so evaluate/augment/--resume find it from any working folder.
-        data_config={"data_dir": args.data_dir, "counts": args.counts,
-                     "dataset_arg": str(Path(args.dataset).resolve()) if args.dataset.endswith(".npz") else args.dataset},
+        data_config={"data_dir": data.data_dir, "counts": data.counts,
+                     "dataset_arg": str(Path(data.dataset).resolve()) if data.dataset.endswith(".npz") else data.dataset},
     )
     if not rank0:
         return 0
@@ -521,7 +522,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     phases = [("fit", seconds["dgc_fit"]), ("evaluation", seconds["dgc_predict"])]
     if "baseline_fit" in seconds:
         phases.append(("baseline", seconds["baseline_fit"]))
-    print(f"{_phase_times(phases, started)} on {result.config['device']}; wrote {Path(args.out) / 'metrics.json'}")
+    print(f"{_phase_times(phases, started)} on {result.config['device']}; wrote {Path(out) / 'metrics.json'}")
     return 0
 
 
@@ -574,59 +575,36 @@ def _notice_batch_size(recipe: Any, split: ImbalancedSplit, seed: int) -> None:
               f"(after the validation split); every epoch is one batch of {n}", file=sys.stderr)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-#: the run-configuration entries a model checkpoint may carry, and what each must be
-_SAVED_RUN_FIELDS: dict[str, tuple[str, Any]] = {
-    "dataset": ("a string", lambda v: isinstance(v, str)),
-    "dataset_arg": ("a string", lambda v: isinstance(v, str)),
-    "data_dir": ("a string", lambda v: isinstance(v, str)),
-    "seed": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
-    "counts": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(c) for c in v)),
-    "train_counts": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(c) for c in v)),
-    "recipe": ("a mapping", lambda v: isinstance(v, dict)),
-}
-
-
-def _saved_run_config(config: Any, path: Any) -> dict[str, Any]:
-    """The run configuration of a model checkpoint, checked field by field: the safetensors format protects the
-    tensors, not the JSON metadata beside them, and a damaged entry would otherwise fail deep in the command."""
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: its run configuration is unusable (a {type(config).__name__}, not a mapping)")
-    for key, (what, ok) in _SAVED_RUN_FIELDS.items():
-        if config.get(key) is not None and not ok(config[key]):
-            raise UserError(f"{path}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
-    return config
-
-
-def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any], ImbalancedSplit]:
-    """Load ``--checkpoint`` and the split it was trained on; options left out are taken from the checkpoint."""
-    from dgc_pyro.checkpoint import load_model
+def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any], ImbalancedSplit, DataChoice]:
+    """Load ``--checkpoint``, its run configuration and the split it was trained on (with the data choice that
+    built it); data options left out are taken from the run configuration."""
+    from dgc_pyro.checkpoint import check_run_config, load_model
     from dgc_pyro.inference.device import resolve_device
 
-    args.given_data_options = _given_data_options(args)
     model = load_model(args.checkpoint, map_location=resolve_device(args.device))
-    saved = _saved_run_config(model.metadata.get("config", {}), args.checkpoint)
-    if args.dataset is None:
-        # dataset_arg is what was passed to --dataset (an .npz path); dataset is only its short name.
-        args.dataset = saved.get("dataset_arg") or saved.get("dataset")
-        if args.dataset is None:
-            raise UserError("--dataset is required: the checkpoint does not name its dataset")
-    if args.counts is None and saved.get("counts"):
-        args.counts = tuple(saved["counts"])
-    if args.seed is None:
-        args.seed = saved["seed"] if saved.get("seed") is not None else 0
-    if args.data_dir is None:
-        args.data_dir = saved.get("data_dir") or "data"
-    split = _load_split(args)
+    saved = check_run_config(model.metadata.get("config", {}), args.checkpoint)
+    # dataset_arg is what was passed to --dataset (an .npz path); dataset is only its short name.
+    dataset = args.dataset if args.dataset is not None else saved.get("dataset_arg") or saved.get("dataset")
+    if dataset is None:
+        raise UserError("--dataset is required: the checkpoint does not name its dataset")
+    counts = args.counts
+    if counts is None and saved.get("counts"):
+        counts = tuple(saved["counts"])
+    seed = args.seed
+    if seed is None:
+        seed = saved["seed"] if saved.get("seed") is not None else 0
+    data = DataChoice(
+        dataset=dataset, data_dir=(saved.get("data_dir") or "data") if args.data_dir is None else args.data_dir,
+        counts=counts, seed=seed, download=args.download, test_subset=args.test_subset,
+        builtin_flags=_given_data_options(args),
+    )
+    split = _load_split(data)
     if tuple(split.input_shape) != tuple(model.input_shape) or split.num_classes != model.num_classes:
         raise UserError(
             f"the checkpoint is for inputs {tuple(model.input_shape)} with {model.num_classes} classes, "
             f"but {split.name} has {tuple(split.input_shape)} with {split.num_classes}"
         )
-    return model, saved, split
+    return model, saved, split, data
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -639,12 +617,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--num-samples must be at least 1")
     if args.out:
         _check_out_folder(args.out)
-    model, saved, split = _checkpoint_and_split(args)
+    model, saved, split, data = _checkpoint_and_split(args)
     _set_threads(args.threads, model.input_shape, model.preset)
     train_counts = np.asarray(saved.get("train_counts") or split.train_counts)
     num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
-    seed = saved["seed"] if saved.get("seed") is not None else args.seed
-    print(f"checkpoint {args.checkpoint}; dataset {args.dataset}: {len(split.y_test)} test examples, "
+    seed = saved["seed"] if saved.get("seed") is not None else data.seed
+    print(f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
           f"{num_samples} latent draws per class")
     t0 = time.perf_counter()
     report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed,
@@ -682,54 +660,6 @@ def _sampling_strategy_arg(text: str) -> str | float | dict[int, int]:
         ) from None
 
 
-def save_augmentation_grid(path: str | Path, real, synthetic, title: str = "", ncols: int = 8) -> None:
-    """PNG grid: a row of real examples above rows of synthetic ones (matplotlib, Agg backend).
-
-    ``real`` and ``synthetic`` are arrays ``(n, C, H, W)`` (C = 1 or 3) or ``(n, D)`` in [0, 1];
-    the file is written atomically.
-    """
-    from io import BytesIO
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dgc_pyro.io import atomic_write_bytes
-
-    def as_image(a: np.ndarray) -> np.ndarray:
-        if a.ndim == 3 and a.shape[0] == 1:
-            return a[0]
-        if a.ndim == 3 and a.shape[0] == 3:
-            return np.transpose(a, (1, 2, 0))
-        flat = a.reshape(-1)
-        side = int(round(flat.size ** 0.5))
-        return flat.reshape(side, side) if side * side == flat.size else flat[None, :]
-
-    real, synthetic = np.asarray(real)[:ncols], np.asarray(synthetic)
-    rows = [("real", real[i : i + ncols]) for i in range(0, len(real), ncols)][:1]
-    rows += [("synthetic", synthetic[i : i + ncols]) for i in range(0, len(synthetic), ncols)]
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * 0.9, len(rows) * 0.95 + 0.4), squeeze=False)
-    for r, (label, images) in enumerate(rows):
-        for k in range(ncols):
-            ax = axes[r, k]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if k < len(images):
-                ax.imshow(as_image(images[k]), cmap="gray", vmin=0.0, vmax=1.0, aspect="auto" if images[k].ndim == 1 else None)
-            if k == 0:
-                ax.set_ylabel(label, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _cmd_augment(args: argparse.Namespace) -> int:
     import warnings
     from io import BytesIO
@@ -743,7 +673,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
     _check_out_folder(args.out)
-    model, saved, split = _checkpoint_and_split(args)
+    model, saved, split, data = _checkpoint_and_split(args)
     _set_threads(args.threads, model.input_shape, model.preset)
     before = split.train_counts
     trained_on = saved.get("train_counts")
@@ -763,7 +693,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         x_syn, y_syn = augment(
             model, split.x_train, split.y_train, args.sampling_strategy,
             perturbation_scale=args.perturbation_scale, filter_threshold=args.filter_threshold,
-            num_samples_filter=args.num_samples or 10, seed=args.seed, output=args.output,
+            num_samples_filter=args.num_samples or 10, seed=data.seed, output=args.output,
             progress=not args.no_progress,
         )
     augmented = time.perf_counter() - t0
@@ -827,19 +757,14 @@ def _read_predict_input(path: Path) -> np.ndarray:
     """The examples of ``dgc-pyro predict --input``: array ``x``, or the file's only array."""
     if not path.is_file():
         raise UserError(f"--input {path} does not exist" if not path.exists() else f"--input {path} is not a file")
-    data = _read_npz(path)
-    if "x" in data:
-        return data["x"]
-    if len(data) == 1:
-        return next(iter(data.values()))
-    raise UserError(f"--input {path} must hold an array named 'x' (or a single array); found {sorted(data) or 'none'}")
+    return load_npz_examples(path, name=f"--input {path}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     import csv
     import io as text_io
 
-    from dgc_pyro.checkpoint import load_model
+    from dgc_pyro.checkpoint import check_run_config, load_model
     from dgc_pyro.data.validation import check_features
     from dgc_pyro.inference.device import resolve_device
     from dgc_pyro.inference.predict import predict
@@ -859,7 +784,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.reject in ("density", "both") and getattr(model, "ood_detector", None) is None:
         raise UserError(f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
                         "(fit it with dgc_pyro.inference.fit_ood_threshold and save the model again)")
-    saved = _saved_run_config(meta.get("config", {}), args.checkpoint)
+    saved = check_run_config(meta.get("config", {}), args.checkpoint)
     num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
     seed_everything(args.seed)
     pred = predict(model, x, int(num_samples), balanced=model.has_class_prior, reject=args.reject,

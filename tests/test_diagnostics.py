@@ -331,3 +331,19 @@ def test_datatree_density_group_agrees_with_predict(trees, tiny):
     # the mixture over the class hypotheses (300 draws): a few nats apart on values spread over ~200 nats
     assert np.abs(dens["log_density"].values - from_predict).mean() < 4.0
     assert np.corrcoef(dens["log_density"].values, from_predict)[0, 1] > 0.99
+
+
+# ------------------------------------------------------------------ image grids
+
+
+def test_image_grids_write_png_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(5, 1, 8, 8))
+    dg.save_image_grid(tmp_path / "grid.png", [("a", list(images[:2]) + [None] + list(images[2:])), ("b", [images[0]])])
+    dg.save_augmentation_grid(tmp_path / "class.png", images[:3], rng.uniform(size=(11, 3, 4, 4)), title="class 1")
+    dg.save_augmentation_grid(tmp_path / "vectors.png", rng.uniform(size=(2, 64)), rng.uniform(size=(3, 64)))
+    for name in ("grid.png", "class.png", "vectors.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no rows"):
+        dg.save_image_grid(tmp_path / "empty.png", [])
+    assert not (tmp_path / "empty.png").exists()

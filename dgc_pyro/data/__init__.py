@@ -1,5 +1,6 @@
-"""Data for DGC: dataset readers, the paper's imbalance protocol, splits and input validation."""
+"""Data for DGC: dataset readers, .npz files, the paper's imbalance protocol, splits and input validation."""
 
+from .npz import NPZ_DATASET_FORMAT, load_npz, load_npz_examples, read_npz
 from .protocol import DIGITS_COUNTS, PAPER_COUNTS, default_counts, dev_indices, imbalanced_indices, parse_counts
 from .sources import DATASETS, ImageSource, open_source
 from .splits import EVALUATION_SETS, ImbalancedSplit, load_imbalanced, split_from_arrays, stratified_holdout
@@ -9,6 +10,7 @@ from .validation import check_features, check_labels, check_xy
 __all__ = [
     "DATASETS",
     "DIGITS_COUNTS",
+    "NPZ_DATASET_FORMAT",
     "EVALUATION_SETS",
     "PAPER_COUNTS",
     "TRANSFORMS",
@@ -21,10 +23,13 @@ __all__ = [
     "dev_indices",
     "imbalanced_indices",
     "load_imbalanced",
+    "load_npz",
+    "load_npz_examples",
     "open_source",
     "parse_counts",
     "random_hflip",
     "random_shift",
+    "read_npz",
     "resolve_transform",
     "shift_flip",
     "split_from_arrays",

@@ -7,7 +7,14 @@ See ``docs/diagnostics.md`` for how to read them.
 from dgc_pyro.calibration import apply_temperature, temperature_scale
 from dgc_pyro.diagnostics.datatree import LOO_METHODS, compare_models, loo, ppc_class_frequencies, to_datatree
 from dgc_pyro.diagnostics.importance import MIN_DRAWS, good_k, importance_diagnostics, pareto_khat
-from dgc_pyro.diagnostics.plots import plot_coverage_accuracy, plot_khat, plot_ppc_class_frequencies, plot_reliability
+from dgc_pyro.diagnostics.plots import (
+    plot_coverage_accuracy,
+    plot_khat,
+    plot_ppc_class_frequencies,
+    plot_reliability,
+    save_augmentation_grid,
+    save_image_grid,
+)
 from dgc_pyro.diagnostics.uncertainty import (
     UNCERTAINTY_SCORES,
     calibration,
@@ -36,6 +43,8 @@ __all__ = [
     "ppc_class_frequencies",
     "reject",
     "reliability",
+    "save_augmentation_grid",
+    "save_image_grid",
     "temperature_scale",
     "to_datatree",
     "uncertainty_score",

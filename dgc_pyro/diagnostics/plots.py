@@ -1,11 +1,16 @@
-"""Matplotlib figures of the diagnostics: reliability diagram, accuracy-coverage, k-hat, class-frequency PPC.
+"""Matplotlib figures of the diagnostics: reliability diagram, accuracy-coverage, k-hat, class-frequency PPC, and
+PNG grids of real and synthetic images.
 
-Each function draws on ``ax`` (a new figure when None) and returns the axes. ``pyplot`` is imported
-only when a new figure is needed, so the functions also work on a headless ``Agg`` backend.
+Each ``plot_*`` function draws on ``ax`` (a new figure when None) and returns the axes. ``pyplot`` is imported
+only when a new figure is needed, so the functions also work on a headless ``Agg`` backend. The ``save_*``
+functions write a PNG file atomically (Agg backend) and return nothing.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +18,14 @@ import numpy as np
 from dgc_pyro.diagnostics.importance import importance_diagnostics
 from dgc_pyro.diagnostics.uncertainty import calibration, coverage_accuracy_curve, reliability
 
-__all__ = ["plot_coverage_accuracy", "plot_khat", "plot_ppc_class_frequencies", "plot_reliability"]
+__all__ = [
+    "plot_coverage_accuracy",
+    "plot_khat",
+    "plot_ppc_class_frequencies",
+    "plot_reliability",
+    "save_augmentation_grid",
+    "save_image_grid",
+]
 
 
 def _axes(ax: Any, figsize: tuple[float, float] = (4.5, 4.0)) -> Any:
@@ -101,3 +113,68 @@ def plot_ppc_class_frequencies(ppc: Any, ax: Any = None, *, prob: float = 0.9) -
     ax.set_title("Class frequencies: posterior predictive check")
     ax.legend(fontsize="small")
     return ax
+
+
+def _as_image(a: np.ndarray) -> np.ndarray:
+    """One example as something ``imshow`` draws: (1, H, W) -> (H, W), (3, H, W) -> (H, W, 3), a vector as a
+    square when its length is one, else as a one-row strip."""
+    if a.ndim == 3 and a.shape[0] == 1:
+        return a[0]
+    if a.ndim == 3 and a.shape[0] == 3:
+        return np.transpose(a, (1, 2, 0))
+    flat = a.reshape(-1)
+    side = math.isqrt(flat.size)
+    return flat.reshape(side, side) if side * side == flat.size else flat[None, :]
+
+
+def save_image_grid(path: str | Path, rows: Sequence[tuple[str, Sequence[Any]]], *, title: str = "",
+                    ncols: int | None = None, cell: float = 0.9, dpi: int = 80) -> None:
+    """PNG grid with one labelled row per ``(label, images)`` in ``rows``.
+
+    An image is an array ``(C, H, W)`` (C = 1 or 3) or ``(D,)`` in [0, 1], or None for an empty cell (a gap);
+    ``ncols`` defaults to the longest row, ``cell`` is the side of a cell in inches.
+    """
+    from io import BytesIO
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dgc_pyro.io import atomic_write_bytes
+
+    if not rows:
+        raise ValueError("no rows to show in a grid")
+    ncols = ncols or max(1, max(len(images) for _, images in rows))
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * cell, len(rows) * (cell + 0.05) + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for k in range(ncols):
+            ax = axes[r, k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if k < len(images) and images[k] is not None:
+                image = _as_image(np.asarray(images[k]))
+                ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, aspect="auto" if image.shape[0] == 1 else None)
+            if k == 0:
+                ax.set_ylabel(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_augmentation_grid(path: str | Path, real: Any, synthetic: Any, title: str = "", ncols: int = 8) -> None:
+    """PNG grid of one class: a row of ``ncols`` real examples above rows of synthetic ones.
+
+    ``real`` and ``synthetic`` are arrays ``(n, C, H, W)`` (C = 1 or 3) or ``(n, D)`` in [0, 1]
+    (:func:`save_image_grid` draws them).
+    """
+    real, synthetic = np.asarray(real)[:ncols], np.asarray(synthetic)
+    rows = [("real", list(real))] if len(real) else []
+    rows += [("synthetic", list(synthetic[i : i + ncols])) for i in range(0, len(synthetic), ncols)]
+    save_image_grid(path, rows, title=title, ncols=ncols)
