@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from dgc_pyro.data import DATASETS, load_imbalanced
-from dgc_pyro.experiment import default_recipe
-from dgc_pyro.inference import augment, fit
-from dgc_pyro.reproducibility import seed_everything
+from dgc_pyro.experiment import default_recipe, train
+from dgc_pyro.inference import augment
 
 augment_module = sys.modules["dgc_pyro.inference.augment"]
 
@@ -66,10 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     split = load_imbalanced(args.dataset, args.data_dir, seed=args.seed)
     recipe = dataclasses.replace(default_recipe(args.dataset), epochs=args.epochs)
-    seed_everything(args.seed)  # the initial weights too
-    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    fit(model, split.x_train, split.y_train, **recipe.fit_options(), device="cpu", seed=args.seed, progress=False,
-        val_num_samples=2)
+    model = train(recipe, split, args.seed, device="cpu", progress=False, val_num_samples=2).model
     print("| filter | seconds | rounds | draws scored | samples kept |")
     print("|---|---|---|---|---|")
     results = {}

@@ -49,11 +49,10 @@ from dgc_pyro.data import load_imbalanced, parse_counts
 from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.diagnostics.plots import save_image_grid
-from dgc_pyro.experiment import default_recipe, evaluate_model
-from dgc_pyro.inference import augment, fit, resolve_device, synthetic_counts
+from dgc_pyro.experiment import default_recipe, evaluate_model, train
+from dgc_pyro.inference import augment, resolve_device, synthetic_counts
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import format_comparison, format_paired, imbalance_report, paired_difference
-from dgc_pyro.reproducibility import seed_everything
 
 METRICS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma")
 ARMS = ("imbalanced", "+DGC samples", "+SMOTE", "+random over-sampling")
@@ -178,12 +177,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "dgc" in args.arms:
         # (b) fit a DGC on the subset and decode synthetic minority examples from it.
         t = time.perf_counter()
-        seed_everything(args.seed)
-        model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-        history = fit(
-            model, split.x_train, split.y_train, **recipe.fit_options(), device=args.device, seed=args.seed,
-            progress=False, val_num_samples=args.val_num_samples, callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+        trained = train(
+            recipe, split, args.seed, device=args.device, progress=False, val_num_samples=args.val_num_samples,
+            callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
         )
+        model, history = trained.model, trained.history
         seconds["dgc_fit"] = time.perf_counter() - t
         t = time.perf_counter()
         x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,

@@ -71,9 +71,8 @@ from dgc_pyro.calibration import apply_temperature, temperature_scale
 from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
-from dgc_pyro.experiment import Recipe, default_recipe
+from dgc_pyro.experiment import Recipe, default_recipe, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
-from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import atomic_write_text, write_json
 from dgc_pyro.ood_detector import logit_scores
@@ -222,10 +221,9 @@ def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed:
         fields = {f.name for f in dataclasses.fields(Recipe)}
         rec = settings["recipe"]
         recipe = Recipe(**{k: tuple(v) if k == "betas" else v for k, v in rec.items() if k in fields})
-        model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-        history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed,
-                      progress=False, val_num_samples=VAL_NUM_SAMPLES)
-        return Fitted(method, time.perf_counter() - t0, model=model, recipe=recipe, history=history.epochs)
+        trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=VAL_NUM_SAMPLES)
+        return Fitted(method, time.perf_counter() - t0, model=trained.model, recipe=recipe,
+                      history=trained.history.epochs)
     options = {k: v for k, v in settings.items() if k != "baseline"}
     fitted = fit_baseline(settings["baseline"], split.x_train, split.y_train, num_classes=split.num_classes,
                           **options, device=device, seed=seed)

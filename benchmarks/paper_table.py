@@ -42,9 +42,8 @@ from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbala
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
-from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides
+from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
-from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.resume import copy_tree
 from dgc_pyro.inference.predict import SCORING_RULES, predict
 from dgc_pyro.io import write_json
@@ -225,17 +224,16 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     With ``also_last`` the weights of the last epoch are kept by a callback and scored too (``out["last_epoch"]``).
     """
     recipe = method_recipe(method, recipe)
-    seed_everything(seed)
-    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    t0 = time.perf_counter()
+    built: dict[str, Any] = {}  # the model, for keep_last
     last: dict[str, torch.Tensor] = {}
 
     def keep_last(epoch: int, record: dict[str, float]) -> None:
         if epoch == recipe.epochs:
-            last.update(copy_tree(model.state_dict()))
+            last.update(copy_tree(built["model"].state_dict()))
 
-    history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device=device, seed=seed, progress=False,
-                  val_num_samples=val_num_samples, callback=keep_last if also_last else None)
+    trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=val_num_samples,
+                    on_build=lambda m: built.update(model=m), callback=keep_last if also_last else None)
+    model, history = trained.model, trained.history
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
     t2 = time.perf_counter()
@@ -249,7 +247,8 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
             last_proba = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced).proba
         out["last_epoch"] = {**_report(split, last_proba), "epoch": recipe.epochs}
     val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
-    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, best_epoch=history.best_epoch,
+    out.update(seconds=trained.seconds + t2 - t1, fit_seconds=trained.seconds, predict_seconds=t2 - t1,
+               best_epoch=history.best_epoch,
                val_acsa=max(val) if val else None,
                recipe=dataclasses.asdict(recipe), rule=pred.rule, history=history.epochs)
     return out

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from typing import Sequence
 
 import torch
 
 from dgc_pyro.data import DATASETS, load_imbalanced
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
-from dgc_pyro.experiment import default_recipe
-from dgc_pyro.inference import fit
+from dgc_pyro.experiment import default_recipe, train
 from dgc_pyro.inference.objectives import OBJECTIVES
-from dgc_pyro.reproducibility import seed_everything
 
 
 def latent_spread(model, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -52,12 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for objective in args.objectives:
         recipe = dataclasses.replace(base, objective=objective)
-        seed_everything(args.seed)
-        model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-        t = time.perf_counter()
-        fit(model, split.x_train, split.y_train, **recipe.fit_options(), device="cpu", seed=args.seed, progress=False,
-            val_num_samples=2)
-        seconds = time.perf_counter() - t
+        trained = train(recipe, split, args.seed, device="cpu", progress=False, val_num_samples=2)
+        model, seconds = trained.model, trained.seconds
         n = min(args.max_examples, len(split.y_train))
         s = latent_spread(model, split.x_train[:n], split.y_train[:n], split.num_classes)
         print(f"| {objective} | {s['posterior_sd']:.3f} | {s['within_class_sd']:.3f} | {s['between_class_sd']:.3f} | {seconds:.0f} |",

@@ -18,8 +18,7 @@ import time
 import torch
 
 from dgc_pyro.data import load_imbalanced
-from dgc_pyro.experiment import DEFAULT_RECIPES
-from dgc_pyro.inference.fit import fit
+from dgc_pyro.experiment import DEFAULT_RECIPES, train
 
 
 def main() -> None:
@@ -35,10 +34,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
-            model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
             wall, cpu = time.perf_counter(), time.process_time()
-            fit(model, split.x_train, split.y_train, **recipe.fit_options(), device="cpu", seed=1, progress=False,
-                val_num_samples=recipe.num_samples)
+            train(recipe, split, 1, device="cpu", progress=False)
             print(f"{threads} thread(s): {args.epochs} epochs in {time.perf_counter() - wall:.1f} s wall, "
                   f"{time.process_time() - cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f})", flush=True)
 

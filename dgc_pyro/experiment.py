@@ -1,7 +1,8 @@
 """The main job as one function: fit DGC (and a baseline) on an imbalanced split, evaluate on its test set.
 
-The CLI, the notebooks and the benchmarks all call :func:`run_experiment`, so there is nothing only the
-CLI can do.
+:func:`train` is the training sequence (seed, build the recipe's model, fit it with the recipe's options) that
+:func:`run_experiment` (the CLI's ``fit``), :class:`~dgc_pyro.DGCSampler` and the benchmarks share, so the same
+recipe and seed give the same model everywhere and there is nothing only the CLI can do.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,52 @@ def recipe_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 @dataclass
+class Trained:
+    """A DGC fitted by :func:`train`, with the recipe and seed that made it and the fit's wall time (seconds)."""
+
+    model: DGC
+    history: History
+    recipe: Recipe
+    seed: int
+    seconds: float
+
+
+def train(
+    recipe: Recipe,
+    split: ImbalancedSplit,
+    seed: int = 0,
+    *,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    val_num_samples: int | None = None,
+    on_build: Callable[[DGC], Any] | None = None,
+    **fit_options: Any,
+) -> Trained:
+    """Fit the DGC that ``recipe`` describes on ``split``'s training data: seed everything with ``seed`` (the
+    initial weights are part of what it fixes), build ``recipe.build_model(...)`` for the split, and
+    :func:`~dgc_pyro.inference.fit` it with ``recipe.fit_options()``.
+
+    ``val_num_samples`` (default: the recipe's ``num_samples``) are the latent draws of the validation score;
+    ``on_build(model)`` is called with the model before it is fitted (e.g. to hand it to a ``callback``); further
+    keyword arguments go to ``fit`` (``engine``, ``callback``, ``checkpoint_dir``, ``resume``, ``deterministic``,
+    ``devices``, ...), except those the recipe sets: change the recipe for those (``dataclasses.replace``).
+    """
+    from_recipe = recipe.fit_options()
+    clash = sorted(set(fit_options) & set(from_recipe))
+    if clash:
+        raise ValueError(f"train: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the recipe; pass "
+                         f"dataclasses.replace(recipe, {clash[0]}=...) instead")
+    seed_everything(seed)
+    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
+    if on_build is not None:
+        on_build(model)
+    t0 = time.perf_counter()
+    history = fit(model, split.x_train, split.y_train, **from_recipe, device=device, seed=seed, progress=progress,
+                  val_num_samples=recipe.num_samples if val_num_samples is None else val_num_samples, **fit_options)
+    return Trained(model, history, recipe, seed, time.perf_counter() - t0)
+
+
+@dataclass
 class ExperimentResult:
     """Metrics of DGC (and the baseline) on the test split, with the fitted model and its history."""
 
@@ -310,23 +357,20 @@ def run_experiment(
     """
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES} or none")
-    seed_everything(seed)  # the initial weights are part of what the seed fixes
-    model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    t0 = time.perf_counter()
-    history = fit(
-        model, split.x_train, split.y_train, **recipe.fit_options(),
-        device=device, seed=seed, progress=progress, val_num_samples=recipe.num_samples,
-        checkpoint_dir=checkpoint_dir, resume=resume, deterministic=deterministic, **(fit_options or {}),
+    trained = train(
+        recipe, split, seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
+        deterministic=deterministic, **(fit_options or {}),
         checkpoint_metadata={"run": {
             "dataset": split.name, "seed": seed, "recipe": recipe.__dict__, "baseline": baseline, **(data_config or {}),
         }},
     )
+    model, history = trained.model, trained.history
     t1 = time.perf_counter()
     calibrate_ood_flag(model, split, recipe, seed)
     metrics, pred = evaluate_model(model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed,
                                    progress=progress)
     t2 = time.perf_counter()
-    seconds = {"dgc_fit": t1 - t0, "dgc_predict": t2 - t1}
+    seconds = {"dgc_fit": trained.seconds, "dgc_predict": t2 - t1}
     baseline_metrics = None
     if baseline is not None:
         fitted = fit_baseline(
