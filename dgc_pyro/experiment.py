@@ -174,13 +174,25 @@ PRESET_CHANGES: dict[str, dict[str, Any]] = {
 }
 
 
-def default_recipe(dataset: str, preset: str | None = None) -> Recipe:
+#: The input shape of each dataset of :data:`DEFAULT_RECIPES`, for data that comes without a dataset name.
+DATASET_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion": (1, 28, 28)}
+
+
+def default_recipe(dataset: str | None = None, preset: str | None = None, *,
+                   input_shape: Sequence[int] | None = None) -> Recipe:
     """The recipe the CLI uses for ``dataset`` with the networks of ``preset`` (None: the dataset's own preset).
 
-    A preset brings its own optimisation settings (:data:`PRESET_CHANGES`), so that every preset trains with the
-    recipe it is given; options given explicitly (``--lr``) are applied afterwards and win.
+    A dataset without a recipe of its own (None, or a name not in :data:`DEFAULT_RECIPES`) gets the recipe of the
+    built-in dataset whose images have ``input_shape`` (:data:`DATASET_SHAPES`: ``(1, 8, 8)`` is digits',
+    ``(1, 28, 28)`` MNIST's and Fashion-MNIST's), else ``Recipe()``. A preset brings its own optimisation
+    settings (:data:`PRESET_CHANGES`), so that every preset trains with the recipe it is given; options given
+    explicitly (``--lr``) are applied afterwards and win.
     """
-    recipe = DEFAULT_RECIPES.get(dataset, Recipe())
+    recipe = DEFAULT_RECIPES.get(dataset) if dataset is not None else None
+    if recipe is None and input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+        recipe = next((DEFAULT_RECIPES[name] for name, s in DATASET_SHAPES.items() if s == shape), None)
+    recipe = Recipe() if recipe is None else recipe
     if preset is None or preset == recipe.preset:
         return recipe
     if preset not in PRESET_CHANGES:

@@ -10,10 +10,14 @@ into ``imblearn.pipeline.Pipeline`` in front of any classifier::
 
     pipe = Pipeline([("dgc", DGCSampler(input_shape=(1, 8, 8), epochs=30)), ("clf", LogisticRegression())])
     pipe.fit(X_train, y_train).predict(X_test)
+
+The DGC is the one ``dgc-pyro fit`` trains: the recipe of :func:`dgc_pyro.experiment.default_recipe` for the
+input shape unless ``recipe=`` gives another, fitted by :func:`dgc_pyro.experiment.train`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -25,14 +29,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn_compat.utils.validation import validate_data
 
+from dgc_pyro.data.splits import ImbalancedSplit
+from dgc_pyro.experiment import Recipe, default_recipe, train
 from dgc_pyro.inference.augment import augment
 from dgc_pyro.inference.engine import ENGINES
-from dgc_pyro.inference.fit import fit
 from dgc_pyro.inference.objectives import OBJECTIVES
-from dgc_pyro.models.dgc import DGC
 from dgc_pyro.models.likelihoods import LIKELIHOODS
 from dgc_pyro.models.networks import PRESETS
-from dgc_pyro.reproducibility import seed_everything
 
 __all__ = ["DGCSampler"]
 
@@ -46,7 +49,8 @@ class DGCSampler(BaseOverSampler):
 
     ``fit_resample(X, y)`` fits a :class:`~dgc_pyro.models.DGC` to ``(X, y)`` and returns ``X`` and
     ``y`` followed by the synthetic examples of :func:`dgc_pyro.inference.augment`, as many per class
-    as ``sampling_strategy`` asks (imbalanced-learn's over-sampling semantics).
+    as ``sampling_strategy`` asks (imbalanced-learn's over-sampling semantics). The DGC is ``recipe``'s,
+    fitted by :func:`dgc_pyro.experiment.train`.
 
     Parameters
     ----------
@@ -57,8 +61,17 @@ class DGCSampler(BaseOverSampler):
         Shape of one example. None: ``X``'s own shape, i.e. a vector model with input shape ``(D,)``
         for flat ``(N, D)`` data, or the image shape for ``(N, C, H, W)`` data. Given, e.g.
         ``(1, 8, 8)``, flat rows are reshaped to it for the model (and the output stays flat).
-    latent_dim, preset, likelihood : model settings of :class:`~dgc_pyro.models.DGC`.
-    epochs, batch_size, lr, objective, device : optimisation settings of :func:`dgc_pyro.inference.fit`.
+    recipe : dgc_pyro.experiment.Recipe or None, default=None
+        The model and its training (label weight, pixel likelihood and its scale, logit adjustment, guide,
+        objective, epochs, ...). None: the recipe ``dgc-pyro fit`` uses for a dataset of the model's input shape,
+        ``default_recipe(input_shape=input_shape_)`` (digits' for ``(1, 8, 8)``, MNIST's for ``(1, 28, 28)``,
+        else ``Recipe()``). Its validation split is dropped when a class has fewer than
+        :data:`MIN_CLASS_FOR_VALIDATION` examples.
+    latent_dim, preset, likelihood, epochs, batch_size, lr, objective : None or a value, default=None
+        Shortcuts for the recipe's fields of these names: given, they replace the recipe's (a preset given
+        with the default recipe brings its optimisation settings, as ``dgc-pyro fit --preset`` does).
+    device : str or torch.device, default="auto"
+        Where to train (:func:`dgc_pyro.inference.fit`).
     engine : {"graph", "torch", "svi"}, default="graph"
         The training step of :func:`dgc_pyro.inference.fit` (``"graph"`` falls back to ``"torch"`` with a
         warning for a model it cannot capture).
@@ -84,6 +97,8 @@ class DGCSampler(BaseOverSampler):
         The class labels; the model's class ``i`` is ``classes_[i]``.
     input_shape_ : tuple of int
         Shape of one example as the model sees it.
+    recipe_ : dgc_pyro.experiment.Recipe
+        The recipe the model was fitted with (``recipe`` or the default, with the shortcuts applied).
     n_synthetic_ : dict
         Number of synthetic examples actually added per class (smaller than asked only when the
         filter could not fill a quota).
@@ -92,13 +107,14 @@ class DGCSampler(BaseOverSampler):
     _parameter_constraints: dict = {
         **BaseOverSampler._parameter_constraints,
         "input_shape": [None, tuple, list],
-        "latent_dim": [Interval(numbers.Integral, 1, None, closed="left")],
-        "preset": [StrOptions(set(PRESETS))],
-        "likelihood": [StrOptions(set(LIKELIHOODS))],
-        "epochs": [Interval(numbers.Integral, 1, None, closed="left")],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "lr": [Interval(numbers.Real, 0, None, closed="neither")],
-        "objective": [StrOptions(set(OBJECTIVES)), callable],
+        "recipe": [None, Recipe],
+        "latent_dim": [None, Interval(numbers.Integral, 1, None, closed="left")],
+        "preset": [None, StrOptions(set(PRESETS))],
+        "likelihood": [None, StrOptions(set(LIKELIHOODS))],
+        "epochs": [None, Interval(numbers.Integral, 1, None, closed="left")],
+        "batch_size": [None, Interval(numbers.Integral, 1, None, closed="left")],
+        "lr": [None, Interval(numbers.Real, 0, None, closed="neither")],
+        "objective": [None, StrOptions(set(OBJECTIVES)), callable],
         "device": [str, torch.device],
         "engine": [StrOptions(set(ENGINES))],
         "filter_threshold": [None, Interval(numbers.Real, 0, 1, closed="both")],
@@ -111,13 +127,14 @@ class DGCSampler(BaseOverSampler):
         *,
         sampling_strategy="auto",
         input_shape=None,
-        latent_dim=16,
-        preset="small",
-        likelihood="normal",
-        epochs=30,
-        batch_size=64,
-        lr=3e-3,
-        objective="elbo-analytic",
+        recipe=None,
+        latent_dim=None,
+        preset=None,
+        likelihood=None,
+        epochs=None,
+        batch_size=None,
+        lr=None,
+        objective=None,
         device="auto",
         engine="graph",
         random_state=None,
@@ -127,6 +144,7 @@ class DGCSampler(BaseOverSampler):
     ):
         super().__init__(sampling_strategy=sampling_strategy)
         self.input_shape = input_shape
+        self.recipe = recipe
         self.latent_dim = latent_dim
         self.preset = preset
         self.likelihood = likelihood
@@ -160,6 +178,17 @@ class DGCSampler(BaseOverSampler):
             )
         return shape
 
+    #: the constructor's shortcuts for Recipe fields of the same names
+    _RECIPE_SHORTCUTS = ("latent_dim", "preset", "likelihood", "epochs", "batch_size", "lr", "objective")
+
+    def _recipe(self, input_shape: tuple[int, ...], counts: np.ndarray) -> Recipe:
+        """``recipe`` (None: the default recipe for ``input_shape``) with the shortcuts given applied."""
+        recipe = self.recipe if self.recipe is not None else default_recipe(input_shape=input_shape, preset=self.preset)
+        changes = {name: getattr(self, name) for name in self._RECIPE_SHORTCUTS if getattr(self, name) is not None}
+        if counts.min() < MIN_CLASS_FOR_VALIDATION:
+            changes["val_fraction"] = 0.0
+        return dataclasses.replace(recipe, **changes) if changes else recipe
+
     def _seed(self) -> int:
         if isinstance(self.random_state, numbers.Integral):
             return int(self.random_state)
@@ -172,16 +201,13 @@ class DGCSampler(BaseOverSampler):
         counts = np.bincount(y_idx, minlength=len(self.classes_))
         seed = self._seed()
 
-        seed_everything(seed)  # the initial weights are part of what the seed fixes
-        model = DGC(self.input_shape_, len(self.classes_), latent_dim=self.latent_dim, preset=self.preset,
-                    likelihood=self.likelihood)
-        val_fraction = 0.1 if counts.min() >= MIN_CLASS_FOR_VALIDATION else 0.0
-        self.history_ = fit(
-            model, x_model, y_idx, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            objective=self.objective, device=self.device, seed=seed, progress=self.progress,
-            val_fraction=val_fraction, engine=self.engine,
-        )
-        self.model_ = model
+        self.recipe_ = self._recipe(self.input_shape_, counts)
+        # train takes a split: the training arrays, with an empty test split (the sampler evaluates nothing)
+        x_t, y_t = torch.from_numpy(x_model), torch.from_numpy(y_idx.astype(np.int64))
+        split = ImbalancedSplit("DGCSampler", x_t, y_t, x_t[:0], y_t[:0], [str(c) for c in self.classes_],
+                                len(self.classes_), self.input_shape_)
+        trained = train(self.recipe_, split, seed, device=self.device, progress=self.progress, engine=self.engine)
+        self.model_, self.history_ = trained.model, trained.history
 
         index_of = {label: i for i, label in enumerate(self.classes_.tolist())}
         targets = {index_of[label]: int(counts[index_of[label]] + n) for label, n in self.sampling_strategy_.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -11,6 +13,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.utils._param_validation import InvalidParameterError
 
 from dgc_pyro import DGCSampler
+from dgc_pyro.experiment import DEFAULT_RECIPES, Recipe, default_recipe
 from dgc_pyro.inference import History
 from dgc_pyro.models import DGC
 
@@ -84,7 +87,9 @@ def test_inside_imblearn_pipeline(flat):
 
 
 def test_clone_and_get_params():
-    sampler = DGCSampler(input_shape=(1, 8, 8), epochs=3, filter_threshold=0.5, random_state=1)
+    # objective given: its default is now the recipe's (None), and the assertion below checks the echo
+    sampler = DGCSampler(input_shape=(1, 8, 8), epochs=3, filter_threshold=0.5, random_state=1,
+                         objective="elbo-analytic")
     params = sampler.get_params()
     assert params["input_shape"] == (1, 8, 8) and params["epochs"] == 3 and params["filter_threshold"] == 0.5
     assert params["sampling_strategy"] == "auto" and params["objective"] == "elbo-analytic"
@@ -122,3 +127,35 @@ def test_parameters_are_validated(flat):
         DGCSampler(input_shape=(1, 7, 7), **FAST).fit_resample(x, y)
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         DGCSampler(**FAST).fit_resample(x * 16, y)
+
+
+def test_the_default_recipe_is_the_one_dgc_pyro_fit_uses_for_the_shape(flat):
+    x, y = flat
+    assert default_recipe(input_shape=(1, 8, 8)) == DEFAULT_RECIPES["digits"]
+    assert default_recipe(input_shape=(1, 28, 28)) == DEFAULT_RECIPES["mnist"] == DEFAULT_RECIPES["fashion"]
+    assert default_recipe(input_shape=(64,)) == Recipe() == default_recipe("an_npz_file", input_shape=(3, 5, 5))
+    sampler = DGCSampler(input_shape=(1, 8, 8), epochs=1, device="cpu", random_state=0, sampling_strategy={2: 8})
+    sampler.fit_resample(x, y)
+    # the digits recipe, one epoch (the shortcut), no validation split (class 2 has 6 examples)
+    assert sampler.recipe_ == dataclasses.replace(DEFAULT_RECIPES["digits"], epochs=1, val_fraction=0.0)
+    assert sampler.model_.label_weight == DEFAULT_RECIPES["digits"].label_weight == 10.0
+    assert sampler.model_.latent_dim == DEFAULT_RECIPES["digits"].latent_dim
+
+
+def test_a_custom_recipe_reaches_the_model(flat):
+    x, y = flat
+    custom = Recipe(epochs=1, batch_size=16, latent_dim=3, label_weight=7.0, obs_scale=0.2, logit_adjustment=1.0,
+                    label_in_guide=False, objective="elbo-analytic", perturbation_rate=0.0)
+    sampler = DGCSampler(recipe=custom, random_state=0, device="cpu", sampling_strategy={2: 8})
+    xr, yr = sampler.fit_resample(x, y)
+    model = sampler.model_
+    assert sampler.recipe_ == dataclasses.replace(custom, val_fraction=0.0)
+    assert (model.label_weight, model.obs_scale, model.logit_adjustment, model.label_in_guide, model.latent_dim) == \
+        (7.0, 0.2, 1.0, False, 3)
+    assert model.has_class_prior and len(sampler.history_.epochs) == 1 and np.bincount(yr).tolist() == [30, 12, 8]
+    # a shortcut given beside the recipe replaces that field only
+    short = DGCSampler(recipe=custom, latent_dim=5, random_state=0, device="cpu", sampling_strategy={2: 8})
+    short.fit_resample(x, y)
+    assert short.model_.latent_dim == 5 and short.model_.label_weight == 7.0
+    with pytest.raises(InvalidParameterError, match="recipe"):
+        DGCSampler(recipe={"label_weight": 7.0}).fit_resample(x, y)
