@@ -35,17 +35,16 @@ import pyro.infer
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.util import site_is_subsample
 
-from dgc_pyro.inference import distributed as _distributed
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
+from dgc_pyro.inference.dist_context import DistContext, GlobalNoise, check_engine
 from dgc_pyro.inference.objectives import Objective
 from dgc_pyro.inference.perturbation import borrowed_scale, guide_normal_params, perturbation_loss
+from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC
 
 ENGINES = ("torch", "graph", "svi")
@@ -158,32 +157,6 @@ class TracedELBO:
 
 
 # ----------------------------------------------------------------------------- helpers of the step
-def _plain_module_tree(model: torch.nn.Module) -> bool:
-    """True when no PyroModule in ``model`` declares PyroParam or PyroSample attributes."""
-    return all(
-        not m.__dict__.get("_pyro_params") and not m.__dict__.get("_pyro_samples")
-        for m in model.modules()
-        if isinstance(m, PyroModule)
-    )
-
-
-def _bare_method(model: DGC, name: str) -> Callable[..., Any]:
-    """``model.<name>`` without PyroModule's parameter bookkeeping, when that bookkeeping is moot.
-
-    A ``@pyro_method`` enters the module's Pyro context, in which every access to a submodule replays
-    one (empty) ``pyro.param`` statement per parameter through the handler stack: about a quarter of
-    the step time of a small network. The torch engine optimises ``model.parameters()`` directly and
-    never reads those statements, so when the module tree has no PyroParam/PyroSample attributes (whose
-    values do depend on the context) the undecorated method is called: the same computation and the
-    same sample sites. Otherwise the method is returned as it is.
-    """
-    method = getattr(model, name)
-    raw = getattr(getattr(type(model), name), "__wrapped__", None)
-    if raw is None or not _plain_module_tree(model):
-        return method
-    return types.MethodType(raw, model)
-
-
 class _PerExample:
     """``fn(x, y)`` under ``poutine.scale(1 / denominator)``: a per-example loss, so the learning rate
     does not depend on the batch size. ``denominator`` defaults to ``len(x)``; the distributed step sets
@@ -201,58 +174,6 @@ class _PerExample:
             scale = self._scales[n] = ScaleMessenger(scale=1.0 / n)
         with scale:
             return self.fn(x, y, *args, **kwargs)
-
-
-class _GlobalNoise(Messenger):
-    """Draws the guide's reparameterised Normal noise for the whole global batch and keeps this shard's rows.
-
-    ``torch.distributions.Normal.rsample`` draws ``eps`` of the site's shape and returns loc + eps * scale;
-    here eps is drawn for ``total`` rows from the (identically seeded) generator of every rank and rows
-    ``lo:hi`` are used, so each rank sees exactly the noise that a single process fitting the global batch
-    would have drawn for its examples. Sites of any other form are sampled as usual.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lo = self.hi = self.total = 0
-
-    def _pyro_sample(self, msg: dict[str, Any]) -> None:
-        if msg["is_observed"] or msg["value"] is not None or msg["args"] or msg["kwargs"]:
-            return
-        base = msg["fn"]
-        while isinstance(base, torch.distributions.Independent):
-            base = base.base_dist
-        if type(base) not in (torch.distributions.Normal, pyro.distributions.Normal):
-            return
-        shape = base.batch_shape
-        if len(shape) == 0 or shape[0] != self.hi - self.lo:
-            return
-        eps = torch.empty((self.total,) + tuple(shape[1:]), dtype=base.loc.dtype, device=base.loc.device).normal_()
-        msg["value"] = base.loc + eps[self.lo : self.hi] * base.scale
-
-
-def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[torch.nn.Parameter],
-                     extra: list[torch.Tensor], with_buffers: bool) -> list[torch.Tensor]:
-    """Sum gradients of ``params`` (and ``extra`` 0-d tensors) over ranks in one collective; with
-    ``with_buffers`` also average the floating-point buffers (BatchNorm running statistics).
-
-    Gradients must already be scaled so that their sum is the global gradient. Returns ``extra`` reduced.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    buffers = [b for b in model.buffers() if b.is_floating_point()] if with_buffers else []
-    parts = [g.reshape(-1) for g in grads] + [b.reshape(-1) / ctx.world_size for b in buffers]
-    parts += [e.detach().reshape(1).to(grads[0].dtype) for e in extra]
-    flat = torch.cat(parts)
-    ctx.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(p)
-        offset += g.numel()
-    with torch.no_grad():
-        for b in buffers:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
-    return [flat[offset + i] for i in range(len(extra))]
 
 
 def adam_kernel(device: torch.device) -> dict[str, Any]:
@@ -292,6 +213,7 @@ def make_step(
     perturbation_offset: torch.Tensor | None = None,
     fallback: bool = False,
     borrow_from: torch.Tensor | None = None,
+    dist: DistContext | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
 
@@ -299,7 +221,8 @@ def make_step(
     a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`), or, with
     ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
     perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
-    ``borrow_from``: boolean mask of the head classes whose pooled within-class spread the tail classes'
+    ``dist``: this rank's data-parallel context (:mod:`dgc_pyro.inference.distributed` passes it); None in a
+    single-process fit. ``borrow_from``: boolean mask of the head classes whose pooled within-class spread the tail classes'
     re-drawn latents get (:func:`~dgc_pyro.inference.perturbation.borrowed_scale`); None keeps q's own sigma.
     The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``) and
     ``step.set_perturbing(on)``, which turns the perturbation update on or off from the next call (deferred
@@ -311,9 +234,9 @@ def make_step(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    ctx = _distributed.current()
+    ctx = dist
     if ctx is not None:
-        _distributed.check_engine(engine)
+        check_engine(engine)
         if borrow_from is not None:  # the head classes' spread would be one shard's, not the global batch's
             raise ValueError("perturbation_noise='head' is not supported in data-parallel fits")
     if compile and engine != "graph":
@@ -353,7 +276,7 @@ def make_step(
                 loss.backward()
             else:
                 loss = zero
-            (loss,) = _flat_all_reduce(ctx, model, cls_params, [loss], with_buffers=False)
+            (loss,) = ctx.all_reduce_gradients(model, cls_params, [loss], with_buffers=False)
             cls_opt.step()
             cls_opt.zero_grad(set_to_none=True)
             return loss
@@ -363,12 +286,12 @@ def make_step(
         return loss.detach()
 
     fast = engine in ("torch", "graph")
-    model_call = _bare_method(model, "model") if fast else model.model
-    guide_call = _bare_method(model, "guide") if fast else model.guide
+    model_call = bare_method(model, "model") if fast else model.model
+    guide_call = bare_method(model, "guide") if fast else model.guide
     model_fn, guide_fn = _PerExample(model_call), _PerExample(guide_call)
     noise = None
     if ctx is not None:
-        noise = _GlobalNoise()
+        noise = GlobalNoise()
         guide_fn = _PerExample(noise(guide_call))
 
     def shard_of(x: torch.Tensor) -> tuple[int, int]:
@@ -419,7 +342,7 @@ def make_step(
                 loss.backward()
             else:  # fewer examples than ranks in this (last) batch
                 loss, guide_tr = zero, None
-            (loss,) = _flat_all_reduce(ctx, model, params, [loss], with_buffers=True)
+            (loss,) = ctx.all_reduce_gradients(model, params, [loss], with_buffers=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss, perturbation(guide_tr, x, y, (lo, hi))
