@@ -214,7 +214,7 @@ def test_logit_adjusted_fit_runs_and_validates_balanced(digits, monkeypatch):
     assert model.has_class_prior and not model.label_in_guide and recipe.balanced
     import sys
 
-    fit_module = sys.modules["dgc_pyro.inference.training"]  # where the single-process fit looks the name up
+    fit_module = sys.modules["dgc_pyro.inference.trainer"]  # where the loop scores the validation split
     calls = []
 
     def recording_predict(*args, **kwargs):

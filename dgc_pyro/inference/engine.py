@@ -33,8 +33,6 @@ rows), all-reduces the gradients in one flat buffer and applies the identical Ad
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Any, Callable, Protocol
 
 import pyro
@@ -44,6 +42,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.scale_messenger import ScaleMessenger
 
+from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.dist_context import DistContext, GlobalNoise, check_engine
 from dgc_pyro.inference.objectives import Objective
@@ -56,10 +55,6 @@ ENGINES = ("torch", "graph", "svi")
 
 __all__ = ["ENGINES", "GraphStep", "Step", "SviStep", "TorchStep", "TracedELBO", "adam_kernel", "compile_networks",
            "make_step", "traced_elbo_kind"]
-
-#: Warnings of a step name the first caller outside the package (the caller of fit), however deep the loop.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 class Step(Protocol):
     """What the training loop needs of a step: a call on a batch, and its optimisers by name."""
@@ -235,8 +230,7 @@ class GraphStep(TorchStep):
             # A failed capture changed nothing (no gradients, buffers and random state restored), and the torch
             # step computes what the graph would have, so the fit continues from this very step unchanged.
             reason = str(e).removesuffix("; use engine='torch'")
-            warnings.warn(f"engine='graph': {reason}; falling back to engine='torch' for this fit", RuntimeWarning,
-                          skip_file_prefixes=(_PACKAGE_DIR,))
+            warn_caller(f"engine='graph': {reason}; falling back to engine='torch' for this fit")
             self.engine = "torch"
             return super().__call__(x, y)
         self._update()

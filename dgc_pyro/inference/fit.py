@@ -22,7 +22,7 @@ Reliability features of the loop (see ``docs/reliability.md``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -88,6 +88,7 @@ def fit(
     perturbation_start: float = 0.0,
     retrain_head_epochs: int = 0,
     perturbation_noise: str = "own",
+    callbacks: Sequence[Any] = (),
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI and return the :class:`History` (``history.model`` is the model).
 
@@ -114,6 +115,10 @@ def fit(
         val_num_samples: latent draws per class when scoring the validation split.
         select_best: restore the weights of the epoch with the best validation ACSA.
         callback: called as ``callback(epoch, record)`` after every epoch.
+        callbacks: objects with some of the training loop's hooks (``on_epoch_end(trainer, epoch, record)``, ...;
+            :mod:`dgc_pyro.inference.callbacks`, e.g. :class:`~dgc_pyro.inference.callbacks.EarlyStopping`), run
+            after ``callback`` and before the epoch's checkpoint. In data-parallel fits every rank runs them
+            (spawned ranks get pickled copies), so their decisions must follow from the records alone.
         pretrain_steps: steps of the reference code's encoder pre-training (z's mean/covariance matched
             to the prior, :func:`~dgc_pyro.inference.pretrain.pretrain_encoder`) before the first epoch; 0 skips it.
         checkpoint_dir: folder for ``training_state.safetensors``, written atomically every
