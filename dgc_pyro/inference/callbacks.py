@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm

@@ -33,7 +33,8 @@ rows), all-reduces the gradients in one flat buffer and applies the identical Ad
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pyro
 import pyro.infer

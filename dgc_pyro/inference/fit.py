@@ -21,8 +21,9 @@ Reliability features of the loop (see ``docs/reliability.md``):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -12,7 +12,8 @@ perturbation step and the graph capture read the same guide trace), and no publi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import pyro.infer

@@ -9,9 +9,10 @@ from its number and the fit's generator, so a resumed or replayed epoch runs exa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyro

@@ -7,7 +7,8 @@ with the models, below both.
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.nn import PyroModule
