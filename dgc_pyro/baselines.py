@@ -25,7 +25,7 @@ from dgc_pyro.calibration import check_temperature
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import Transform, resolve_transform
 from dgc_pyro.data.validation import check_features, check_xy
-from dgc_pyro.inference.device import resolve_device
+from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.networks import build_networks

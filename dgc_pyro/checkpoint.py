@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgc_pyro.device import resolve_device
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.ood_detector import OODDetector
@@ -68,8 +69,6 @@ def save_model(path: PathLike, model: DGC, metadata: dict[str, Any] | None = Non
 
 
 def _map_location(map_location: str | torch.device) -> torch.device:
-    from dgc_pyro.inference.device import resolve_device
-
     if isinstance(map_location, torch.device):
         return resolve_device(map_location)
     if not isinstance(map_location, str):

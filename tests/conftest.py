@@ -49,7 +49,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(scope="session", autouse=True)
 def _auto_means_the_chosen_device(request: pytest.FixtureRequest):
     """``device="auto"`` inside the package resolves to the ``--device`` choice for the whole session."""
-    from dgc_pyro.inference import device as device_module
+    from dgc_pyro import device as device_module
 
     chosen = _chosen_device(request.config)
     original = device_module.auto_device

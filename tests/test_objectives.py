@@ -207,7 +207,7 @@ def test_fit_with_wae_mmd(digits):
 def test_fit_with_pretraining_and_a_custom_wae_loss(digits, monkeypatch):
     import sys
 
-    fit_module = sys.modules["dgc_pyro.inference.fit"]  # the package's `fit` attribute is the function
+    fit_module = sys.modules["dgc_pyro.inference.training"]  # where the single-process fit looks the name up
     pretrained = []
 
     def recording_pretrain(model, *args, **kwargs):

@@ -16,7 +16,7 @@ import pytest
 import pyro.infer
 import torch
 
-import dgc_pyro.inference.engine as engine_module
+import dgc_pyro.inference.perturbation as perturbation_module
 from dgc_pyro.checkpoint import TRAINING_STATE_FILE, load_training_state
 from dgc_pyro.data import load_imbalanced
 from dgc_pyro.experiment import Recipe, run_experiment
@@ -134,14 +134,14 @@ def test_nan_in_classifier_names_y(digits):
 
 def test_nan_perturbation_loss_is_named(digits, monkeypatch):
     calls = {"n": 0}
-    original = engine_module.perturbation_loss
+    original = perturbation_module.perturbation_loss
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * math.nan if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(engine_module, "perturbation_loss", flaky)
+    monkeypatch.setattr(perturbation_module, "perturbation_loss", flaky)
     with pytest.raises(TrainingDivergedError) as info:
         fit(new_model(digits), digits.x_train, digits.y_train, epochs=1, val_fraction=0.0, **FIT_KW)
     e = info.value

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dgc_pyro.inference.predict import Prediction
+from dgc_pyro.inference.predict import UNCERTAINTY_SCORES, Prediction
 from dgc_pyro.metrics import (
     check_proba,
     brier_score,
@@ -40,9 +40,6 @@ __all__ = [
     "reliability",
     "uncertainty_score",
 ]
-
-UNCERTAINTY_SCORES = ("entropy", "least_confidence", "mutual_information", "expected_entropy")
-
 
 def _numpy(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):
@@ -63,9 +60,8 @@ def uncertainty_score(proba: Any, score: str = "entropy") -> np.ndarray:
     if score not in UNCERTAINTY_SCORES:
         raise ValueError(f"score must be one of {UNCERTAINTY_SCORES}, got {score!r}")
     if isinstance(proba, Prediction):
-        if score == "least_confidence":
-            return 1.0 - _numpy(proba.proba).max(axis=1)
-        return _numpy(getattr(proba, score)).astype(np.float64)
+        values = _numpy(proba.uncertainty(score))
+        return values if score == "least_confidence" else values.astype(np.float64)
     if score in ("mutual_information", "expected_entropy"):
         raise ValueError(f"score {score!r} needs a Prediction (from dgc_pyro.inference.predict), not a proba matrix")
     p = check_proba(proba)

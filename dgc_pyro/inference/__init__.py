@@ -2,7 +2,7 @@
 
 from dgc_pyro.inference.augment import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.inference.density import OODDetector, fit_ood_threshold
-from dgc_pyro.inference.device import resolve_device
+from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.objectives import OBJECTIVES, get_objective

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from dgc_pyro.arguments import check_fraction, check_non_negative
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from",
+__all__ = ["HeadStep", "balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from",
            "make_head_step"]
 
 
@@ -70,26 +70,44 @@ def balanced_weights(y: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
     return inverse[y]
 
 
-def make_head_step(model: DGC, optimizer: torch.optim.Optimizer) -> Any:
+class HeadStep:
     """A step ``step(x, y) -> (loss, 0)`` that re-trains the label head on latents drawn from q(z | x, y).
 
     z = loc + scale * eps with loc, scale from the (frozen) encoder, one draw per example, and ``optimizer``
     (the perturbation step's, over ``model.classifier``'s parameters) takes one step on the mean cross-entropy.
     The batches are class-balanced, so the logits are those of a uniform class prior (``balanced_labels``): a
     logit-adjusted model adds tau * log pi back at prediction, as it does for the main step's head. Returns 0-d
-    tensors, without host synchronisation.
+    tensors, without host synchronisation. It follows the engines' step protocol
+    (:class:`~dgc_pyro.inference.engine.Step`); its one optimiser is the perturbation step's.
     """
-    zero = torch.zeros((), device=model.device)
 
-    def head_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    engine = "head"
+
+    def __init__(self, model: DGC, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.zero = torch.zeros((), device=model.device)
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """``{"perturbation": ...}``: the head shares the perturbation step's optimiser."""
+        return {"perturbation": self.optimizer}
+
+    def set_perturbing(self, on: bool) -> None:
+        """No perturbation update in head re-training: nothing to switch."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
         with torch.no_grad():
             loc, scale = model.encode(x, y)
             z = loc + scale * torch.randn_like(loc)
         with model.balanced_labels():
             loss = F.cross_entropy(model.label_logits(z), y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), zero
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), self.zero
 
-    return head_step
+
+def make_head_step(model: DGC, optimizer: torch.optim.Optimizer) -> HeadStep:
+    """The :class:`HeadStep` of ``model`` with ``optimizer`` (kept as the loop's factory)."""
+    return HeadStep(model, optimizer)

@@ -1,28 +1,8 @@
-"""Device selection: the one place that decides where tensors live."""
+"""Old home of the device helpers, kept so that ``dgc_pyro.inference.device`` imports keep working.
 
-from __future__ import annotations
+The helpers live in :mod:`dgc_pyro.device`, below every layer that places tensors (checkpoint loading included).
+"""
 
-import torch
+from dgc_pyro.device import DEVICE_CHOICES, auto_device, resolve_device
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-def auto_device() -> torch.device:
-    """What ``"auto"`` resolves to: CUDA when available, else CPU (the test suite points it at ``--device``)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        resolved = device
-    elif device == "auto":
-        resolved = auto_device()
-    else:
-        try:
-            resolved = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
-    return resolved
+__all__ = ["DEVICE_CHOICES", "auto_device", "resolve_device"]

@@ -43,23 +43,22 @@ import pickle
 import queue as queue_module
 import socket
 import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from dgc_pyro.inference.fit import History
+from dgc_pyro.data.validation import check_xy
+from dgc_pyro.device import resolve_device
+from dgc_pyro.inference.dist_context import DistContext, check_engine
+from dgc_pyro.inference.training import History, train
 
 __all__ = [
     "STRATEGIES",
     "DistContext",
     "check_engine",
-    "current",
     "fit_distributed",
     "is_rank_zero",
     "launched_by_torchrun",
@@ -70,64 +69,10 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 _TIMEOUT = timedelta(minutes=30)
 
 
-@dataclass(frozen=True)
-class DistContext:
-    """This process's place in the data-parallel group."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-
-    def shard(self, n: int) -> tuple[int, int]:
-        """Rows ``lo:hi`` of an ``n``-row global batch that this rank computes (as ``torch.tensor_split``)."""
-        q, r = divmod(int(n), self.world_size)
-        lo = self.rank * q + min(self.rank, r)
-        return lo, lo + q + (1 if self.rank < r else 0)
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place sum over the ranks (asynchronous with respect to the host on CUDA)."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def broadcast_model(self, module: torch.nn.Module) -> None:
-        """Copy rank 0's parameters and buffers to every rank (one flat broadcast)."""
-        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-        if not tensors:
-            return
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-
-
-_CURRENT: DistContext | None = None
-
-
-def current() -> DistContext | None:
-    """The data-parallel context of the running fit, or None in a single-process fit."""
-    return _CURRENT
-
-
 def is_rank_zero() -> bool:
-    """True outside data-parallel fitting and on rank 0 (also before a torchrun group is initialised)."""
-    if _CURRENT is not None:
-        return _CURRENT.rank == 0
+    """True outside data-parallel fitting and on rank 0 (read from the launcher's ``RANK``, which spawned ranks
+    set too, so it also holds before a torchrun group is initialised)."""
     return int(os.environ.get("RANK", "0") or 0) == 0
-
-
-@contextmanager
-def _active(ctx: DistContext) -> Iterator[DistContext]:
-    global _CURRENT
-    previous, _CURRENT = _CURRENT, ctx
-    try:
-        yield ctx
-    finally:
-        _CURRENT = previous
 
 
 def launched_by_torchrun() -> bool:
@@ -135,16 +80,8 @@ def launched_by_torchrun() -> bool:
     return all(os.environ.get(k) for k in _TORCHRUN_VARS)
 
 
-def check_engine(engine: str) -> None:
-    """Data-parallel runs take ``engine="torch"`` only: the graph and SVI engines are single-process."""
-    if engine != "torch":
-        raise ValueError(f"data-parallel fitting supports engine='torch' only, not engine={engine!r}")
-
-
 def _device_plan(device: Any, devices: int) -> tuple[str, str]:
     """``(device type, backend)`` for ``devices`` processes; errors when there are not enough GPUs."""
-    from dgc_pyro.inference.device import resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda":
         if not dist.is_nccl_available():
@@ -168,14 +105,12 @@ def _local_device(device_type: str, local_rank: int) -> torch.device:
 
 
 def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str | None = "ddp",
-                    **fit_kwargs: Any) -> "History":
+                    **fit_kwargs: Any) -> History:
     """Data-parallel :func:`~dgc_pyro.inference.fit.fit` over ``devices`` processes (see the module docs).
 
     Takes the keyword arguments of ``fit``. Returns rank 0's :class:`~dgc_pyro.inference.fit.History`
     with ``history.model`` the caller's ``model``, which holds the fitted weights.
     """
-    from dgc_pyro.data.validation import check_xy
-
     strategy = "ddp" if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -185,15 +120,11 @@ def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str |
     check_engine(fit_kwargs["engine"])
     if not dist.is_available():
         raise ValueError("torch.distributed is not available in this PyTorch build")
-    if _CURRENT is not None:
-        raise RuntimeError("fit(devices=...) was called inside a data-parallel worker")
     device_type, backend = _device_plan(fit_kwargs.get("device", "auto"), devices)
     if launched_by_torchrun():
         return _fit_in_group(model, x, y, devices, device_type, backend, fit_kwargs)
     if devices == 1:  # nothing to parallelise on this node
-        from dgc_pyro.inference.fit import fit
-
-        return fit(model, x, y, **fit_kwargs)
+        return train(model, x, y, **fit_kwargs)
     if device_type == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"devices={devices} but only {torch.cuda.device_count()} CUDA GPUs are visible")
     x, y = check_xy(x, y, input_shape=model.input_shape, num_classes=model.num_classes)
@@ -205,9 +136,8 @@ def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str |
 
 
 # ----------------------------------------------------------------------------- in-place (torchrun) ranks
-def _fit_in_group(model: Any, x: Any, y: Any, devices: int, device_type: str, backend: str, fit_kwargs: dict[str, Any]):
-    from dgc_pyro.inference.fit import fit
-
+def _fit_in_group(model: Any, x: Any, y: Any, devices: int, device_type: str, backend: str,
+                  fit_kwargs: dict[str, Any]) -> History:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
@@ -224,8 +154,7 @@ def _fit_in_group(model: Any, x: Any, y: Any, devices: int, device_type: str, ba
         kwargs["progress"] = False
         kwargs["callback"] = None
     try:
-        with _active(ctx):
-            return fit(model, x, y, **kwargs)
+        return train(model, x, y, dist=ctx, **kwargs)
     finally:
         if created:
             dist.destroy_process_group()
@@ -247,11 +176,11 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def _spawn(model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: str, backend: str,
-           fit_kwargs: dict[str, Any]):
+           fit_kwargs: dict[str, Any]) -> History:
     import torch.multiprocessing as mp
 
-    from dgc_pyro.inference.fit import History
-
+    if dist.is_initialized():  # spawning from inside a process group would nest groups
+        raise RuntimeError("fit(devices=...) was called inside a data-parallel worker")
     callback = fit_kwargs.pop("callback", None)
     addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
     port = int(os.environ.get("MASTER_PORT") or _free_port())
@@ -316,8 +245,6 @@ def _spawn(model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: 
 
 def _spawn_worker(local_rank: int, nprocs: int, addr: str, port: int, folder: str, fit_kwargs: dict[str, Any],
                   send_epochs: bool, messages: Any, device_type: str, backend: str) -> None:
-    from dgc_pyro.inference.fit import fit
-
     rank = local_rank
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs))
@@ -338,8 +265,8 @@ def _spawn_worker(local_rank: int, nprocs: int, addr: str, port: int, folder: st
                 kwargs["progress"] = False
             elif send_epochs:
                 kwargs["callback"] = lambda epoch, record: messages.put(("epoch", epoch, dict(record)))
-            with _active(DistContext(rank, nprocs, local_rank, device, backend)):
-                history = fit(model, data["x"], data["y"], **kwargs)
+            history = train(model, data["x"], data["y"], dist=DistContext(rank, nprocs, local_rank, device, backend),
+                            **kwargs)
             if rank == 0:
                 state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
                 torch.save(state, Path(folder) / "state.pt")

@@ -19,6 +19,13 @@ Two engines run the same loss over the same Pyro model/guide pair:
 - ``engine="svi"``: textbook ``pyro.infer.SVI`` with ``pyro.optim.Adam``, for reference and for users
   who compose further Pyro machinery around it.
 
+Each engine is a step object (:class:`TorchStep`, :class:`GraphStep`, :class:`SviStep`) with one protocol,
+:class:`Step`: ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors, ``step.optimizers`` (``{"main": ...,
+"perturbation": ...}``, what checkpoints save and schedules set), ``step.engine`` and ``step.set_perturbing(on)``.
+The paper's perturbation update is its own auxiliary objective,
+:class:`~dgc_pyro.inference.perturbation.PerturbationStep`, which every step runs after its main update.
+:func:`make_step` builds a step from the fit's settings.
+
 Inside a data-parallel worker (:mod:`dgc_pyro.inference.distributed`) a step receives the global batch,
 computes the loss on its shard (with the noise the single-process step would have drawn for those
 rows), all-reduces the gradients in one flat buffer and applies the identical Adam update on every rank.
@@ -26,164 +33,46 @@ rows), all-reduces the gradients in one flat buffer and applies the identical Ad
 
 from __future__ import annotations
 
-import types
-import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pyro
 import pyro.infer
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.scale_messenger import ScaleMessenger
-from pyro.poutine.util import site_is_subsample
 
-from dgc_pyro.inference import distributed as _distributed
+from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
+from dgc_pyro.inference.dist_context import DistContext, GlobalNoise, check_engine
 from dgc_pyro.inference.objectives import Objective
-from dgc_pyro.inference.perturbation import borrowed_scale, guide_normal_params, perturbation_loss
+from dgc_pyro.inference.perturbation import PerturbationStep, guide_normal_params
+from dgc_pyro.inference.traced_elbo import TracedELBO, traced_elbo_kind
+from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC
 
 ENGINES = ("torch", "graph", "svi")
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-__all__ = ["ENGINES", "Step", "TracedELBO", "adam_kernel", "compile_networks", "make_step", "traced_elbo_kind"]
+__all__ = ["ENGINES", "GraphStep", "Step", "SviStep", "TorchStep", "TracedELBO", "adam_kernel", "compile_networks",
+           "make_step", "traced_elbo_kind"]
 
+class Step(Protocol):
+    """What the training loop needs of a step: a call on a batch, and its optimisers by name."""
 
-# ----------------------------------------------------------------------------- the sync-free ELBO
-def traced_elbo_kind(loss_fn: Objective) -> str | None:
-    """``"mc"`` / ``"analytic"`` when ``loss_fn`` is the ``differentiable_loss`` of a one-particle
-    ``Trace_ELBO`` / ``TraceMeanField_ELBO`` (what :class:`TracedELBO` computes exactly), else None."""
-    owner = getattr(loss_fn, "__self__", None)
-    if getattr(loss_fn, "__func__", None) is not pyro.infer.Trace_ELBO.differentiable_loss:
-        return None
-    if getattr(owner, "num_particles", None) != 1:
-        return None
-    if type(owner) is pyro.infer.Trace_ELBO:
-        return "mc"
-    if type(owner) is pyro.infer.TraceMeanField_ELBO:
-        return "analytic"
-    return None
+    engine: str
+    optimizers: dict[str, Any]
 
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the batch; ``(loss, perturbation_loss)`` as 0-d tensors, without host synchronisation."""
+        ...
 
-def _log_prob_sum(site: dict[str, Any]) -> torch.Tensor:
-    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-    return scale_and_mask(log_p, site["scale"], site["mask"]).sum()
-
-
-def _sample_sites(trace: poutine.Trace):
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-class TracedELBO:
-    """Negative ELBO of a Pyro model/guide pair from one guide trace and the model replayed against it.
-
-    Computes what ``Trace_ELBO(num_particles=1).differentiable_loss`` (``kind="mc"``) or
-    ``TraceMeanField_ELBO(num_particles=1).differentiable_loss`` (``kind="analytic"``: closed-form
-    KL(q || p) of latent sites where ``kl_divergence`` is registered) computes for fully reparameterised
-    guides, but without host synchronisation: no ``.item()``, no NaN hooks, no validation. Guides with
-    non-reparameterised or enumerated sites are handed to Pyro's own estimator (``fallback``) on the
-    same traces. The trace handlers are built once and reused every step.
-
-    ``elbo(*args, **kwargs)`` returns ``(loss, guide_trace)``.
-    """
-
-    def __init__(self, model_fn: Callable, guide_fn: Callable, kind: str = "mc",
-                 fallback: pyro.infer.ELBO | None = None) -> None:
-        if kind not in ("mc", "analytic"):
-            raise ValueError(f"kind must be 'mc' or 'analytic', got {kind!r}")
-        self.kind = kind
-        self.fallback = fallback
-        self._guide = poutine.trace(guide_fn)
-        self._empty = poutine.Trace()
-        self._replay = ReplayMessenger(trace=self._empty)
-        self._model = poutine.trace(self._replay(model_fn))
-
-    def traces(self, *args: Any, **kwargs: Any) -> tuple[poutine.Trace, poutine.Trace]:
-        """``(model_trace, guide_trace)`` of one draw."""
-        self._guide(*args, **kwargs)
-        guide_tr = self._guide.msngr.trace
-        self._replay.trace = guide_tr
-        try:
-            self._model(*args, **kwargs)
-        finally:
-            self._replay.trace = self._empty
-        return self._model.msngr.trace, guide_tr
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, poutine.Trace]:
-        model_tr, guide_tr = self.traces(*args, **kwargs)
-        return self.loss(model_tr, guide_tr), guide_tr
-
-    def loss(self, model_tr: poutine.Trace, guide_tr: poutine.Trace) -> torch.Tensor:
-        """The negative ELBO from a model trace and the guide trace it was replayed against."""
-        for _, site in _sample_sites(guide_tr):
-            if not site["is_observed"] and (
-                not getattr(site["fn"], "has_rsample", False) or site["infer"].get("enumerate")
-            ):
-                return self._pyro_loss(model_tr, guide_tr)
-        elbo: torch.Tensor | float = 0.0
-        done: set[str] = set()
-        for name, site in _sample_sites(model_tr):
-            guide_site = guide_tr.nodes.get(name)
-            if self.kind == "analytic" and not site["is_observed"] and guide_site is not None:
-                try:
-                    kl = torch.distributions.kl_divergence(guide_site["fn"], site["fn"])
-                except NotImplementedError:
-                    pass
-                else:
-                    kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
-                    elbo = elbo - (kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
-                    done.add(name)
-                    continue
-            elbo = elbo + _log_prob_sum(site)
-        for name, site in _sample_sites(guide_tr):
-            if name not in done:
-                elbo = elbo - _log_prob_sum(site)
-        if not torch.is_tensor(elbo):
-            raise ValueError("the model and guide have no sample sites: nothing to fit")
-        return -elbo
-
-    def _pyro_loss(self, model_tr: poutine.Trace, guide_tr: poutine.Trace) -> torch.Tensor:
-        elbo = self.fallback or (pyro.infer.Trace_ELBO() if self.kind == "mc" else pyro.infer.TraceMeanField_ELBO())
-        model_tr.compute_log_prob()
-        guide_tr.compute_score_parts()
-        loss, surrogate = elbo._differentiable_loss_particle(model_tr, guide_tr)
-        return surrogate + (loss - surrogate.detach())
+    def set_perturbing(self, on: bool) -> None:
+        """Turn the perturbation update on or off from the next call."""
+        ...
 
 
 # ----------------------------------------------------------------------------- helpers of the step
-def _plain_module_tree(model: torch.nn.Module) -> bool:
-    """True when no PyroModule in ``model`` declares PyroParam or PyroSample attributes."""
-    return all(
-        not m.__dict__.get("_pyro_params") and not m.__dict__.get("_pyro_samples")
-        for m in model.modules()
-        if isinstance(m, PyroModule)
-    )
-
-
-def _bare_method(model: DGC, name: str) -> Callable[..., Any]:
-    """``model.<name>`` without PyroModule's parameter bookkeeping, when that bookkeeping is moot.
-
-    A ``@pyro_method`` enters the module's Pyro context, in which every access to a submodule replays
-    one (empty) ``pyro.param`` statement per parameter through the handler stack: about a quarter of
-    the step time of a small network. The torch engine optimises ``model.parameters()`` directly and
-    never reads those statements, so when the module tree has no PyroParam/PyroSample attributes (whose
-    values do depend on the context) the undecorated method is called: the same computation and the
-    same sample sites. Otherwise the method is returned as it is.
-    """
-    method = getattr(model, name)
-    raw = getattr(getattr(type(model), name), "__wrapped__", None)
-    if raw is None or not _plain_module_tree(model):
-        return method
-    return types.MethodType(raw, model)
-
-
 class _PerExample:
     """``fn(x, y)`` under ``poutine.scale(1 / denominator)``: a per-example loss, so the learning rate
     does not depend on the batch size. ``denominator`` defaults to ``len(x)``; the distributed step sets
@@ -201,58 +90,6 @@ class _PerExample:
             scale = self._scales[n] = ScaleMessenger(scale=1.0 / n)
         with scale:
             return self.fn(x, y, *args, **kwargs)
-
-
-class _GlobalNoise(Messenger):
-    """Draws the guide's reparameterised Normal noise for the whole global batch and keeps this shard's rows.
-
-    ``torch.distributions.Normal.rsample`` draws ``eps`` of the site's shape and returns loc + eps * scale;
-    here eps is drawn for ``total`` rows from the (identically seeded) generator of every rank and rows
-    ``lo:hi`` are used, so each rank sees exactly the noise that a single process fitting the global batch
-    would have drawn for its examples. Sites of any other form are sampled as usual.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lo = self.hi = self.total = 0
-
-    def _pyro_sample(self, msg: dict[str, Any]) -> None:
-        if msg["is_observed"] or msg["value"] is not None or msg["args"] or msg["kwargs"]:
-            return
-        base = msg["fn"]
-        while isinstance(base, torch.distributions.Independent):
-            base = base.base_dist
-        if type(base) not in (torch.distributions.Normal, pyro.distributions.Normal):
-            return
-        shape = base.batch_shape
-        if len(shape) == 0 or shape[0] != self.hi - self.lo:
-            return
-        eps = torch.empty((self.total,) + tuple(shape[1:]), dtype=base.loc.dtype, device=base.loc.device).normal_()
-        msg["value"] = base.loc + eps[self.lo : self.hi] * base.scale
-
-
-def _flat_all_reduce(ctx: "_distributed.DistContext", model: DGC, params: list[torch.nn.Parameter],
-                     extra: list[torch.Tensor], with_buffers: bool) -> list[torch.Tensor]:
-    """Sum gradients of ``params`` (and ``extra`` 0-d tensors) over ranks in one collective; with
-    ``with_buffers`` also average the floating-point buffers (BatchNorm running statistics).
-
-    Gradients must already be scaled so that their sum is the global gradient. Returns ``extra`` reduced.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    buffers = [b for b in model.buffers() if b.is_floating_point()] if with_buffers else []
-    parts = [g.reshape(-1) for g in grads] + [b.reshape(-1) / ctx.world_size for b in buffers]
-    parts += [e.detach().reshape(1).to(grads[0].dtype) for e in extra]
-    flat = torch.cat(parts)
-    ctx.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(p)
-        offset += g.numel()
-    with torch.no_grad():
-        for b in buffers:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
-    return [flat[offset + i] for i in range(len(extra))]
 
 
 def adam_kernel(device: torch.device) -> dict[str, Any]:
@@ -276,7 +113,152 @@ def compile_networks(model: DGC, options: dict[str, Any] | None = None) -> DGC:
     return model
 
 
-# ----------------------------------------------------------------------------- the step
+# ----------------------------------------------------------------------------- the steps
+class _StepBase:
+    """The parts every engine shares: the main optimiser, the perturbation update and the switch."""
+
+    engine = ""
+
+    def __init__(self, optimizer: Any, perturbation: PerturbationStep) -> None:
+        self.optimizer, self.perturbation = optimizer, perturbation
+
+    @property
+    def optimizers(self) -> dict[str, Any]:
+        """``{"main": ..., "perturbation": ...}``: what checkpoints save (resume.py) and schedules set."""
+        return {"main": self.optimizer, "perturbation": self.perturbation.optimizer}
+
+    def set_perturbing(self, on: bool) -> None:
+        """Deferred re-balancing: the perturbation update runs from the next call only while ``on``."""
+        self.perturbation.on = bool(on)
+
+
+class TorchStep(_StepBase):
+    """``engine="torch"``: the objective's differentiable loss and one ``torch.optim`` optimiser over all parameters.
+
+    The model and guide are called without PyroModule's bookkeeping (:func:`~dgc_pyro.models.bare.bare_method`)
+    and traced every step; with ``dist`` the step computes its rank's shard of the global batch and all-reduces
+    the gradients before the identical update on every rank.
+    """
+
+    engine = "torch"
+
+    def __init__(self, model: DGC, loss_fn: Objective, optimizer: torch.optim.Optimizer,
+                 perturbation: PerturbationStep, *, dist: DistContext | None = None) -> None:
+        super().__init__(optimizer, perturbation)
+        self.model, self.dist = model, dist
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.zero = perturbation.zero
+        model_call, guide_call = bare_method(model, "model"), bare_method(model, "guide")
+        self.model_fn, self.guide_fn = _PerExample(model_call), _PerExample(guide_call)
+        self.noise: GlobalNoise | None = None
+        if dist is not None:
+            self.noise = GlobalNoise()
+            self.guide_fn = _PerExample(self.noise(guide_call))
+        self.loss_fn = loss_fn
+        kind = traced_elbo_kind(loss_fn)
+        self.traced = TracedELBO(self.model_fn, self.guide_fn, kind, fallback=loss_fn.__self__) if kind else None
+        # records q(z | x, y) for the perturbation step when the loss is a callable of its own
+        self.recorder = poutine.trace(self.guide_fn) if self.traced is None else None
+
+    def loss_and_guide_trace(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The main loss of a batch and the guide trace it was computed from."""
+        if self.traced is not None:
+            return self.traced(x, y)
+        return self.loss_fn(self.model_fn, self.recorder, x, y), self.recorder.trace
+
+    def _update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with pyro.validation_enabled(False):
+            if self.dist is None:
+                loss, guide_tr = self.loss_and_guide_trace(x, y)
+                loss.backward()
+                self._update()
+                return loss.detach(), self.perturbation(x, y, guide_trace=guide_tr)
+            lo, hi = self._shard_of(x)
+            if hi > lo:
+                loss, guide_tr = self.loss_and_guide_trace(x[lo:hi], y[lo:hi])
+                loss.backward()
+            else:  # fewer examples than ranks in this (last) batch
+                loss, guide_tr = self.zero, None
+            (loss,) = self.dist.all_reduce_gradients(self.model, self.params, [loss], with_buffers=True)
+            self._update()
+            return loss, self.perturbation(x, y, guide_trace=guide_tr, shard=(lo, hi))
+
+    def _shard_of(self, x: torch.Tensor) -> tuple[int, int]:
+        n = x.shape[0]
+        lo, hi = self.dist.shard(n)
+        self.model_fn.denominator = self.guide_fn.denominator = n  # the global batch's per-example scale
+        self.noise.lo, self.noise.hi, self.noise.total = lo, hi, n
+        return lo, hi
+
+
+class GraphStep(TorchStep):
+    """``engine="graph"``: :class:`TorchStep`'s loss and gradients captured once per batch shape and replayed.
+
+    The perturbation switch is read in Python at every call, outside the captured graph, which returns the
+    guide's parameters whenever the perturbation update is active, so the switch is never baked in. When a model
+    cannot be captured the call raises :class:`~dgc_pyro.inference.capture.GraphCaptureError`, or with
+    ``fallback`` warns once and runs :class:`TorchStep`'s update from then on (the same numbers, on the same
+    optimisers), and ``engine`` becomes ``"torch"``.
+    """
+
+    def __init__(self, model: DGC, loss_fn: Objective, optimizer: torch.optim.Optimizer,
+                 perturbation: PerturbationStep, *, compile: bool | dict[str, Any] = False,
+                 fallback: bool = False) -> None:
+        super().__init__(model, loss_fn, optimizer, perturbation)
+        self.engine = "graph"  # "torch" once a capture failed
+        self.fallback = fallback
+        self.captured = CapturedGradients(model, self._captured_loss, compile=compile)
+
+    def _captured_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss, guide_tr = self.loss_and_guide_trace(x, y)
+        if self.perturbation.active:
+            return (loss, *guide_normal_params(guide_tr, self.model, x, y))
+        return (loss,)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.engine == "torch":
+            return super().__call__(x, y)
+        try:
+            with pyro.validation_enabled(False):
+                loss, *guide_params = self.captured(x, y)
+        except GraphCaptureError as e:
+            if not self.fallback:
+                raise
+            # A failed capture changed nothing (no gradients, buffers and random state restored), and the torch
+            # step computes what the graph would have, so the fit continues from this very step unchanged.
+            reason = str(e).removesuffix("; use engine='torch'")
+            warn_caller(f"engine='graph': {reason}; falling back to engine='torch' for this fit")
+            self.engine = "torch"
+            return super().__call__(x, y)
+        self._update()
+        return loss, self.perturbation(x, y, guide_params=tuple(guide_params))
+
+
+class SviStep(_StepBase):
+    """``engine="svi"``: textbook ``pyro.infer.SVI`` with a ``pyro.optim`` optimiser; single process."""
+
+    engine = "svi"
+
+    def __init__(self, model: DGC, loss_fn: Objective, optimizer: pyro.optim.PyroOptim,
+                 perturbation: PerturbationStep, device: torch.device) -> None:
+        super().__init__(optimizer, perturbation)
+        self.device = device
+        self.traced_guide = poutine.trace(_PerExample(model.guide))  # records q(z | x, y) for the perturbation step
+        self.svi = pyro.infer.SVI(_PerExample(model.model), self.traced_guide, optimizer, loss=loss_fn)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # pyro.infer.SVI collects parameters through Pyro's global param store; a fresh store scope
+        # per step registers exactly this model's parameters, so other models cannot leak in.
+        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
+            loss = self.svi.step(x, y)
+        return torch.tensor(loss, device=self.device), self.perturbation(x, y, guide_trace=self.traced_guide.trace)
+
+
+# ----------------------------------------------------------------------------- the factory
 def make_step(
     model: DGC,
     loss_fn: Objective,
@@ -292,171 +274,40 @@ def make_step(
     perturbation_offset: torch.Tensor | None = None,
     fallback: bool = False,
     borrow_from: torch.Tensor | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One training step ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors (no host sync).
+    dist: DistContext | None = None,
+) -> TorchStep | GraphStep | SviStep:
+    """The training step of ``engine`` with Adam optimisers (``lr``, ``betas``; ``classifier_lr`` for the
+    perturbation update): a :class:`Step`, ``step(x, y) -> (loss, perturbation_loss)`` as 0-d tensors.
 
-    ``reps``: per-class repetition counts of the perturbation step (on ``device``). ``compile``: True (or
-    a dict of ``torch.compile`` options) compiles the networks first (:func:`compile_networks`), or, with
-    ``engine="graph"``, the captured graph of the loss and its gradients. ``perturbation_offset``: the
-    perturbation step's logit offset (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`).
-    ``borrow_from``: boolean mask of the head classes whose pooled within-class spread the tail classes'
-    re-drawn latents get (:func:`~dgc_pyro.inference.perturbation.borrowed_scale`); None keeps q's own sigma.
-    The step exposes its optimisers as ``step.optimizers`` (``{"main": ..., "perturbation": ...}``) and
-    ``step.set_perturbing(on)``, which turns the perturbation update on or off from the next call (deferred
-    re-balancing). The switch is read in Python at every call, outside any captured graph, which returns the
-    guide's parameters whenever ``perturb`` is set, so a ``"graph"`` step never bakes the switch in.
-    A ``"graph"`` step raises :class:`~dgc_pyro.inference.capture.GraphCaptureError` when a model cannot be
-    captured; with ``fallback`` it warns once instead and runs the torch engine's step from then on (the same
-    numbers, on the same optimisers), and ``step.engine`` becomes ``"torch"``.
+    ``perturb``: run the perturbation update, ``reps`` its per-class repetition counts (on ``device``).
+    ``compile``: True (or a dict of ``torch.compile`` options) compiles the networks first
+    (:func:`compile_networks`), or, with ``engine="graph"``, the captured graph of the loss and its gradients.
+    ``perturbation_offset``: the perturbation step's logit offset
+    (:func:`~dgc_pyro.inference.perturbation.perturbation_offset`). ``borrow_from``: boolean mask of the head
+    classes whose pooled within-class spread the tail classes' re-drawn latents get
+    (:func:`~dgc_pyro.inference.perturbation.borrowed_scale`); None keeps q's own sigma. ``fallback``: a
+    ``"graph"`` step that cannot capture the model warns and continues as ``"torch"`` (:class:`GraphStep`).
+    ``dist``: this rank's data-parallel context (:mod:`dgc_pyro.inference.distributed` passes it); None in a
+    single-process fit.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    ctx = _distributed.current()
-    if ctx is not None:
-        _distributed.check_engine(engine)
+    if dist is not None:
+        check_engine(engine)
         if borrow_from is not None:  # the head classes' spread would be one shard's, not the global batch's
             raise ValueError("perturbation_noise='head' is not supported in data-parallel fits")
     if compile and engine != "graph":
         compile_networks(model, compile if isinstance(compile, dict) else None)
-    if ctx is not None:
-        ctx.broadcast_model(model)  # identical starting point on every rank
+    if dist is not None:
+        dist.broadcast_model(model)  # identical starting point on every rank
     kernel = adam_kernel(device)
-    cls_params = list(model.classifier.parameters())
-    cls_opt = torch.optim.Adam(cls_params, lr=classifier_lr, betas=betas, **kernel)
-    zero = torch.zeros((), device=device)
-    max_reps = int(reps.max()) if perturb else 0  # one host sync, at set-up
-    latent_dim = model.latent_dim
-    switch = types.SimpleNamespace(on=True)  # step.set_perturbing: deferred re-balancing turns it on late
-
-    def set_perturbing(on: bool) -> None:
-        switch.on = bool(on)
-
-    def perturbation(guide_trace, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int] | None = None,
-                     guide_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if not (perturb and switch.on):
-            return zero
-        if shard is None:
-            loc, scale = guide_params or guide_normal_params(guide_trace, model, x, y)
-            if borrow_from is not None:
-                scale = borrowed_scale(loc, scale, y, borrow_from)
-            loss = perturbation_loss(model, loc, scale, y, reps, max_reps=max_reps, offset=perturbation_offset)
-        else:
-            # x, y: the global batch; the guide trace holds this rank's shard. The noise and the
-            # normaliser are the global batch's, so the shards' losses sum to the single-process loss.
-            lo, hi = shard
-            noise = torch.randn((x.shape[0], max_reps, latent_dim), dtype=x.dtype, device=x.device)
-            total = reps[y].sum()
-            if hi > lo:
-                loc, scale = guide_normal_params(guide_trace, model, x[lo:hi], y[lo:hi])
-                loss = perturbation_loss(model, loc, scale, y[lo:hi], reps, max_reps=max_reps,
-                                         noise=noise[lo:hi], total=total, offset=perturbation_offset)
-                loss.backward()
-            else:
-                loss = zero
-            (loss,) = _flat_all_reduce(ctx, model, cls_params, [loss], with_buffers=False)
-            cls_opt.step()
-            cls_opt.zero_grad(set_to_none=True)
-            return loss
-        loss.backward()
-        cls_opt.step()
-        cls_opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    fast = engine in ("torch", "graph")
-    model_call = _bare_method(model, "model") if fast else model.model
-    guide_call = _bare_method(model, "guide") if fast else model.guide
-    model_fn, guide_fn = _PerExample(model_call), _PerExample(guide_call)
-    noise = None
-    if ctx is not None:
-        noise = _GlobalNoise()
-        guide_fn = _PerExample(noise(guide_call))
-
-    def shard_of(x: torch.Tensor) -> tuple[int, int]:
-        n = x.shape[0]
-        lo, hi = ctx.shard(n)
-        model_fn.denominator = guide_fn.denominator = n
-        noise.lo, noise.hi, noise.total = lo, hi, n
-        return lo, hi
-
+    cls_opt = torch.optim.Adam(list(model.classifier.parameters()), lr=classifier_lr, betas=betas, **kernel)
+    perturbation = PerturbationStep(model, reps, cls_opt, device, active=perturb, offset=perturbation_offset,
+                                    borrow_from=borrow_from, dist=dist)
     if engine == "svi":
-        traced_guide = poutine.trace(guide_fn)  # records q(z | x, y) for the perturbation step
         optim = pyro.optim.Adam({"lr": lr, "betas": betas, **kernel})  # one torch Adam per parameter, same kernel
-        svi = pyro.infer.SVI(model_fn, traced_guide, optim, loss=loss_fn)
-
-        def svi_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # pyro.infer.SVI collects parameters through Pyro's global param store; a fresh store scope
-            # per step registers exactly this model's parameters, so other models cannot leak in.
-            with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope():
-                loss = svi.step(x, y)
-            return torch.tensor(loss, device=device), perturbation(traced_guide.trace, x, y)
-
-        svi_step.optimizers = {"main": optim, "perturbation": cls_opt}  # for checkpoints (resume.py)
-        svi_step.set_perturbing = set_perturbing
-        return svi_step
-
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, **kernel)
-    kind = traced_elbo_kind(loss_fn)
-    traced = TracedELBO(model_fn, guide_fn, kind, fallback=loss_fn.__self__) if kind else None
-    recorder = poutine.trace(guide_fn) if traced is None else None  # records q(z | x, y) for the perturbation step
-
-    def loss_and_guide_trace(x: torch.Tensor, y: torch.Tensor):
-        if traced is not None:
-            return traced(x, y)
-        return loss_fn(model_fn, recorder, x, y), recorder.trace
-
-    def torch_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with pyro.validation_enabled(False):
-            if ctx is None:
-                loss, guide_tr = loss_and_guide_trace(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.detach(), perturbation(guide_tr, x, y)
-            lo, hi = shard_of(x)
-            if hi > lo:
-                loss, guide_tr = loss_and_guide_trace(x[lo:hi], y[lo:hi])
-                loss.backward()
-            else:  # fewer examples than ranks in this (last) batch
-                loss, guide_tr = zero, None
-            (loss,) = _flat_all_reduce(ctx, model, params, [loss], with_buffers=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss, perturbation(guide_tr, x, y, (lo, hi))
-
-    torch_step.optimizers = {"main": opt, "perturbation": cls_opt}  # for checkpoints (resume.py)
-    torch_step.set_perturbing = set_perturbing
-    if engine != "graph":
-        return torch_step
-
-    def captured_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        loss, guide_tr = loss_and_guide_trace(x, y)
-        return (loss, *guide_normal_params(guide_tr, model, x, y)) if perturb else (loss,)
-
-    captured = CapturedGradients(model, captured_loss, compile=compile)
-
-    def graph_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if graph_step.engine == "torch":
-            return torch_step(x, y)
-        try:
-            with pyro.validation_enabled(False):
-                loss, *guide_params = captured(x, y)
-        except GraphCaptureError as e:
-            if not fallback:
-                raise
-            # A failed capture changed nothing (no gradients, buffers and random state restored), and the torch
-            # step computes what the graph would have, so the fit continues from this very step unchanged.
-            reason = str(e).removesuffix("; use engine='torch'")
-            warnings.warn(f"engine='graph': {reason}; falling back to engine='torch' for this fit", RuntimeWarning,
-                          stacklevel=5)  # the caller of fit
-            graph_step.engine = "torch"
-            return torch_step(x, y)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss, perturbation(None, x, y, guide_params=tuple(guide_params))
-
-    graph_step.engine = "graph"  # "torch" once a capture failed
-    graph_step.optimizers = {"main": opt, "perturbation": cls_opt}
-    graph_step.set_perturbing = set_perturbing
-    graph_step.captured = captured
-    return graph_step
+        return SviStep(model, loss_fn, optim, perturbation, device)
+    opt = torch.optim.Adam(list(model.parameters()), lr=lr, betas=betas, **kernel)
+    if engine == "graph":
+        return GraphStep(model, loss_fn, opt, perturbation, compile=compile, fallback=fallback)
+    return TorchStep(model, loss_fn, opt, perturbation, dist=dist)

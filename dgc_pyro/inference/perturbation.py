@@ -176,3 +176,62 @@ def perturbation_loss(
     if total is None:
         total = reps.sum()
     return torch.where(keep, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum() / total
+
+
+class PerturbationStep:
+    """The data-perturbation update as an auxiliary objective: :func:`perturbation_loss` on p(y | z) alone,
+    minimised by its own optimiser after every main step (as Pyro's ``ss_vae_M2`` adds its auxiliary
+    classification loss as a second objective beside the ELBO).
+
+    ``step(x, y, guide_trace=..., guide_params=..., shard=...)`` returns the detached 0-d loss; without host
+    synchronisation. q(z | x, y) comes from ``guide_params`` (the graph engine's captured outputs) or from the main
+    step's ``guide_trace``. ``active`` is False for ``perturbation_rate=0`` (the step returns 0 and touches
+    nothing); ``on`` is the deferred re-balancing switch (:mod:`dgc_pyro.inference.deferred`), read at every call.
+    ``offset``: :func:`perturbation_offset`; ``borrow_from``: :func:`borrowed_scale`'s head classes (None: q's own
+    sigma). With ``dist`` (a data-parallel rank) ``x, y`` are the global batch, ``shard`` this rank's rows, and the
+    noise and the normaliser are the global batch's, so the shards' losses and gradients sum to the
+    single-process ones.
+    """
+
+    def __init__(self, model: DGC, reps: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device, *,
+                 active: bool, offset: torch.Tensor | None = None, borrow_from: torch.Tensor | None = None,
+                 dist: Any = None) -> None:
+        self.model, self.reps, self.optimizer = model, reps, optimizer
+        self.active, self.on = bool(active), True
+        self.offset, self.borrow_from, self.dist = offset, borrow_from, dist
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.zero = torch.zeros((), device=device)
+        self.max_reps = int(reps.max()) if self.active else 0  # one host sync, at set-up
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, guide_trace: Any = None,
+                 guide_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 shard: tuple[int, int] | None = None) -> torch.Tensor:
+        if not (self.active and self.on):
+            return self.zero
+        model, reps = self.model, self.reps
+        if shard is None:
+            loc, scale = guide_params or guide_normal_params(guide_trace, model, x, y)
+            if self.borrow_from is not None:
+                scale = borrowed_scale(loc, scale, y, self.borrow_from)
+            loss = perturbation_loss(model, loc, scale, y, reps, max_reps=self.max_reps, offset=self.offset)
+            loss.backward()
+            self._update()
+            return loss.detach()
+        # x, y: the global batch; the guide trace holds this rank's shard.
+        lo, hi = shard
+        noise = torch.randn((x.shape[0], self.max_reps, model.latent_dim), dtype=x.dtype, device=x.device)
+        total = reps[y].sum()
+        if hi > lo:
+            loc, scale = guide_normal_params(guide_trace, model, x[lo:hi], y[lo:hi])
+            loss = perturbation_loss(model, loc, scale, y[lo:hi], reps, max_reps=self.max_reps,
+                                     noise=noise[lo:hi], total=total, offset=self.offset)
+            loss.backward()
+        else:
+            loss = self.zero
+        (loss,) = self.dist.all_reduce_gradients(model, self.params, [loss], with_buffers=False)
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ from pyro import poutine
 from tqdm import tqdm
 
 from dgc_pyro.data.validation import check_features
-from dgc_pyro.inference.engine import _bare_method
+from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC, unwrap_normal
 from dgc_pyro.ood_detector import REJECT_RULES
 
@@ -62,6 +62,10 @@ LATENT_CPU_ACTIVATION_BYTES = 128 * 2**20
 CUDA_CHUNK_SHARE = 0.25
 _ROW_LIMITS = {"cpu": (64, 32768), "cuda": (1024, 1 << 20)}
 _ROW_BYTES: "weakref.WeakKeyDictionary[DGC, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+#: Per-example uncertainty scores of a :class:`Prediction` (larger = less certain); the reject option's scores.
+UNCERTAINTY_SCORES = ("entropy", "least_confidence", "mutual_information", "expected_entropy")
 
 
 @dataclass
@@ -113,6 +117,17 @@ class Prediction:
             return self.labels
         return torch.where(self.rejected, torch.full_like(self.labels, -1), self.labels)
 
+    def uncertainty(self, score: str = "entropy") -> torch.Tensor:
+        """Per-example uncertainty ``(N,)`` named by ``score`` (one of :data:`UNCERTAINTY_SCORES`).
+
+        ``"least_confidence"`` is 1 - max_c p(y = c | x); the others are the attributes of the same name.
+        """
+        if score not in UNCERTAINTY_SCORES:
+            raise ValueError(f"score must be one of {UNCERTAINTY_SCORES}, got {score!r}")
+        if score == "least_confidence":
+            return 1.0 - self.proba.max(dim=1).values
+        return getattr(self, score)
+
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
@@ -146,7 +161,7 @@ def _log_weight_chunk(
     """
     n, c = x.shape[0], model.num_classes
     # The same model and guide, without PyroModule's per-parameter bookkeeping where it is moot.
-    guide_fn, model_fn = _bare_method(model, "guide"), _bare_method(model, "model")
+    guide_fn, model_fn = bare_method(model, "guide"), bare_method(model, "model")
     if rule == "bayes":
         log_w = _bayes_log_weights(model, guide_fn, x, num_samples)
         # sum_c p(c) p(z | c) = p(z): the per-draw weights of log p(x) are the class sums, (n, S)
@@ -701,10 +716,8 @@ def predict(
 
 def _apply_reject(pred: Prediction, reject: str, threshold: float | None, score: str, detector: Any) -> None:
     """Fill ``pred.rejected`` and ``pred.reject_rank`` for a reject rule of :func:`predict`."""
-    from dgc_pyro.diagnostics.uncertainty import uncertainty_score  # local: diagnostics imports this module
-
     device = pred.labels.device
-    uncertainty = torch.as_tensor(uncertainty_score(pred, score), dtype=torch.float32, device=device)
+    uncertainty = pred.uncertainty(score).to(device, torch.float32)
     if threshold is None:
         threshold = detector.entropy_threshold
     by_uncertainty = uncertainty > float(threshold)

@@ -90,17 +90,20 @@ def load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
         unknown = sorted(set(per_param) - set(params))
         if unknown:
             raise ValueError(f"optimiser state for unknown parameters {unknown[:5]}")
+        if not isinstance(opt.pt_optim_args, dict) or opt.pt_clip_args:
+            raise TypeError("cannot restore a PyroOptim with per-parameter arguments or gradient clipping")
         opt.optim_objs.clear()
         opt.grad_clip.clear()
         for name, st in per_param.items():
             p = params[name]
-            # PyroOptim creates one torch optimiser per parameter on first sight; create them now so
-            # that their state can be loaded (its set_state keys by param-store name, which
-            # module-local parameters do not have).
-            o = opt._get_optim(p)
+            # PyroOptim creates one torch optimiser per parameter on first sight; create them now, as it would
+            # (from its public constructor and arguments), so that their state can be loaded: its set_state keys
+            # by param-store name, which module-local parameters do not have, and would load the saved state
+            # only at the next step, after the schedule has set this step's rate.
+            o = opt.pt_optim_constructor([p], **opt.pt_optim_args)
             _load_torch_optimizer(o, st)
             opt.optim_objs[p] = o
-            opt.grad_clip[p] = opt._get_grad_clip(p)
+            opt.grad_clip[p] = None  # no clip arguments (checked above)
     else:
         raise TypeError(f"cannot restore an optimiser of type {type(opt).__name__}")
 
