@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dgc_pyro.baselines import BASELINE_LOSSES, TAU_LOSSES, fit_baseline
+from dgc_pyro.baselines import BASELINE_LOSSES, BASELINE_REGISTRY, fit_baseline
 from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
@@ -258,7 +258,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 def _baseline_knobs(method: str, settings: dict[str, float] | None) -> dict[str, float]:
     """The ``fit_baseline`` keywords of ``settings`` that ``method`` takes (tau only for the logit-adjusted losses)."""
     settings = dict(BASELINE_SETTINGS if settings is None else settings)
-    if method not in TAU_LOSSES:
+    if not BASELINE_REGISTRY.get(method).takes_tau:
         settings.pop("tau")
     return settings
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dgc_pyro.baselines import BASELINES
+from dgc_pyro.baselines import BASELINE_REGISTRY
 from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and the baseline: shift (up to 2 "
                         "pixels) or shift-flip (also a horizontal flip; not for digits) (default: none)")
-    f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
+    f.add_argument("--baseline", choices=BASELINE_REGISTRY.names() + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
     f.add_argument("--out", default=None,
                    help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")

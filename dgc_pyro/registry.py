@@ -11,14 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import overload
 
-__all__ = ["Registry", "UnknownNameError"]
-
-class UnknownNameError(ValueError):
-    """A name no registry entry answers to; the message is one line naming the known names.
-
-    A ValueError, as the package's other refusals of a bad argument value are.
-    """
-
+__all__ = ["Registry"]
 
 class Registry[T]:
     """Entries of one kind by name, in registration order (built-ins first).
@@ -75,10 +68,11 @@ class Registry[T]:
                 return name
             if name in self._aliases:
                 return self._aliases[name]
-        raise UnknownNameError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._entries)}")
+        raise ValueError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._entries)}")
 
     def get(self, name: str) -> T:
-        """The entry of ``name`` (or of an alias); an unknown name raises :class:`UnknownNameError` in one line."""
+        """The entry of ``name`` (or of an alias). An unknown name raises a plain ValueError, as the package's other
+        refusals of a bad value do, in one line: ``unknown <kind> 'x'; choose from a, b, c``."""
         return self._entries[self.canonical(name)]
 
     def names(self) -> tuple[str, ...]:
