@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dgc_pyro.baselines import BASELINE_REGISTRY
-from dgc_pyro.data import DATASETS, load_imbalanced, parse_counts, split_from_arrays
+from dgc_pyro.data import DATASET_REGISTRY, load_imbalanced, parse_counts, split_from_arrays
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.augment import SAMPLING_STRATEGY_NAMES
@@ -105,7 +105,7 @@ def _add_data_args(p: argparse.ArgumentParser, command: str) -> None:
 
     saved = command != "fit"  # evaluate and augment take what they are not given from the checkpoint
     p.add_argument("--dataset", default="digits" if not saved else None,
-                   help=f"one of {', '.join(DATASETS)}, or an .npz file with x_train, y_train[, x_test, y_test] "
+                   help=f"one of {', '.join(DATASET_REGISTRY.names())}, or an .npz file with x_train, y_train[, x_test, y_test] "
                         f"(default: {'the checkpoint' + chr(39) + 's' if saved else 'digits'})")
     # None means "not given": fit, evaluate and augment fill it in (from a checkpoint where there is one),
     # and an .npz dataset refuses it when given.
@@ -294,7 +294,7 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
         if given:
             raise UserError(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the built-in datasets "
-                f"({', '.join(DATASETS)}); {path} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
+                f"({', '.join(DATASET_REGISTRY.names())}); {path} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
                 "(to train on a subset, write that subset to the .npz file)"
             )
         if not path.is_file():
@@ -304,7 +304,7 @@ def _read_split(args: argparse.Namespace) -> ImbalancedSplit:
             raise UserError(f"{path} must contain arrays x_train and y_train (found {sorted(data)})")
         return split_from_arrays(data["x_train"], data["y_train"], data.get("x_test"), data.get("y_test"), name=path.stem)
     if Path(name).is_dir():
-        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASETS)}, or {_NPZ_HINT}")
+        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASET_REGISTRY.names())}, or {_NPZ_HINT}")
     try:
         return load_imbalanced(name, args.data_dir, counts=args.counts, seed=args.seed, download=args.download)
     except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads

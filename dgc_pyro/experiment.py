@@ -309,7 +309,7 @@ def run_experiment(
     ``{"devices": 2, "strategy": "ddp"}``).
     """
     if baseline is not None and baseline not in BASELINE_REGISTRY:
-        raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(BASELINE_REGISTRY.names())} or none")
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINE_REGISTRY.names())} or none")
     seed_everything(seed)  # the initial weights are part of what the seed fixes
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ __all__ = ["Registry"]
 class Registry[T]:
     """Entries of one kind by name, in registration order (built-ins first).
 
-    ``kind`` names the entries in messages (``"unknown baseline 'x'; choose from ce, ..."``). Aliases are extra
+    ``kind`` names the entries in messages (``"unknown baseline 'x'; choose one of ce, ..."``). Aliases are extra
     names that :meth:`get` resolves to their entry; :meth:`names` lists only the canonical names.
     """
 
@@ -68,11 +68,16 @@ class Registry[T]:
                 return name
             if name in self._aliases:
                 return self._aliases[name]
-        raise ValueError(f"unknown {self.kind} {name!r}; choose from {', '.join(self._entries)}")
+        raise self.unknown(name)
+
+    def unknown(self, name: object) -> ValueError:
+        """The one-line error for a name no entry answers to, naming the known ones (for callers that look a name
+        up their own way first, e.g. case-insensitively)."""
+        return ValueError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._entries)}")
 
     def get(self, name: str) -> T:
         """The entry of ``name`` (or of an alias). An unknown name raises a plain ValueError, as the package's other
-        refusals of a bad value do, in one line: ``unknown <kind> 'x'; choose from a, b, c``."""
+        refusals of a bad value do, in one line: ``unknown <kind> 'x'; choose one of a, b, c``."""
         return self._entries[self.canonical(name)]
 
     def names(self) -> tuple[str, ...]:
