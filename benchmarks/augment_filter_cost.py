@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dgc_pyro.data import DATASETS, load_imbalanced
+from dgc_pyro.data import DATASET_REGISTRY, load_imbalanced
 from dgc_pyro.experiment import default_recipe, train
 from dgc_pyro.inference import augment
 
@@ -55,7 +55,7 @@ def run_filter(model, x, y, threshold: float, seed: int, early_stop: bool) -> di
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, default="fashion")
+    p.add_argument("--dataset", choices=DATASET_REGISTRY.names(), default="fashion")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=1)

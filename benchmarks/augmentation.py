@@ -46,7 +46,7 @@ import torch
 
 from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.data import load_imbalanced, parse_counts
-from dgc_pyro.data.protocol import DIGITS_COUNTS, PAPER_COUNTS
+from dgc_pyro.data import default_counts
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.diagnostics.plots import save_image_grid
 from dgc_pyro.experiment import default_recipe, evaluate_model, train
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dgc_epochs, cnn_epochs = args.dgc_epochs, args.cnn_epochs
     if args.quick:
         if counts is None:
-            base = DIGITS_COUNTS if args.dataset == "digits" else PAPER_COUNTS[args.dataset]
+            base = default_counts(args.dataset)
             counts = tuple(max(4, n // QUICK["divide_counts"]) for n in base)
         dgc_epochs = dgc_epochs or args.epochs or QUICK["dgc_epochs"]
         cnn_epochs = cnn_epochs or args.epochs or QUICK["cnn_epochs"]

@@ -37,15 +37,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dgc_pyro.baselines import BASELINE_LOSSES, TAU_LOSSES, fit_baseline
-from dgc_pyro.data import DATASETS, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
+from dgc_pyro.baselines import BASELINE_LOSSES, BASELINE_REGISTRY, fit_baseline
+from dgc_pyro.data import DATASET_REGISTRY, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.resume import copy_tree
-from dgc_pyro.inference.predict import SCORING_RULES, predict
+from dgc_pyro.inference.predict import SCORING_RULE_REGISTRY, predict
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import expected_calibration_error, format_paired, imbalance_report, paired_difference
 from dgc_pyro.reproducibility import seed_everything
@@ -103,7 +103,7 @@ METHOD_LABELS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=DATASET_REGISTRY.names())
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="imbalanced subsets (and training seeds)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every method (default: the recipe's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when DGC predicts")
-    p.add_argument("--rule", choices=SCORING_RULES, default=None,
+    p.add_argument("--rule", choices=SCORING_RULE_REGISTRY.names(), default=None,
                    help="DGC's scoring rule on the evaluation split (default: the model's, mixture for q(z|x,y) and "
                         "latent for q(z|x)); the validation scores that pick the epoch always use the model's")
     p.add_argument("--backbone", choices=("auto", "conv", "mlp"), default="auto",
@@ -257,7 +257,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
 def _baseline_knobs(method: str, settings: dict[str, float] | None) -> dict[str, float]:
     """The ``fit_baseline`` keywords of ``settings`` that ``method`` takes (tau only for the logit-adjusted losses)."""
     settings = dict(BASELINE_SETTINGS if settings is None else settings)
-    if method not in TAU_LOSSES:
+    if not BASELINE_REGISTRY.get(method).takes_tau:
         settings.pop("tau")
     return settings
 

@@ -4,12 +4,17 @@ Losses: plain cross-entropy (``"ce"``), logit-adjusted cross-entropy (Menon et a
 ``"logit_adjusted"``), balanced softmax (Ren et al. 2020, ``"balanced_softmax"``), class-balanced focal
 loss (Cui et al. 2019, ``"cb_focal"``) and LDAM with deferred re-weighting (Cao et al. 2019,
 ``"ldam_drw"``). ``"logistic"`` is scikit-learn's multinomial logistic regression on the raw pixels.
+
+Each is a :class:`BaselineSpec` in :data:`BASELINE_REGISTRY`, which carries its loss and properties (whether it
+takes a tau, uses deferred re-weighting, a cosine head); add one with ``BASELINE_REGISTRY.register(name, spec)``
+(docs/extending.md) and ``fit_baseline``, ``run_experiment`` and ``dgc-pyro fit --baseline`` accept it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +34,8 @@ from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.schedule import check_lr_schedule, scheduled_lr
 from dgc_pyro.metrics import imbalance_report
 from dgc_pyro.models.networks import build_networks
+from dgc_pyro.registry import Registry
 from dgc_pyro.reproducibility import seed_everything
-
-BASELINE_LOSSES = ("ce", "logit_adjusted", "balanced_softmax", "cb_focal", "ldam_drw")
-BASELINES = BASELINE_LOSSES + ("logistic",)
 
 
 class BackboneClassifier(nn.Module):
@@ -105,32 +108,6 @@ DRW_BETA = 0.9999
 DRW_START = 0.8  # share of the epochs after which DRW switches on (epoch 160 of 200 in Cao et al.)
 
 
-#: The losses with a tau (the scale of the log-prior offset); the others take only tau = 1.
-TAU_LOSSES = ("logit_adjusted", "balanced_softmax")
-
-
-def baseline_loss(
-    name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False,
-    tau: float = 1.0,
-) -> torch.Tensor:
-    """The training loss ``name`` of a baseline given logits, labels and per-class training counts
-    (``tau`` scales the log-prior offset of the :data:`TAU_LOSSES`)."""
-    if name == "ce":
-        return F.cross_entropy(logits, y)
-    if name == "logit_adjusted":
-        return logit_adjusted_loss(logits, y, counts / counts.sum(), tau)
-    if name == "balanced_softmax":
-        return balanced_softmax_loss(logits, y, counts, tau)
-    if name == "cb_focal":
-        return cb_focal_loss(logits, y, counts)
-    if name == "ldam_drw":
-        # Deferred re-weighting: class-balanced weights (beta = 0.9999) only in the last part of training.
-        weights = class_balanced_weights(counts, DRW_BETA) if drw_active else None
-        # The logits are cosines (normalised features and weights, _CosineHead), as in LDAM's NormedLinear.
-        return ldam_loss(logits, y, counts, weights, s=LDAM_SCALE)
-    raise ValueError(f"unknown baseline loss {name!r}; choose from {BASELINE_LOSSES}")
-
-
 @dataclass
 class FittedBaseline:
     """A trained baseline: ``predict_proba(x)`` gives (N, C) class probabilities, ``logits(x)`` the scores they
@@ -153,6 +130,8 @@ class FittedBaseline:
     #: post-hoc temperature T of :meth:`predict_proba`, softmax(logits / T); fit it on held-out data with
     #: :func:`dgc_pyro.calibration.temperature_scale` of :meth:`logits` (1.0: the trained model as it is)
     temperature: float = 1.0
+    #: the factor the network's outputs are trained with (:attr:`BaselineSpec.logit_scale`; LDAM's s)
+    logit_scale: float = 1.0
 
     @torch.no_grad()
     def logits(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
@@ -180,9 +159,7 @@ class FittedBaseline:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         assert self.module is not None
         logits = self.module(x)
-        if self.name == "ldam_drw":
-            logits = LDAM_SCALE * logits  # the trained scale s of LDAM
-        return logits
+        return logits if self.logit_scale == 1.0 else self.logit_scale * logits
 
     def predict(self, x: Any) -> torch.Tensor:
         """Predicted labels."""
@@ -196,6 +173,123 @@ class _CosineHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(h, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+# ----------------------------------------------------------------------------- the baseline registry
+#: A baseline's training loss: ``loss(logits, y, counts, *, tau, drw_active) -> scalar`` with ``counts`` the
+#: per-class training counts (float, on the logits' device), ``tau`` the log-prior scale (1.0 unless the entry
+#: ``takes_tau``) and ``drw_active`` True in the deferred re-weighting phase (only for a ``deferred_reweighting`` entry).
+BaselineLoss = Callable[..., torch.Tensor]
+#: A fitter that replaces the training loop: ``fitter(name, x, y, num_classes, transform) -> FittedBaseline``.
+BaselineFitter = Callable[[str, torch.Tensor, torch.Tensor, int, Transform | None], FittedBaseline]
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A baseline of :data:`BASELINE_REGISTRY`: its loss on DGC's encoder backbone (or a fitter of its own) and the
+    properties :func:`fit_baseline` reads instead of the baseline's name.
+
+    Attributes:
+        loss: the training loss (:data:`BaselineLoss`), trained with Adam on :class:`BackboneClassifier`.
+        fitter: fits the baseline without that loop (``"logistic"``: scikit-learn); give a loss or a fitter.
+        takes_tau: the loss has a log-prior offset scaled by ``tau`` (``fit_baseline(..., tau=)``); the others
+            refuse ``tau != 1``.
+        deferred_reweighting: the loss is told ``drw_active=True`` from :data:`DRW_START` of the epochs on (LDAM-DRW).
+        cosine_head: the head scores cosines of normalised features and weights (LDAM's NormedLinear).
+        logit_scale: the factor the head's outputs are trained with, applied to the fitted model's logits as well.
+    """
+
+    loss: BaselineLoss | None = None
+    fitter: BaselineFitter | None = None
+    takes_tau: bool = False
+    deferred_reweighting: bool = False
+    cosine_head: bool = False
+    logit_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.fitter is None):
+            raise ValueError("a BaselineSpec needs exactly one of loss= (trained on the backbone) and fitter=")
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float, drw_active: bool) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def _logit_adjusted(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
+                    drw_active: bool) -> torch.Tensor:
+    return logit_adjusted_loss(logits, y, counts / counts.sum(), tau)
+
+
+def _balanced_softmax(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
+                      drw_active: bool) -> torch.Tensor:
+    return balanced_softmax_loss(logits, y, counts, tau)
+
+
+def _cb_focal(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
+              drw_active: bool) -> torch.Tensor:
+    return cb_focal_loss(logits, y, counts)
+
+
+def _ldam_drw(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
+              drw_active: bool) -> torch.Tensor:
+    # Deferred re-weighting: class-balanced weights (beta = 0.9999) only in the last part of training.
+    weights = class_balanced_weights(counts, DRW_BETA) if drw_active else None
+    # The logits are cosines (normalised features and weights, _CosineHead), as in LDAM's NormedLinear.
+    return ldam_loss(logits, y, counts, weights, s=LDAM_SCALE)
+
+
+def _fit_logistic(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                  transform: Transform | None) -> FittedBaseline:
+    """scikit-learn's multinomial logistic regression on the raw pixels, fitted in one call."""
+    if transform is not None:
+        raise ValueError("the logistic baseline is fitted in one call by scikit-learn and takes no transform")
+    clf = LogisticRegression(max_iter=2000, C=1.0)
+    clf.fit(x.reshape(len(x), -1).cpu().numpy(), y.numpy())
+    if list(clf.classes_) != list(range(num_classes)):
+        raise ValueError("logistic baseline needs every class in the training data")
+    return FittedBaseline(name, None, sklearn_model=clf, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
+
+
+#: The baselines :func:`fit_baseline`, :func:`~dgc_pyro.experiment.run_experiment` and ``dgc-pyro fit --baseline``
+#: accept, by name.
+BASELINE_REGISTRY: Registry[BaselineSpec] = Registry("baseline")
+BASELINE_REGISTRY.register("ce", BaselineSpec(_ce))
+BASELINE_REGISTRY.register("logit_adjusted", BaselineSpec(_logit_adjusted, takes_tau=True))
+BASELINE_REGISTRY.register("balanced_softmax", BaselineSpec(_balanced_softmax, takes_tau=True))
+BASELINE_REGISTRY.register("cb_focal", BaselineSpec(_cb_focal))
+BASELINE_REGISTRY.register(
+    "ldam_drw", BaselineSpec(_ldam_drw, deferred_reweighting=True, cosine_head=True, logit_scale=LDAM_SCALE))
+BASELINE_REGISTRY.register("logistic", BaselineSpec(fitter=_fit_logistic))
+
+
+def baseline_losses() -> tuple[str, ...]:
+    """The registered baselines trained with a loss on the backbone (:func:`baseline_loss` computes it)."""
+    return tuple(name for name, spec in BASELINE_REGISTRY.items() if spec.loss is not None)
+
+
+def tau_baselines() -> tuple[str, ...]:
+    """The registered baselines that take a ``tau`` (the scale of their log-prior offset)."""
+    return tuple(name for name, spec in BASELINE_REGISTRY.items() if spec.takes_tau)
+
+
+#: The built-in names (frozen at import; the registry and the functions above list added ones too): every
+#: baseline, those with a loss, and those with a tau.
+BASELINES: tuple[str, ...] = BASELINE_REGISTRY.names()
+BASELINE_LOSSES: tuple[str, ...] = baseline_losses()
+TAU_LOSSES: tuple[str, ...] = tau_baselines()
+
+
+def baseline_loss(
+    name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """The training loss of baseline ``name`` given logits, labels and per-class training counts (``tau`` scales
+    the log-prior offset of the baselines that take one; ``drw_active``: the deferred re-weighting phase)."""
+    spec = BASELINE_REGISTRY.get(name)
+    if spec.loss is None:
+        raise ValueError(f"baseline {name!r} has no training loss (it has a fitter of its own); losses: "
+                         f"{', '.join(baseline_losses())}")
+    return spec.loss(logits, y, counts, tau=tau, drw_active=drw_active)
 
 
 def fit_baseline(
@@ -218,7 +312,8 @@ def fit_baseline(
     keep_last_state: bool = False,
     tau: float = 1.0,
 ) -> FittedBaseline:
-    """Train baseline ``name`` (one of :data:`BASELINES`) on ``(x, y)`` with the same validation protocol as DGC.
+    """Train baseline ``name`` (a name of :data:`BASELINE_REGISTRY`) on ``(x, y)`` with the same validation protocol
+    as DGC.
 
     ``transform`` randomly transforms every training batch as in :func:`dgc_pyro.inference.fit`
     (``"shift"``, ``"shift-flip"`` or a callable, :mod:`dgc_pyro.data.transforms`); ``lr_schedule``
@@ -226,11 +321,10 @@ def fit_baseline(
     ``select_best`` keeps the weights of the epoch with the best validation ACSA, as in ``fit``; with False the
     last epoch's weights are kept (the validation ACSA is still recorded in ``history``). ``keep_last_state``
     also keeps a copy of the last epoch's weights in ``last_state``, so both can be scored from one fit.
-    ``tau`` scales the log-prior offset of ``"logit_adjusted"`` and ``"balanced_softmax"`` (:data:`TAU_LOSSES`;
-    1.0 is each paper's loss); the other baselines have none and take only 1.0.
+    ``tau`` scales the log-prior offset of ``"logit_adjusted"`` and ``"balanced_softmax"`` (the baselines whose
+    :attr:`BaselineSpec.takes_tau`; 1.0 is each paper's loss); the other baselines have none and take only 1.0.
     """
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    spec = BASELINE_REGISTRY.get(name)
     check_positive("epochs", epochs, integer=True)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("lr", lr)
@@ -240,22 +334,16 @@ def fit_baseline(
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)) \
             or not math.isfinite(tau) or tau < 0:
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-    if tau != 1.0 and name not in TAU_LOSSES:
-        raise ValueError(f"tau scales the log-prior offset of {' and '.join(TAU_LOSSES)}; {name!r} has none "
+    if tau != 1.0 and not spec.takes_tau:
+        raise ValueError(f"tau scales the log-prior offset of {' and '.join(tau_baselines())}; {name!r} has none "
                          "(tau=1 only)")
     x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
     batch_transform = resolve_transform(transform, input_shape)
     seed_everything(seed)
-    if name == "logistic":
-        if batch_transform is not None:
-            raise ValueError("the logistic baseline is fitted in one call by scikit-learn and takes no transform")
-        clf = LogisticRegression(max_iter=2000, C=1.0)
-        clf.fit(x.reshape(len(x), -1).cpu().numpy(), y.numpy())
-        if list(clf.classes_) != list(range(num_classes)):
-            raise ValueError("logistic baseline needs every class in the training data")
-        return FittedBaseline(name, None, sklearn_model=clf, num_classes=num_classes, input_shape=input_shape)
+    if spec.fitter is not None:
+        return spec.fitter(name, x, y, num_classes, batch_transform)
 
     x_val = y_val = None
     if val_fraction > 0:
@@ -263,14 +351,15 @@ def fit_baseline(
         x_val, y_val, x, y = x[va], y[va], x[tr], y[tr]
     dev = resolve_device(device)
     module = BackboneClassifier(input_shape, num_classes, preset)
-    if name == "ldam_drw":
+    if spec.cosine_head:
         module.head = _CosineHead(module.head)
     module.to(dev)
     counts_np = np.bincount(y.numpy(), minlength=num_classes)
     counts = torch.as_tensor(counts_np, dtype=torch.float32, device=dev)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     x_dev, y_dev = x.to(dev), y.to(dev)
-    fitted = FittedBaseline(name, module, device=dev, num_classes=num_classes, input_shape=input_shape)
+    fitted = FittedBaseline(name, module, device=dev, num_classes=num_classes, input_shape=input_shape,
+                            logit_scale=spec.logit_scale)
     gen = torch.Generator(device=dev).manual_seed(seed)
     best, best_state, best_epoch = -math.inf, None, epochs
     drw_start = int(DRW_START * epochs) + 1
@@ -286,7 +375,8 @@ def fit_baseline(
             idx = perm[i : i + batch_size]
             xb = x_dev[idx] if batch_transform is None else batch_transform(x_dev[idx], gen)
             logits = module(xb)
-            loss = baseline_loss(name, logits, y_dev[idx], counts, drw_active=epoch >= drw_start, tau=tau)
+            drw_active = spec.deferred_reweighting and epoch >= drw_start
+            loss = spec.loss(logits, y_dev[idx], counts, tau=tau, drw_active=drw_active)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dgc_pyro.baselines import BASELINES
-from dgc_pyro.data import DATASETS, NPZ_DATASET_FORMAT, load_imbalanced, load_npz, load_npz_examples, parse_counts
+from dgc_pyro.baselines import BASELINE_REGISTRY
+from dgc_pyro.data import DATASET_REGISTRY, NPZ_DATASET_FORMAT, load_imbalanced, load_npz, load_npz_examples, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.diagnostics.plots import save_augmentation_grid
@@ -105,7 +105,7 @@ def _add_data_args(p: argparse.ArgumentParser, command: str) -> None:
 
     saved = command != "fit"  # evaluate and augment take what they are not given from the checkpoint
     p.add_argument("--dataset", default="digits" if not saved else None,
-                   help=f"one of {', '.join(DATASETS)}, or an .npz file with x_train, y_train[, x_test, y_test] "
+                   help=f"one of {', '.join(DATASET_REGISTRY.names())}, or an .npz file with x_train, y_train[, x_test, y_test] "
                         f"(default: {'the checkpoint' + chr(39) + 's' if saved else 'digits'})")
     # None means "not given": fit, evaluate and augment fill it in (from a checkpoint where there is one),
     # and an .npz dataset refuses it when given.
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
                    help="random training-time transform of every batch, for DGC and the baseline: shift (up to 2 "
                         "pixels) or shift-flip (also a horizontal flip; not for digits) (default: none)")
-    f.add_argument("--baseline", choices=BASELINES + ("none",), default="ce",
+    f.add_argument("--baseline", choices=BASELINE_REGISTRY.names() + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
     f.add_argument("--out", default=None,
                    help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")
@@ -277,12 +277,12 @@ def _read_split(data: DataChoice) -> ImbalancedSplit:
         if given:
             raise UserError(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the built-in datasets "
-                f"({', '.join(DATASETS)}); {name} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
+                f"({', '.join(DATASET_REGISTRY.names())}); {name} is used as it is: drop {'it' if len(given) == 1 else 'them'} "
                 "(to train on a subset, write that subset to the .npz file)"
             )
         return load_npz(name)
     if Path(name).is_dir():
-        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASETS)}, or {NPZ_DATASET_FORMAT}")
+        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASET_REGISTRY.names())}, or {NPZ_DATASET_FORMAT}")
     try:
         return load_imbalanced(name, data.data_dir, counts=data.counts, seed=data.seed, download=data.download)
     except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads

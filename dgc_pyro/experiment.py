@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgc_pyro.baselines import BASELINES, fit_baseline
+from dgc_pyro.baselines import BASELINE_REGISTRY, fit_baseline
 from dgc_pyro.checkpoint import save_model
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.inference.density import fit_ood_threshold
@@ -367,8 +367,8 @@ def run_experiment(
     and so are ``fit_options`` (further keyword arguments of :func:`~dgc_pyro.inference.fit`, e.g.
     ``{"devices": 2, "strategy": "ddp"}``).
     """
-    if baseline is not None and baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES} or none")
+    if baseline is not None and baseline not in BASELINE_REGISTRY:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINE_REGISTRY.names())} or none")
     trained = train(
         recipe, split, seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
         deterministic=deterministic, **(fit_options or {}),

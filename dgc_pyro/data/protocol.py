@@ -16,7 +16,7 @@ import numpy as np
 from ..arguments import check_positive, check_seed
 from .validation import check_labels
 
-__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "default_counts", "dev_indices", "imbalanced_indices", "parse_counts"]
+__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "dev_indices", "imbalanced_indices", "parse_counts"]
 
 _MNIST_COUNTS = (4000, 2000, 1000, 750, 500, 350, 200, 100, 60, 40)
 
@@ -34,9 +34,14 @@ PAPER_COUNTS: dict[str, tuple[int, ...]] = {
 DIGITS_COUNTS: tuple[int, ...] = (120, 90, 70, 52, 40, 30, 22, 17, 13, 10)
 
 
-def default_counts(dataset: str) -> tuple[int, ...]:
-    """The per-class training counts of ``dataset`` when none are given: paper Table 1, or ``DIGITS_COUNTS``."""
-    return DIGITS_COUNTS if dataset == "digits" else PAPER_COUNTS[dataset]
+def __getattr__(name: str) -> Any:
+    # default_counts is a property of a dataset's registry entry now (dgc_pyro.data.sources, which imports this
+    # module); the old import path keeps working without an import-time circle.
+    if name == "default_counts":
+        from .sources import default_counts
+
+        return default_counts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _counts_to_dict(counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]:

@@ -25,16 +25,26 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DEFAULT_ROOT", "CELEBA_ATTRIBUTES", "ImageSource", "open_source"]
+from ..registry import Registry
+from .protocol import DIGITS_COUNTS, PAPER_COUNTS
 
-#: Dataset names accepted by :func:`open_source`.
-DATASETS: tuple[str, ...] = ("mnist", "fashion", "svhn", "celeba", "digits")
+__all__ = [
+    "CELEBA_ATTRIBUTES",
+    "DATASETS",
+    "DATASET_REGISTRY",
+    "DEFAULT_ROOT",
+    "DatasetSpec",
+    "ImageSource",
+    "default_counts",
+    "open_source",
+]
 
 #: Data folder used when ``root`` is None (relative to the working directory).
 DEFAULT_ROOT = Path("data")
@@ -46,13 +56,6 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = ("Blond_Hair", "Black_Hair", "Bald", "Brown
 # face region, dropping background above and below) resized to 64x64.
 CELEBA_CROP = 178
 CELEBA_SIZE = 64
-
-_ALIASES = {
-    "fashion-mnist": "fashion",
-    "fashion_mnist": "fashion",
-    "fashionmnist": "fashion",
-    "svnh": "svhn",  # the reference code's spelling
-}
 
 _DIGITS_TEST_PER_CLASS = 50
 _DIGITS_SPLIT_SEED = 0
@@ -86,6 +89,22 @@ class ImageSource:
         problem = _labels_out_of_range(self.labels, self.num_classes)
         if problem:
             raise ValueError(f"{name} {split} split: {problem}")
+
+    @classmethod
+    def from_arrays(cls, name: str, split: str, x: torch.Tensor, y: Any,
+                    class_names: Sequence[str] | None = None) -> ImageSource:
+        """A source over images already in memory: ``x`` float ``(n, C, H, W)`` in [0, 1], ``y`` integer labels;
+        ``class_names`` default to ``"0"``, ``"1"``, ... up to the largest label (e.g. for a registered dataset's
+        reader, docs/extending.md)."""
+        images = torch.as_tensor(x, dtype=torch.float32)
+        labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64).reshape(-1)
+        if images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"{name} {split} split: x must be (n, C, H, W) with one label each, got x of shape "
+                             f"{tuple(images.shape)} and {len(labels)} labels")
+        if class_names is None:
+            class_names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+        return cls(name, split, labels, tuple(images.shape[1:]), class_names,
+                   lambda idx: images[torch.from_numpy(idx)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -167,10 +186,13 @@ def _check_file_labels(name: str, split: str, path: Path, labels: np.ndarray, nu
 # MNIST / Fashion-MNIST
 
 
-def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
+def _open_idx(name: str, torchvision_name: str, root: Path, split: str, download: bool, *,
+              class_names: Sequence[str] | None = None) -> ImageSource:
+    """MNIST-format data read with ``torchvision.datasets.<torchvision_name>``; ``class_names`` default to
+    torchvision's."""
     from torchvision import datasets
 
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    cls = getattr(datasets, torchvision_name)
     raw = root / cls.__name__ / "raw"
     # torchvision requires all four raw files even when only one split is read.
     expected = [raw / f"{p}-{kind}" for p in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
@@ -183,7 +205,7 @@ def _open_idx(name: str, root: Path, split: str, download: bool) -> ImageSource:
         raise _wrap_read_error(name, root, download, e) from e
     data = ds.data  # uint8 (N, 28, 28); 47 MB for the training split, so kept in memory
     labels = ds.targets.numpy().astype(np.int64)
-    class_names = [str(c) for c in range(10)] if name == "mnist" else list(ds.classes)
+    class_names = list(class_names) if class_names is not None else list(ds.classes)
     prefix = "train" if split == "train" else "t10k"
     image_file, label_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     if not label_file.is_file():  # read from torchvision's legacy processed/*.pt file instead
@@ -415,7 +437,8 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, train, test
 
 
-def _open_digits(split: str) -> ImageSource:
+def _open_digits(root: Path, split: str, download: bool) -> ImageSource:
+    """sklearn's bundled digits (``root`` and ``download`` are unused)."""
     images, labels, train, test = _digits_split()
     sel = train if split == "train" else test
     x = torch.from_numpy(images[sel]).unsqueeze(1)
@@ -429,14 +452,76 @@ def _open_digits(split: str) -> ImageSource:
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# The dataset registry
+
+#: A dataset's reader: ``open(root, split, download) -> ImageSource`` (``root`` is a Path; see :func:`open_source`).
+DatasetOpener = Callable[[Path, str, bool], ImageSource]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset of :data:`DATASET_REGISTRY`: its reader and what the package needs to know about it.
+
+    Attributes:
+        open: the reader (:data:`DatasetOpener`); it returns an :class:`ImageSource` of one split, decoding images
+            only on demand (:meth:`ImageSource.from_arrays` wraps tensors already in memory).
+        input_shape: ``(C, H, W)`` of its images; :func:`open_source` checks the reader against it.
+        num_classes: its number of classes, likewise checked.
+        default_counts: the per-class training counts of the imbalanced subset when none are given
+            (:func:`default_counts`), one per class.
+        splits: the splits ``open`` accepts (CelebA adds ``"valid"``).
+        bundled: the data ships with a package (sklearn's digits): ``root`` is not needed and not checked.
+    """
+
+    open: DatasetOpener
+    input_shape: tuple[int, ...]
+    num_classes: int
+    default_counts: tuple[int, ...]
+    splits: tuple[str, ...] = ("train", "test")
+    bundled: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.default_counts) != self.num_classes:
+            raise ValueError(f"default_counts gives {len(self.default_counts)} counts for {self.num_classes} classes")
+
+
+_DIGIT_NAMES = tuple(str(c) for c in range(10))
+
+#: The datasets :func:`open_source`, :func:`~dgc_pyro.data.load_imbalanced` and ``dgc-pyro --dataset`` accept, by
+#: name (lower case; aliases such as ``fashion-mnist`` resolve to their entry).
+DATASET_REGISTRY: Registry[DatasetSpec] = Registry("dataset")
+DATASET_REGISTRY.register("mnist", DatasetSpec(
+    functools.partial(_open_idx, "mnist", "MNIST", class_names=_DIGIT_NAMES), (1, 28, 28), 10, PAPER_COUNTS["mnist"]))
+DATASET_REGISTRY.register("fashion", DatasetSpec(
+    functools.partial(_open_idx, "fashion", "FashionMNIST"), (1, 28, 28), 10, PAPER_COUNTS["fashion"]),
+    aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"))
+DATASET_REGISTRY.register("svhn", DatasetSpec(_open_svhn, (3, 32, 32), 10, PAPER_COUNTS["svhn"]),
+                          aliases=("svnh",))  # the reference code's spelling
+DATASET_REGISTRY.register("celeba", DatasetSpec(
+    _open_celeba, (3, CELEBA_SIZE, CELEBA_SIZE), len(CELEBA_ATTRIBUTES), PAPER_COUNTS["celeba"],
+    splits=("train", "valid", "test")))
+DATASET_REGISTRY.register("digits", DatasetSpec(_open_digits, (1, 8, 8), 10, DIGITS_COUNTS, bundled=True))
+
+#: The built-in names (frozen at import; :meth:`DATASET_REGISTRY.names() <dgc_pyro.registry.Registry.names>` also
+#: lists added ones).
+DATASETS: tuple[str, ...] = DATASET_REGISTRY.names()
+
+
 def _normalize_name(name: str) -> str:
     if not isinstance(name, str):
-        raise ValueError(f"dataset name must be a string, one of {DATASETS}; got {name!r}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return key
+        raise ValueError(f"dataset name must be a string, one of {', '.join(DATASET_REGISTRY.names())}; got {name!r}")
+    key = name.strip()
+    key = key if key in DATASET_REGISTRY else key.lower()
+    if key not in DATASET_REGISTRY:
+        raise DATASET_REGISTRY.unknown(name)  # names what was given, before the case folding
+    return DATASET_REGISTRY.canonical(key)
+
+
+def default_counts(dataset: str) -> tuple[int, ...]:
+    """The per-class training counts of ``dataset`` when none are given (:attr:`DatasetSpec.default_counts`):
+    paper Table 1, or ``DIGITS_COUNTS`` for digits."""
+    return DATASET_REGISTRY.get(_normalize_name(dataset)).default_counts
 
 
 def open_source(
@@ -446,30 +531,31 @@ def open_source(
     split: str = "train",
     download: bool = False,
 ) -> ImageSource:
-    """Open one split ("train" or "test"; CelebA also "valid") of a dataset without decoding images.
+    """Open one split ("train" or "test"; CelebA also "valid") of a registered dataset without decoding images.
 
     ``root`` defaults to ``./data``. Nothing is downloaded unless ``download=True``; missing
     files raise ``FileNotFoundError`` naming the expected paths.
     """
     key = _normalize_name(name)
-    allowed = ("train", "valid", "test") if key == "celeba" else ("train", "test")
-    if split not in allowed:
-        raise ValueError(f"split must be one of {allowed} for {key}, got {split!r}")
-    if key == "digits":
-        return _open_digits(split)
-
-    root_path = Path(root) if root is not None else DEFAULT_ROOT
-    root_path = root_path.expanduser()
-    if download:
-        root_path.mkdir(parents=True, exist_ok=True)
-    elif not root_path.is_dir():
-        raise FileNotFoundError(
-            f"data root {root_path.absolute()} does not exist (looking for {key} {split} data). Point root= "
-            f"at the folder holding the data, or get it with "
-            f"open_source({key!r}, root={str(root_path)!r}, download=True) in Python / --download on the CLI."
+    spec = DATASET_REGISTRY.get(key)
+    if split not in spec.splits:
+        raise ValueError(f"split must be one of {spec.splits} for {key}, got {split!r}")
+    root_path = (Path(root) if root is not None else DEFAULT_ROOT).expanduser()
+    if not spec.bundled:
+        if download:
+            root_path.mkdir(parents=True, exist_ok=True)
+        elif not root_path.is_dir():
+            raise FileNotFoundError(
+                f"data root {root_path.absolute()} does not exist (looking for {key} {split} data). Point root= "
+                f"at the folder holding the data, or get it with "
+                f"open_source({key!r}, root={str(root_path)!r}, download=True) in Python / --download on the CLI."
+            )
+    source = spec.open(root_path, split, download)
+    # A registered reader that disagrees with its entry would fail far from here (a network built for the wrong
+    # shape, counts for the wrong number of classes).
+    if tuple(source.input_shape) != tuple(spec.input_shape) or source.num_classes != spec.num_classes:
+        raise ValueError(
+            f"dataset {key!r}: its reader returned {tuple(source.input_shape)} images with {source.num_classes} "
+            f"classes, but it is registered with {tuple(spec.input_shape)} and {spec.num_classes}"
         )
-    if key in ("mnist", "fashion"):
-        return _open_idx(key, root_path, split, download)
-    if key == "svhn":
-        return _open_svhn(root_path, split, download)
-    return _open_celeba(root_path, split, download)
+    return source

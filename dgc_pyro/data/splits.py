@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .protocol import default_counts, dev_indices, imbalanced_indices
-from .sources import open_source
+from .protocol import dev_indices, imbalanced_indices
+from .sources import default_counts, open_source
 from .validation import REMAP_HINT, check_features, check_labels, check_xy
 
 __all__ = ["ImbalancedSplit", "load_imbalanced", "split_from_arrays", "stratified_holdout"]
@@ -90,7 +90,7 @@ def load_imbalanced(
 ) -> ImbalancedSplit:
     """Load the paper's imbalanced training subset of ``name`` and its full official test split.
 
-    ``counts`` defaults to :func:`~dgc_pyro.data.protocol.default_counts`; ``seed`` selects
+    ``counts`` defaults to :func:`~dgc_pyro.data.sources.default_counts`; ``seed`` selects
     the random subset exactly as in :func:`imbalanced_indices`. Only the selected training images
     are decoded.
 

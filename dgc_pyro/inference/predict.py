@@ -28,12 +28,14 @@ is off by default, so predictions are float32 unless asked otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyro
@@ -45,9 +47,10 @@ from dgc_pyro.data.validation import check_features
 from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC, unwrap_normal
 from dgc_pyro.ood_detector import REJECT_RULES
+from dgc_pyro.registry import Registry
 
+#: The built-in rules' names, for type checkers; a registered rule is passed as its ``str`` name.
 ScoringRule = Literal["mixture", "iw", "paper", "latent", "bayes"]
-SCORING_RULES = ("mixture", "iw", "paper", "latent", "bayes")
 DEFAULT_MAX_ROWS = 8192  # a fixed chunk size for callers that want one; predict's default is automatic
 AUTOCAST_CHOICES = (None, "bf16")
 #: Chunk budgets: on CPU the working set and the largest single activation (cache), on CUDA a share of
@@ -134,11 +137,10 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def scoring_rules_for(model: DGC) -> tuple[str, ...]:
-    """The scoring rules that apply to ``model``: every rule but ``"bayes"``, which needs the class Gaussians of
-    ``latent_prior="class_conditional"``, and for such a model only the rules that do not need a label head."""
-    if getattr(model, "class_gaussians", None) is None:
-        return tuple(r for r in SCORING_RULES if r != "bayes")
-    return tuple(r for r in SCORING_RULES if r != "paper" or model.has_label_head)
+    """The registered scoring rules that apply to ``model`` (:attr:`ScoringRuleSpec.applies_to`): of the built-in
+    ones every rule but ``"bayes"``, which needs the class Gaussians of ``latent_prior="class_conditional"``, and for
+    such a model only the rules that do not need a label head."""
+    return tuple(name for name, spec in SCORING_RULE_REGISTRY.items() if spec.applies_to(model))
 
 
 def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Normal:
@@ -151,84 +153,96 @@ def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Norm
 def _log_weight_chunk(
     model: DGC, x: torch.Tensor, num_samples: int, rule: str, density_draws: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log weights ``(n, C, D)`` of one pass, and with ``density_draws > 0`` the log-sum-exp over this
-    pass's draws of the importance weights of log p(x), ``(n, K)`` (see :func:`_density_count`).
+    """Log weights ``(n, C, D)`` of one pass of ``rule`` (its :attr:`ScoringRuleSpec.log_weights`), and with
+    ``density_draws > 0`` the log-sum-exp over this pass's draws of the importance weights of log p(x), ``(n, K)``
+    (see :meth:`ScoringRuleSpec.density_count`)."""
+    return SCORING_RULE_REGISTRY.get(rule).log_weights(model, x, num_samples, density_draws)
 
-    The density terms reuse the pass's draws and decoder rows: for ``"mixture"`` they are its weights
-    against the mixture proposal, for ``"iw"``/``"paper"`` the per-class weights of log p(x, y = c) (y is
-    marginalised by the sum over c), and for ``"latent"`` the first ``density_draws`` draws of q(z | x) are
-    decoded (the only decoder rows that rule runs).
-    """
-    n, c = x.shape[0], model.num_classes
+
+def _bayes_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"bayes"`` rule's pass: :func:`_bayes_log_weights`; its density reuses the same draws."""
+    log_w = _bayes_log_weights(model, bare_method(model, "guide"), x, num_samples)
+    # sum_c p(c) p(z | c) = p(z): the per-draw weights of log p(x) are the class sums, (n, S)
+    return log_w, (torch.logsumexp(log_w, dim=1) if density_draws > 0 else None)
+
+
+def _latent_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"latent"`` rule's pass: q(z | x) taken as the posterior, p(y | x) ~ mean_s p(y | z_s), no importance
+    weights; for the density the first ``density_draws`` draws of q(z | x) are decoded (the only decoder rows that
+    rule runs). Only a trained label-free guide (label_in_guide=False) makes q(z | x) meaningful."""
     # The same model and guide, without PyroModule's per-parameter bookkeeping where it is moot.
     guide_fn, model_fn = bare_method(model, "guide"), bare_method(model, "model")
-    if rule == "bayes":
-        log_w = _bayes_log_weights(model, guide_fn, x, num_samples)
-        # sum_c p(c) p(z | c) = p(z): the per-draw weights of log p(x) are the class sums, (n, S)
-        return log_w, (torch.logsumexp(log_w, dim=1) if density_draws > 0 else None)
-    if rule == "latent":
-        # q(z | x) taken as the posterior: p(y | x) ~ mean_s p(y | z_s), no importance weights. Only a
-        # trained label-free guide (label_in_guide=False) makes q(z | x) meaningful.
-        with pyro.plate("particles", num_samples, dim=-2):
-            guide_tr = poutine.trace(guide_fn).get_trace(x, None)
-        z = guide_tr.nodes["z"]["value"]
-        log_py = torch.log_softmax(model.label_logits(z), dim=-1)  # (S, n, c)
-        dens = None
-        if density_draws > 0:
-            zd = z[:density_draws]
-            log_q = guide_tr.nodes["z"]["fn"].log_prob(z)[:density_draws]
-            # The model's own sites (a subclass's prior or likelihood included), at the drawn latents; y is
-            # observed at a placeholder (its term is unused) so that no random number is drawn for it.
-            y0 = torch.zeros(zd.shape[:-1], dtype=torch.long, device=x.device)
-            with pyro.plate("particles", density_draws, dim=-2):
-                model_tr = poutine.trace(poutine.condition(model_fn, data={"z": zd, "y": y0})).get_trace(x, None)
-            log_w_x = model_tr.nodes["x"]["fn"].log_prob(x) + model_tr.nodes["z"]["fn"].log_prob(zd) - log_q
-            dens = torch.logsumexp(log_w_x, dim=0)[:, None]  # (n, 1)
-        return log_py.permute(1, 2, 0), dens
-    # Class-major tiling: row j*n + i holds example i under class hypothesis j.
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_tr = poutine.trace(guide_fn).get_trace(x, None)
+    z = guide_tr.nodes["z"]["value"]
+    log_py = torch.log_softmax(model.label_logits(z), dim=-1)  # (S, n, c)
+    dens = None
+    if density_draws > 0:
+        zd = z[:density_draws]
+        log_q = guide_tr.nodes["z"]["fn"].log_prob(z)[:density_draws]
+        # The model's own sites (a subclass's prior or likelihood included), at the drawn latents; y is
+        # observed at a placeholder (its term is unused) so that no random number is drawn for it.
+        y0 = torch.zeros(zd.shape[:-1], dtype=torch.long, device=x.device)
+        with pyro.plate("particles", density_draws, dim=-2):
+            model_tr = poutine.trace(poutine.condition(model_fn, data={"z": zd, "y": y0})).get_trace(x, None)
+        log_w_x = model_tr.nodes["x"]["fn"].log_prob(x) + model_tr.nodes["z"]["fn"].log_prob(zd) - log_q
+        dens = torch.logsumexp(log_w_x, dim=0)[:, None]  # (n, 1)
+    return log_py.permute(1, 2, 0), dens
+
+
+def _class_hypothesis_traces(model: DGC, x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+    """The tiled inputs and labels, and the guide and model traces of S draws of q(z | x, c) for every class
+    hypothesis c: class-major tiling, row j*n + i holds example i under class hypothesis j."""
+    n, c = x.shape[0], model.num_classes
+    guide_fn, model_fn = bare_method(model, "guide"), bare_method(model, "model")
     xc = x.repeat((c,) + (1,) * (x.dim() - 1))
     yc = torch.arange(c, device=x.device).repeat_interleave(n)
     with pyro.plate("particles", num_samples, dim=-2):
         guide_tr = poutine.trace(guide_fn).get_trace(xc, yc)
         model_tr = poutine.trace(poutine.replay(model_fn, trace=guide_tr)).get_trace(xc, yc)
+    return xc, yc, guide_tr, model_tr
+
+
+def _mixture_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"mixture"`` rule's pass. Balance-heuristic multiple importance sampling: all S*c draws of an example
+    are weighted against the equal mixture of its c class-conditional proposals, and every class is scored on the
+    same draws, so estimator noise cancels between classes; the density terms are the same weights."""
+    n, c = x.shape[0], model.num_classes
+    xc, _, guide_tr, model_tr = _class_hypothesis_traces(model, x, num_samples)
     z = guide_tr.nodes["z"]["value"]  # (S, c*n, k)
     log_px = model_tr.nodes["x"]["fn"].log_prob(xc)  # (S, c*n)
-    if rule == "mixture":
-        # Balance-heuristic multiple importance sampling: all S*c draws of an example are weighted
-        # against the equal mixture of its c class-conditional proposals, and every class is scored on
-        # the same draws, so estimator noise cancels between classes.
-        q = _normal_of(guide_tr.nodes["z"]["fn"])
-        loc = q.loc.expand_as(z)[0].reshape(c, n, -1)
-        scale = q.scale.expand_as(z)[0].reshape(c, n, -1)
-        zd = z.reshape(num_samples * c, n, 1, -1)  # draws d = (s, j)
-        log_q_each = torch.distributions.Normal(loc.transpose(0, 1), scale.transpose(0, 1)).log_prob(zd).sum(-1)
-        log_q_mix = torch.logsumexp(log_q_each, dim=-1) - math.log(c)  # (S*c, n)
-        log_shared = log_px + model_tr.nodes["z"]["fn"].log_prob(z)  # (S, c*n)
-        log_shared = log_shared.reshape(num_samples * c, n) - log_q_mix
-        log_py = torch.log_softmax(model.label_logits(zd.squeeze(-2)), dim=-1)  # (S*c, n, c)
-        # sum_c p(y = c | z) = 1, so the weights of log p(x) are the shared part alone.
-        dens = torch.logsumexp(log_shared, dim=0)[:, None] if density_draws > 0 else None
-        return (log_shared[..., None] + log_py).permute(1, 2, 0), dens  # (n, c, S*c)
+    q = _normal_of(guide_tr.nodes["z"]["fn"])
+    loc = q.loc.expand_as(z)[0].reshape(c, n, -1)
+    scale = q.scale.expand_as(z)[0].reshape(c, n, -1)
+    zd = z.reshape(num_samples * c, n, 1, -1)  # draws d = (s, j)
+    log_q_each = torch.distributions.Normal(loc.transpose(0, 1), scale.transpose(0, 1)).log_prob(zd).sum(-1)
+    log_q_mix = torch.logsumexp(log_q_each, dim=-1) - math.log(c)  # (S*c, n)
+    log_shared = log_px + model_tr.nodes["z"]["fn"].log_prob(z)  # (S, c*n)
+    log_shared = log_shared.reshape(num_samples * c, n) - log_q_mix
+    log_py = torch.log_softmax(model.label_logits(zd.squeeze(-2)), dim=-1)  # (S*c, n, c)
+    # sum_c p(y = c | z) = 1, so the weights of log p(x) are the shared part alone.
+    dens = torch.logsumexp(log_shared, dim=0)[:, None] if density_draws > 0 else None
+    return (log_shared[..., None] + log_py).permute(1, 2, 0), dens  # (n, c, S*c)
+
+
+def _per_class_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int,
+                     importance_weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"iw"`` (``importance_weighted``) and ``"paper"`` rules' pass: per class hypothesis, the importance
+    weights of log p(x, y = c) with q(z | x, c) alone, or Eq. 9 of the paper (log p(x | z) + log p(y = c | z));
+    the density terms are the per-class weights of log p(x, y = c) (y is marginalised by the sum over c)."""
+    n, c = x.shape[0], model.num_classes
+    xc, yc, guide_tr, model_tr = _class_hypothesis_traces(model, x, num_samples)
+    z = guide_tr.nodes["z"]["value"]  # (S, c*n, k)
+    log_px = model_tr.nodes["x"]["fn"].log_prob(xc)  # (S, c*n)
     log_w = log_px + model_tr.nodes["y"]["fn"].log_prob(yc)
     log_iw = log_w + model_tr.nodes["z"]["fn"].log_prob(z) - guide_tr.nodes["z"]["fn"].log_prob(z)
-    if rule == "iw":
+    if importance_weighted:
         log_w = log_iw
     dens = None
     if density_draws > 0:
         dens = torch.logsumexp(log_iw.reshape(num_samples, c, n), dim=0).transpose(0, 1)  # (n, c)
     # (S, c*n) -> (n, c, S)
     return log_w.reshape(num_samples, c, n).permute(2, 1, 0), dens
-
-
-def _density_count(rule: str, num_classes: int, num_samples: int, density_draws: int) -> int:
-    """Number of importance weights averaged per term of the log p(x) estimate: D = S*C draws of the
-    mixture proposal (``"mixture"``), S per class (``"iw"``, ``"paper"``, ``"bayes"``: summed over the C classes) or the
-    ``density_draws`` draws of q(z | x) (``"latent"``)."""
-    if rule == "mixture":
-        return num_samples * num_classes
-    if rule == "latent":
-        return density_draws
-    return num_samples
 
 
 def _bayes_log_weights(model: DGC, guide_fn: Any, x: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -250,13 +264,99 @@ def _bayes_log_weights(model: DGC, guide_fn: Any, x: torch.Tensor, num_samples: 
     return log_w.permute(1, 2, 0)
 
 
+# ----------------------------------------------------------------------------- the scoring-rule registry
+#: A rule's pass: ``(model, x, num_samples, density_draws) -> (log_w (n, C, D), log p(x) terms (n, K) or None)``.
+LogWeightsFn = Callable[[DGC, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor | None]]
+#: Rows each network runs per example: ``(num_classes, num_samples, density_samples) -> {"encoder": ..., ...}``.
+RowsFn = Callable[[int, int, int], dict[str, int]]
+
+
+def _per_class_rows(num_classes: int, num_samples: int, density_samples: int) -> dict[str, int]:
+    # every class hypothesis encoded once, every (class, draw) pair decoded and classified; the density is free
+    return {"encoder": num_classes, "decoder": num_classes * num_samples, "classifier": num_classes * num_samples}
+
+
+def _latent_rows(num_classes: int, num_samples: int, density_samples: int) -> dict[str, int]:
+    d = min(density_samples, num_samples)
+    return {"encoder": 1, "decoder": d, "classifier": num_samples + d}
+
+
+def _bayes_rows(num_classes: int, num_samples: int, density_samples: int) -> dict[str, int]:
+    return {"encoder": 1, "decoder": num_samples, "classifier": 0}  # shared draws: one decoder row each, no label head
+
+
+def _any_model(model: DGC) -> bool:
+    return True
+
+
+def _has_class_gaussians(model: DGC) -> bool:
+    return getattr(model, "class_gaussians", None) is not None
+
+
+def _paper_applies(model: DGC) -> bool:
+    # a class-conditional model may have no label head, and Eq. 9 scores with it
+    return not _has_class_gaussians(model) or model.has_label_head
+
+
+@dataclass(frozen=True)
+class ScoringRuleSpec:
+    """What :func:`predict` needs to know about a scoring rule (an entry of :data:`SCORING_RULE_REGISTRY`).
+
+    Attributes:
+        log_weights: one vectorised pass, ``(model, x, num_samples, density_draws)`` ->
+            ``(log_w, dens)``: the ``(n, C, D)`` log weights of the n examples of ``x`` under every class, and
+            with ``density_draws > 0`` the ``(n, K)`` log-sum-exp over this pass's draws of the importance
+            weights of log p(x) (else None). It runs under ``torch.no_grad`` and in eval mode.
+        rows: rows each network (``"encoder"``, ``"decoder"``, ``"classifier"``) runs per example,
+            ``(num_classes, num_samples, density_samples)`` -> dict; it sizes the chunks (default: C encoder rows,
+            C x S decoder and label-head rows).
+        pools_classes: every class is scored on the draws of all C proposals, so D = S x C (``"mixture"``);
+            otherwise D = S. Sizes the result and its temporaries.
+        own_density_draws: the density decodes ``density_samples`` draws of its own (``"latent"``, whose class
+            posterior needs no decoder); otherwise it reuses all of the rule's draws.
+        cpu_activation_bytes: the largest single activation of a CPU pass (cache budget; see the module docs).
+        applies_to: whether the rule can score a given model (:func:`scoring_rules_for`).
+    """
+
+    log_weights: LogWeightsFn
+    rows: RowsFn = _per_class_rows
+    pools_classes: bool = False
+    own_density_draws: bool = False
+    cpu_activation_bytes: int = CPU_ACTIVATION_BYTES
+    applies_to: Callable[[DGC], bool] = _any_model
+
+    def draws(self, num_classes: int, num_samples: int) -> int:
+        """D, the draws per example and class in the log weights."""
+        return num_samples * num_classes if self.pools_classes else num_samples
+
+    def density_count(self, num_classes: int, num_samples: int, density_draws: int) -> int:
+        """Importance weights averaged per term of the log p(x) estimate: the ``density_draws`` decoded draws
+        (``own_density_draws``), else every draw of the rule (summed over the C classes where it scores each)."""
+        return density_draws if self.own_density_draws else self.draws(num_classes, num_samples)
+
+
+#: The scoring rules :func:`predict` accepts by name; add one with ``SCORING_RULE_REGISTRY.register(name, spec)``
+#: (docs/extending.md).
+SCORING_RULE_REGISTRY: Registry[ScoringRuleSpec] = Registry("scoring rule")
+SCORING_RULE_REGISTRY.register("mixture", ScoringRuleSpec(_mixture_chunk, pools_classes=True))
+SCORING_RULE_REGISTRY.register("iw", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=True)))
+SCORING_RULE_REGISTRY.register(
+    "paper", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=False), applies_to=_paper_applies))
+SCORING_RULE_REGISTRY.register("latent", ScoringRuleSpec(
+    _latent_chunk, rows=_latent_rows, own_density_draws=True, cpu_activation_bytes=LATENT_CPU_ACTIVATION_BYTES))
+SCORING_RULE_REGISTRY.register(
+    "bayes", ScoringRuleSpec(_bayes_chunk, rows=_bayes_rows, applies_to=_has_class_gaussians))
+#: The built-in rules' names (the registry's :meth:`~dgc_pyro.registry.Registry.names` also lists added ones).
+SCORING_RULES: tuple[str, ...] = SCORING_RULE_REGISTRY.names()
+
+
 @torch.no_grad()
 def class_log_weights(
     model: DGC,
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule | None = None,
+    rule: str | None = None,
     max_rows: int | None = None,
     autocast: str | None = None,
     channels_last: bool | None = None,
@@ -311,8 +411,7 @@ def _class_log_weights(
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if rule is None:
         rule = model.default_rule
-    if rule not in SCORING_RULES:
-        raise ValueError(f"rule must be one of {SCORING_RULES}, got {rule!r}")
+    spec = SCORING_RULE_REGISTRY.get(rule)
     _check_count("num_samples", num_samples, 1)
     _check_count("density_samples", density_samples, 0)
     if autocast not in AUTOCAST_CHOICES:
@@ -322,7 +421,7 @@ def _class_log_weights(
     x = check_features(x, input_shape=model.input_shape)
     num_samples = int(num_samples)
     # The latent rule decodes at most its own draws; the other rules' density costs no extra rows.
-    density_draws = min(int(density_samples), num_samples) if rule == "latent" else int(density_samples > 0)
+    density_draws = min(int(density_samples), num_samples) if spec.own_density_draws else int(density_samples > 0)
     check_prediction_size(model, x.shape[0], num_samples, rule=rule)
     was_training = model.training
     model.eval()
@@ -331,7 +430,7 @@ def _class_log_weights(
     out, dens_out = [], []
     try:
         examples, draws = chunk_plan(model, rule, num_samples, max_rows=max_rows,
-                                     density_samples=density_draws if rule == "latent" else 0)
+                                     density_samples=density_draws if spec.own_density_draws else 0)
         blocks = [(s, min(s + draws, num_samples)) for s in range(0, num_samples, draws)]
         starts = range(0, x.shape[0], examples)
         with contextlib.ExitStack() as stack:
@@ -348,7 +447,7 @@ def _class_log_weights(
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 parts, dens = [], None
                 for lo, hi in blocks:
-                    here = max(0, min(density_draws, hi) - lo) if rule == "latent" else density_draws
+                    here = max(0, min(density_draws, hi) - lo) if spec.own_density_draws else density_draws
                     log_w, d = _log_weight_chunk(model, xb, hi - lo, rule, here)
                     parts.append(log_w.float())
                     if d is not None:
@@ -361,7 +460,7 @@ def _class_log_weights(
         model.train(was_training)
     log_density = None
     if dens_out:
-        count = _density_count(rule, model.num_classes, num_samples, density_draws)
+        count = spec.density_count(model.num_classes, num_samples, density_draws)
         log_density = torch.logsumexp(torch.cat(dens_out, dim=0), dim=-1) - math.log(count)
     return torch.cat(out, dim=0), log_density
 
@@ -416,15 +515,11 @@ def rows_per_example(rule: str, num_classes: int, num_samples: int, density_samp
     """Rows each network runs per example under ``rule`` with ``num_samples`` draws.
 
     ``"latent"``: the encoder once and the label head once per draw, and the decoder (and the head) once for
-    each of the ``density_samples`` draws decoded for the density score; the other rules encode every class
-    hypothesis once and decode and classify every (class, draw) pair (their density score is free).
+    each of the ``density_samples`` draws decoded for the density score; ``"bayes"``: the encoder once and the
+    decoder once per draw; the other built-in rules encode every class hypothesis once and decode and classify every
+    (class, draw) pair (their density score is free). A registered rule gives its own (:attr:`ScoringRuleSpec.rows`).
     """
-    if rule == "latent":
-        d = min(density_samples, num_samples)
-        return {"encoder": 1, "decoder": d, "classifier": num_samples + d}
-    if rule == "bayes":  # shared draws: one decoder row per draw, no label head
-        return {"encoder": 1, "decoder": num_samples, "classifier": 0}
-    return {"encoder": num_classes, "decoder": num_classes * num_samples, "classifier": num_classes * num_samples}
+    return SCORING_RULE_REGISTRY.get(rule).rows(num_classes, num_samples, density_samples)
 
 
 def _example_bytes(model: DGC, rule: str, num_samples: int, density_samples: int = 0) -> tuple[int, int]:
@@ -438,8 +533,9 @@ def _example_bytes(model: DGC, rule: str, num_samples: int, density_samples: int
     rows = rows_per_example(rule, model.num_classes, num_samples, density_samples)
     elem = next(iter(model.parameters())).element_size()
     c, k = model.num_classes, model.latent_dim
-    draws = c * num_samples if rule == "mixture" else num_samples
-    extra = elem * c * draws * (1 + (5 * k if rule == "mixture" else 0))
+    spec = SCORING_RULE_REGISTRY.get(rule)
+    draws = spec.draws(c, num_samples)
+    extra = elem * c * draws * (1 + (5 * k if spec.pools_classes else 0))
     acts = [rows[name] * per_row[name] for name in rows]
     return 3 * sum(acts) + extra, max(acts)
 
@@ -450,7 +546,7 @@ def _budget(model: DGC, rule: str) -> tuple[int, int | None]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(CUDA_CHUNK_SHARE * free), None
-    return CPU_CHUNK_BYTES, LATENT_CPU_ACTIVATION_BYTES if rule == "latent" else CPU_ACTIVATION_BYTES
+    return CPU_CHUNK_BYTES, SCORING_RULE_REGISTRY.get(rule).cpu_activation_bytes
 
 
 def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None,
@@ -537,7 +633,7 @@ def check_prediction_size(model: DGC, num_examples: int, num_samples: int, *, ru
     """
     rule = model.default_rule if rule is None else rule
     c = model.num_classes
-    draws = num_samples * c if rule == "mixture" else num_samples
+    draws = SCORING_RULE_REGISTRY.get(rule).draws(c, num_samples)
     needed = _RESULT_COPIES * 4 * int(num_examples) * c * draws
     available = _available_bytes(model.device)
     if needed > available:
@@ -634,7 +730,7 @@ def predict(
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule | None = None,
+    rule: str | None = None,
     max_rows: int | None = None,
     reject_threshold: float | None = None,
     reject_score: str = "entropy",
@@ -704,7 +800,8 @@ def predict(
     pred.rule = rule
     if log_density is not None:
         pred.log_density = log_density
-        pred.density_samples = min(int(density_samples), int(num_samples)) if rule == "latent" else int(num_samples)
+        own = SCORING_RULE_REGISTRY.get(rule).own_density_draws
+        pred.density_samples = min(int(density_samples), int(num_samples)) if own else int(num_samples)
     if detector is not None:
         score = detector.scores(log_density, x if detector.score == "complexity" else None).to(log_w.device)
         pred.ood_score = score
@@ -735,7 +832,7 @@ def predict_proba(
     x: torch.Tensor,
     num_samples: int = 10,
     *,
-    rule: ScoringRule | None = None,
+    rule: str | None = None,
     max_rows: int | None = None,
     autocast: str | None = None,
     channels_last: bool | None = None,
