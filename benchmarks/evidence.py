@@ -349,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true", help="fit nothing: summarise the finished runs")
+    p.add_argument("--write-plan", action="store_true",
+                   help="tune phase: register the test plan (plan.json) from this call's grid; needs every tuned row "
+                        "and every grid point finished, and refuses once test runs exist. Without it a tune call "
+                        "only prints the selection, so a call on part of the grid cannot register a partial plan")
     p.add_argument("--out", required=True, help="output folder (the plan, tune/ and runs/ live there)")
     return p
 
@@ -375,6 +379,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.methods = list(TUNED if args.phase == "tune" else METHODS)
     if args.phase == "tune" and (matched := [m for m in args.methods if m in MATCHED]):
         raise SystemExit(f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time")
+    if args.write_plan and (args.phase != "tune" or set(args.methods) != set(TUNED)):
+        raise SystemExit("--write-plan registers the plan from a tune call over every tuned row "
+                         f"({', '.join(TUNED)}); this call has {'--phase test' if args.phase != 'tune' else 'a subset of --methods'}")
     if args.phase == "test" and (args.grid_lr or args.grid_tau):
         raise SystemExit("--grid-lr/--grid-tau shape the tune phase; the test phase takes the plan's settings")
     grid = dict(SMOKE_GRID if args.smoke else TUNING_GRID)
@@ -455,8 +462,14 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     plan = make_plan(out, args, grid, epochs, recipe)
     if plan is None:
         return 0
-    write_json(out / "plan.json", {**plan, "environment": _environment(args, argv, device)})
     print(f"plan: {json.dumps(plan['selected'])}; matched epochs {plan['matched_epochs']}", flush=True)
+    if not args.write_plan:
+        print("plan.json not written (pass --write-plan on the call that registers the full grid)", flush=True)
+        return 0
+    if (done := sorted((out / "runs").glob("*.json"))) and (out / "plan.json").is_file():
+        raise SystemExit(f"{out / 'plan.json'} already fixes {len(done)} test run(s) under {out / 'runs'}; "
+                         "a registered plan is not rewritten (use another --out)")
+    write_json(out / "plan.json", {**plan, "environment": _environment(args, argv, device)})
     return 0
 
 

@@ -30,7 +30,7 @@ def evidence():
 def smoke(evidence, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evidence")
     common = ["--smoke", "--device", "cpu", "--out", str(out)]
-    assert evidence.main(["--phase", "tune", "--seeds", "1", *common]) == 0
+    assert evidence.main(["--phase", "tune", "--seeds", "1", "--write-plan", *common]) == 0
     assert evidence.main(["--phase", "test", "--seeds", "2", "3", *common]) == 0
     return out
 
@@ -102,6 +102,20 @@ def test_a_rerun_skips_finished_runs_and_collect_fits_nothing(evidence, smoke):
 def test_protocol_refusals(evidence, smoke, argv, match):
     with pytest.raises(SystemExit, match=match):
         evidence.main([*argv, "--smoke", "--device", "cpu", "--out", str(smoke)])
+
+
+def test_only_the_registering_call_writes_the_plan(evidence, smoke, tmp_path):
+    """A tune call on part of the grid prints its selection but leaves plan.json alone (session 12 found such calls
+    overwriting the plan), and a plan that already fixes test runs is never rewritten."""
+    plan = (smoke / "plan.json").read_bytes()
+    common = ["--phase", "tune", "--seeds", "1", "--smoke", "--device", "cpu", "--out", str(smoke), "--collect"]
+    assert evidence.main([*common, "--grid-tau", "1.0"]) == 0
+    assert (smoke / "plan.json").read_bytes() == plan
+    with pytest.raises(SystemExit, match=r"already fixes \d+ test run"):
+        evidence.main([*common, "--write-plan"])
+    with pytest.raises(SystemExit, match="a subset of --methods"):
+        evidence.main([*common, "--write-plan", "--methods", "ce"])
+    assert (smoke / "plan.json").read_bytes() == plan
 
 
 def test_the_test_phase_needs_a_plan(evidence, tmp_path):
