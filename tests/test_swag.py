@@ -127,7 +127,7 @@ def test_bad_uses_are_one_line_errors(fitted, digits):
     with pytest.raises(ValueError, match="head_samples must be"):
         predict(m, x, 2, swag=collector.head, head_samples=0)
     with pytest.raises(ValueError, match="has not run"):
-        SwagCollector().head
+        _ = SwagCollector().head
     other = DGC(digits.input_shape, 10, latent_dim=6)
     with pytest.raises(ValueError, match="head weights"):
         predict(other, x, 2, swag=collector.head)
@@ -147,7 +147,7 @@ def test_every_steps_collects_within_the_window_epochs(digits):
 
 
 def test_warns_when_select_best_hands_back_an_encoder_before_the_window(fitted):
-    m, _, snaps = fitted
+    m, _, _ = fitted
     collector = SwagCollector(start=0.5)
     state = SimpleNamespace(model=m, best_epoch=1, best_model={"w": torch.zeros(1)})
     trainer = SimpleNamespace(state=state, plan=SimpleNamespace(epochs=4), last_epoch=4)

@@ -824,8 +824,8 @@ def predict(
         density_samples = DEFAULT_DENSITY_SAMPLES
     _check_count("density_samples", density_samples, 1)
     rule = rule or model.default_rule
-    options = dict(rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last, progress=progress,
-                   density_samples=int(density_samples) if density else 0)
+    options = {"rule": rule, "max_rows": max_rows, "autocast": autocast, "channels_last": channels_last,
+               "progress": progress, "density_samples": int(density_samples) if density else 0}
     if swag is None:
         if head_samples is not None:
             raise ValueError("head_samples needs swag=... (a posterior over the label head, e.g. SwagCollector.head)")
