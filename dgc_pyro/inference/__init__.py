@@ -5,7 +5,7 @@ from dgc_pyro.inference.density import OODDetector, fit_ood_threshold
 from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.fit import History, fit
-from dgc_pyro.inference.objectives import OBJECTIVES, get_objective
+from dgc_pyro.inference.objectives import OBJECTIVES, get_objective, iwae_loss
 from dgc_pyro.inference.posterior import posterior_log_densities, posterior_predictive
 from dgc_pyro.inference.predict import (
     Prediction,
@@ -14,6 +14,7 @@ from dgc_pyro.inference.predict import (
     predict,
     predict_proba,
 )
+from dgc_pyro.inference.swag import SwagCollector, SwagHead
 
 __all__ = [
     "fit",
@@ -22,6 +23,9 @@ __all__ = [
     "make_step",
     "OBJECTIVES",
     "get_objective",
+    "iwae_loss",
+    "SwagCollector",
+    "SwagHead",
     "predict",
     "predict_proba",
     "Prediction",

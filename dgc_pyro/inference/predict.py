@@ -35,7 +35,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyro
@@ -96,6 +96,9 @@ class Prediction:
         reject_rank: ``(N,)`` the continuous score behind the reject rule (``"entropy"``: the uncertainty
             score; ``"density"``: ``ood_score``; ``"both"``: the larger dev percentile of the two), for
             coverage curves; None when no reject rule was used.
+        head_samples: label-head draws the class posterior was averaged over (``predict(..., swag=...)``); the
+            draw axis of ``log_weights`` is then head-major, ``head_samples`` blocks of the rule's draws. None
+            for the point-estimate head.
     """
 
     labels: torch.Tensor
@@ -112,6 +115,7 @@ class Prediction:
     ood_score: torch.Tensor | None = None
     ood: torch.Tensor | None = None
     reject_rank: torch.Tensor | None = None
+    head_samples: int | None = None
 
     @property
     def labels_with_reject(self) -> torch.Tensor:
@@ -723,6 +727,25 @@ def posterior_from_log_weights(log_w: torch.Tensor) -> Prediction:
 #: ``dgc-pyro evaluate`` of the 10,000 Fashion test images near its 30 s target on the loaded 2-core CPU
 #: (benchmarks/evaluate_speed.py), where two took several times longer. The other rules use all their draws.
 DEFAULT_DENSITY_SAMPLES = 1
+#: Label-head draws of ``predict(..., swag=...)`` when ``head_samples`` is not given.
+DEFAULT_HEAD_SAMPLES = 10
+
+
+class HeadPosterior(Protocol):
+    """What :func:`predict` needs of a posterior over the label head's weights
+    (:class:`~dgc_pyro.inference.swag.SwagHead`)."""
+
+    def check_model(self, model: DGC) -> None:
+        """Raise ValueError unless the posterior fits ``model``'s label head."""
+        ...
+
+    def sample(self, num_samples: int, *, seed: int = 0) -> torch.Tensor:
+        """``(num_samples, D)`` flat head weight vectors."""
+        ...
+
+    def applied(self, model: DGC, theta: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """A block within which ``model``'s label head holds ``theta``."""
+        ...
 
 
 def predict(
@@ -742,6 +765,9 @@ def predict(
     channels_last: bool | None = None,
     balanced: bool = False,
     progress: bool = False,
+    swag: HeadPosterior | None = None,
+    head_samples: int | None = None,
+    head_seed: int = 0,
 ) -> Prediction:
     """Predicted labels with predictive entropy, its aleatoric/epistemic split, the spread over draws, and the
     density of x.
@@ -769,6 +795,15 @@ def predict(
     (:meth:`DGC.balanced_labels`); any other model has its own label marginal p(y) (:meth:`DGC.label_prior`)
     divided out, so the class scores are log p(x | y = c) instead of log p(x, y = c). The density is that of
     the model's x either way.
+
+    ``swag`` (a :class:`~dgc_pyro.inference.swag.SwagHead`, from a
+    :class:`~dgc_pyro.inference.swag.SwagCollector` of the fit) averages the class posterior over ``head_samples``
+    (default :data:`DEFAULT_HEAD_SAMPLES`) draws of the label head's weights (drawn with ``head_seed``): each draw
+    runs the rule's pass with the same latent draws (common random numbers, so the blocks differ only by the
+    head), each block's weights are normalised to one, so every head draw's class posterior counts equally, and
+    the blocks are joined on the draw axis. ``proba`` is then the mean of the head draws' posteriors, and
+    ``mutual_information`` includes the head's uncertainty. It costs ``head_samples`` times the rule's pass (every
+    network runs again, not only the head). ``log_density`` is the mean over the head draws in probability.
     """
 
     if not isinstance(model, DGC):
@@ -789,15 +824,20 @@ def predict(
         density_samples = DEFAULT_DENSITY_SAMPLES
     _check_count("density_samples", density_samples, 1)
     rule = rule or model.default_rule
-    with model.balanced_labels() if balanced else contextlib.nullcontext():
-        log_w, log_density = _class_log_weights(
-            model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, channels_last=channels_last,
-            progress=progress, density_samples=int(density_samples) if density else 0)
-    if balanced and not model.has_class_prior:
-        log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
-        log_w = log_w - log_prior[None, :, None]
+    options = {"rule": rule, "max_rows": max_rows, "autocast": autocast, "channels_last": channels_last,
+               "progress": progress, "density_samples": int(density_samples) if density else 0}
+    if swag is None:
+        if head_samples is not None:
+            raise ValueError("head_samples needs swag=... (a posterior over the label head, e.g. SwagCollector.head)")
+        log_w, log_density = _balanced_log_weights(model, x, num_samples, balanced, options)
+    else:
+        head_samples = DEFAULT_HEAD_SAMPLES if head_samples is None else head_samples
+        _check_count("head_samples", head_samples, 1)
+        log_w, log_density = _head_averaged_log_weights(model, x, num_samples, balanced, options, swag,
+                                                        int(head_samples), head_seed)
     pred = posterior_from_log_weights(log_w)
     pred.rule = rule
+    pred.head_samples = int(head_samples) if swag is not None else None
     if log_density is not None:
         pred.log_density = log_density
         own = SCORING_RULE_REGISTRY.get(rule).own_density_draws
@@ -809,6 +849,52 @@ def predict(
     if reject is not None:
         _apply_reject(pred, reject, reject_threshold, reject_score, detector)
     return pred
+
+
+def _balanced_log_weights(model: DGC, x: torch.Tensor, num_samples: int, balanced: bool,
+                          options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prediction pass: the rule's log weights (the label marginal divided out for ``balanced``) and density."""
+    with model.balanced_labels() if balanced else contextlib.nullcontext():
+        log_w, log_density = _class_log_weights(model, x, num_samples, **options)
+    if balanced and not model.has_class_prior:
+        log_prior = model.label_prior().log().to(log_w.device, log_w.dtype)
+        log_w = log_w - log_prior[None, :, None]
+    return log_w, log_density
+
+
+def _head_averaged_log_weights(model: DGC, x: torch.Tensor, num_samples: int, balanced: bool,
+                               options: dict[str, Any], swag: HeadPosterior, head_samples: int,
+                               head_seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`predict`'s ``swag`` path: one pass per head draw on the same latent draws, each block normalised to
+    one per example, joined head-major on the draw axis; the densities averaged in probability."""
+    if not isinstance(model, DGC):
+        raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    swag.check_model(model)
+    check_prediction_size(model, check_features(x, input_shape=model.input_shape).shape[0],
+                          num_samples * head_samples, rule=options["rule"])
+    thetas = swag.sample(head_samples, seed=head_seed)
+    cuda = [model.device] if model.device.type == "cuda" else []
+    blocks, densities = [], []
+    with torch.random.fork_rng(devices=cuda):
+        start = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+        for theta in thetas:
+            # common random numbers: every head draw sees the latent draws of the first
+            torch.set_rng_state(start[0])
+            for d, state in zip(cuda, start[1]):
+                torch.cuda.set_rng_state(state, d)
+            with swag.applied(model, theta):
+                log_w, log_density = _balanced_log_weights(model, x, num_samples, balanced, options)
+            blocks.append(log_w - torch.logsumexp(log_w.flatten(1), dim=1)[:, None, None])
+            densities.append(log_density)
+        end = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+    # leave the global generators where one plain prediction would have left them
+    torch.set_rng_state(end[0])
+    for d, state in zip(cuda, end[1]):
+        torch.cuda.set_rng_state(state, d)
+    log_density = None
+    if densities[0] is not None:
+        log_density = torch.logsumexp(torch.stack(densities), dim=0) - math.log(head_samples)
+    return torch.cat(blocks, dim=-1), log_density
 
 
 def _apply_reject(pred: Prediction, reject: str, threshold: float | None, score: str, detector: Any) -> None:
