@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgc_pyro.config import Recipe
 from dgc_pyro.device import resolve_device
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
@@ -177,7 +178,8 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and all(_is_int(c) for c in v)
 
 
-#: The entries a run configuration may carry, each with what it must be and its check.
+#: The entries a run configuration may carry, each with what it must be and its check (the recipe's fields are
+#: :mod:`dgc_pyro.config`'s, checked by building the recipe).
 RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "dataset": ("a string", lambda v: isinstance(v, str)),
     "dataset_arg": ("a string", lambda v: isinstance(v, str)),
@@ -186,8 +188,19 @@ RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "counts": ("a list of integers", _is_int_list),
     "train_counts": ("a list of integers", _is_int_list),
     "baseline": ("a string", lambda v: isinstance(v, str)),
-    "recipe": ("a mapping", lambda v: isinstance(v, dict)),
+    "recipe": ("a mapping of dgc_pyro.config.Recipe fields with valid values", lambda v: _is_recipe(v)),
 }
+
+
+def _is_recipe(value: Any) -> bool:
+    """Whether ``value`` is a flat recipe (:meth:`dgc_pyro.config.Recipe.to_dict`; older names accepted)."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        Recipe.from_flat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
