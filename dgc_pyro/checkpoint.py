@@ -178,8 +178,8 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and all(_is_int(c) for c in v)
 
 
-#: The entries a run configuration may carry, each with what it must be and its check (the recipe's fields are
-#: :mod:`dgc_pyro.config`'s, checked by building the recipe).
+#: The entries a run configuration may carry, each with what it must be and its check (a recipe's entries are then
+#: checked by building the :class:`~dgc_pyro.config.Recipe`, whose fields they are).
 RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "dataset": ("a string", lambda v: isinstance(v, str)),
     "dataset_arg": ("a string", lambda v: isinstance(v, str)),
@@ -188,19 +188,8 @@ RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "counts": ("a list of integers", _is_int_list),
     "train_counts": ("a list of integers", _is_int_list),
     "baseline": ("a string", lambda v: isinstance(v, str)),
-    "recipe": ("a mapping of dgc_pyro.config.Recipe fields with valid values", lambda v: _is_recipe(v)),
+    "recipe": ("a mapping", lambda v: isinstance(v, dict)),
 }
-
-
-def _is_recipe(value: Any) -> bool:
-    """Whether ``value`` is a flat recipe (:meth:`dgc_pyro.config.Recipe.to_dict`; older names accepted)."""
-    if not isinstance(value, dict):
-        return False
-    try:
-        Recipe.from_flat(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -218,6 +207,11 @@ def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()
     for key, (what, ok) in RUN_CONFIG_FIELDS.items():
         if config.get(key) is not None and not ok(config[key]):
             raise CheckpointError(f"{source}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
+    if isinstance(config.get("recipe"), dict):  # its entries are the config fields (older names accepted)
+        try:
+            Recipe.from_flat(config["recipe"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its run configuration is unusable (recipe: {e})") from None
     return config
 
 

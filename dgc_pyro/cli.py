@@ -208,10 +208,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action.resume = meta["resume"]
         action.config_field = f
     for flag, (name, mapping) in _ALIASES.items():
+        spelled = {v: k for k, v in mapping.items()}
         action = p.add_argument(flag, action=_MapChoice, mapping=mapping, dest=name, default=None,
                                 help=f"the old spelling of --{name.replace('_', '-')}: "
                                      + ", ".join(f"{k} for {_show(v)}" for k, v in mapping.items())
-                                     + f" ({_recipe_default(name, lambda v: next(k for k, m in mapping.items() if m == v))})")
+                                     + f" ({_recipe_default(name, spelled.get)})")
         action.resume = next(f.metadata["resume"] for f in config_fields() if f.name == name)
         action.config_field = None
 

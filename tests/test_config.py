@@ -159,3 +159,13 @@ def test_recipe_pairs_the_two_configs_and_reads_flat():
     assert dataclasses.replace(recipe, lr=3e-4).train.lr == 3e-4 == recipe.replace(lr=3e-4).lr
     assert Recipe().epochs == 30 and TrainConfig().epochs == 20  # the runs' recipe and fit's own default
     assert set(recipe.fit_options()) == {f.name for f in config_fields(TrainConfig, role="recipe")}
+
+
+def test_a_run_configuration_recipe_is_checked_by_its_fields():
+    from dgc_pyro.checkpoint import check_run_config
+    from dgc_pyro.io import CheckpointError
+
+    assert check_run_config({"recipe": {"num_samples": 3, "betas": [0.5, 0.9]}}, "m")  # older names, JSON lists
+    with pytest.raises(CheckpointError, match=r"^m: its run configuration is unusable \(recipe: unknown recipe field "
+                                              r"'epoch'; did you mean epochs\?\)$"):
+        check_run_config({"recipe": {"epoch": 3}}, "m")
