@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "arms_short_of_request": short_arms,
         **({"same_steps_control": same_steps} if args.same_steps_control else {}),
         "arms": list(args.arms),
-        "dgc": {"recipe": recipe.__dict__, "val_num_samples": args.val_num_samples,
+        "dgc": {"recipe": recipe.to_dict(), "val_num_samples": args.val_num_samples,
                 "best_epoch": history.best_epoch if history else None,
                 "history": history.epochs if history else [], "filter_threshold": args.filter_threshold,
                 "perturbation_scale": args.perturbation_scale, "output": args.output},

@@ -69,7 +69,7 @@ def run(name: str, recipe: Recipe, seed: int, engine: str) -> dict:
         "dev_acsa": result.metrics["acsa"], "dev_ece": result.metrics["ece"],
         "ce_dev_acsa": result.baseline_metrics["acsa"], "ce_dev_ece": result.baseline_metrics["ece"],
         "val_swing": swing, "val_min": min(val, default=None), "val_max": max(val, default=None),
-        "settings": dataclasses.asdict(recipe),
+        "settings": recipe.to_dict(),
     }
 
 

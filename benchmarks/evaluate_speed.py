@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     fit_ood_threshold(model, split.x_train[:500], num_samples=recipe.num_samples)
     config = {"dataset": split.name, "seed": 0, "train_counts": split.train_counts.tolist(),
-              "recipe": recipe.__dict__, "data_dir": str(Path(args.data_dir).resolve()), "dataset_arg": split.name}
+              "recipe": recipe.to_dict(), "data_dir": str(Path(args.data_dir).resolve()), "dataset_arg": split.name}
     results: dict = {
         "dataset": split.name, "test_size": args.test_subset or len(split.y_test), "recipe_rule": model.default_rule,
         "num_samples": recipe.num_samples, "machine": f"{platform.node()} {platform.processor() or platform.machine()}",

@@ -66,6 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dgc_pyro.config import LEGACY_NAMES, config_fields
 from dgc_pyro.baselines import FittedBaseline, fit_baseline
 from dgc_pyro.calibration import apply_temperature, temperature_scale
 from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
@@ -195,7 +196,7 @@ def run_settings(method: str, recipe: Recipe, config: dict[str, float], epochs: 
     """What a run records about how it was made (compared on resume): the DGC recipe or the baseline options."""
     recipe = dataclasses.replace(recipe, epochs=epochs)
     if method in DGC_ROWS:
-        return paper_table._jsonable({"recipe": dataclasses.asdict(dgc_recipe(method, recipe, config))})
+        return paper_table._jsonable({"recipe": dgc_recipe(method, recipe, config).to_dict(include_run=False)})
     return paper_table._jsonable({"baseline": MATCHED.get(method, method), **recipe.baseline_options(),
                                   "lr": config["lr"], "tau": config.get("tau", 1.0)})
 
@@ -218,9 +219,8 @@ def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed:
     seed_everything(seed)
     t0 = time.perf_counter()
     if method in DGC_ROWS:
-        fields = {f.name for f in dataclasses.fields(Recipe)}
-        rec = settings["recipe"]
-        recipe = Recipe(**{k: tuple(v) if k == "betas" else v for k, v in rec.items() if k in fields})
+        fields = {f.name for f in config_fields()} | set(LEGACY_NAMES)
+        recipe = Recipe.from_flat({k: v for k, v in settings["recipe"].items() if k in fields})
         trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=VAL_NUM_SAMPLES)
         return Fitted(method, time.perf_counter() - t0, model=trained.model, recipe=recipe,
                       history=trained.history.epochs)

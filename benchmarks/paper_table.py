@@ -42,6 +42,7 @@ from dgc_pyro.data import DATASET_REGISTRY, EVALUATION_SETS, default_counts, loa
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.inference.schedule import LR_SCHEDULES
+from dgc_pyro.config import LEGACY_NAMES
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.resume import copy_tree
@@ -250,7 +251,7 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
     out.update(seconds=trained.seconds + t2 - t1, fit_seconds=trained.seconds, predict_seconds=t2 - t1,
                best_epoch=history.best_epoch,
                val_acsa=max(val) if val else None,
-               recipe=dataclasses.asdict(recipe), rule=pred.rule, history=history.epochs)
+               recipe=recipe.to_dict(), rule=pred.rule, history=history.epochs)
     return out
 
 
@@ -365,7 +366,7 @@ def expected_settings(method: str, recipe: Recipe, backbone: str, rule: str | No
     if train_counts is not None:
         out["train_counts"] = list(train_counts)
     if method in DGC_METHODS:
-        out["recipe"] = _jsonable(dataclasses.asdict(method_recipe(method, recipe)))
+        out["recipe"] = _jsonable(method_recipe(method, recipe).to_dict(include_run=False))
         if rule is not None:
             out["rule"] = rule
     else:
@@ -383,6 +384,8 @@ def settings_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[
         got = run.get(key, "test" if key == "evaluated_on" else None)
         if got is None:
             continue
+        if key == "recipe" and isinstance(got, dict):  # older runs wrote some fields under their old names
+            got = {LEGACY_NAMES.get(k, k): v for k, v in got.items()}
         if isinstance(want, dict) and isinstance(got, dict):
             diffs += [f"{key}.{k}: {got[k]!r} in the run, {want[k]!r} now" for k in sorted(set(got) & set(want))
                       if got[k] != want[k]]
@@ -474,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     config = {
         "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
-        "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": dataclasses.asdict(recipe),
+        "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": recipe.to_dict(),
         "baseline_settings": baseline, "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dgc_pyro.config import Recipe
 from dgc_pyro.device import resolve_device
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
@@ -177,7 +178,8 @@ def _is_int_list(v: Any) -> bool:
     return isinstance(v, list) and all(_is_int(c) for c in v)
 
 
-#: The entries a run configuration may carry, each with what it must be and its check.
+#: The entries a run configuration may carry, each with what it must be and its check (a recipe's entries are then
+#: checked by building the :class:`~dgc_pyro.config.Recipe`, whose fields they are).
 RUN_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "dataset": ("a string", lambda v: isinstance(v, str)),
     "dataset_arg": ("a string", lambda v: isinstance(v, str)),
@@ -205,6 +207,11 @@ def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()
     for key, (what, ok) in RUN_CONFIG_FIELDS.items():
         if config.get(key) is not None and not ok(config[key]):
             raise CheckpointError(f"{source}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
+    if isinstance(config.get("recipe"), dict):  # its entries are the config fields (older names accepted)
+        try:
+            Recipe.from_flat(config["recipe"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its run configuration is unusable (recipe: {e})") from None
     return config
 
 

@@ -20,17 +20,13 @@ import numpy as np
 from dgc_pyro.baselines import BASELINE_REGISTRY
 from dgc_pyro.data import DATASET_REGISTRY, NPZ_DATASET_FORMAT, load_imbalanced, load_npz, load_npz_examples, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
-from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
+from dgc_pyro.config import FIXED, FREE, config_fields, parse_value
+from dgc_pyro.data.transforms import TRANSFORM_CHOICES
 from dgc_pyro.diagnostics.plots import save_augmentation_grid
 from dgc_pyro.inference.augment import SAMPLING_STRATEGY_NAMES
 from dgc_pyro.inference.device import DEVICE_CHOICES
-from dgc_pyro.inference.engine import ENGINES
-from dgc_pyro.inference.perturbation import PERTURBATION_PRIORS
 from dgc_pyro.inference.objectives import OBJECTIVES
-from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.io import CheckpointError, folder_problem, writable_problem
-from dgc_pyro.models.likelihoods import LIKELIHOODS
-from dgc_pyro.models.networks import PRESETS
 
 EXIT_USAGE = 2
 
@@ -122,9 +118,9 @@ def _add_data_args(p: argparse.ArgumentParser, command: str) -> None:
                         + ("the checkpoint's, else 0)" if command == "augment" else "0)"))
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="where to train and predict: auto (the GPU if there is one, else the CPU), cpu or cuda")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="latent draws per class when predicting (default: "
-                        + ("the checkpoint's recipe, else 10)" if saved else _recipe_default("num_samples")[len("default: "):] + ")"))
+    if saved:  # fit's --num-samples is the recipe's val_num_samples (a generated flag)
+        p.add_argument("--num-samples", type=int, default=None,
+                       help="latent draws per class when predicting (default: the checkpoint's recipe, else 10)")
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on a stratified subset of this many test examples (quick checks only; default: "
                         "the whole test split)")
@@ -135,6 +131,116 @@ def _add_data_args(p: argparse.ArgumentParser, command: str) -> None:
                         "the cores; else torch's default, one per core)")
 
 
+# ----------------------------------------------------------------------------- fit's flags, from the config fields
+#: fit's data options that --resume takes from the checkpoint (a config field says so in its own metadata).
+_DATA_OPTIONS_FIXED_ON_RESUME = ("dataset", "data_dir", "counts", "seed", "baseline")
+#: Old spellings kept as aliases: flag -> (field, {text: value}); --num-samples is val_num_samples' second name.
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "--keep": ("select_best", {"best": True, "last": False}),
+    "--guide": ("label_in_guide", {"xy": True, "x": False}),
+}
+_SECOND_NAMES = {"val_num_samples": "--num-samples"}
+
+
+def _registry_choices(name: str) -> tuple[str, ...] | None:
+    """The values of an option whose names are a registry above the configuration (dgc_pyro.config's docs)."""
+    if name == "objective":
+        return tuple(sorted(OBJECTIVES))
+    if name == "transform":
+        return TRANSFORM_CHOICES
+    return None
+
+
+class _MapChoice(argparse.Action):
+    """An old spelling of a field's flag (``--keep best`` for ``--select-best``): a choice mapped to the value."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, mapping: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self.mapping = dict(mapping or {})
+        super().__init__(option_strings, dest, choices=tuple(self.mapping), **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, self.mapping[values])
+
+
+def _text_type(f: dataclasses.Field) -> Any:
+    """argparse's ``type`` for field ``f``: the builtin int/float where that is the field's (so that argparse names
+    it in its message), else :func:`dgc_pyro.config.parse_value` with its error as the message."""
+    if f.metadata["parse"] is None and type(f.default) in (int, float):
+        return type(f.default)
+
+    def convert(text: str) -> Any:
+        try:
+            return parse_value(f, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(f.metadata["parse"], "__name__", f.name)
+    return convert
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~dgc_pyro.config.ModelConfig` / :class:`~dgc_pyro.config.TrainConfig` field, from its
+    metadata: ``--field-name``, its help and choices, and whether ``--resume`` takes it from the checkpoint (fixed)
+    or lets it be given (free). Recipe fields default to None (the dataset's recipe decides); run fields (how this
+    run executes) to the field's default."""
+    for f in config_fields():
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        flags = [flag] + ([_SECOND_NAMES[f.name]] if f.name in _SECOND_NAMES else [])
+        run = meta["role"] == "run"
+        text = meta["help"] + ("; the baseline shares it" if meta["baseline"] else "")
+        if "default" not in text:
+            text += f" ({_recipe_default(f.name, _show)})"
+        choices = _registry_choices(f.name) or meta["choices"]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": text, "default": f.default if run else None}
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices is not None:
+            kwargs["choices"] = tuple(c for c in choices if c is not None)
+        else:
+            kwargs["type"] = _text_type(f)
+        action = p.add_argument(*flags, **kwargs)
+        action.resume = meta["resume"]
+        action.config_field = f
+    for flag, (name, mapping) in _ALIASES.items():
+        spelled = {v: k for k, v in mapping.items()}
+        action = p.add_argument(flag, action=_MapChoice, mapping=mapping, dest=name, default=None,
+                                help=f"the old spelling of --{name.replace('_', '-')}: "
+                                     + ", ".join(f"{k} for {_show(v)}" for k, v in mapping.items())
+                                     + f" ({_recipe_default(name, spelled.get)})")
+        action.resume = next(f.metadata["resume"] for f in config_fields() if f.name == name)
+        action.config_field = None
+
+
+def _options_of(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def resume_free_flags(p: argparse.ArgumentParser) -> list[str]:
+    """The flags of ``p`` that ``fit --resume`` lets be given (their ``resume`` mark is free)."""
+    return [a.option_strings[0] for a in p._actions if getattr(a, "resume", None) == FREE]
+
+
+def _config_changes(args: argparse.Namespace, *, resume: str | None = None) -> dict[str, Any]:
+    """The config fields given on the command line (recipe fields not None; run fields always: the command line
+    says how this run executes), as flat Recipe changes; ``resume``: only fields with this mark."""
+    changes = {}
+    for f in config_fields():
+        if resume is not None and f.metadata["resume"] != resume:
+            continue
+        value = getattr(args, f.name, None)
+        if f.metadata["role"] == "run" or value is not None:
+            changes[f.name] = parse_value(f, value) if f.name == "transform" and value is not None else value
+    return changes
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dgc-pyro``."""
     parser = _Parser(prog="dgc-pyro", description="Deep generative classification for imbalanced data (Pyro).")
@@ -142,71 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit DGC (and a baseline) on an imbalanced dataset and evaluate it")
     _add_data_args(f, "fit")
-    recipe = _recipe_default
-    f.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs of DGC and of the baseline ({recipe('epochs')})")
-    f.add_argument("--batch-size", type=int, default=None,
-                   help="training examples per step, for DGC and the baseline; more than there are gives one "
-                        f"full batch per epoch ({recipe('batch_size')})")
-    f.add_argument("--lr", type=float, default=None,
-                   help=f"Adam's learning rate of DGC; the baseline uses min(lr, 0.001) ({recipe('lr')})")
-    f.add_argument("--latent-dim", type=int, default=None, help=f"size of the latent z ({recipe('latent_dim')})")
-    f.add_argument("--preset", choices=PRESETS, default=None,
-                   help=f"network sizes: small (CPU friendly) or paper (the reference code's) ({recipe('preset')})")
-    f.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default=None,
-                   help=f"pixel likelihood p(x | z) ({recipe('likelihood')})")
-    f.add_argument("--objective", choices=sorted(OBJECTIVES), default=None,
-                   help=f"training objective ({recipe('objective')})")
-    f.add_argument("--perturbation-rate", type=float, default=None,
-                   help="the paper's r, from 0 (disables the data-perturbation step) to 1 (each class's latents "
-                        f"repeated up to the majority's count) ({recipe('perturbation_rate')})")
-    f.add_argument("--perturbation-prior", choices=PERTURBATION_PRIORS, default=None,
-                   help="with --logit-adjustment: the class frequencies of the perturbation step's offset, the "
-                        f"training prior (train) or those of its re-drawn latents (perturbed) ({recipe('perturbation_prior')})")
-    f.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                   help="learning-rate schedule of DGC and the baseline alike: constant or cosine (decays "
-                        f"to 0 over the fit) ({recipe('lr_schedule')})")
-    f.add_argument("--keep", choices=("best", "last"), default=None,
-                   help="weights kept after the fit, for DGC and the baseline alike: those of the epoch with the best "
-                        "validation ACSA (best) or of the last epoch (last; the validation split then only "
-                        f"monitors) ({recipe('select_best', lambda v: 'best' if v else 'last')})")
-    f.add_argument("--label-weight", type=float, default=None,
-                   help=f"weight of log p(y | z) in the objective ({recipe('label_weight')})")
-    f.add_argument("--obs-scale", type=float, default=None,
-                   help=f"sigma of the normal pixel likelihood ({recipe('obs_scale')})")
-    f.add_argument("--logit-adjustment", type=float, default=None,
-                   help="tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off "
-                        f"({recipe('logit_adjustment')})")
-    f.add_argument("--guide", choices=("x", "xy"), default=None,
-                   help="x: label-free q(z | x); xy: the paper's q(z | x, y) "
-                        f"({recipe('label_in_guide', lambda v: 'xy' if v else 'x')})")
-    f.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
-                   help="random training-time transform of every batch, for DGC and the baseline: shift (up to 2 "
-                        "pixels) or shift-flip (also a horizontal flip; not for digits) (default: none)")
+    _add_config_args(f)
     f.add_argument("--baseline", choices=BASELINE_REGISTRY.names() + ("none",), default="ce",
                    help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
     f.add_argument("--out", default=None,
                    help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")
     f.add_argument("--overwrite", action="store_true",
                    help="replace the finished (or interrupted) run in --out (default: refuse, naming the run)")
-    f.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the "
-                        "dataset, counts, seed and recipe saved there (only " + ", ".join(_flags(_RESUME_FREE))
-                        + " may be given; default: a fresh fit)")
-    f.add_argument("--deterministic", action="store_true",
-                   help="use deterministic torch/cuDNN algorithms (matters on CUDA; see docs/reliability.md)")
-    f.add_argument("--engine", choices=ENGINES, default=None,
-                   help="training step: graph (default: captured once and replayed, the fastest; falls back to "
-                        "torch with a warning when a model cannot be captured), torch (traces the Pyro model every "
-                        "step; the default with --devices > 1), svi (textbook pyro.infer.SVI)")
-    f.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks (with --engine graph: the captured graph); slow to start")
-    f.add_argument("--devices", type=int, default=1,
-                   help="data-parallel processes (one per GPU on CUDA; gloo on CPU); under torchrun: processes per node")
-    f.add_argument("--strategy", choices=("ddp",), default=None,
-                   help="data-parallel strategy (default: ddp when --devices > 1)")
+    resume = f.add_argument("--resume", metavar="DIR", default=None)
     # Unset options are filled in by _cmd_fit, so that --resume can tell which ones were given.
     f.set_defaults(dataset=None, seed=None, data_dir=None, baseline=None)
+    for action in f._actions:  # fit's own options (--out, --overwrite, --resume) are neither
+        if not hasattr(action, "resume") and action.dest in _DATA_OPTIONS_FIXED_ON_RESUME:
+            action.resume = FIXED
+        elif not hasattr(action, "resume") and action.option_strings and action.dest != "help":
+            action.resume = FREE if action.dest not in ("out", "resume") else None
+    resume.help = ("continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the dataset, "
+                   "counts, seed and recipe saved there (only " + ", ".join(resume_free_flags(f))
+                   + " may be given; default: a fresh fit)")
 
     e = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
     e.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
@@ -369,16 +428,6 @@ def _flags(dests: tuple[str, ...]) -> list[str]:
     return [f"--{d.replace('_', '-')}" for d in dests]
 
 
-#: fit options that --resume takes from the checkpoint (giving one is an error) ...
-_RESUME_FIXED = ("dataset", "data_dir", "counts", "seed", "batch_size", "lr", "latent_dim", "preset", "likelihood",
-                 "objective", "perturbation_rate", "num_samples", "baseline", "label_weight", "obs_scale",
-                 "logit_adjustment", "guide", "transform", "perturbation_prior", "lr_schedule", "keep")
-#: ... and those that may be given with it: how long and where to run, not what is fitted (evaluation's
-#: --test-subset too). Every other fit option is one of the two (tested).
-_RESUME_FREE = ("epochs", "device", "deterministic", "no_progress", "engine", "compile", "devices", "strategy",
-                "test_subset", "download", "overwrite", "threads")
-
-
 @dataclass(frozen=True)
 class FitRun:
     """What ``dgc-pyro fit`` runs: the data, the recipe (None until the split is loaded, for a fresh fit: the
@@ -398,11 +447,14 @@ def _resumed_run(args: argparse.Namespace) -> FitRun:
     out = Path(args.resume)
     if args.out is not None and Path(args.out) != out:
         raise UserError(f"--resume {out} continues the run in {out}; drop --out {args.out}")
-    given = _flags(tuple(k for k in _RESUME_FIXED if getattr(args, k, None) is not None))
+    fit_parser = _options_of(build_parser(), "fit")
+    typed = {t.split("=", 1)[0] for t in getattr(args, "argv", ()) if t.startswith("--")}
+    given = [flag for a in fit_parser._actions if getattr(a, "resume", None) == FIXED
+             for flag in a.option_strings if flag in typed]
     if given:
         raise UserError(
-            f"--resume takes the data and recipe from the checkpoint; drop {', '.join(given)} "
-            f"(only {', '.join(_flags(_RESUME_FREE))} may be given)"
+            f"--resume takes the data and recipe from the checkpoint; drop {', '.join(dict.fromkeys(given))} "
+            f"(only {', '.join(resume_free_flags(fit_parser))} may be given)"
         )
     if not out.is_dir():
         raise FileNotFoundError(f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)")
@@ -412,11 +464,9 @@ def _resumed_run(args: argparse.Namespace) -> FitRun:
         raise UserError(f"{source} holds no run configuration; it was not written by dgc-pyro fit")
     run = check_run_config(run, source, required=("dataset", "seed"))
     try:
-        recipe = Recipe(**run["recipe"])
+        recipe = Recipe.from_flat(run["recipe"]).replace(**_config_changes(args, resume=FREE))
     except (TypeError, ValueError) as e:
         raise UserError(f"{source} has an unusable run configuration ({type(e).__name__}: {e})") from None
-    if args.epochs is not None:
-        recipe = dataclasses.replace(recipe, epochs=args.epochs)
     data = DataChoice(
         dataset=str(run.get("dataset_arg") or run["dataset"]), data_dir=str(run.get("data_dir") or "data"),
         counts=tuple(run["counts"]) if run.get("counts") else None, seed=run["seed"], download=args.download,
@@ -441,20 +491,20 @@ def _recipe_from_flags(args: argparse.Namespace, dataset: str) -> Any:
     """``dataset``'s recipe for ``--preset`` with the recipe options given on the command line applied."""
     from dgc_pyro.experiment import default_recipe
 
-    base = default_recipe(dataset, args.preset)
-    overrides = {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "latent_dim": args.latent_dim,
-        "preset": args.preset, "likelihood": args.likelihood, "objective": args.objective,
-        "perturbation_rate": args.perturbation_rate, "perturbation_prior": args.perturbation_prior,
-        "lr_schedule": args.lr_schedule, "num_samples": args.num_samples,
-        "label_weight": args.label_weight, "obs_scale": args.obs_scale, "logit_adjustment": args.logit_adjustment,
-        "label_in_guide": None if args.guide is None else args.guide == "xy",
-        "select_best": None if args.keep is None else args.keep == "best",
-    }
-    recipe = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    if args.transform is not None:
-        recipe = dataclasses.replace(recipe, transform=transform_option(args.transform))
-    return recipe
+    _check_counts_given(args)
+    return default_recipe(dataset, args.preset).replace(**_config_changes(args))
+
+
+#: Options that count something: "must be at least 1" names the flag, before the recipe's own check.
+_COUNTING = ("epochs", "batch_size", "val_num_samples", "latent_dim", "devices")
+
+
+def _check_counts_given(args: argparse.Namespace) -> None:
+    for name in _COUNTING:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            flag = _SECOND_NAMES.get(name, "--" + name.replace("_", "-"))
+            raise UserError(f"{flag} must be at least 1")
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -476,15 +526,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         split = _load_split(run.data)
         run = dataclasses.replace(run, recipe=_recipe_from_flags(args, split.name))
     recipe, data, out = run.recipe, run.data, run.out
-    for key in ("epochs", "batch_size", "num_samples", "latent_dim"):
-        if getattr(recipe, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1")
     _set_threads(args.threads, split.input_shape, recipe.preset)
     if not 0.0 <= recipe.perturbation_rate <= 1.0:
         raise UserError(f"--perturbation-rate must be in [0, 1], got {recipe.perturbation_rate:g} (the paper's r: 0 turns "
                         "the perturbation step off, 1 repeats each class's latents up to the majority's count)")
-    if args.devices < 1:
-        raise UserError("--devices must be at least 1")
     from dgc_pyro.inference.distributed import is_rank_zero
 
     rank0 = is_rank_zero()  # under torchrun only rank 0 reports and writes the outputs
@@ -495,16 +540,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
         _notice_batch_size(recipe, split, data.seed)
     baseline = None if run.baseline == "none" else run.baseline
-    fit_options: dict[str, Any] = {"engine": args.engine}
-    if args.compile:
-        fit_options["compile"] = True
-    if args.devices != 1 or args.strategy:
-        fit_options.update(devices=args.devices, strategy=args.strategy)
     result = run_experiment(
         split, recipe, seed=data.seed, device=args.device, baseline=baseline if rank0 else None,
         out_dir=out if rank0 else None,
         progress=not args.no_progress and rank0, checkpoint_dir=Path(out) / "checkpoint", resume=resumed,
-        deterministic=args.deterministic, fit_options=fit_options,
         # An .npz path is saved absolute, so evaluate/augment/--resume find it from any working folder.
         data_config={"data_dir": data.data_dir, "counts": data.counts,
                      "dataset_arg": str(Path(data.dataset).resolve()) if data.dataset.endswith(".npz") else data.dataset},
@@ -607,6 +646,12 @@ def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
     return model, saved, split, data
 
 
+def _saved_num_samples(saved: dict[str, Any]) -> int:
+    """The latent draws of a checkpoint's recipe (``val_num_samples``; ``num_samples`` in older runs), else 10."""
+    recipe = saved.get("recipe") or {}
+    return recipe.get("val_num_samples", recipe.get("num_samples", 10))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dgc_pyro.experiment import evaluate_model
     from dgc_pyro.io import write_json
@@ -620,7 +665,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, saved, split, data = _checkpoint_and_split(args)
     _set_threads(args.threads, model.input_shape, model.preset)
     train_counts = np.asarray(saved.get("train_counts") or split.train_counts)
-    num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
+    num_samples = args.num_samples or _saved_num_samples(saved)
     seed = saved["seed"] if saved.get("seed") is not None else data.seed
     print(f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
           f"{num_samples} latent draws per class")
@@ -785,7 +830,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
                         "(fit it with dgc_pyro.inference.fit_ood_threshold and save the model again)")
     saved = check_run_config(meta.get("config", {}), args.checkpoint)
-    num_samples = args.num_samples or (saved.get("recipe") or {}).get("num_samples", 10)
+    num_samples = args.num_samples or _saved_num_samples(saved)
     seed_everything(args.seed)
     pred = predict(model, x, int(num_samples), balanced=model.has_class_prior, reject=args.reject,
                    progress=not args.no_progress)
@@ -827,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         argv = ["fit"]  # no arguments: the embedded digits default
     args = parser.parse_args(argv)
+    args.argv = tuple(argv)  # which flags were typed (fit --resume refuses the fixed ones by the name given)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

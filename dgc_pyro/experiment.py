@@ -20,8 +20,10 @@ import torch
 
 from dgc_pyro.baselines import BASELINE_REGISTRY, fit_baseline
 from dgc_pyro.checkpoint import save_model
+from dgc_pyro.config import ModelConfig, Recipe, TrainConfig, parse_overrides  # noqa: F401  (Recipe's home; re-exported)
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.inference.density import fit_ood_threshold
+from dgc_pyro.inference.callbacks import Checkpointing
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import write_json
@@ -30,100 +32,6 @@ from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import seed_everything
 
 METRIC_KEYS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Model and optimisation settings of one DGC run."""
-
-    epochs: int = 30
-    batch_size: int = 100
-    lr: float = 1e-3
-    latent_dim: int = 64
-    preset: str = "small"
-    likelihood: str = "normal"
-    obs_scale: float = 0.1
-    label_weight: float = 1.0
-    objective: str = "elbo"
-    perturbation_rate: float = 0.6
-    num_samples: int = 10
-    val_fraction: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    pretrain_steps: int = 0
-    #: tau of the logit-adjusted label likelihood (0: off); with it, evaluation predicts class-balanced.
-    logit_adjustment: float = 0.0
-    #: the paper's q(z | x, y) (True) or a label-free q(z | x), scored with the "latent" rule (False)
-    label_in_guide: bool = True
-    #: random training-time transform of every batch (None, "shift", "shift-flip"; dgc_pyro.data.transforms)
-    transform: str | None = None
-    #: class frequencies of the perturbation step's logit adjustment ("train" or "perturbed"; see fit)
-    perturbation_prior: str = "train"
-    #: learning-rate schedule ("constant" or "cosine"; dgc_pyro.inference.schedule)
-    lr_schedule: str = "constant"
-    #: keep the weights of the epoch with the best validation ACSA (True) or those of the last epoch (False); the
-    #: validation split is carved either way, so the two differ only in which weights are kept
-    select_best: bool = True
-    #: the model has the pixel site p(x | z) (True, DGC) or not (False: the "vib" control, a label-free guide
-    #: with the label likelihood only; see DGC's ``observe_x``)
-    observe_x: bool = True
-    #: deferred re-balancing (DRW): the perturbation step only from epoch ceil(perturbation_start * epochs) + 1 on
-    perturbation_start: float = 0.0
-    #: classifier re-training (cRT): the last this many epochs train p(y | z) alone on class-balanced q(z | x) draws
-    retrain_head_epochs: int = 0
-    #: spread of the perturbation step's re-drawn tail latents: q's own sigma ("own") or the head classes' ("head")
-    perturbation_noise: str = "own"
-    #: the latent prior ("standard": N(0, I) with a label head; "class_conditional": p(z | y) = N(mu_y, Sigma), scored
-    #: by Bayes' rule; it needs label_in_guide=False and perturbation_rate=0, see DGC's ``latent_prior``)
-    latent_prior: str = "standard"
-    #: the class-conditional prior's diagonal covariance, "shared" or "per_class"
-    covariance: str = "shared"
-    #: k of the class-conditional prior's shrinkage n_c / (n_c + k) toward the pooled class (0: off)
-    shrinkage: float = 10.0
-
-    def fit_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~dgc_pyro.inference.fit` that this recipe sets (the caller adds
-        the data, device, seed and validation settings)."""
-        return {
-            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "objective": self.objective,
-            "val_fraction": self.val_fraction, "perturbation_rate": self.perturbation_rate, "betas": tuple(self.betas),
-            "pretrain_steps": self.pretrain_steps, "transform": self.transform, "perturbation_prior": self.perturbation_prior,
-            "lr_schedule": self.lr_schedule, "select_best": self.select_best,
-            "perturbation_start": self.perturbation_start, "retrain_head_epochs": self.retrain_head_epochs,
-            "perturbation_noise": self.perturbation_noise,
-        }
-
-    def baseline_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~dgc_pyro.baselines.fit_baseline` that a baseline run beside this
-        recipe shares with it: the backbone preset and the training protocol (the caller sets ``lr``)."""
-        return {
-            "preset": self.preset, "epochs": self.epochs, "batch_size": self.batch_size,
-            "val_fraction": self.val_fraction, "transform": self.transform, "lr_schedule": self.lr_schedule,
-            "select_best": self.select_best,
-        }
-
-    @property
-    def balanced(self) -> bool:
-        """Whether evaluation uses ``predict(..., balanced=True)`` (with the logit-adjusted likelihood)."""
-        return self.logit_adjustment > 0
-
-    def build_model(self, input_shape: tuple[int, ...], num_classes: int, train_counts: np.ndarray | None = None) -> DGC:
-        """The DGC this recipe describes; ``train_counts`` sets the class prior of a logit-adjusted recipe."""
-        prior = None
-        if self.logit_adjustment > 0:
-            if train_counts is None:
-                raise ValueError("a recipe with logit_adjustment > 0 needs the training class counts")
-            prior = np.asarray(train_counts, dtype=np.float64)
-        counts = None
-        if self.latent_prior != "standard":  # the shrinkage weights n_c / (n_c + k) need the counts
-            if train_counts is None and self.shrinkage > 0:
-                raise ValueError("a recipe with latent_prior='class_conditional' and shrinkage > 0 needs the training "
-                                 "class counts")
-            counts = train_counts
-        prior_options = {"latent_prior": self.latent_prior, "covariance": self.covariance, "shrinkage": self.shrinkage,
-                         "class_counts": counts}
-        return DGC(input_shape, num_classes, latent_dim=self.latent_dim, preset=self.preset, likelihood=self.likelihood,
-                   obs_scale=self.obs_scale, label_weight=self.label_weight, label_in_guide=self.label_in_guide,
-                   class_prior=prior, logit_adjustment=self.logit_adjustment, observe_x=self.observe_x, **prior_options)
 
 
 # Defaults per dataset: the embedded digits default must finish in well under a minute on 2 CPU cores. Chosen on
@@ -201,40 +109,9 @@ def default_recipe(dataset: str | None = None, preset: str | None = None, *,
 
 
 def recipe_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Parse ``FIELD=VALUE`` strings into :class:`Recipe` changes, each value converted to its field's type.
-
-    ``none`` gives None where the field's default is None; booleans take true/false/1/0; a tuple field
-    takes comma-separated numbers. Unknown fields and unconvertible values raise ValueError naming them.
-    """
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    changes: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name, text = name.strip(), text.strip()
-        if not sep or not name:
-            raise ValueError(f"recipe override {item!r} is not FIELD=VALUE")
-        if name not in fields:
-            raise ValueError(f"recipe override {item!r}: no field {name!r}; fields: {', '.join(fields)}")
-        default = fields[name].default
-        try:
-            if default is None:
-                value: Any = None if text.lower() == "none" else text
-            elif isinstance(default, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                value = text.lower() in ("true", "1")
-            elif isinstance(default, tuple):
-                value = tuple(float(v) for v in text.split(","))
-                if len(value) != len(default):
-                    raise ValueError(f"expected {len(default)} comma-separated numbers")
-            else:
-                value = type(default)(text)
-        except ValueError as err:
-            raise ValueError(f"recipe override {item!r}: {err}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"recipe override {item!r}: the value must be finite")
-        changes[name] = value
-    return changes
+    """Parse ``FIELD=VALUE`` strings into flat :class:`Recipe` changes (:func:`dgc_pyro.config.parse_overrides`:
+    each value converted as its field's CLI flag converts it; unknown fields and bad values raise ValueError)."""
+    return parse_overrides(items)
 
 
 @dataclass
@@ -261,25 +138,26 @@ def train(
 ) -> Trained:
     """Fit the DGC that ``recipe`` describes on ``split``'s training data: seed everything with ``seed`` (the
     initial weights are part of what it fixes), build ``recipe.build_model(...)`` for the split, and
-    :func:`~dgc_pyro.inference.fit` it with ``recipe.fit_options()``.
+    :func:`~dgc_pyro.inference.fit` it with ``recipe.train``.
 
-    ``val_num_samples`` (default: the recipe's ``num_samples``) are the latent draws of the validation score;
-    ``on_build(model)`` is called with the model before it is fitted (e.g. to hand it to a ``callback``); further
-    keyword arguments go to ``fit`` (``engine``, ``callback``, ``checkpoint_dir``, ``resume``, ``deterministic``,
-    ``devices``, ...), except those the recipe sets: change the recipe for those (``dataclasses.replace``).
+    ``val_num_samples`` (default: the recipe's) are the latent draws of the validation score; ``on_build(model)`` is
+    called with the model before it is fitted (e.g. to hand it to a ``callback``); further keyword arguments go to
+    ``fit``: how the run executes (the ``role="run"`` options: ``engine``, ``deterministic``, ``devices``, ...) and
+    its other arguments (``callbacks``, ``resume``, ``checkpoint_dir``, ``callback``, ...), but not what the recipe
+    sets: change the recipe for those (``dataclasses.replace``).
     """
-    from_recipe = recipe.fit_options()
-    clash = sorted(set(fit_options) & set(from_recipe))
+    clash = [name for name in fit_options if name in recipe.fit_options()]
     if clash:
         raise ValueError(f"train: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the recipe; pass "
                          f"dataclasses.replace(recipe, {clash[0]}=...) instead")
+    config = recipe.train if val_num_samples is None else recipe.train.replace(val_num_samples=val_num_samples)
     seed_everything(seed)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     if on_build is not None:
         on_build(model)
     t0 = time.perf_counter()
-    history = fit(model, split.x_train, split.y_train, **from_recipe, device=device, seed=seed, progress=progress,
-                  val_num_samples=recipe.num_samples if val_num_samples is None else val_num_samples, **fit_options)
+    history = fit(model, split.x_train, split.y_train, config, device=device, seed=seed, progress=progress,
+                  **fit_options)
     return Trained(model, history, recipe, seed, time.perf_counter() - t0)
 
 
@@ -369,12 +247,13 @@ def run_experiment(
     """
     if baseline is not None and baseline not in BASELINE_REGISTRY:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINE_REGISTRY.names())} or none")
+    metadata = {"run": {"dataset": split.name, "seed": seed, "recipe": recipe.to_dict(), "baseline": baseline,
+                        **(data_config or {})}}
+    checkpointing = Checkpointing(checkpoint_dir, metadata=metadata) if checkpoint_dir is not None else None
     trained = train(
-        recipe, split, seed, device=device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
-        deterministic=deterministic, **(fit_options or {}),
-        checkpoint_metadata={"run": {
-            "dataset": split.name, "seed": seed, "recipe": recipe.__dict__, "baseline": baseline, **(data_config or {}),
-        }},
+        recipe, split, seed, device=device, progress=progress, resume=bool(resume),
+        callbacks=(checkpointing,) if checkpointing else (), **({"deterministic": True} if deterministic else {}),
+        **(fit_options or {}),
     )
     model, history = trained.model, trained.history
     t1 = time.perf_counter()
@@ -400,7 +279,7 @@ def run_experiment(
         "device": history.config.get("device"),
         "train_counts": split.train_counts.tolist(),
         "test_size": int(len(split.y_test)),
-        "recipe": recipe.__dict__,
+        "recipe": recipe.to_dict(),
         "baseline": baseline,
         **(data_config or {}),
     }

@@ -32,8 +32,7 @@ def test_train_is_the_sequence_it_replaces(small):
     split, recipe = small
     seed_everything(5)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
-    history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device="cpu", seed=5, progress=False,
-                  val_num_samples=recipe.num_samples)
+    history = fit(model, split.x_train, split.y_train, **recipe.fit_options(), device="cpu", seed=5, progress=False)
     trained = train(recipe, split, 5, device="cpu", progress=False)
     assert isinstance(trained, Trained) and trained.recipe is recipe and trained.seed == 5 and trained.seconds > 0
     assert _losses(trained.history) == _losses(history) and trained.history.best_epoch == history.best_epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from dgc_pyro.checkpoint import load_training_state, save_training_state, training_state_path
+from dgc_pyro.config import TrainConfig
 from dgc_pyro.experiment import Recipe, recipe_overrides
 from dgc_pyro.inference import fit
 from dgc_pyro.inference.perturbation import perturbation_loss, perturbation_offset, repeat_counts
@@ -119,7 +121,8 @@ def test_a_checkpoint_written_before_the_option_resumes_with_the_training_prior(
 def test_recipe_fit_options_are_fit_arguments_and_follow_the_recipe():
     recipe = Recipe(perturbation_prior="perturbed", transform="shift", betas=(0.5, 0.999))
     options = recipe.fit_options()
-    assert set(options) <= set(inspect.signature(fit).parameters)
+    # fit takes its options as TrainConfig fields (fit(model, x, y, config, **options))
+    assert set(options) <= set(inspect.signature(fit).parameters) | {f.name for f in dataclasses.fields(TrainConfig)}
     assert options["perturbation_prior"] == "perturbed" and options["transform"] == "shift"
     assert options["betas"] == (0.5, 0.999) and options["epochs"] == recipe.epochs
 

@@ -34,16 +34,6 @@ PAPER_COUNTS: dict[str, tuple[int, ...]] = {
 DIGITS_COUNTS: tuple[int, ...] = (120, 90, 70, 52, 40, 30, 22, 17, 13, 10)
 
 
-def __getattr__(name: str) -> Any:
-    # default_counts is a property of a dataset's registry entry now (dgc_pyro.data.sources, which imports this
-    # module); the old import path keeps working without an import-time circle.
-    if name == "default_counts":
-        from .sources import default_counts
-
-        return default_counts
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _counts_to_dict(counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]:
     if isinstance(counts, Mapping):
         items = list(counts.items())

@@ -1,5 +1,6 @@
 """Objectives, SVI training, prediction and augmentation for DGC."""
 
+from dgc_pyro.config import TrainConfig
 from dgc_pyro.inference.augment import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.inference.density import OODDetector, fit_ood_threshold
 from dgc_pyro.device import resolve_device
@@ -18,6 +19,7 @@ from dgc_pyro.inference.swag import SwagCollector, SwagHead
 
 __all__ = [
     "fit",
+    "TrainConfig",
     "History",
     "ENGINES",
     "make_step",

@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
+from dgc_pyro.arguments import check_positive
 from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.checkpoint import TrainingState
 from dgc_pyro.inference.divergence import (
@@ -185,11 +186,24 @@ class ProgressBar(Callback):
 
 
 class Checkpointing(Callback):
-    """Write the training state every ``every`` epochs, after the last epoch and when the fit stops early
-    (nothing without a checkpoint path)."""
+    """Write the training state into ``folder`` (``training_state.safetensors``) every ``every`` epochs, after the
+    last epoch, when the fit stops early, and (with :class:`InterruptHandler` and :class:`DivergenceGuard`) when it
+    is interrupted or diverges: the last good state.
 
-    def __init__(self, every: int = 1) -> None:
+    ``metadata``: a JSON-able dict stored in the checkpoint (``dgc-pyro fit`` keeps its run configuration there); a
+    resumed fit keeps the saved one when it is None. Without a ``folder`` a fit resumed from a file writes back to
+    that file, and other fits write nothing. ``fit`` finds this callback among its ``callbacks`` (at most one), as
+    Lightning's ``ModelCheckpoint``; ``fit(checkpoint_dir=..., checkpoint_every=...)`` is the old spelling.
+    """
+
+    def __init__(self, folder: str | Path | None = None, every: int = 1,
+                 metadata: Mapping[str, Any] | None = None) -> None:
+        check_positive("checkpoint_every", every, integer=True)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError(f"checkpoint_metadata must be a dict, got {type(metadata).__name__}")
+        self.folder = None if folder is None else Path(folder)
         self.every = every
+        self.metadata = metadata
 
     def on_state(self, trainer: Trainer, state: TrainingState) -> None:
         if trainer.state.ckpt_path is None:
@@ -338,18 +352,27 @@ class DivergenceGuard(Callback):
         ) from error
 
 
-def default_callbacks(*, progress: bool, select_best: bool, check_every: int | None, checkpoint_every: int,
+def checkpointing_of(callbacks: Sequence[Any]) -> Checkpointing:
+    """The :class:`Checkpointing` among ``callbacks`` (a default one, writing nowhere, when there is none)."""
+    found = [c for c in callbacks if isinstance(c, Checkpointing)]
+    if len(found) > 1:
+        raise ValueError(f"callbacks holds {len(found)} Checkpointing callbacks; a fit writes one checkpoint: pass one")
+    return found[0] if found else Checkpointing()
+
+
+def default_callbacks(*, progress: bool, select_best: bool, check_every: int | None,
                       callback: Callable[[int, dict[str, float]], None] | None = None,
-                      user: tuple[Any, ...] = ()) -> list[Any]:
+                      user: Sequence[Any] = ()) -> list[Any]:
     """The callbacks of a fit in the order they run: the divergence guard first (its exception handler diagnoses a
     failed step before anything else sees it), model selection, the chance warning, progress, ``callback``, the
-    user's, then the interrupt handler and the checkpoint writer."""
+    user's, then the interrupt handler and the checkpoint writer (the user's :class:`Checkpointing`, moved last, so
+    that it writes what every other callback did in the epoch)."""
     callbacks: list[Any] = [DivergenceGuard(check_every)]
     if select_best:
         callbacks.append(BestOnValidation())
     callbacks += [ChanceWarning(), ProgressBar(progress)]
     if callback is not None:
         callbacks.append(EpochFunction(callback))
-    callbacks += list(user)
-    callbacks += [InterruptHandler(), Checkpointing(checkpoint_every)]
+    callbacks += [c for c in user if not isinstance(c, Checkpointing)]
+    callbacks += [InterruptHandler(), checkpointing_of(user)]
     return callbacks

@@ -15,45 +15,21 @@ Both are functions of the epoch number alone, so a fit stopped before or inside 
 
 from __future__ import annotations
 
-import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dgc_pyro.arguments import check_fraction, check_non_negative
+from dgc_pyro.config import check_deferred, first_perturbation_epoch  # their home: the configuration
 from dgc_pyro.models.dgc import DGC
 
 __all__ = ["HeadStep", "balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from",
            "make_head_step"]
 
 
-def first_perturbation_epoch(perturbation_start: float, epochs: int) -> int:
-    """The first (1-based) epoch that runs the perturbation step: ``ceil(perturbation_start * epochs) + 1``."""
-    return math.ceil(perturbation_start * epochs) + 1
-
-
 def head_epochs_from(retrain_head_epochs: int, epochs: int) -> int | None:
     """The first epoch of the head re-training stage, or None when there is none."""
     return epochs - retrain_head_epochs + 1 if retrain_head_epochs else None
-
-
-def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: int, perturbation_rate: float) -> None:
-    """Raise ValueError naming the problem unless the deferred stages fit into ``epochs``.
-
-    ``epochs`` must already be checked (a positive integer).
-    """
-    check_fraction("perturbation_start", perturbation_start)
-    check_non_negative("retrain_head_epochs", retrain_head_epochs, integer=True)
-    if retrain_head_epochs >= epochs:
-        raise ValueError(f"retrain_head_epochs={retrain_head_epochs} leaves no epoch of the main fit "
-                         f"(epochs={epochs}); it must be smaller than epochs")
-    last = epochs - retrain_head_epochs  # the last epoch of the main steps
-    first = first_perturbation_epoch(perturbation_start, epochs)
-    if perturbation_start > 0 and perturbation_rate > 0 and first > last:
-        raise ValueError(f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, "
-                         f"after the last epoch of the main steps ({last} of {epochs}): it would never run")
 
 
 def balanced_order(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dgc_pyro.config import STRATEGIES, TrainConfig
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.dist_context import DistContext, check_engine
@@ -64,7 +65,6 @@ __all__ = [
     "launched_by_torchrun",
 ]
 
-STRATEGIES = ("ddp",)
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _TIMEOUT = timedelta(minutes=30)
 
@@ -104,20 +104,18 @@ def _local_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def fit_distributed(model: Any, x: Any, y: Any, *, devices: int, strategy: str | None = "ddp",
-                    **fit_kwargs: Any) -> History:
-    """Data-parallel :func:`~dgc_pyro.inference.fit.fit` over ``devices`` processes (see the module docs).
+def fit_distributed(model: Any, x: Any, y: Any, config: TrainConfig, **fit_kwargs: Any) -> History:
+    """Data-parallel :func:`~dgc_pyro.inference.fit.fit` over ``config.devices`` processes (see the module docs).
 
-    Takes the keyword arguments of ``fit``. Returns rank 0's :class:`~dgc_pyro.inference.fit.History`
-    with ``history.model`` the caller's ``model``, which holds the fitted weights.
+    Takes the keyword arguments of :func:`~dgc_pyro.inference.training.train`. Returns rank 0's
+    :class:`~dgc_pyro.inference.fit.History` with ``history.model`` the caller's ``model``, which holds the fitted
+    weights.
     """
-    strategy = "ddp" if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices must be a positive integer, got {devices!r}")
-    fit_kwargs["engine"] = fit_kwargs.get("engine") or "torch"  # fit's default (None) is "torch" here
-    check_engine(fit_kwargs["engine"])
+    # fit's default engine (None) is "torch" here, and the strategy (None) ddp; TrainConfig checked both names.
+    config = config.replace(engine=config.engine or "torch", strategy=config.strategy or STRATEGIES[0])
+    devices = config.devices
+    check_engine(config.engine)
+    fit_kwargs["config"] = config
     if not dist.is_available():
         raise ValueError("torch.distributed is not available in this PyTorch build")
     device_type, backend = _device_plan(fit_kwargs.get("device", "auto"), devices)

@@ -47,12 +47,11 @@ from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.dist_context import DistContext, GlobalNoise, check_engine
 from dgc_pyro.inference.objectives import Objective
+from dgc_pyro.config import ENGINES, check_choice  # the names live with the option
 from dgc_pyro.inference.perturbation import PerturbationStep, guide_normal_params
 from dgc_pyro.inference.traced_elbo import TracedELBO, traced_elbo_kind
 from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC
-
-ENGINES = ("torch", "graph", "svi")
 
 __all__ = ["ENGINES", "GraphStep", "Step", "SviStep", "TorchStep", "TracedELBO", "adam_kernel", "compile_networks",
            "make_step", "traced_elbo_kind"]
@@ -290,8 +289,7 @@ def make_step(
     ``dist``: this rank's data-parallel context (:mod:`dgc_pyro.inference.distributed` passes it); None in a
     single-process fit.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_choice("engine", engine, ENGINES)
     if dist is not None:
         check_engine(engine)
         if borrow_from is not None:  # the head classes' spread would be one shard's, not the global batch's

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+# PERTURBATION_PRIORS (which class frequencies the step's logit adjustment follows) and PERTURBATION_NOISES (whose
+# spread the re-drawn tail latents get) live with their options in the configuration.
+from dgc_pyro.config import PERTURBATION_NOISES, PERTURBATION_PRIORS, check_choice
 from dgc_pyro.models.dgc import DGC, unwrap_normal
 
-#: Which class frequencies the perturbation step's logit adjustment follows (see the module docs).
-PERTURBATION_PRIORS = ("train", "perturbed")
-#: Whose spread the perturbation step's re-drawn tail latents get: q's own sigma or the head classes' (module docs).
-PERTURBATION_NOISES = ("own", "head")
 
 
 def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch.Tensor:
@@ -45,14 +44,12 @@ def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch
 
 def check_perturbation_prior(prior: str) -> None:
     """Raise ValueError naming ``prior`` unless it is one of :data:`PERTURBATION_PRIORS`."""
-    if prior not in PERTURBATION_PRIORS:
-        raise ValueError(f"perturbation_prior must be one of {PERTURBATION_PRIORS}, got {prior!r}")
+    check_choice("perturbation_prior", prior, PERTURBATION_PRIORS)
 
 
 def check_perturbation_noise(noise: str) -> None:
     """Raise ValueError naming ``noise`` unless it is one of :data:`PERTURBATION_NOISES`."""
-    if noise not in PERTURBATION_NOISES:
-        raise ValueError(f"perturbation_noise must be one of {PERTURBATION_NOISES}, got {noise!r}")
+    check_choice("perturbation_noise", noise, PERTURBATION_NOISES)
 
 
 def head_classes(reps_per_class: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 :func:`~dgc_pyro.inference.fit` snapshots its state after every epoch (:func:`copy_tree`,
 :func:`optimizer_state`) and puts a snapshot back when it resumes or recovers from a divergence
 (:func:`load_optimizer_state`). Before resuming, :func:`check_resumable` refuses a checkpoint written for
-another model, other settings (only ``epochs`` may change) or other data (:func:`data_fingerprint`). The file
+another model, other settings (the options marked ``resume="fixed"`` in :mod:`dgc_pyro.config`) or other data (:func:`data_fingerprint`). The file
 format itself is :mod:`dgc_pyro.checkpoint`'s.
 """
 
@@ -16,11 +16,12 @@ import pyro.optim
 import torch
 
 from dgc_pyro.checkpoint import TrainingState, check_state_matches
+from dgc_pyro.config import resume_differences
 from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.models.dgc import DGC
 
 __all__ = [
-    "RESUME_DEFAULTS", "check_resumable", "copy_tree", "data_fingerprint", "load_optimizer_state", "optimizer_state",
+    "check_resumable", "copy_tree", "data_fingerprint", "load_optimizer_state", "optimizer_state",
 ]
 
 
@@ -108,12 +109,6 @@ def load_optimizer_state(opt: Any, saved: Any, model: DGC) -> None:
         raise TypeError(f"cannot restore an optimiser of type {type(opt).__name__}")
 
 
-#: Fit settings added after checkpoints existed: a checkpoint that lacks one was written with this value.
-RESUME_DEFAULTS: dict[str, Any] = {"perturbation_prior": "train", "lr_schedule": "constant", "schedule_epochs": None,
-                                   "warmup_steps": 0, "perturbation_start": 0.0, "retrain_head_epochs": 0,
-                                   "perturbation_noise": "own", "deferred_epochs": None}
-#: Engines that run the same step on the same optimiser state: a checkpoint of one resumes with the other.
-_SAME_STEP = {"graph": "torch"}
 #: Model options added after checkpoints existed: a checkpoint's model config that lacks one had this value.
 MODEL_CONFIG_DEFAULTS: dict[str, Any] = {"observe_x": True}
 
@@ -132,15 +127,12 @@ def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[
     check_state_matches(model, saved.model, source)
     if saved.best_model is not None:
         check_state_matches(model, saved.best_model, f"{source} (best model)")
-    saved_config = {**RESUME_DEFAULTS, **saved.config}
-    saved_config["engine"] = _SAME_STEP.get(saved_config.get("engine"), saved_config.get("engine"))
-    config = {**config, "engine": _SAME_STEP.get(config.get("engine"), config.get("engine"))}
-    diff = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+    # One comparison of the saved settings against the requested ones, over the options marked fixed.
+    diff = resume_differences(saved.config, config)
     if diff:
         raise CheckpointError(
             f"cannot resume from {source}: it was written by a fit with different settings ("
-            + ", ".join(f"{k}={saved_config.get(k)!r} in the checkpoint, {config.get(k)!r} now" for k in diff)
-            + "); pass the same settings (only epochs may change)"
+            + ", ".join(diff) + "); pass the same settings (only epochs may change)"
         )
     if saved.fingerprint != fingerprint:
         raise CheckpointError(

@@ -25,13 +25,12 @@ from typing import Any, Iterable
 import pyro.optim
 import torch
 
-LR_SCHEDULES = ("constant", "cosine")
+from dgc_pyro.config import LR_SCHEDULES, check_choice  # the names live with the option
 
 
 def check_lr_schedule(name: Any) -> str:
     """``name`` if it is one of :data:`LR_SCHEDULES`; a ValueError naming the choices otherwise."""
-    if not isinstance(name, str) or name not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    check_choice("lr_schedule", name, LR_SCHEDULES)
     return name
 
 

@@ -108,27 +108,13 @@ class DGC(PyroModule):
         input_shape = tuple(int(s) for s in input_shape)
         if not _is_int(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if not _is_int(latent_dim) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        for name, value in (("obs_scale", obs_scale), ("label_weight", label_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(value) or not value > 0:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if isinstance(logit_adjustment, bool) or not isinstance(logit_adjustment, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(logit_adjustment) or logit_adjustment < 0:
-            raise ValueError(f"logit_adjustment must be a finite number >= 0, got {logit_adjustment!r}")
+        check_model_options(latent_dim=latent_dim, preset=preset, likelihood=likelihood, obs_scale=obs_scale,
+                            label_weight=label_weight, logit_adjustment=logit_adjustment,
+                            label_in_guide=label_in_guide, observe_x=observe_x, latent_prior=latent_prior,
+                            covariance=covariance, shrinkage=shrinkage)
         prior = _check_class_prior(class_prior, int(num_classes)) if class_prior is not None else None
-        if not isinstance(observe_x, (bool, np.bool_)):
-            raise ValueError(f"observe_x must be True or False, got {observe_x!r}")
-        if not observe_x and label_in_guide:
-            raise ValueError("observe_x=False needs label_in_guide=False: a label-conditioned guide is scored by "
-                             "weighing its draws with p(x | z), which a model without the x site lacks")
         counts = _check_latent_prior(latent_prior, covariance, shrinkage, class_counts, int(num_classes),
                                      label_in_guide, observe_x)
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
         self.input_shape = input_shape
         self.num_classes = int(num_classes)
         self.latent_dim = int(latent_dim)
@@ -394,6 +380,34 @@ class DGC(PyroModule):
         )
 
 
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_model_options(*, latent_dim: Any, preset: Any, likelihood: Any, obs_scale: Any, label_weight: Any,
+                        logit_adjustment: Any, label_in_guide: Any, observe_x: Any, latent_prior: Any,
+                        covariance: Any, shrinkage: Any) -> None:
+    """Raise ValueError naming the first bad option of a :class:`DGC` that does not depend on the data (the checks
+    of ``DGC(...)`` and of :class:`dgc_pyro.config.ModelConfig`, in one place)."""
+    if not _is_int(latent_dim) or latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+    for name, value in (("obs_scale", obs_scale), ("label_weight", label_weight)):
+        if not _is_number(value) or not math.isfinite(value) or not value > 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not _is_number(logit_adjustment) or not math.isfinite(logit_adjustment) or logit_adjustment < 0:
+        raise ValueError(f"logit_adjustment must be a finite number >= 0, got {logit_adjustment!r}")
+    if not isinstance(observe_x, (bool, np.bool_)):
+        raise ValueError(f"observe_x must be True or False, got {observe_x!r}")
+    if not observe_x and label_in_guide:
+        raise ValueError("observe_x=False needs label_in_guide=False: a label-conditioned guide is scored by "
+                         "weighing its draws with p(x | z), which a model without the x site lacks")
+    _check_latent_prior(latent_prior, covariance, shrinkage, None, 2, label_in_guide, observe_x, need_counts=False)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
+
 def _check_class_prior(prior: Any, num_classes: int) -> list[float]:
     """Normalised class frequencies as a list; rejects wrong lengths and non-positive or non-finite entries."""
     values = np.asarray(prior.detach().cpu() if torch.is_tensor(prior) else prior, dtype=np.float64).reshape(-1)
@@ -405,7 +419,7 @@ def _check_class_prior(prior: Any, num_classes: int) -> list[float]:
 
 
 def _check_latent_prior(latent_prior: Any, covariance: Any, shrinkage: Any, class_counts: Any, num_classes: int,
-                        label_in_guide: Any, observe_x: Any) -> list[float] | None:
+                        label_in_guide: Any, observe_x: Any, *, need_counts: bool = True) -> list[float] | None:
     """Validate the latent-prior options; returns the class counts as a list (None without them)."""
     if latent_prior not in LATENT_PRIORS:
         raise ValueError(f"latent_prior must be one of {LATENT_PRIORS}, got {latent_prior!r}")
@@ -432,7 +446,7 @@ def _check_latent_prior(latent_prior: Any, covariance: Any, shrinkage: Any, clas
         if not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("class_counts entries must be positive and finite")
         counts = values.tolist()
-    if shrinkage > 0 and counts is None:
+    if need_counts and shrinkage > 0 and counts is None:
         raise ValueError(f"shrinkage={shrinkage} needs class_counts (the n_c of n_c / (n_c + k)); pass the training "
                          "class counts, or shrinkage=0")
     return counts
