@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
     _add_data_args(e, "evaluate")
     e.add_argument("--out", default=None, help="write metrics.json here (default: print only)")
+    _add_rule_arg(e)
 
     a = sub.add_parser("augment", help="generate synthetic minority examples with a saved model")
     a.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
@@ -652,6 +653,21 @@ def _saved_num_samples(saved: dict[str, Any]) -> int:
     return recipe.get("val_num_samples", recipe.get("num_samples", 10))
 
 
+def _add_rule_arg(p: argparse.ArgumentParser) -> None:
+    from dgc_pyro.inference.predict import SCORING_RULE_REGISTRY
+
+    p.add_argument("--rule", choices=SCORING_RULE_REGISTRY.names(), default=None,
+                   help="scoring rule of the class posterior (default: the model's own; dgc_pyro.inference.predict)")
+
+
+def _check_rule(model: Any, rule: str | None, checkpoint: str) -> None:
+    """Refuse, in one line, a --rule the checkpoint's model cannot be scored with (before the long prediction)."""
+    from dgc_pyro.inference.predict import scoring_rules_for
+
+    if rule is not None and rule not in (ok := scoring_rules_for(model)):
+        raise UserError(f"--rule {rule} does not apply to the model in {checkpoint}; it takes {', '.join(ok)}")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dgc_pyro.experiment import evaluate_model
     from dgc_pyro.io import write_json
@@ -670,8 +686,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
           f"{num_samples} latent draws per class")
     t0 = time.perf_counter()
+    _check_rule(model, args.rule, args.checkpoint)
     report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, rule=args.rule)
     evaluated = time.perf_counter() - t0
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
     print(_ood_flag_line(model, report))
@@ -793,6 +810,7 @@ def _add_predict_parser(sub: Any) -> None:
     p.add_argument("--reject", choices=("entropy", "density", "both"), default=None,
                    help="also write the reject option's mask (entropy: above the held-out entropy quantile; density: "
                         "the OOD flag; both: either)")
+    _add_rule_arg(p)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--seed", type=_seed_arg, default=0, help="seed of the latent draws")
     p.add_argument("--no-progress", action="store_true")
@@ -806,14 +824,11 @@ def _read_predict_input(path: Path) -> np.ndarray:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import csv
-    import io as text_io
-
     from dgc_pyro.checkpoint import check_run_config, load_model
     from dgc_pyro.data.validation import check_features
     from dgc_pyro.inference.device import resolve_device
+    from dgc_pyro.inference.export import prediction_columns, write_predictions
     from dgc_pyro.inference.predict import predict
-    from dgc_pyro.io import atomic_write_bytes, atomic_write_text
     from dgc_pyro.reproducibility import seed_everything
 
     if args.num_samples is not None and args.num_samples < 1:
@@ -832,36 +847,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     saved = check_run_config(meta.get("config", {}), args.checkpoint)
     num_samples = args.num_samples or _saved_num_samples(saved)
     seed_everything(args.seed)
+    _check_rule(model, args.rule, args.checkpoint)
     pred = predict(model, x, int(num_samples), balanced=model.has_class_prior, reject=args.reject,
-                   progress=not args.no_progress)
-    columns: dict[str, np.ndarray] = {
-        "label": pred.labels, "entropy": pred.entropy, "mutual_information": pred.mutual_information,
-        "expected_entropy": pred.expected_entropy, "log_density": pred.log_density,
-    }
-    if pred.ood is not None:
-        columns.update(ood_score=pred.ood_score, ood=pred.ood)
-    if pred.rejected is not None:
-        columns["rejected"] = pred.rejected
-    columns = {k: v.detach().cpu().numpy() for k, v in columns.items()}
-    proba = pred.proba.detach().cpu().numpy()
+                   progress=not args.no_progress, rule=args.rule)
     names = [str(n) for n in meta.get("class_names") or range(model.num_classes)]
-    # Everything is computed before anything is written; each file is written atomically.
-    buf = text_io.BytesIO()
-    np.savez_compressed(buf, proba=proba, class_names=np.array(names), **columns)
-    table = text_io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["index", *columns, *(f"p_{name}" for name in names)])
-    for i in range(len(proba)):
-        row = [columns[k][i] for k in columns]
-        writer.writerow([i, *(int(v) if isinstance(v, (np.bool_, np.integer)) else f"{v:.6g}" for v in row),
-                         *(f"{p:.6g}" for p in proba[i])])
-    out = Path(args.out)
-    atomic_write_bytes(out / "predictions.npz", buf.getvalue())
-    atomic_write_text(out / "predictions.csv", table.getvalue())
+    npz_path, csv_path = write_predictions(pred, args.out, names)  # computed first, each file written atomically
+    columns = prediction_columns(pred)
     flagged = f", {int(columns['ood'].sum())} flagged out of distribution" if "ood" in columns else \
         " (no OOD flag in this checkpoint)"
     rejected = f", {int(columns['rejected'].sum())} rejected ({args.reject})" if "rejected" in columns else ""
-    print(f"predicted {len(proba)} examples{flagged}{rejected}; wrote {out / 'predictions.npz'} and {out / 'predictions.csv'}")
+    print(f"predicted {len(pred.labels)} examples{flagged}{rejected}; wrote {npz_path} and {csv_path}")
     return 0
 
 

@@ -185,15 +185,16 @@ class ExperimentResult:
 
 def evaluate_model(
     model: DGC, x: torch.Tensor, y: torch.Tensor, train_counts: np.ndarray, num_samples: int = 10, seed: int = 0,
-    balanced: bool | None = None, progress: bool = False,
+    balanced: bool | None = None, progress: bool = False, rule: str | None = None,
 ) -> tuple[dict[str, float], Prediction]:
     """Imbalance metrics (and ECE) of ``model`` on ``(x, y)``; the latent draws are seeded, so a reloaded
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
-    carries a class prior) and ``progress`` (a bar on stderr) are passed to :func:`predict`."""
+    carries a class prior), ``rule`` (default: the model's) and ``progress`` (a bar on stderr) are passed to
+    :func:`predict`."""
     seed_everything(seed)
     # A model without the x site (observe_x=False) has no density score, hence no OOD flag.
     pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced,
-                   density=model.observe_x, progress=progress)
+                   density=model.observe_x, progress=progress, rule=rule)
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
     if pred.ood is not None:  # the calibrated OOD flag's rate on these (in-distribution) examples

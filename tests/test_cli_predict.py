@@ -82,3 +82,42 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, case, m
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (out / "predictions.npz").exists() and not (out / "predictions.csv").exists()
+
+
+def test_rule_chooses_the_scoring_rule_and_a_rule_the_model_lacks_is_one_line(run, images, tmp_path, capsys):
+    """--rule reaches predict (the default digits model scores with 'latent'; 'mixture' gives other probabilities),
+    and the class-conditional 'bayes' rule is refused before any prediction for a model without class Gaussians."""
+    np.savez(tmp_path / "new.npz", x=images)
+    probas = {}
+    for rule in ("latent", "mixture"):
+        out = tmp_path / rule
+        assert main(["predict", "--checkpoint", str(run), "--input", str(tmp_path / "new.npz"), "--out", str(out),
+                     "--rule", rule, "--no-progress"]) == 0
+        with np.load(out / "predictions.npz") as z:
+            probas[rule] = z["proba"]
+    assert not np.allclose(probas["latent"], probas["mixture"])
+    capsys.readouterr()
+    code = main(["evaluate", "--checkpoint", str(run / "model.safetensors"), "--rule", "bayes", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rule bayes does not apply" in err and len(err.strip().splitlines()) == 1
+
+
+def test_write_predictions_is_the_library_home_of_the_files(run, images, tmp_path):
+    """The same files from a script: every column, the class names, and a refusal of a wrong number of names."""
+    import torch
+
+    from dgc_pyro.inference import predict
+    from dgc_pyro.inference.export import prediction_columns, write_predictions
+
+    model = load_model(run / "model.safetensors")
+    pred = predict(model, torch.as_tensor(images), 3, reject="entropy")
+    npz_path, csv_path = write_predictions(pred, tmp_path, [f"c{i}" for i in range(10)])
+    with np.load(npz_path) as z:
+        assert set(prediction_columns(pred)) | {"proba", "class_names"} == set(z.files)
+        assert z["class_names"].tolist()[:2] == ["c0", "c1"] and z["rejected"].shape == (40,)
+        np.testing.assert_array_equal(z["label"], pred.labels.numpy())
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 40 and "p_c9" in rows[0] and "rejected" in rows[0]
+    with pytest.raises(ValueError, match="class_names has 3 names for 10 classes"):
+        write_predictions(pred, tmp_path / "other", ["a", "b", "c"])
+    assert not (tmp_path / "other").exists()
