@@ -488,12 +488,13 @@ def _fresh_run(args: argparse.Namespace) -> FitRun:
                   "runs/latest" if args.out is None else args.out)
 
 
-def _recipe_from_flags(args: argparse.Namespace, dataset: str) -> Any:
-    """``dataset``'s recipe for ``--preset`` with the recipe options given on the command line applied."""
+def _recipe_from_flags(args: argparse.Namespace, dataset: str, input_shape: Sequence[int] | None = None) -> Any:
+    """``dataset``'s recipe (an ``.npz`` file: the built-in recipe for its image shape) for ``--preset`` with the
+    recipe options given on the command line applied."""
     from dgc_pyro.experiment import default_recipe
 
     _check_counts_given(args)
-    return default_recipe(dataset, args.preset).replace(**_config_changes(args))
+    return default_recipe(dataset, args.preset, input_shape=input_shape).replace(**_config_changes(args))
 
 
 #: Options that count something: "must be at least 1" names the flag, before the recipe's own check.
@@ -525,7 +526,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             _refuse_to_overwrite_an_interrupted_fit(run.out)
             _refuse_to_replace_a_finished_run(run.out)
         split = _load_split(run.data)
-        run = dataclasses.replace(run, recipe=_recipe_from_flags(args, split.name))
+        run = dataclasses.replace(run, recipe=_recipe_from_flags(args, split.name, split.input_shape))
     recipe, data, out = run.recipe, run.data, run.out
     _set_threads(args.threads, split.input_shape, recipe.preset)
     if not 0.0 <= recipe.perturbation_rate <= 1.0:

@@ -288,3 +288,17 @@ def test_evaluate_shows_a_prediction_bar_on_stderr_unless_told_not_to(digits_run
     assert "chunk" not in captured.out
     assert main(["evaluate", "--checkpoint", checkpoint, "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_an_npz_dataset_gets_the_recipe_of_its_image_shape():
+    """`fit --dataset FILE.npz` trains 8x8 images with digits' recipe and 28x28 ones with Fashion-MNIST's (not the
+    bare Recipe()), and an explicit option still wins."""
+    from dgc_pyro.cli import _recipe_from_flags, build_parser
+    from dgc_pyro.experiment import DEFAULT_RECIPES, Recipe
+
+    args = build_parser().parse_args(["fit", "--dataset", "mine.npz"])
+    assert _recipe_from_flags(args, "mine", (1, 8, 8)) == DEFAULT_RECIPES["digits"]
+    assert _recipe_from_flags(args, "mine", (1, 28, 28)) == DEFAULT_RECIPES["fashion"]
+    assert _recipe_from_flags(args, "mine", (6,)) == Recipe()
+    args = build_parser().parse_args(["fit", "--dataset", "mine.npz", "--epochs", "3"])
+    assert _recipe_from_flags(args, "mine", (1, 28, 28)).epochs == 3
