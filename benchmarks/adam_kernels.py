@@ -19,11 +19,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import dgc_pyro.inference.engine as engine  # noqa: E402
-import test_lr_schedule  # noqa: E402  (the test's own data, model and fit settings)
+import test_lr_schedule
 
-KERNELS = {"fused": {"foreach": False, "fused": True}, "foreach": {"foreach": True, "fused": None},
-           "single-tensor": {"foreach": False, "fused": None}}
+import dgc_pyro.inference.engine as engine
+
+KERNELS = {
+    "fused": {"foreach": False, "fused": True},
+    "foreach": {"foreach": True, "fused": None},
+    "single-tensor": {"foreach": False, "fused": None},
+}
 
 
 def weights(name: str, kernel: dict) -> torch.Tensor:
@@ -38,8 +42,10 @@ def main() -> int:
         for label, kernel in KERNELS.items():
             w = weights(name, kernel)
             close = torch.allclose(w, reference, rtol=1e-5, atol=1e-6)
-            print(f"engine={name:5s} {label:13s} vs torch/fused: max |diff| {float((w - reference).abs().max()):.2e}, "
-                  f"within the test's tolerance: {close}")
+            print(
+                f"engine={name:5s} {label:13s} vs torch/fused: max |diff| {float((w - reference).abs().max()):.2e}, "
+                f"within the test's tolerance: {close}"
+            )
     return 0
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -48,9 +48,14 @@ def run_filter(model, x, y, threshold: float, seed: int, early_stop: bool) -> di
         seconds = time.perf_counter() - t
     finally:
         augment_module.predict_proba, augment_module._hopeless = real_proba, real_hopeless
-    return {"seconds": seconds, "rounds": len(scored), "scored": sum(scored), "kept": int(len(ys)),
-            "per_class": np.bincount(ys.numpy(), minlength=int(y.max()) + 1).tolist(),
-            "warning": str(caught[-1].message) if caught else ""}
+    return {
+        "seconds": seconds,
+        "rounds": len(scored),
+        "scored": sum(scored),
+        "kept": len(ys),
+        "per_class": np.bincount(ys.numpy(), minlength=int(y.max()) + 1).tolist(),
+        "warning": str(caught[-1].message) if caught else "",
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,15 +38,15 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from dgc_pyro.baselines import fit_baseline
-from dgc_pyro.data import load_imbalanced, parse_counts
-from dgc_pyro.data import default_counts
+from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
 from dgc_pyro.diagnostics.plots import save_image_grid
 from dgc_pyro.experiment import default_recipe, evaluate_model, train
@@ -73,27 +73,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cnn-batch-size", type=int, default=100)
     p.add_argument("--cnn-lr", type=float, default=1e-3)
     p.add_argument("--val-num-samples", type=int, default=2, help="latent draws per class when validating the DGC")
-    p.add_argument("--target-ratio", type=float, default=1.0,
-                   help="grow every class smaller than ratio * n_max to that size (1.0: imblearn's 'auto')")
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        default=1.0,
+        help="grow every class smaller than ratio * n_max to that size (1.0: imblearn's 'auto')",
+    )
     p.add_argument("--filter-threshold", type=float, default=None, help="DGC posterior filter of the samples")
     p.add_argument("--perturbation-scale", type=float, default=1.0)
-    p.add_argument("--output", choices=("mean", "residual"), default="mean",
-                   help="augment's output: the decoded mean image, or the real image plus the decoded change")
-    p.add_argument("--arms", nargs="+", choices=tuple(ARM_KEYS), default=["imbalanced", "dgc", "smote"],
-                   help="which arms to train (ros: random over-sampling, the copies-of-real-images control)")
-    p.add_argument("--transform", choices=TRANSFORM_CHOICES, default="none",
-                   help="random training-time transform of the DGC fit and of every CNN arm alike")
-    p.add_argument("--same-steps-control", action="store_true",
-                   help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c) "
-                        "(one such arm per distinct number of examples the over-sampled arms actually added)")
+    p.add_argument(
+        "--output",
+        choices=("mean", "residual"),
+        default="mean",
+        help="augment's output: the decoded mean image, or the real image plus the decoded change",
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        choices=tuple(ARM_KEYS),
+        default=["imbalanced", "dgc", "smote"],
+        help="which arms to train (ros: random over-sampling, the copies-of-real-images control)",
+    )
+    p.add_argument(
+        "--transform",
+        choices=TRANSFORM_CHOICES,
+        default="none",
+        help="random training-time transform of the DGC fit and of every CNN arm alike",
+    )
+    p.add_argument(
+        "--same-steps-control",
+        action="store_true",
+        help="add an arm (a'): the imbalanced subset trained for as many gradient steps as (b) and (c) "
+        "(one such arm per distinct number of examples the over-sampled arms actually added)",
+    )
     p.add_argument("--eval-dgc", action="store_true", help="also score the DGC itself as a classifier (slow on CPU)")
     p.add_argument("--quick", action="store_true", help=f"small, fast settings: {QUICK}")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid", default=None, help="write a PNG grid of real and DGC samples per class here")
-    p.add_argument("--collect", nargs="+", default=None, metavar="RUN_JSON",
-                   help="summarise finished runs (one per seed) instead of running; --out writes the summary")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        default=None,
+        metavar="RUN_JSON",
+        help="summarise finished runs (one per seed) instead of running; --out writes the summary",
+    )
     return p
 
 
@@ -120,8 +145,8 @@ def _smote(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) -> tuple[torch
         raise ValueError("SMOTE needs at least two examples in every class")
     flat = x.reshape(len(x), -1).numpy()
     xr, yr = SMOTE(sampling_strategy=strategy, k_neighbors=k, random_state=seed).fit_resample(flat, y.numpy())
-    xs = np.clip(xr[len(x):], 0.0, 1.0).astype(np.float32).reshape((-1, *x.shape[1:]))
-    return torch.from_numpy(xs), torch.from_numpy(yr[len(x):].astype(np.int64))
+    xs = np.clip(xr[len(x) :], 0.0, 1.0).astype(np.float32).reshape((-1, *x.shape[1:]))
+    return torch.from_numpy(xs), torch.from_numpy(yr[len(x) :].astype(np.int64))
 
 
 def _random_oversampling(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,20 +155,32 @@ def _random_oversampling(x: torch.Tensor, y: torch.Tensor, strategy, seed: int) 
 
     sampler = RandomOverSampler(sampling_strategy=strategy, random_state=seed)
     sampler.fit_resample(np.zeros((len(y), 1)), y.numpy())
-    extra = torch.from_numpy(sampler.sample_indices_[len(y):].astype(np.int64))
+    extra = torch.from_numpy(sampler.sample_indices_[len(y) :].astype(np.int64))
     return x[extra].clone(), y[extra].clone()
 
 
-def save_class_grid(path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.Tensor, n_real: int = 2, n_syn: int = 8) -> None:
+def save_class_grid(
+    path: str | Path, split, x_syn: torch.Tensor, y_syn: torch.Tensor, n_real: int = 2, n_syn: int = 8
+) -> None:
     """One row per augmented class: ``n_real`` real examples, a gap, then ``n_syn`` DGC samples."""
     classes = [c for c in range(split.num_classes) if (y_syn == c).any()]
     if not classes:
         raise ValueError("no synthetic samples to show in a grid")
-    rows = [(str(split.class_names[c])[:10],
-             [*split.x_train[split.y_train == c][:n_real].numpy(), None, *x_syn[y_syn == c][:n_syn].numpy()])
-            for c in classes]
-    save_image_grid(path, rows, title=f"{split.name}: real (left) and DGC samples (right), per augmented class",
-                    ncols=n_real + 1 + n_syn, cell=0.62, dpi=72)
+    rows = [
+        (
+            str(split.class_names[c])[:10],
+            [*split.x_train[split.y_train == c][:n_real].numpy(), None, *x_syn[y_syn == c][:n_syn].numpy()],
+        )
+        for c in classes
+    ]
+    save_image_grid(
+        path,
+        rows,
+        title=f"{split.name}: real (left) and DGC samples (right), per augmented class",
+        ncols=n_real + 1 + n_syn,
+        cell=0.62,
+        dpi=72,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,8 +205,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_counts = split.train_counts
     strategy = _strategy(train_counts, args.target_ratio)
     wanted = synthetic_counts(split.y_train, strategy)
-    _log(f"{split.name}: train counts {train_counts.tolist()}, test {len(split.y_test)}; "
-         f"synthetic per class requested {wanted} (strategy {strategy!r})", t0)
+    _log(
+        f"{split.name}: train counts {train_counts.tolist()}, test {len(split.y_test)}; "
+        f"synthetic per class requested {wanted} (strategy {strategy!r})",
+        t0,
+    )
 
     seconds: dict[str, float] = {}
     extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # arm -> the examples it adds to the subset
@@ -178,14 +218,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (b) fit a DGC on the subset and decode synthetic minority examples from it.
         t = time.perf_counter()
         trained = train(
-            recipe, split, args.seed, device=args.device, progress=False, val_num_samples=args.val_num_samples,
-            callback=lambda e, r: _log(f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0),
+            recipe,
+            split,
+            args.seed,
+            device=args.device,
+            progress=False,
+            val_num_samples=args.val_num_samples,
+            callback=lambda e, r: _log(
+                f"DGC epoch {e}: loss {r['loss']:.1f}, val ACSA {r.get('val_acsa', float('nan')):.3f}", t0
+            ),
         )
         model, history = trained.model, trained.history
         seconds["dgc_fit"] = time.perf_counter() - t
         t = time.perf_counter()
-        x_dgc, y_dgc = augment(model, split.x_train, split.y_train, strategy, perturbation_scale=args.perturbation_scale,
-                               filter_threshold=args.filter_threshold, seed=args.seed, output=args.output)
+        x_dgc, y_dgc = augment(
+            model,
+            split.x_train,
+            split.y_train,
+            strategy,
+            perturbation_scale=args.perturbation_scale,
+            filter_threshold=args.filter_threshold,
+            seed=args.seed,
+            output=args.output,
+        )
         seconds["dgc_augment"] = time.perf_counter() - t
         extra[ARM_KEYS["dgc"]] = (x_dgc, y_dgc)
         _log(f"DGC: {len(y_dgc)} synthetic examples (best epoch {history.best_epoch})", t0)
@@ -203,14 +258,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # What each over-sampled arm really added: DGC's filter can fall short of the quota, and a claim that the arms
     # add the same numbers must rest on the counts, not on the request.
-    added = {name: {int(c): int(n) for c, n in enumerate(np.bincount(y_add.numpy(), minlength=split.num_classes))
-                    if n or int(c) in wanted}
-             for name, (_, y_add) in extra.items()}
+    added = {
+        name: {
+            int(c): int(n)
+            for c, n in enumerate(np.bincount(y_add.numpy(), minlength=split.num_classes))
+            if n or int(c) in wanted
+        }
+        for name, (_, y_add) in extra.items()
+    }
     requested = {int(c): int(n) for c, n in wanted.items()}
     short_arms = sorted(name for name, got in added.items() if got != requested)
     for name in short_arms:
-        _log(f"WARNING: arm {name!r} added {added[name]} instead of the requested {requested}; "
-             "the over-sampled arms are not of equal size", t0)
+        _log(
+            f"WARNING: arm {name!r} added {added[name]} instead of the requested {requested}; "
+            "the over-sampled arms are not of equal size",
+            t0,
+        )
 
     arms: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for name in ARMS:
@@ -231,11 +294,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reports: dict[str, dict[str, float]] = {}
     for name, (x, y, epochs) in arms.items():
         t = time.perf_counter()
-        fitted = fit_baseline("ce", x, y, num_classes=split.num_classes, preset=recipe.preset, epochs=epochs,
-                              batch_size=args.cnn_batch_size, lr=args.cnn_lr, device=args.device, seed=args.seed,
-                              val_fraction=0.0, transform=transform)
+        fitted = fit_baseline(
+            "ce",
+            x,
+            y,
+            num_classes=split.num_classes,
+            preset=recipe.preset,
+            epochs=epochs,
+            batch_size=args.cnn_batch_size,
+            lr=args.cnn_lr,
+            device=args.device,
+            seed=args.seed,
+            val_fraction=0.0,
+            transform=transform,
+        )
         pred = fitted.predict_proba(split.x_test).argmax(-1)
-        reports[f"CNN {name}"] = imbalance_report(split.y_test, pred, num_classes=split.num_classes, train_counts=train_counts)
+        reports[f"CNN {name}"] = imbalance_report(
+            split.y_test, pred, num_classes=split.num_classes, train_counts=train_counts
+        )
         seconds[f"cnn {name}"] = time.perf_counter() - t
         _log(f"CNN {name}: {len(y)} training examples, ACSA {reports[f'CNN {name}']['acsa']:.4f}", t0)
     if args.eval_dgc and history is not None:
@@ -246,26 +322,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds["total"] = time.perf_counter() - t0
     print(format_comparison(reports, metrics=METRICS), flush=True)
     result = {
-        "command": " ".join(["python", "benchmarks/augmentation.py", *sys.argv[1:]]) if args.argv is None else args.argv,
+        "command": " ".join(["python", "benchmarks/augmentation.py", *sys.argv[1:]])
+        if args.argv is None
+        else args.argv,
         "dataset": split.name,
         "seed": args.seed,
         "train_counts": train_counts.tolist(),
-        "test_size": int(len(split.y_test)),
+        "test_size": len(split.y_test),
         "sampling_strategy": strategy,
         "synthetic_per_class": wanted,
         "synthetic_added_per_class": added,
         "arms_short_of_request": short_arms,
         **({"same_steps_control": same_steps} if args.same_steps_control else {}),
         "arms": list(args.arms),
-        "dgc": {"recipe": recipe.to_dict(), "val_num_samples": args.val_num_samples,
-                "best_epoch": history.best_epoch if history else None,
-                "history": history.epochs if history else [], "filter_threshold": args.filter_threshold,
-                "perturbation_scale": args.perturbation_scale, "output": args.output},
-        "cnn": {"epochs": cnn_epochs, "batch_size": args.cnn_batch_size, "lr": args.cnn_lr, "val_fraction": 0.0,
-                **({"transform": transform} if transform else {})},
+        "dgc": {
+            "recipe": recipe.to_dict(),
+            "val_num_samples": args.val_num_samples,
+            "best_epoch": history.best_epoch if history else None,
+            "history": history.epochs if history else [],
+            "filter_threshold": args.filter_threshold,
+            "perturbation_scale": args.perturbation_scale,
+            "output": args.output,
+        },
+        "cnn": {
+            "epochs": cnn_epochs,
+            "batch_size": args.cnn_batch_size,
+            "lr": args.cnn_lr,
+            "val_fraction": 0.0,
+            **({"transform": transform} if transform else {}),
+        },
         "reports": reports,
         "seconds": seconds,
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": str(resolve_device(args.device))},
+        "machine": {
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(resolve_device(args.device)),
+        },
     }
     if args.out:
         write_json(args.out, result)
@@ -274,8 +366,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # What may differ between runs that --collect pools: the seed and where the outputs went.
-_PER_RUN_KEYS = {"seed", "arms", "command", "train_counts", "seconds", "machine", "reports", "synthetic_per_class",
-                 "synthetic_added_per_class", "arms_short_of_request", "same_steps_control", "added_not_recorded"}
+_PER_RUN_KEYS = {
+    "seed",
+    "arms",
+    "command",
+    "train_counts",
+    "seconds",
+    "machine",
+    "reports",
+    "synthetic_per_class",
+    "synthetic_added_per_class",
+    "arms_short_of_request",
+    "same_steps_control",
+    "added_not_recorded",
+}
 _PER_RUN_DGC_KEYS = {"best_epoch", "history"}
 
 
@@ -295,8 +399,9 @@ def _check_one_configuration(results: Sequence[Mapping[str, Any]], names: Sequen
         config = _configuration(r)
         for key in sorted(set(reference) | set(config)):
             if config.get(key) != reference.get(key):
-                raise ValueError(f"{name} differs from {names[0]} in {key!r}: "
-                                 f"{config.get(key)!r} vs {reference.get(key)!r}")
+                raise ValueError(
+                    f"{name} differs from {names[0]} in {key!r}: {config.get(key)!r} vs {reference.get(key)!r}"
+                )
     return reference
 
 
@@ -317,9 +422,11 @@ def _check_added_counts(results: Sequence[Mapping[str, Any]], seeds: Sequence[in
                 continue
             got = {str(c): int(n) for c, n in added[arm].items()}
             if got != requested:
-                raise ValueError(f"run of seed {seed}: arm {name!r} added {got} synthetic examples per class instead "
-                                 f"of the requested {requested} (the DGC filter fell short?); its arms are not of "
-                                 "equal size and are not pooled")
+                raise ValueError(
+                    f"run of seed {seed}: arm {name!r} added {got} synthetic examples per class instead "
+                    f"of the requested {requested} (the DGC filter fell short?); its arms are not of "
+                    "equal size and are not pooled"
+                )
 
 
 def compare_seeds(
@@ -344,21 +451,25 @@ def compare_seeds(
     results = [results[i] for i in order]
     seeds = [seeds[i] for i in order]
     if against is None:
-        against = [name for name in (f"CNN {a}" for a in ARMS)
-                   if name != arm and all(name in r["reports"] for r in results)]
+        against = [
+            name for name in (f"CNN {a}" for a in ARMS) if name != arm and all(name in r["reports"] for r in results)
+        ]
     arms = [arm, *against]
     for name in arms:
         missing = [s for s, r in zip(seeds, results) if name not in r["reports"]]
         if missing:
             raise ValueError(f"arm {name!r} missing from the runs of seeds {missing}")
     _check_added_counts(results, seeds, arms)
-    values = {name: {m: np.array([r["reports"][name][m] for r in results], dtype=float) for m in metrics}
-              for name in arms}
+    values = {
+        name: {m: np.array([r["reports"][name][m] for r in results], dtype=float) for m in metrics} for name in arms
+    }
     n = len(results)
     summary: dict[str, Any] = {"seeds": seeds, "configuration": reference, "arms": {}, "paired": {}}
     for name in arms:
-        summary["arms"][name] = {m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if n > 1 else None,
-                                     "per_seed": v.tolist()} for m, v in values[name].items()}
+        summary["arms"][name] = {
+            m: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if n > 1 else None, "per_seed": v.tolist()}
+            for m, v in values[name].items()
+        }
     for other in against:
         cells = {m: paired_difference(values[arm][m], values[other][m]) for m in metrics}
         summary["paired"][f"{arm} - {other}"] = cells
@@ -370,8 +481,10 @@ def render_comparison(summary: Mapping[str, Any]) -> str:
     seeds = summary["seeds"]
     metrics = list(next(iter(summary["arms"].values())))
     label = " / ".join(metrics)
-    lines = [f"| arm ({label}) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---|" + "---|" * (len(seeds) + 1)]
+    lines = [
+        f"| arm ({label}) | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
     for name, cells in summary["arms"].items():
         per_seed = [" / ".join(f"{cells[m]['per_seed'][i]:.4f}" for m in metrics) for i in range(len(seeds))]
         mean = " / ".join(f"{cells[m]['mean']:.4f}" for m in metrics)
@@ -397,9 +510,11 @@ def merge_runs(results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> li
         into["synthetic_added_per_class"].update(result.get("synthetic_added_per_class", {}))
         for arm, report in result["reports"].items():
             if arm in into["reports"] and into["reports"][arm] != report:
-                raise ValueError(f"seed {seed}: arm {arm!r} scores differently in {source[seed, arm]} and {name} "
-                                 f"(ACSA {into['reports'][arm].get('acsa')} vs {report.get('acsa')}); "
-                                 "the runs are not of one configuration, or not deterministic")
+                raise ValueError(
+                    f"seed {seed}: arm {arm!r} scores differently in {source[seed, arm]} and {name} "
+                    f"(ACSA {into['reports'][arm].get('acsa')} vs {report.get('acsa')}); "
+                    "the runs are not of one configuration, or not deterministic"
+                )
             into["reports"][arm] = report
             source[seed, arm] = name
     return list(merged.values())
@@ -426,8 +541,11 @@ def collect(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[
         summary["added_counts_not_recorded"] = unrecorded
     print(render_comparison(summary), flush=True)
     if unrecorded:
-        print(f"note: {len(unrecorded)} run(s) do not record how many examples each arm added "
-              f"(written before synthetic_added_per_class): {', '.join(unrecorded)}", flush=True)
+        print(
+            f"note: {len(unrecorded)} run(s) do not record how many examples each arm added "
+            f"(written before synthetic_added_per_class): {', '.join(unrecorded)}",
+            flush=True,
+        )
     if out:
         write_json(out, summary)
     return summary
@@ -446,8 +564,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # Both act on the fitted DGC, which is only fitted for the dgc arm; running without it would drop them silently.
         ignored = [opt for opt, given in (("--eval-dgc", args.eval_dgc), ("--grid", args.grid)) if given]
         if ignored:
-            parser.error(f"{' and '.join(ignored)} need(s) a fitted DGC: add 'dgc' to --arms "
-                         f"(got --arms {' '.join(args.arms)})")
+            parser.error(
+                f"{' and '.join(ignored)} need(s) a fitted DGC: add 'dgc' to --arms (got --arms {' '.join(args.arms)})"
+            )
     args.argv = None if argv is None else " ".join(["python", "benchmarks/augmentation.py", *argv])
     return run(args)
 

@@ -52,23 +52,38 @@ CANDIDATES: dict[str, dict] = {
     "lw10": {"val_fraction": 0.1, "label_weight": 10.0},
     "val20_lw30": {"val_fraction": 0.2, "label_weight": 30.0},
     "val20_lw100": {"val_fraction": 0.2, "label_weight": 100.0},
-    "val20_lw10_cosine_last": {"val_fraction": 0.2, "label_weight": 10.0, "lr_schedule": "cosine", "select_best": False},
+    "val20_lw10_cosine_last": {
+        "val_fraction": 0.2,
+        "label_weight": 10.0,
+        "lr_schedule": "cosine",
+        "select_best": False,
+    },
 }
 
 
 def run(name: str, recipe: Recipe, seed: int, engine: str) -> dict:
     split = load_imbalanced("digits", seed=seed, evaluate_on="dev", dev_per_class=8)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    result = run_experiment(split, recipe, seed=seed, device="cpu", baseline="ce", progress=False,
-                            fit_options={"engine": engine})
+    result = run_experiment(
+        split, recipe, seed=seed, device="cpu", baseline="ce", progress=False, fit_options={"engine": engine}
+    )
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     val = [r["val_acsa"] for r in result.history.to_dict()["epochs"] if r.get("val_acsa") is not None]
     swing = max((abs(b - a) for a, b in zip(val, val[1:])), default=0.0)
     return {
-        "recipe": name, "seed": seed, "engine": engine, "fit_s": result.seconds["dgc_fit"], "total_s": total, "cpu_s": cpu,
-        "dev_acsa": result.metrics["acsa"], "dev_ece": result.metrics["ece"],
-        "ce_dev_acsa": result.baseline_metrics["acsa"], "ce_dev_ece": result.baseline_metrics["ece"],
-        "val_swing": swing, "val_min": min(val, default=None), "val_max": max(val, default=None),
+        "recipe": name,
+        "seed": seed,
+        "engine": engine,
+        "fit_s": result.seconds["dgc_fit"],
+        "total_s": total,
+        "cpu_s": cpu,
+        "dev_acsa": result.metrics["acsa"],
+        "dev_ece": result.metrics["ece"],
+        "ce_dev_acsa": result.baseline_metrics["acsa"],
+        "ce_dev_ece": result.baseline_metrics["ece"],
+        "val_swing": swing,
+        "val_min": min(val, default=None),
+        "val_max": max(val, default=None),
         "settings": recipe.to_dict(),
     }
 
@@ -88,15 +103,24 @@ def main() -> None:
         recipe = dataclasses.replace(base, **CANDIDATES[name])
         rows = [run(name, recipe, s, args.engine) for s in args.seeds]
         runs += rows
-        mean = {k: statistics.fmean(r[k] for r in rows) for k in ("fit_s", "cpu_s", "dev_acsa", "dev_ece", "ce_dev_acsa",
-                                                                  "ce_dev_ece", "val_swing")}
-        print(f"{name:<22} fit {mean['fit_s']:6.1f} s (run CPU {mean['cpu_s']:6.1f} s)  dev ACSA {mean['dev_acsa']:.3f}  ECE {mean['dev_ece']:.3f}  "
-              f"| CE ACSA {mean['ce_dev_acsa']:.3f} ECE {mean['ce_dev_ece']:.3f}  | val swing {mean['val_swing']:.2f}",
-              flush=True)
+        mean = {
+            k: statistics.fmean(r[k] for r in rows)
+            for k in ("fit_s", "cpu_s", "dev_acsa", "dev_ece", "ce_dev_acsa", "ce_dev_ece", "val_swing")
+        }
+        print(
+            f"{name:<22} fit {mean['fit_s']:6.1f} s (run CPU {mean['cpu_s']:6.1f} s)  dev ACSA {mean['dev_acsa']:.3f}  ECE {mean['dev_ece']:.3f}  "
+            f"| CE ACSA {mean['ce_dev_acsa']:.3f} ECE {mean['ce_dev_ece']:.3f}  | val swing {mean['val_swing']:.2f}",
+            flush=True,
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
+        meta = {
+            "machine": platform.platform(),
+            "processor": platform.processor(),
+            "threads": args.threads,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "torch": torch.__version__,
+        }
         args.json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
 
 

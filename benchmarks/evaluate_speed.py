@@ -54,13 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     recipe = default_recipe(split.name)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     fit_ood_threshold(model, split.x_train[:500], num_samples=recipe.num_samples)
-    config = {"dataset": split.name, "seed": 0, "train_counts": split.train_counts.tolist(),
-              "recipe": recipe.to_dict(), "data_dir": str(Path(args.data_dir).resolve()), "dataset_arg": split.name}
+    config = {
+        "dataset": split.name,
+        "seed": 0,
+        "train_counts": split.train_counts.tolist(),
+        "recipe": recipe.to_dict(),
+        "data_dir": str(Path(args.data_dir).resolve()),
+        "dataset_arg": split.name,
+    }
     results: dict = {
-        "dataset": split.name, "test_size": args.test_subset or len(split.y_test), "recipe_rule": model.default_rule,
-        "num_samples": recipe.num_samples, "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "evaluate_s": [],
+        "dataset": split.name,
+        "test_size": args.test_subset or len(split.y_test),
+        "recipe_rule": model.default_rule,
+        "num_samples": recipe.num_samples,
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "evaluate_s": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "model.safetensors"

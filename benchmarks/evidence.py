@@ -60,15 +60,16 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from dgc_pyro.config import LEGACY_NAMES, config_fields
 from dgc_pyro.baselines import FittedBaseline, fit_baseline
 from dgc_pyro.calibration import apply_temperature, temperature_scale
+from dgc_pyro.config import LEGACY_NAMES, config_fields
 from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
@@ -76,7 +77,6 @@ from dgc_pyro.experiment import Recipe, default_recipe, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import atomic_write_text, write_json
-from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.metrics import (
     accuracy_at_coverage,
     aurc,
@@ -89,6 +89,7 @@ from dgc_pyro.metrics import (
     ood_auroc,
 )
 from dgc_pyro.models.dgc import DGC
+from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.reproducibility import seed_everything
 
 
@@ -121,12 +122,25 @@ REFERENCE = "dgc_elbo"
 TUNING_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-4, 1e-3, 3e-3), "tau": (0.5, 1.0, 1.5)}
 SMOKE_GRID: dict[str, tuple[float, ...]] = {"lr": (3e-3,), "tau": (0.5, 1.0)}
 #: the final protocol (RESULTS.md): every method alike
-PROTOCOL: dict[str, Any] = {"preset": "small", "transform": "shift-flip", "lr_schedule": "cosine",
-                            "select_best": False, "epochs": 30}
+PROTOCOL: dict[str, Any] = {
+    "preset": "small",
+    "transform": "shift-flip",
+    "lr_schedule": "cosine",
+    "select_best": False,
+    "epochs": 30,
+}
 #: latent draws per class of DGC's per-epoch validation scores (the record of the history; weights are the last)
 VAL_NUM_SAMPLES = 2
-SMOKE = {"dataset": "digits", "counts": (12, 10, 8, 6, 5, 4, 4, 3, 3, 3), "epochs": 1, "latent_dim": 8,
-         "num_samples": 2, "dev_per_class": 5, "ood_per_set": 50, "max_matched_epochs": 3}
+SMOKE = {
+    "dataset": "digits",
+    "counts": (12, 10, 8, 6, 5, 4, 4, 3, 3, 3),
+    "epochs": 1,
+    "latent_dim": 8,
+    "num_samples": 2,
+    "dev_per_class": 5,
+    "ood_per_set": 50,
+    "max_matched_epochs": 3,
+}
 DEFAULT_SEEDS = {"tune": (31, 32), "test": (51, 52, 53, 54, 55)}
 COVERAGES = (0.8, 0.9)
 PRIMARY_SCORE = "maxprob"  # the OOD and reject score every method has
@@ -136,22 +150,61 @@ PRIMARY_SCORE = "maxprob"  # the OOD and reject score every method has
 #: probability for ``vib``, which models no x; the baselines' energy
 OWN_SCORE = {"dgc_elbo": "typicality", "dgc_paper_guide": "typicality", "vib": PRIMARY_SCORE}
 SUMMARY_METRICS = (
-    "acsa", "fmacro", "gmean", "r_mi", "p_ma", "acc",
-    "ece", "nll", "brier", "temperature", "ece_ts", "nll_ts", "brier_ts",
-    "aurc", "acc_cov80", "acc_cov90", "aurc_entropy", "acc_cov80_entropy", "acc_cov90_entropy",
-    "aurc_mi", "acc_cov80_mi", "acc_cov90_mi",
-    "ood_auroc", *(f"ood_auroc_{s}" for s in OOD_SETS), "fpr95", *(f"fpr95_{s}" for s in OOD_SETS),
-    "ood_auroc_by_entropy", "ood_auroc_by_mi", "ood_auroc_by_energy", "ood_auroc_by_density",
-    "ood_auroc_by_typicality", "ood_auroc_own", "epochs", "fit_seconds", "seconds",
+    "acsa",
+    "fmacro",
+    "gmean",
+    "r_mi",
+    "p_ma",
+    "acc",
+    "ece",
+    "nll",
+    "brier",
+    "temperature",
+    "ece_ts",
+    "nll_ts",
+    "brier_ts",
+    "aurc",
+    "acc_cov80",
+    "acc_cov90",
+    "aurc_entropy",
+    "acc_cov80_entropy",
+    "acc_cov90_entropy",
+    "aurc_mi",
+    "acc_cov80_mi",
+    "acc_cov90_mi",
+    "ood_auroc",
+    *(f"ood_auroc_{s}" for s in OOD_SETS),
+    "fpr95",
+    *(f"fpr95_{s}" for s in OOD_SETS),
+    "ood_auroc_by_entropy",
+    "ood_auroc_by_mi",
+    "ood_auroc_by_energy",
+    "ood_auroc_by_density",
+    "ood_auroc_by_typicality",
+    "ood_auroc_own",
+    "epochs",
+    "fit_seconds",
+    "seconds",
 )
-TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("ece", "ECE"),
-                 ("ece_ts", "ECE (TS)"), ("nll_ts", "NLL (TS)"), ("aurc", "AURC"), ("ood_auroc", "OOD AUROC"))
+TABLE_COLUMNS = (
+    ("acsa", "ACSA"),
+    ("fmacro", "F_macro"),
+    ("gmean", "G_macro"),
+    ("r_mi", "R_MI"),
+    ("ece", "ECE"),
+    ("ece_ts", "ECE (TS)"),
+    ("nll_ts", "NLL (TS)"),
+    ("aurc", "AURC"),
+    ("ood_auroc", "OOD AUROC"),
+)
 PAIRED_METRICS = ("acsa", "fmacro", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc", "ood_auroc_own")
 METHOD_LABELS = {
     "dgc_elbo": "DGC, default recipe (label-free q(z|x), tempered label likelihood)",
     "vib": "VIB control (the default recipe without p(x|z))",
     "dgc_paper_guide": "DGC, paper's q(z|x,y), mixture rule",
-    "ce": "CE", "logit_adjusted": "Logit-adjusted CE", "balanced_softmax": "Balanced softmax",
+    "ce": "CE",
+    "logit_adjusted": "Logit-adjusted CE",
+    "balanced_softmax": "Balanced softmax",
     "logit_adjusted_matched": "Logit-adjusted CE, DGC's wall time",
     "balanced_softmax_matched": "Balanced softmax, DGC's wall time",
 }
@@ -197,8 +250,14 @@ def run_settings(method: str, recipe: Recipe, config: dict[str, float], epochs: 
     recipe = dataclasses.replace(recipe, epochs=epochs)
     if method in DGC_ROWS:
         return paper_table._jsonable({"recipe": dgc_recipe(method, recipe, config).to_dict(include_run=False)})
-    return paper_table._jsonable({"baseline": MATCHED.get(method, method), **recipe.baseline_options(),
-                                  "lr": config["lr"], "tau": config.get("tau", 1.0)})
+    return paper_table._jsonable(
+        {
+            "baseline": MATCHED.get(method, method),
+            **recipe.baseline_options(),
+            "lr": config["lr"],
+            "tau": config.get("tau", 1.0),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- fitting and scoring
@@ -222,11 +281,19 @@ def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed:
         fields = {f.name for f in config_fields()} | set(LEGACY_NAMES)
         recipe = Recipe.from_flat({k: v for k, v in settings["recipe"].items() if k in fields})
         trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=VAL_NUM_SAMPLES)
-        return Fitted(method, time.perf_counter() - t0, model=trained.model, recipe=recipe,
-                      history=trained.history.epochs)
+        return Fitted(
+            method, time.perf_counter() - t0, model=trained.model, recipe=recipe, history=trained.history.epochs
+        )
     options = {k: v for k, v in settings.items() if k != "baseline"}
-    fitted = fit_baseline(settings["baseline"], split.x_train, split.y_train, num_classes=split.num_classes,
-                          **options, device=device, seed=seed)
+    fitted = fit_baseline(
+        settings["baseline"],
+        split.x_train,
+        split.y_train,
+        num_classes=split.num_classes,
+        **options,
+        device=device,
+        seed=seed,
+    )
     return Fitted(method, time.perf_counter() - t0, baseline=fitted, history=fitted.history)
 
 
@@ -242,12 +309,19 @@ def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
     if fitted.model is not None:
         seed_everything(seed)  # the latent draws
         # The density score (log p(x)) needs the x site, which the vib row lacks.
-        pred = predict(fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced,
-                       density=fitted.model.observe_x)
+        pred = predict(
+            fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced, density=fitted.model.observe_x
+        )
         proba = pred.proba.detach().cpu().double()
-        out: dict[str, Any] = {"proba": proba, "log_scores": proba.clamp_min(1e-45).log(), "scores": {
-            "maxprob": 1.0 - proba.max(1).values, "entropy": pred.entropy.detach().cpu().double(),
-            "mi": pred.mutual_information.detach().cpu().double()}}
+        out: dict[str, Any] = {
+            "proba": proba,
+            "log_scores": proba.clamp_min(1e-45).log(),
+            "scores": {
+                "maxprob": 1.0 - proba.max(1).values,
+                "entropy": pred.entropy.detach().cpu().double(),
+                "mi": pred.mutual_information.detach().cpu().double(),
+            },
+        }
         density = _log_density(pred)
         if density is not None:
             out["log_density"] = density
@@ -257,24 +331,29 @@ def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
     proba = torch.softmax(logits, -1)
     entropy = -(proba * proba.clamp_min(1e-300).log()).sum(-1)
     base = logit_scores(logits)
-    return {"proba": proba, "log_scores": logits, "scores": {
-        "maxprob": base["max_softmax"], "entropy": entropy, "energy": base["energy"]}}
+    return {
+        "proba": proba,
+        "log_scores": logits,
+        "scores": {"maxprob": base["max_softmax"], "entropy": entropy, "energy": base["energy"]},
+    }
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, dev_y: torch.Tensor, seed: int,
-                 ood_per_set: int | None) -> dict[str, Any]:
+def evaluate_run(
+    fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, dev_y: torch.Tensor, seed: int, ood_per_set: int | None
+) -> dict[str, Any]:
     """Every test metric of one fitted row: imbalance, calibration raw and temperature-scaled (T fitted on the dev
     set), selective prediction and OOD detection (sets built from the test images)."""
     t0 = time.perf_counter()
     dev = scored(fitted, dev_x, seed)
     test = scored(fitted, split.x_test, seed)
     y = split.y_test
-    out: dict[str, Any] = imbalance_report(y, test["proba"].argmax(-1), num_classes=split.num_classes,
-                                           train_counts=split.train_counts)
+    out: dict[str, Any] = imbalance_report(
+        y, test["proba"].argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts
+    )
     temperature = temperature_scale(dev["log_scores"], dev_y)
     calibrated = apply_temperature(test["log_scores"], temperature).double()
     for suffix, p in (("", test["proba"]), ("_ts", calibrated)):
@@ -304,8 +383,10 @@ def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, de
             s_out["scores"]["typicality"] = (s_out["log_density"] - typical).abs()
         for score, s_in in test["scores"].items():
             s_in = s_in if ood_per_set is None else s_in[:ood_per_set]
-            ood.setdefault(score, {})[name] = {"auroc": ood_auroc(_np(s_in), _np(s_out["scores"][score])),
-                                               "fpr95": fpr_at_tpr(_np(s_in), _np(s_out["scores"][score]))}
+            ood.setdefault(score, {})[name] = {
+                "auroc": ood_auroc(_np(s_in), _np(s_out["scores"][score])),
+                "fpr95": fpr_at_tpr(_np(s_in), _np(s_out["scores"][score])),
+            }
     out["ood"] = ood
     for name, cell in ood[PRIMARY_SCORE].items():
         out[f"ood_auroc_{name}"], out[f"fpr95_{name}"] = cell["auroc"], cell["fpr95"]
@@ -323,36 +404,74 @@ def evaluate_run(fitted: Fitted, split: ImbalancedSplit, dev_x: torch.Tensor, de
 
 # ----------------------------------------------------------------------------- the two phases
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--phase", required=True, choices=("tune", "test"))
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: fashion (digits with --smoke)")
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help=f"imbalanced subsets and training seeds (default: tune {list(DEFAULT_SEEDS['tune'])}, "
-                        f"test {list(DEFAULT_SEEDS['test'])}; test seeds must be fresh)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                   help="rows to run (default: every row of the phase; the tune phase tunes the rows without "
-                        "'_matched')")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs of every row (default: {PROTOCOL['epochs']}, 1 with --smoke; the test phase takes "
-                        "the plan's)")
-    p.add_argument("--grid-lr", type=float, nargs="+", default=None, metavar="LR",
-                   help=f"tune phase: the learning rates of the grid (default: {list(TUNING_GRID['lr'])})")
-    p.add_argument("--grid-tau", type=float, nargs="+", default=None, metavar="TAU",
-                   help=f"tune phase: the taus of the grid (default: {list(TUNING_GRID['tau'])})")
-    p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"imbalanced subsets and training seeds (default: tune {list(DEFAULT_SEEDS['tune'])}, "
+        f"test {list(DEFAULT_SEEDS['test'])}; test seeds must be fresh)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="rows to run (default: every row of the phase; the tune phase tunes the rows without '_matched')",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs of every row (default: {PROTOCOL['epochs']}, 1 with --smoke; the test phase takes the plan's)",
+    )
+    p.add_argument(
+        "--grid-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help=f"tune phase: the learning rates of the grid (default: {list(TUNING_GRID['lr'])})",
+    )
+    p.add_argument(
+        "--grid-tau",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="TAU",
+        help=f"tune phase: the taus of the grid (default: {list(TUNING_GRID['tau'])})",
+    )
+    p.add_argument(
+        "--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)"
+    )
     p.add_argument("--dev-per-class", type=int, default=None, help="images a class in the dev set (default: 1000)")
-    p.add_argument("--ood-per-set", type=int, default=None, help="images of each OOD set and of the in-distribution "
-                   "side of the OOD scores (default: all)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long end-to-end check: digits, one epoch, a "
-                   "two-point grid, tiny networks")
+    p.add_argument(
+        "--ood-per-set",
+        type=int,
+        default=None,
+        help="images of each OOD set and of the in-distribution side of the OOD scores (default: all)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long end-to-end check: digits, one epoch, a two-point grid, tiny networks",
+    )
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true", help="fit nothing: summarise the finished runs")
-    p.add_argument("--write-plan", action="store_true",
-                   help="tune phase: register the test plan (plan.json) from this call's grid; needs every tuned row "
-                        "and every grid point finished, and refuses once test runs exist. Without it a tune call "
-                        "only prints the selection, so a call on part of the grid cannot register a partial plan")
+    p.add_argument(
+        "--write-plan",
+        action="store_true",
+        help="tune phase: register the test plan (plan.json) from this call's grid; needs every tuned row "
+        "and every grid point finished, and refuses once test runs exist. Without it a tune call "
+        "only prints the selection, so a call on part of the grid cannot register a partial plan",
+    )
     p.add_argument("--out", required=True, help="output folder (the plan, tune/ and runs/ live there)")
     return p
 
@@ -378,16 +497,22 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.methods is None:
         args.methods = list(TUNED if args.phase == "tune" else METHODS)
     if args.phase == "tune" and (matched := [m for m in args.methods if m in MATCHED]):
-        raise SystemExit(f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time")
+        raise SystemExit(
+            f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time"
+        )
     if args.write_plan and (args.phase != "tune" or set(args.methods) != set(TUNED)):
-        raise SystemExit("--write-plan registers the plan from a tune call over every tuned row "
-                         f"({', '.join(TUNED)}); this call has {'--phase test' if args.phase != 'tune' else 'a subset of --methods'}")
+        raise SystemExit(
+            "--write-plan registers the plan from a tune call over every tuned row "
+            f"({', '.join(TUNED)}); this call has {'--phase test' if args.phase != 'tune' else 'a subset of --methods'}"
+        )
     if args.phase == "test" and (args.grid_lr or args.grid_tau):
         raise SystemExit("--grid-lr/--grid-tau shape the tune phase; the test phase takes the plan's settings")
     grid = dict(SMOKE_GRID if args.smoke else TUNING_GRID)
     for key, values in (("lr", args.grid_lr), ("tau", args.grid_tau)):
         if values:
-            if any(not math.isfinite(v) or v < 0 or (key == "lr" and v == 0) for v in values) or len(set(values)) < len(values):
+            if any(not math.isfinite(v) or v < 0 or (key == "lr" and v == 0) for v in values) or len(set(values)) < len(
+                values
+            ):
                 raise SystemExit(f"--grid-{key} needs distinct finite values, {'> 0' if key == 'lr' else '>= 0'}")
             grid[key] = tuple(values)
     args.grid = grid
@@ -402,25 +527,44 @@ def _reuse(path: Path, settings: dict[str, Any], args: argparse.Namespace, **ext
     run = json.loads(path.read_text())
     diffs = paper_table.settings_differences(run, {"settings": settings, **_common(args), **extra})
     if diffs:
-        raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}); "
-                         "use another --out or remove the run")
+        raise SystemExit(
+            f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}); "
+            "use another --out or remove the run"
+        )
     return run
 
 
 def _load(args: argparse.Namespace, seed: int, evaluate_on: str) -> ImbalancedSplit:
-    return load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed, evaluate_on=evaluate_on,
-                           dev_per_class=args.dev_per_class)
+    return load_imbalanced(
+        args.dataset,
+        args.data_dir,
+        counts=args.counts,
+        seed=seed,
+        evaluate_on=evaluate_on,
+        dev_per_class=args.dev_per_class,
+    )
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dataset": args.dataset, "counts": list(args.counts), "dev_per_class": args.dev_per_class,
-            "smoke": args.smoke}
+    return {
+        "dataset": args.dataset,
+        "counts": list(args.counts),
+        "dev_per_class": args.dev_per_class,
+        "smoke": args.smoke,
+    }
 
 
 def _environment(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> dict[str, Any]:
-    return {"argv": list(sys.argv if argv is None else argv), "device": device, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "node": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "argv": list(sys.argv if argv is None else argv),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "node": platform.node(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> int:
@@ -445,19 +589,39 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                     fitted = fit_row(method, split, settings, seed, device)
                     seed_everything(seed)
                     proba = scored(fitted, split.x_test, seed)["proba"]
-                    run = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes,
-                                           train_counts=split.train_counts)
-                    run.update(method=method, seed=seed, config=config, settings=settings, phase="tune",
-                               evaluated_on=f"dev:{args.dev_per_class}", fit_seconds=fitted.fit_seconds,
-                               history=fitted.history, **_common(args))
+                    run = imbalance_report(
+                        split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts
+                    )
+                    run.update(
+                        method=method,
+                        seed=seed,
+                        config=config,
+                        settings=settings,
+                        phase="tune",
+                        evaluated_on=f"dev:{args.dev_per_class}",
+                        fit_seconds=fitted.fit_seconds,
+                        history=fitted.history,
+                        **_common(args),
+                    )
                     write_json(path, run)
-                    print(f"tune seed {seed} {method:>16} {key:>16}: dev acsa {run['acsa']:.4f} "
-                          f"({fitted.fit_seconds:.0f} s)", flush=True)
+                    print(
+                        f"tune seed {seed} {method:>16} {key:>16}: dev acsa {run['acsa']:.4f} "
+                        f"({fitted.fit_seconds:.0f} s)",
+                        flush=True,
+                    )
                 if run is not None:
                     results.setdefault(method, {}).setdefault(key, []).append(run)
-    summary = {m: {k: {"dev_acsa": float(np.mean([r["acsa"] for r in rs])), "n": len(rs),
-                       "fit_seconds": float(np.mean([r["fit_seconds"] for r in rs]))} for k, rs in cfgs.items()}
-               for m, cfgs in results.items()}
+    summary = {
+        m: {
+            k: {
+                "dev_acsa": float(np.mean([r["acsa"] for r in rs])),
+                "n": len(rs),
+                "fit_seconds": float(np.mean([r["fit_seconds"] for r in rs])),
+            }
+            for k, rs in cfgs.items()
+        }
+        for m, cfgs in results.items()
+    }
     write_json(out / "tune" / "summary.json", summary)
     plan = make_plan(out, args, grid, epochs, recipe)
     if plan is None:
@@ -467,14 +631,17 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
         print("plan.json not written (pass --write-plan on the call that registers the full grid)", flush=True)
         return 0
     if (done := sorted((out / "runs").glob("*.json"))) and (out / "plan.json").is_file():
-        raise SystemExit(f"{out / 'plan.json'} already fixes {len(done)} test run(s) under {out / 'runs'}; "
-                         "a registered plan is not rewritten (use another --out)")
+        raise SystemExit(
+            f"{out / 'plan.json'} already fixes {len(done)} test run(s) under {out / 'runs'}; "
+            "a registered plan is not rewritten (use another --out)"
+        )
     write_json(out / "plan.json", {**plan, "environment": _environment(args, argv, device)})
     return 0
 
 
-def make_plan(out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, ...]], epochs: int,
-              recipe: Recipe) -> dict[str, Any] | None:
+def make_plan(
+    out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, ...]], epochs: int, recipe: Recipe
+) -> dict[str, Any] | None:
     """The test plan from every finished tune run under ``out/tune`` (None, with a message, while a row lacks one).
 
     Each row's configuration with the best mean dev ACSA over the tune seeds (ties: the first in grid order); the
@@ -508,12 +675,22 @@ def make_plan(out: Path, args: argparse.Namespace, grid: dict[str, tuple[float, 
     if missing:
         print(f"no plan yet: {len(missing)} tune run(s) missing, e.g. {', '.join(missing[:3])}", flush=True)
         return None
-    matched = {m: max(epochs, round(epochs * fit_seconds[REFERENCE] / fit_seconds[base])) for m, base in MATCHED.items()}
+    matched = {
+        m: max(epochs, round(epochs * fit_seconds[REFERENCE] / fit_seconds[base])) for m, base in MATCHED.items()
+    }
     if args.smoke:  # a one-epoch smoke fit is start-up cost, not a wall-time ratio; keep the check seconds long
         matched = {m: min(e, SMOKE["max_matched_epochs"]) for m, e in matched.items()}
-    return {**_common(args), "epochs": epochs, "grid": {k: list(v) for k, v in grid.items()}, "tune_seeds": seeds,
-            "protocol": {**PROTOCOL, "epochs": epochs}, "selected": selected, "mean_fit_seconds": fit_seconds,
-            "matched_epochs": matched, "selection": "best mean dev ACSA over the tune seeds"}
+    return {
+        **_common(args),
+        "epochs": epochs,
+        "grid": {k: list(v) for k, v in grid.items()},
+        "tune_seeds": seeds,
+        "protocol": {**PROTOCOL, "epochs": epochs},
+        "selected": selected,
+        "mean_fit_seconds": fit_seconds,
+        "matched_epochs": matched,
+        "selection": "best mean dev ACSA over the tune seeds",
+    }
 
 
 def planned(method: str, plan: dict[str, Any]) -> tuple[dict[str, float], int]:
@@ -556,15 +733,30 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                         raise SystemExit(f"seed {seed}: the dev and test loads drew different training subsets")
                 fitted = fit_row(method, split, settings, seed, device)
                 run = evaluate_run(fitted, split, dev.x_test, dev.y_test, seed, args.ood_per_set)
-                run.update(method=method, seed=seed, config=config, epochs=epochs, settings=settings, phase="test",
-                           fit_seconds=fitted.fit_seconds, seconds=fitted.fit_seconds + run["evaluate_seconds"],
-                           train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
-                           dev_size=len(dev.y_test), evaluated_on="test", ood_per_set=args.ood_per_set or "all",
-                           history=fitted.history, **_common(args))
+                run.update(
+                    method=method,
+                    seed=seed,
+                    config=config,
+                    epochs=epochs,
+                    settings=settings,
+                    phase="test",
+                    fit_seconds=fitted.fit_seconds,
+                    seconds=fitted.fit_seconds + run["evaluate_seconds"],
+                    train_counts=split.train_counts.tolist(),
+                    test_size=len(split.y_test),
+                    dev_size=len(dev.y_test),
+                    evaluated_on="test",
+                    ood_per_set=args.ood_per_set or "all",
+                    history=fitted.history,
+                    **_common(args),
+                )
                 write_json(path, run)
-                print(f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
-                      f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "
-                      f"ood {run['ood_auroc']:.3f} ({run['seconds']:.0f} s)", flush=True)
+                print(
+                    f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
+                    f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "
+                    f"ood {run['ood_auroc']:.3f} ({run['seconds']:.0f} s)",
+                    flush=True,
+                )
             if run is not None:
                 runs[method].append(run)
     runs = {m: r for m, r in runs.items() if r}
@@ -572,26 +764,39 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     summary: dict[str, Any] = paper_table.summarise(runs, SUMMARY_METRICS)
     summary["n_seeds"] = len(pooled)
     write_json(out / "summary.json", summary)
-    pairs = paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
+    pairs = (
+        paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
+    )
     write_json(out / "paired.json", pairs)
     table = render_table(summary, pooled, {m: len(r) for m, r in runs.items()}, plan, args)
     if pairs:
-        table += ("\nPaired over seeds (the default DGC minus each row; positive ACSA / F_macro / AUROC and negative "
-                  "ECE / NLL / AURC favour DGC):\n\n" + format_paired(pairs))
+        table += (
+            "\nPaired over seeds (the default DGC minus each row; positive ACSA / F_macro / AUROC and negative "
+            "ECE / NLL / AURC favour DGC):\n\n" + format_paired(pairs)
+        )
     table += f"\n{'Collected' if args.collect else f'Wall time of this call {time.perf_counter() - started:.0f} s'}.\n"
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0
 
 
-def render_table(summary: dict[str, Any], seeds: Sequence[int], counts: dict[str, int], plan: dict[str, Any],
-                 args: argparse.Namespace) -> str:
+def render_table(
+    summary: dict[str, Any],
+    seeds: Sequence[int],
+    counts: dict[str, int],
+    plan: dict[str, Any],
+    args: argparse.Namespace,
+) -> str:
     """The markdown table: one row per method, the headline columns, then OOD AUROC per set."""
-    lines = [f"### Evidence table ({args.dataset}{', SMOKE' if args.smoke else ''}): mean ± std over seeds "
-             f"{', '.join(map(str, seeds))}", "",
-             f"Protocol: {plan['protocol']}; settings tuned on the dev set (seeds {plan['tune_seeds']}, "
-             f"{plan['selection']}); matched epochs {plan['matched_epochs']}; temperature fitted on "
-             f"{args.dev_per_class} dev images a class; OOD score: 1 - max probability.", ""]
+    lines = [
+        f"### Evidence table ({args.dataset}{', SMOKE' if args.smoke else ''}): mean ± std over seeds "
+        f"{', '.join(map(str, seeds))}",
+        "",
+        f"Protocol: {plan['protocol']}; settings tuned on the dev set (seeds {plan['tune_seeds']}, "
+        f"{plan['selection']}); matched epochs {plan['matched_epochs']}; temperature fitted on "
+        f"{args.dev_per_class} dev images a class; OOD score: 1 - max probability.",
+        "",
+    ]
     head = [label for _, label in TABLE_COLUMNS] + [f"AUROC {s}" for s in OOD_SETS] + ["Wall time (s)"]
     lines += ["| Method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
     for method, metrics in summary.items():
@@ -603,11 +808,15 @@ def render_table(summary: dict[str, Any], seeds: Sequence[int], counts: dict[str
         n = counts.get(method, len(seeds))
         label = METHOD_LABELS.get(method, method) + (f" ({n} of {len(seeds)} seeds)" if n < len(seeds) else "")
         lines.append(f"| {label} | " + " | ".join(cells) + (f" | {t['mean']:.0f} |" if t else " | — |"))
-    other = [(m, k) for m, metrics in summary.items() if m != "n_seeds" for k in metrics if k.startswith("ood_auroc_by_")]
+    other = [
+        (m, k) for m, metrics in summary.items() if m != "n_seeds" for k in metrics if k.startswith("ood_auroc_by_")
+    ]
     if other:
         lines += ["", "OOD AUROC (mean over sets) with each row's other scores:", ""]
-        lines += [f"- {METHOD_LABELS.get(m, m)}, {k.removeprefix('ood_auroc_by_')}: {paper_table._pm(summary[m][k])}"
-                  for m, k in other]
+        lines += [
+            f"- {METHOD_LABELS.get(m, m)}, {k.removeprefix('ood_auroc_by_')}: {paper_table._pm(summary[m][k])}"
+            for m, k in other
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -23,8 +23,9 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,16 +94,40 @@ def stratified_test(y: torch.Tensor, per_class: int, seed: int = 0) -> torch.Ten
 
 def run(cfg: Config, split, x_tr, x_ev, y_ev, seed: int, num_samples: int) -> dict:
     seed_everything(seed)
-    model = DGC((x_tr.shape[1],), split.num_classes, cfg.latent_dim, "small", likelihood=cfg.likelihood,
-                obs_scale=cfg.obs_scale, label_weight=cfg.label_weight, label_in_guide=cfg.label_in_guide)
+    model = DGC(
+        (x_tr.shape[1],),
+        split.num_classes,
+        cfg.latent_dim,
+        "small",
+        likelihood=cfg.likelihood,
+        obs_scale=cfg.obs_scale,
+        label_weight=cfg.label_weight,
+        label_in_guide=cfg.label_in_guide,
+    )
     kwargs = {"pretrain_steps": cfg.pretrain_steps} if cfg.pretrain_steps else {}
     t0 = time.perf_counter()
-    hist = fit(model, x_tr, split.y_train, epochs=cfg.epochs, lr=cfg.lr, objective=objective_of(cfg.objective),
-               device="cpu", seed=seed, progress=False, perturbation_rate=cfg.perturbation_rate,
-               val_num_samples=3, **kwargs)
+    hist = fit(
+        model,
+        x_tr,
+        split.y_train,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        objective=objective_of(cfg.objective),
+        device="cpu",
+        seed=seed,
+        progress=False,
+        perturbation_rate=cfg.perturbation_rate,
+        val_num_samples=3,
+        **kwargs,
+    )
     fit_s = time.perf_counter() - t0
-    out = {"config": dataclasses.asdict(cfg), "fit_seconds": fit_s, "best_epoch": hist.best_epoch,
-           "val_acsa": [e.get("val_acsa") for e in hist.epochs], "rules": {}}
+    out = {
+        "config": dataclasses.asdict(cfg),
+        "fit_seconds": fit_s,
+        "best_epoch": hist.best_epoch,
+        "val_acsa": [e.get("val_acsa") for e in hist.epochs],
+        "rules": {},
+    }
     for rule in scoring_rules_for(model):
         t1 = time.perf_counter()
         pred = predict(model, x_ev, num_samples, rule=rule)
@@ -125,13 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", type=int, choices=sorted(PHASES), default=1)
     p.add_argument("--only", nargs="*", default=None, help="names of configurations to run")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--evaluate-on", choices=("dev", "test"), default="dev",
-                   help="dev: unused training images (the default; for choices); test: a subsample of the test "
-                        "split, only to reproduce the session-1 records")
-    p.add_argument("--dev-per-class", type=int, default=None,
-                   help="images a class of the dev set (default 100; --evaluate-on dev only)")
-    p.add_argument("--test-per-class", type=int, default=None,
-                   help="test images a class of the subsample (default 100; --evaluate-on test only)")
+    p.add_argument(
+        "--evaluate-on",
+        choices=("dev", "test"),
+        default="dev",
+        help="dev: unused training images (the default; for choices); test: a subsample of the test "
+        "split, only to reproduce the session-1 records",
+    )
+    p.add_argument(
+        "--dev-per-class",
+        type=int,
+        default=None,
+        help="images a class of the dev set (default 100; --evaluate-on dev only)",
+    )
+    p.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="test images a class of the subsample (default 100; --evaluate-on test only)",
+    )
     p.add_argument("--num-samples", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/fashion_ablation_dev/ablation.json")
@@ -153,24 +190,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.evaluate_on == "dev":
         per_class = args.dev_per_class or 100
-        split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=args.seed, evaluate_on="dev",
-                                dev_per_class=per_class)
+        split = load_imbalanced(
+            args.dataset, args.data_dir, counts=args.counts, seed=args.seed, evaluate_on="dev", dev_per_class=per_class
+        )
         x_ev, y_ev = split.x_test, split.y_test  # the dev set, in the test split's place
     else:
         per_class = args.test_per_class or 100
         split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=args.seed)
         sel = stratified_test(split.y_test, per_class)
         x_ev, y_ev = split.x_test[sel], split.y_test[sel]
-    evaluation = {"evaluate_on": args.evaluate_on, "per_class": per_class, "size": int(len(y_ev)),
-                  "dataset": split.name, "seed": args.seed, "train_counts": split.train_counts.tolist()}
+    evaluation = {
+        "evaluate_on": args.evaluate_on,
+        "per_class": per_class,
+        "size": len(y_ev),
+        "dataset": split.name,
+        "seed": args.seed,
+        "train_counts": split.train_counts.tolist(),
+    }
     x_tr = split.x_train.reshape(len(split.x_train), -1)
     x_ev = x_ev.reshape(len(x_ev), -1)
     out_path = Path(args.out)
     saved = json.loads(out_path.read_text()) if out_path.exists() else {"evaluation": evaluation, "results": {}}
     if saved.get("evaluation") != evaluation:
         # Never mix scores of different evaluation sets (or the session-1 test-split records) in one file.
-        p.error(f"{out_path} holds results of another evaluation ({saved.get('evaluation', 'session-1 format, test split')}"
-                f" vs {evaluation}); choose another --out")
+        p.error(
+            f"{out_path} holds results of another evaluation ({saved.get('evaluation', 'session-1 format, test split')}"
+            f" vs {evaluation}); choose another --out"
+        )
     for cfg in PHASES[args.phase]:
         if args.only and cfg.name not in args.only:
             continue
@@ -179,8 +225,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         r["evaluate_on"] = args.evaluate_on
         saved["results"][f"phase {args.phase}: {cfg.name}"] = r
         write_json(out_path, saved)
-        print(cfg.name, f"fit {r['fit_seconds']:.0f}s best_epoch {r['best_epoch']}",
-              " ".join(f"{k}: acsa {v['acsa']:.4f} ece {v['ece']:.3f}" for k, v in r["rules"].items()), flush=True)
+        print(
+            cfg.name,
+            f"fit {r['fit_seconds']:.0f}s best_epoch {r['best_epoch']}",
+            " ".join(f"{k}: acsa {v['acsa']:.4f} ece {v['ece']:.3f}" for k, v in r["rules"].items()),
+            flush=True,
+        )
     return saved
 
 

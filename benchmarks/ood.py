@@ -34,13 +34,13 @@ import torch
 
 from dgc_pyro.baselines import fit_baseline
 from dgc_pyro.data import load_imbalanced
-from dgc_pyro.data.ood import OOD_SETS, ood_sets
+from dgc_pyro.data.ood import ood_sets
 from dgc_pyro.experiment import default_recipe, run_experiment
 from dgc_pyro.inference.density import OOD_SCORES, fit_ood_threshold, ood_score
 from dgc_pyro.inference.predict import predict
 from dgc_pyro.io import atomic_write_text, write_json
-from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.metrics import aurc, fpr_at_tpr, ood_auroc
+from dgc_pyro.ood_detector import logit_scores
 from dgc_pyro.reproducibility import seed_everything
 
 DGC_SCORES = OOD_SCORES
@@ -53,8 +53,13 @@ def _dgc_outputs(model: Any, x: torch.Tensor, num_samples: int, seed: int) -> di
     seed_everything(seed)
     pred = predict(model, x, num_samples, balanced=model.has_class_prior)
     det = model.ood_detector
-    out = {"labels": pred.labels.cpu(), "entropy": pred.entropy.cpu(), "log_density": pred.log_density.cpu(),
-           "ood": pred.ood.cpu(), "flag_score": pred.ood_score.cpu()}
+    out = {
+        "labels": pred.labels.cpu(),
+        "entropy": pred.entropy.cpu(),
+        "log_density": pred.log_density.cpu(),
+        "ood": pred.ood.cpu(),
+        "flag_score": pred.ood_score.cpu(),
+    }
     for name in DGC_SCORES:
         out[name] = ood_score(pred.log_density, x if name == "complexity" else None, name, det.center)
     out["both"] = det.combined(pred.entropy, pred.ood_score)
@@ -69,8 +74,9 @@ def _baseline_outputs(fitted: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     split = load_imbalanced(args.dataset, args.data_dir, seed=seed, counts=args.counts)
-    dev = load_imbalanced(args.dataset, args.data_dir, seed=seed, counts=args.counts, evaluate_on="dev",
-                          dev_per_class=args.dev_per_class)
+    dev = load_imbalanced(
+        args.dataset, args.data_dir, seed=seed, counts=args.counts, evaluate_on="dev", dev_per_class=args.dev_per_class
+    )
     recipe = default_recipe(split.name)
     if args.epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=args.epochs)
@@ -81,9 +87,17 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     result = run_experiment(split, recipe, seed=seed, device=args.device, baseline=None, progress=args.progress)
     model = result.model
     detector = fit_ood_threshold(model, dev.x_test, args.false_alarm, num_samples=recipe.num_samples, seed=seed)
-    fitted = fit_baseline("logit_adjusted", split.x_train, split.y_train, num_classes=split.num_classes,
-                          **recipe.baseline_options(), lr=min(recipe.lr, 1e-3), device=args.device, seed=seed,
-                          progress=args.progress)
+    fitted = fit_baseline(
+        "logit_adjusted",
+        split.x_train,
+        split.y_train,
+        num_classes=split.num_classes,
+        **recipe.baseline_options(),
+        lr=min(recipe.lr, 1e-3),
+        device=args.device,
+        seed=seed,
+        progress=args.progress,
+    )
     t_fit = time.perf_counter() - t0
 
     n_in = len(y_test)
@@ -91,21 +105,26 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     dgc_in = _dgc_outputs(model, x_test, recipe.num_samples, seed)
     base_in = _baseline_outputs(fitted, x_test)
     record: dict[str, Any] = {
-        "seed": seed, "epochs": recipe.epochs, "test_size": n_in, "dev_size": int(len(dev.y_test)),
+        "seed": seed,
+        "epochs": recipe.epochs,
+        "test_size": n_in,
+        "dev_size": len(dev.y_test),
         "dgc_acc": float((dgc_in["labels"] == y_test).float().mean()),
         "baseline_acc": float((base_in["labels"] == y_test).float().mean()),
-        "flag_rate_test": float(dgc_in["ood"].float().mean()), "flag_score": detector.score,
-        "false_alarm": detector.false_alarm, "sets": {},
+        "flag_rate_test": float(dgc_in["ood"].float().mean()),
+        "flag_score": detector.score,
+        "false_alarm": detector.false_alarm,
+        "sets": {},
     }
     rng = np.random.default_rng(seed)
-    per_set = int(round(args.stream_ood_share / (1 - args.stream_ood_share) * n_in / len(sets)))
+    per_set = round(args.stream_ood_share / (1 - args.stream_ood_share) * n_in / len(sets))
     stream_dgc = {k: [dgc_in[k]] for k in ("entropy", "flag_score", "both")}
     stream_base = [base_in["max_softmax"]]
     for name, x_out in sets.items():
         x_out = x_out[:n_in]  # at most as many OOD as in-distribution images (the digits set has 1,797)
         dgc_out = _dgc_outputs(model, x_out, recipe.num_samples, seed)
         base_out = _baseline_outputs(fitted, x_out)
-        row: dict[str, Any] = {"size": int(len(x_out)), "flag_rate": float(dgc_out["ood"].float().mean())}
+        row: dict[str, Any] = {"size": len(x_out), "flag_rate": float(dgc_out["ood"].float().mean())}
         for score in DGC_SCORES:
             row[f"dgc_{score}_auroc"] = ood_auroc(dgc_in[score], dgc_out[score])
             row[f"dgc_{score}_fpr95"] = fpr_at_tpr(dgc_in[score], dgc_out[score])
@@ -121,7 +140,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     correct_dgc = torch.cat([dgc_in["labels"] == y_test, torch.zeros(n_out, dtype=torch.bool)])
     correct_base = torch.cat([base_in["labels"] == y_test, torch.zeros(n_out, dtype=torch.bool)])
     record["stream"] = {
-        "ood_share": n_out / (n_in + n_out), "size": n_in + n_out,
+        "ood_share": n_out / (n_in + n_out),
+        "size": n_in + n_out,
         "aurc_entropy": aurc(correct_dgc, torch.cat(stream_dgc["entropy"])),
         "aurc_density": aurc(correct_dgc, torch.cat(stream_dgc["flag_score"])),
         "aurc_both": aurc(correct_dgc, torch.cat(stream_dgc["both"])),
@@ -140,23 +160,42 @@ def _mean(records: list[dict[str, Any]], get: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The tables of ``ood.md``: means (± sd over seeds) of every figure."""
     recs = report["seeds"]
-    lines = [f"# OOD detection and reject option: {report['dataset']}, seeds {report['seed_list']}, "
-             f"{recs[0]['epochs']} epochs", "",
-             f"{report['command']}  ", f"{report['machine']}, {report['date']}", "",
-             f"DGC accuracy {_mean(recs, lambda r: r['dgc_acc'])}, baseline (logit-adjusted CE) "
-             f"{_mean(recs, lambda r: r['baseline_acc'])}; OOD flag ({recs[0]['flag_score']}, stated false-alarm "
-             f"{recs[0]['false_alarm']}) on the test split: {_mean(recs, lambda r: r['flag_rate_test'])}", "",
-             "## AUROC (FPR95) per OOD set", ""]
+    lines = [
+        f"# OOD detection and reject option: {report['dataset']}, seeds {report['seed_list']}, "
+        f"{recs[0]['epochs']} epochs",
+        "",
+        f"{report['command']}  ",
+        f"{report['machine']}, {report['date']}",
+        "",
+        f"DGC accuracy {_mean(recs, lambda r: r['dgc_acc'])}, baseline (logit-adjusted CE) "
+        f"{_mean(recs, lambda r: r['baseline_acc'])}; OOD flag ({recs[0]['flag_score']}, stated false-alarm "
+        f"{recs[0]['false_alarm']}) on the test split: {_mean(recs, lambda r: r['flag_rate_test'])}",
+        "",
+        "## AUROC (FPR95) per OOD set",
+        "",
+    ]
     cols = [f"dgc_{s}" for s in DGC_SCORES] + [f"baseline_{s}" for s in BASELINE_SCORES]
     lines += ["| set | flag rate | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name in recs[0]["sets"]:
-        cells = [_mean(recs, lambda r, c=c: r["sets"][name][f"{c}_auroc"]) + " ("
-                 + _mean(recs, lambda r, c=c: r["sets"][name][f"{c}_fpr95"]) + ")" for c in cols]
-        lines.append(f"| {name} | {_mean(recs, lambda r: r['sets'][name]['flag_rate'])} | " + " | ".join(cells) + " |")
+        cells = [
+            _mean(recs, lambda r, c=c, name=name: r["sets"][name][f"{c}_auroc"])
+            + " ("
+            + _mean(recs, lambda r, c=c, name=name: r["sets"][name][f"{c}_fpr95"])
+            + ")"
+            for c in cols
+        ]
+        rate = _mean(recs, lambda r, name=name: r["sets"][name]["flag_rate"])
+        lines.append(f"| {name} | {rate} | " + " | ".join(cells) + " |")
     share = recs[0]["stream"]["ood_share"]
-    lines += ["", f"## AURC on the mixed stream ({share:.0%} OOD; lower is better)", "",
-              "| " + " | ".join(REJECT_SCORES) + " |", "|---" * len(REJECT_SCORES) + "|",
-              "| " + " | ".join(_mean(recs, lambda r, k=k: r["stream"][f"aurc_{k}"]) for k in REJECT_SCORES) + " |", ""]
+    lines += [
+        "",
+        f"## AURC on the mixed stream ({share:.0%} OOD; lower is better)",
+        "",
+        "| " + " | ".join(REJECT_SCORES) + " |",
+        "|---" * len(REJECT_SCORES) + "|",
+        "| " + " | ".join(_mean(recs, lambda r, k=k: r["stream"][f"aurc_{k}"]) for k in REJECT_SCORES) + " |",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -184,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         args.counts = parse_counts(args.counts)
     seeds = [int(s) for s in args.seeds.split(",")]
     report = {
-        "dataset": args.dataset, "seed_list": seeds, "command": "python benchmarks/ood.py " + " ".join(argv or sys.argv[1:]),
+        "dataset": args.dataset,
+        "seed_list": seeds,
+        "command": "python benchmarks/ood.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.node()} ({platform.machine()}, {torch.get_num_threads()} torch threads)",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seeds": [],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seeds": [],
     }
     out = Path(args.out)
     for seed in seeds:

@@ -31,22 +31,23 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from dgc_pyro.baselines import BASELINE_LOSSES, BASELINE_REGISTRY, fit_baseline
+from dgc_pyro.config import LEGACY_NAMES
 from dgc_pyro.data import DATASET_REGISTRY, EVALUATION_SETS, default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES, transform_option
-from dgc_pyro.inference.schedule import LR_SCHEDULES
-from dgc_pyro.config import LEGACY_NAMES
 from dgc_pyro.experiment import PAPER_GUIDE_28, Recipe, default_recipe, recipe_overrides, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
-from dgc_pyro.inference.resume import copy_tree
 from dgc_pyro.inference.predict import SCORING_RULE_REGISTRY, predict
+from dgc_pyro.inference.resume import copy_tree
+from dgc_pyro.inference.schedule import LR_SCHEDULES
 from dgc_pyro.io import write_json
 from dgc_pyro.metrics import expected_calibration_error, format_paired, imbalance_report, paired_difference
 from dgc_pyro.reproducibility import seed_everything
@@ -55,7 +56,9 @@ from dgc_pyro.reproducibility import seed_everything
 #: fashion/mnist: label-free q(z | x), logit-adjusted p(y | z), label_weight 1000, Normal(0.3) pixels).
 #: ``dgc_wae_mmd_kl`` adds the KL term to the paper's objective (see ``dgc_pyro.inference.objectives``).
 #: ``dgc_elbo_paper_guide`` is the paper's structure: q(z | x, y), plain p(y | z), the first ablation's weights.
-PAPER_GUIDE = {f: getattr(PAPER_GUIDE_28, f) for f in ("label_in_guide", "logit_adjustment", "label_weight", "obs_scale")}
+PAPER_GUIDE = {
+    f: getattr(PAPER_GUIDE_28, f) for f in ("label_in_guide", "logit_adjustment", "label_weight", "obs_scale")
+}
 DGC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dgc_elbo": ("elbo", {}),
     "dgc_wae_mmd": ("wae-mmd", {}),
@@ -63,13 +66,22 @@ DGC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dgc_elbo_paper_guide": ("elbo", PAPER_GUIDE),
     "dgc_elbo_paper_guide_la": ("elbo", {**PAPER_GUIDE, "logit_adjustment": 1.0}),
     # issue 21, mechanism 1: p(z | y) = N(mu_y, Sigma) scored by Bayes' rule; no label head, so no perturbation step
-    "dgc_class_conditional": ("elbo", {"latent_prior": "class_conditional", "label_in_guide": False,
-                                       "perturbation_rate": 0.0}),
+    "dgc_class_conditional": (
+        "elbo",
+        {"latent_prior": "class_conditional", "label_in_guide": False, "perturbation_rate": 0.0},
+    ),
 }
 DGC_METHODS = tuple(DGC_VARIANTS)
 METHODS = DGC_METHODS + BASELINE_LOSSES
 SUMMARY_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece", "acc", "val_acsa", "seconds")
-TABLE_COLUMNS = (("acsa", "ACSA"), ("fmacro", "F_macro"), ("gmean", "G_macro"), ("r_mi", "R_MI"), ("p_ma", "P_MA"), ("ece", "ECE"))
+TABLE_COLUMNS = (
+    ("acsa", "ACSA"),
+    ("fmacro", "F_macro"),
+    ("gmean", "G_macro"),
+    ("r_mi", "R_MI"),
+    ("p_ma", "P_MA"),
+    ("ece", "ECE"),
+)
 
 #: DGC's published results (paper Tables 2-3; DGC_METHOD.md), and the paper's strongest baseline ACSA.
 PAPER_DGC: dict[str, dict[str, float]] = {
@@ -79,7 +91,10 @@ PAPER_DGC: dict[str, dict[str, float]] = {
     "celeba": {"acsa": 0.6755, "fmacro": 0.6454, "gmean": 0.7779, "r_mi": 0.2987, "p_ma": 0.7603},
 }
 PAPER_BEST_BASELINE: dict[str, tuple[str, float]] = {
-    "mnist": ("BayesCNN", 0.9158), "fashion": ("mmDGMs", 0.8091), "svhn": ("mmDGMs", 0.7220), "celeba": ("GAMO", 0.6409),
+    "mnist": ("BayesCNN", 0.9158),
+    "fashion": ("mmDGMs", 0.8091),
+    "svhn": ("mmDGMs", 0.7220),
+    "celeba": ("GAMO", 0.6409),
 }
 
 #: Adam's rate for every baseline (DGC's is its recipe's), unless ``--baseline-set lr=...``
@@ -92,63 +107,130 @@ QUICK = {"epochs": 6, "latent_dim": 32, "num_samples": 4, "val_num_samples": 2}
 #: subset are 90 steps, which leave DGC (the paper's weak label term) at chance; its 60 take seconds.
 QUICK_KEEPS_EPOCHS = ("digits",)
 METHOD_LABELS = {
-    "dgc_elbo": "DGC, ELBO (ours)", "dgc_wae_mmd": "DGC, WAE-MMD (ours)",
+    "dgc_elbo": "DGC, ELBO (ours)",
+    "dgc_wae_mmd": "DGC, WAE-MMD (ours)",
     "dgc_wae_mmd_kl": "DGC, WAE-MMD + KL (ours)",
     "dgc_elbo_paper_guide": "DGC, ELBO, paper's q(z|x,y) (ours)",
     "dgc_elbo_paper_guide_la": "DGC, ELBO, paper's q(z|x,y) + logit-adjusted p(y|z) (ours)",
     "dgc_class_conditional": "DGC, ELBO, class-conditional p(z|y), Bayes' rule (ours)",
-    "ce": "CE", "logit_adjusted": "Logit-adjusted CE",
-    "balanced_softmax": "Balanced softmax", "cb_focal": "CB focal", "ldam_drw": "LDAM-DRW",
+    "ce": "CE",
+    "logit_adjusted": "Logit-adjusted CE",
+    "balanced_softmax": "Balanced softmax",
+    "cb_focal": "CB focal",
+    "ldam_drw": "LDAM-DRW",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", required=True, choices=DATASET_REGISTRY.names())
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="imbalanced subsets (and training seeds)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="imbalanced subsets (and training seeds)"
+    )
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--quick", action="store_true", help="CPU preset: MLP backbone, few epochs, few latent draws")
-    p.add_argument("--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)")
+    p.add_argument(
+        "--counts", type=parse_counts, default=None, help="per-class training counts (default: paper Table 1)"
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs of every method (default: the recipe's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--num-samples", type=int, default=None, help="latent draws per class when DGC predicts")
-    p.add_argument("--rule", choices=SCORING_RULE_REGISTRY.names(), default=None,
-                   help="DGC's scoring rule on the evaluation split (default: the model's, mixture for q(z|x,y) and "
-                        "latent for q(z|x)); the validation scores that pick the epoch always use the model's")
-    p.add_argument("--backbone", choices=("auto", "conv", "mlp"), default="auto",
-                   help="conv: the preset's image networks; mlp: flattened pixels (default: mlp with --quick)")
-    p.add_argument("--preset", choices=("small", "paper"), default=None,
-                   help="network preset of DGC and every baseline (default: the recipe's; 'small' with --quick)")
-    p.add_argument("--val-num-samples", type=int, default=None,
-                   help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)")
-    p.add_argument("--transform", choices=TRANSFORM_CHOICES, default=None,
-                   help="random training-time transform of every batch, for DGC and every baseline alike")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                   help="learning-rate schedule of DGC and every baseline alike (default: the recipe's, constant)")
-    p.add_argument("--recipe-set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help="change fields of the DGC recipe (dgc_pyro.experiment.Recipe), e.g. perturbation_rate=0; a DGC "
-                        "row's own changes win, and the fields the baselines share (epochs, batch_size, preset, "
-                        "val_fraction, transform, lr_schedule) change them too")
-    p.add_argument("--baseline-set", nargs="+", default=[], metavar="FIELD=VALUE",
-                   help=f"baseline settings for this call ({', '.join(f'{k} (default {v})' for k, v in BASELINE_SETTINGS.items())}); "
-                        "tau applies to logit_adjusted and balanced_softmax only")
+    p.add_argument(
+        "--rule",
+        choices=SCORING_RULE_REGISTRY.names(),
+        default=None,
+        help="DGC's scoring rule on the evaluation split (default: the model's, mixture for q(z|x,y) and "
+        "latent for q(z|x)); the validation scores that pick the epoch always use the model's",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=("auto", "conv", "mlp"),
+        default="auto",
+        help="conv: the preset's image networks; mlp: flattened pixels (default: mlp with --quick)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("small", "paper"),
+        default=None,
+        help="network preset of DGC and every baseline (default: the recipe's; 'small' with --quick)",
+    )
+    p.add_argument(
+        "--val-num-samples",
+        type=int,
+        default=None,
+        help="latent draws per class when DGC scores its validation split each epoch (default: --num-samples)",
+    )
+    p.add_argument(
+        "--transform",
+        choices=TRANSFORM_CHOICES,
+        default=None,
+        help="random training-time transform of every batch, for DGC and every baseline alike",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="learning-rate schedule of DGC and every baseline alike (default: the recipe's, constant)",
+    )
+    p.add_argument(
+        "--recipe-set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change fields of the DGC recipe (dgc_pyro.experiment.Recipe), e.g. perturbation_rate=0; a DGC "
+        "row's own changes win, and the fields the baselines share (epochs, batch_size, preset, "
+        "val_fraction, transform, lr_schedule) change them too",
+    )
+    p.add_argument(
+        "--baseline-set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"baseline settings for this call ({', '.join(f'{k} (default {v})' for k, v in BASELINE_SETTINGS.items())}); "
+        "tau applies to logit_adjusted and balanced_softmax only",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-    p.add_argument("--collect", action="store_true",
-                   help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="fit nothing: summarise the OUT/runs/*.json that exist (e.g. after per-seed processes)",
+    )
     p.add_argument("--resume", action="store_true", help="reuse OUT/runs/*.json written by an earlier call")
-    p.add_argument("--collect-from", nargs="+", default=[], metavar="DIR",
-                   help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)")
-    p.add_argument("--reference", choices=METHODS, default=None,
-                   help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)")
-    p.add_argument("--evaluate-on", choices=EVALUATION_SETS, default="test",
-                   help="score every run on the official test split (default) or on a class-balanced dev set of "
-                        "training images outside the subset (for recipe choices; never decide on the test split)")
-    p.add_argument("--dev-per-class", type=int, default=1000,
-                   help="with --evaluate-on dev: images of each class in the dev set (default: 1000)")
-    p.add_argument("--also-last", action="store_true",
-                   help="also score each method's last-epoch weights on the evaluation split (run['last_epoch']) and add the "
-                        "paired last-minus-selected comparison to the table (from the same fits)")
+    p.add_argument(
+        "--collect-from",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="with --collect: also read DIR/runs/*.json for the runs OUT lacks (pool seeds of several tables)",
+    )
+    p.add_argument(
+        "--reference",
+        choices=METHODS,
+        default=None,
+        help="the row that the paired comparisons subtract every other method from (default: dgc_elbo)",
+    )
+    p.add_argument(
+        "--evaluate-on",
+        choices=EVALUATION_SETS,
+        default="test",
+        help="score every run on the official test split (default) or on a class-balanced dev set of "
+        "training images outside the subset (for recipe choices; never decide on the test split)",
+    )
+    p.add_argument(
+        "--dev-per-class",
+        type=int,
+        default=1000,
+        help="with --evaluate-on dev: images of each class in the dev set (default: 1000)",
+    )
+    p.add_argument(
+        "--also-last",
+        action="store_true",
+        help="also score each method's last-epoch weights on the evaluation split (run['last_epoch']) and add the "
+        "paired last-minus-selected comparison to the table (from the same fits)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -159,8 +241,9 @@ def recipe_for(dataset: str, args: argparse.Namespace) -> Recipe:
     recipe = default_recipe(dataset, args.preset)
     changes: dict[str, Any] = {}
     if args.quick:
-        changes.update(latent_dim=min(recipe.latent_dim, QUICK["latent_dim"]), num_samples=QUICK["num_samples"],
-                       preset="small")
+        changes.update(
+            latent_dim=min(recipe.latent_dim, QUICK["latent_dim"]), num_samples=QUICK["num_samples"], preset="small"
+        )
         if dataset not in QUICK_KEEPS_EPOCHS:
             changes["epochs"] = min(recipe.epochs, QUICK["epochs"])
     if args.epochs is not None:
@@ -186,7 +269,9 @@ def baseline_settings(items: Sequence[str]) -> dict[str, float]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in BASELINE_SETTINGS:
-            raise SystemExit(f"--baseline-set: {item!r} is not FIELD=VALUE with FIELD one of {sorted(BASELINE_SETTINGS)}")
+            raise SystemExit(
+                f"--baseline-set: {item!r} is not FIELD=VALUE with FIELD one of {sorted(BASELINE_SETTINGS)}"
+            )
         try:
             value = float(text)
         except ValueError:
@@ -199,14 +284,18 @@ def baseline_settings(items: Sequence[str]) -> dict[str, float]:
 
 def _flat(split: ImbalancedSplit) -> ImbalancedSplit:
     return dataclasses.replace(
-        split, x_train=split.x_train.reshape(len(split.x_train), -1), x_test=split.x_test.reshape(len(split.x_test), -1),
+        split,
+        x_train=split.x_train.reshape(len(split.x_train), -1),
+        x_test=split.x_test.reshape(len(split.x_test), -1),
         input_shape=(int(np.prod(split.input_shape)),),
     )
 
 
 def _report(split: ImbalancedSplit, proba: torch.Tensor) -> dict[str, float]:
     proba = proba.detach().cpu().float()
-    report = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts)
+    report = imbalance_report(
+        split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts
+    )
     report["ece"] = expected_calibration_error(split.y_test, proba)
     return report
 
@@ -218,8 +307,16 @@ def method_recipe(method: str, recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, objective=objective, **changes)
 
 
-def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str, rule: str | None,
-            val_num_samples: int, also_last: bool = False) -> dict[str, Any]:
+def run_dgc(
+    method: str,
+    split: ImbalancedSplit,
+    recipe: Recipe,
+    seed: int,
+    device: str,
+    rule: str | None,
+    val_num_samples: int,
+    also_last: bool = False,
+) -> dict[str, Any]:
     """Fit and evaluate one DGC row of :data:`DGC_VARIANTS` (objective family and recipe changes).
 
     With ``also_last`` the weights of the last epoch are kept by a callback and scored too (``out["last_epoch"]``).
@@ -232,8 +329,16 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
         if epoch == recipe.epochs:
             last.update(copy_tree(built["model"].state_dict()))
 
-    trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=val_num_samples,
-                    on_build=lambda m: built.update(model=m), callback=keep_last if also_last else None)
+    trained = train(
+        recipe,
+        split,
+        seed,
+        device=device,
+        progress=False,
+        val_num_samples=val_num_samples,
+        on_build=lambda m: built.update(model=m),
+        callback=keep_last if also_last else None,
+    )
     model, history = trained.model, trained.history
     t1 = time.perf_counter()
     pred = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced)
@@ -248,10 +353,16 @@ def run_dgc(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, devi
             last_proba = predict(model, split.x_test, recipe.num_samples, rule=rule, balanced=recipe.balanced).proba
         out["last_epoch"] = {**_report(split, last_proba), "epoch": recipe.epochs}
     val = [r["val_acsa"] for r in history.epochs if "val_acsa" in r]
-    out.update(seconds=trained.seconds + t2 - t1, fit_seconds=trained.seconds, predict_seconds=t2 - t1,
-               best_epoch=history.best_epoch,
-               val_acsa=max(val) if val else None,
-               recipe=recipe.to_dict(), rule=pred.rule, history=history.epochs)
+    out.update(
+        seconds=trained.seconds + t2 - t1,
+        fit_seconds=trained.seconds,
+        predict_seconds=t2 - t1,
+        best_epoch=history.best_epoch,
+        val_acsa=max(val) if val else None,
+        recipe=recipe.to_dict(),
+        rule=pred.rule,
+        history=history.epochs,
+    )
     return out
 
 
@@ -263,8 +374,15 @@ def _baseline_knobs(method: str, settings: dict[str, float] | None) -> dict[str,
     return settings
 
 
-def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int, device: str,
-                 also_last: bool = False, settings: dict[str, float] | None = None) -> dict[str, Any]:
+def run_baseline(
+    method: str,
+    split: ImbalancedSplit,
+    recipe: Recipe,
+    seed: int,
+    device: str,
+    also_last: bool = False,
+    settings: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Fit and evaluate one baseline on the DGC recipe's backbone preset, epochs and batch size.
 
     With ``also_last`` the last epoch's weights are kept by the same fit and scored too (``out["last_epoch"]``).
@@ -273,15 +391,30 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     options = recipe.baseline_options()
     knobs = _baseline_knobs(method, settings)
     t0 = time.perf_counter()
-    fitted = fit_baseline(method, split.x_train, split.y_train, num_classes=split.num_classes, **options,
-                          **knobs, device=device, seed=seed, keep_last_state=also_last)
+    fitted = fit_baseline(
+        method,
+        split.x_train,
+        split.y_train,
+        num_classes=split.num_classes,
+        **options,
+        **knobs,
+        device=device,
+        seed=seed,
+        keep_last_state=also_last,
+    )
     t1 = time.perf_counter()
     proba = fitted.predict_proba(split.x_test)
     t2 = time.perf_counter()
     out = _report(split, proba)
-    out.update(seconds=t2 - t0, fit_seconds=t1 - t0, predict_seconds=t2 - t1, val_acsa=fitted.val_acsa,
-               best_epoch=fitted.best_epoch, history=fitted.history,
-               settings={**options, **knobs})
+    out.update(
+        seconds=t2 - t0,
+        fit_seconds=t1 - t0,
+        predict_seconds=t2 - t1,
+        val_acsa=fitted.val_acsa,
+        best_epoch=fitted.best_epoch,
+        history=fitted.history,
+        settings={**options, **knobs},
+    )
     if also_last:
         if fitted.best_epoch == options["epochs"]:
             last_proba = proba
@@ -293,8 +426,9 @@ def run_baseline(method: str, split: ImbalancedSplit, recipe: Recipe, seed: int,
     return out
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]],
-              metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, dict[str, dict[str, float]]]:
+def summarise(
+    runs: dict[str, list[dict[str, Any]]], metrics: Sequence[str] = SUMMARY_METRICS
+) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {metric: {"mean", "std"}}}`` over seeds (std with ddof=1; 0 for a single seed); a metric no run
     of a method has is left out of its row."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -315,8 +449,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
 PAIRED_METRICS = ("acsa", "ece")
 
 
-def paired_comparisons(runs: dict[str, list[dict[str, Any]]], reference: str = "dgc_elbo",
-                       metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, Any]]]:
+def paired_comparisons(
+    runs: dict[str, list[dict[str, Any]]], reference: str = "dgc_elbo", metrics: Sequence[str] = PAIRED_METRICS
+) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"<reference> - <method>": {metric: paired_difference cell}}`` over the seeds both methods ran.
 
     Empty when ``reference`` has no runs. A method that shares no seed with it is left out.
@@ -336,8 +471,9 @@ def paired_comparisons(runs: dict[str, list[dict[str, Any]]], reference: str = "
     return pairs
 
 
-def last_epoch_comparisons(runs: dict[str, list[dict[str, Any]]],
-                           metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, dict[str, dict[str, Any]]]:
+def last_epoch_comparisons(
+    runs: dict[str, list[dict[str, Any]]], metrics: Sequence[str] = PAIRED_METRICS
+) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"<method>: last - selected": {metric: paired_difference cell}}`` for the runs scored with ``--also-last``."""
     pairs: dict[str, dict[str, dict[str, Any]]] = {}
     for method, results in runs.items():
@@ -359,8 +495,15 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def expected_settings(method: str, recipe: Recipe, backbone: str, rule: str | None, evaluated_on: str,
-                      train_counts: Sequence[int] | None, baseline: dict[str, float] | None = None) -> dict[str, Any]:
+def expected_settings(
+    method: str,
+    recipe: Recipe,
+    backbone: str,
+    rule: str | None,
+    evaluated_on: str,
+    train_counts: Sequence[int] | None,
+    baseline: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """What a run of ``method`` made by this call records about how it was made (see :func:`check_reused_runs`)."""
     out: dict[str, Any] = {"backbone": backbone, "evaluated_on": evaluated_on}
     if train_counts is not None:
@@ -387,15 +530,19 @@ def settings_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[
         if key == "recipe" and isinstance(got, dict):  # older runs wrote some fields under their old names
             got = {LEGACY_NAMES.get(k, k): v for k, v in got.items()}
         if isinstance(want, dict) and isinstance(got, dict):
-            diffs += [f"{key}.{k}: {got[k]!r} in the run, {want[k]!r} now" for k in sorted(set(got) & set(want))
-                      if got[k] != want[k]]
+            diffs += [
+                f"{key}.{k}: {got[k]!r} in the run, {want[k]!r} now"
+                for k in sorted(set(got) & set(want))
+                if got[k] != want[k]
+            ]
         elif got != want:
             diffs.append(f"{key}: {got!r} in the run, {want!r} now")
     return diffs
 
 
-def check_reused_runs(reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]],
-                      expected: dict[str, dict[str, Any]]) -> None:
+def check_reused_runs(
+    reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]], expected: dict[str, dict[str, Any]]
+) -> None:
     """Refuse (before anything is written) to pool a finished run made with other settings than this call's.
 
     ``reused`` maps ``(method, seed)`` to the file and the run this call would reuse, ``expected`` each method to
@@ -405,13 +552,20 @@ def check_reused_runs(reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]]
     for (method, _), (path, run) in reused.items():
         diffs = settings_differences(run, expected[method])
         if diffs:
-            raise SystemExit(f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}"
-                             f"{'; ...' if len(diffs) > 4 else ''}); runs with different settings cannot share "
-                             "a table")
+            raise SystemExit(
+                f"{path} was made with other settings than this command's ({'; '.join(diffs[:4])}"
+                f"{'; ...' if len(diffs) > 4 else ''}); runs with different settings cannot share "
+                "a table"
+            )
 
 
-def render_table(dataset: str, summary: dict[str, dict[str, dict[str, float]]], seeds: Sequence[int], note: str = "",
-                 runs_per_method: dict[str, int] | None = None) -> str:
+def render_table(
+    dataset: str,
+    summary: dict[str, dict[str, dict[str, float]]],
+    seeds: Sequence[int],
+    note: str = "",
+    runs_per_method: dict[str, int] | None = None,
+) -> str:
     """Markdown table in the shape of the paper's Tables 2-3, with the published DGC row beside ours.
 
     ``seeds`` are the seeds the table pools; a method with fewer runs (``runs_per_method``) says how many.
@@ -476,19 +630,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--transform {recipe.transform} shifts image pixels; it needs --backbone conv")
     started = time.perf_counter()
     config = {
-        "argv": list(sys.argv if argv is None else argv), "dataset": args.dataset, "seeds": args.seeds, "methods": args.methods,
-        "quick": args.quick, "backbone": backbone, "rule": args.rule, "device": device, "recipe": recipe.to_dict(),
-        "baseline_settings": baseline, "counts": args.counts, "evaluated_on": evaluated_on, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "machine": platform.machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "argv": list(sys.argv if argv is None else argv),
+        "dataset": args.dataset,
+        "seeds": args.seeds,
+        "methods": args.methods,
+        "quick": args.quick,
+        "backbone": backbone,
+        "rule": args.rule,
+        "device": device,
+        "recipe": recipe.to_dict(),
+        "baseline_settings": baseline,
+        "counts": args.counts,
+        "evaluated_on": evaluated_on,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     # The finished runs this call pools, read once and checked before anything is written.
     reused: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
     if args.resume or args.collect:
-        reused = {(m, s): (p, json.loads(p.read_text())) for m in args.methods for s in args.seeds
-                  if (p := _run_path(out, args, m, s)).is_file()}
+        reused = {
+            (m, s): (p, json.loads(p.read_text()))
+            for m in args.methods
+            for s in args.seeds
+            if (p := _run_path(out, args, m, s)).is_file()
+        }
         counts = args.counts or default_counts(args.dataset)
-        expected = {m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts, baseline)
-                    for m in args.methods}
+        expected = {
+            m: expected_settings(m, recipe, backbone, args.rule, evaluated_on, counts, baseline) for m in args.methods
+        }
         check_reused_runs(reused, expected)
     write_json(out / "config.json", config)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
@@ -503,8 +675,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"seed {seed} {method}: no {path}, left out", flush=True)
                 continue
             if split is None:
-                split = load_imbalanced(args.dataset, args.data_dir, counts=args.counts, seed=seed,
-                                        evaluate_on=args.evaluate_on, dev_per_class=args.dev_per_class)
+                split = load_imbalanced(
+                    args.dataset,
+                    args.data_dir,
+                    counts=args.counts,
+                    seed=seed,
+                    evaluate_on=args.evaluate_on,
+                    dev_per_class=args.dev_per_class,
+                )
                 if backbone == "mlp":
                     split = _flat(split)
             seed_everything(seed)
@@ -513,26 +691,44 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = run_dgc(method, split, recipe, seed, device, args.rule, val_s, also_last=args.also_last)
             else:
                 result = run_baseline(method, split, recipe, seed, device, also_last=args.also_last, settings=baseline)
-            result.update(method=method, seed=seed, dataset=args.dataset, backbone=backbone,
-                          train_counts=split.train_counts.tolist(), test_size=len(split.y_test),
-                          evaluated_on=evaluated_on)
+            result.update(
+                method=method,
+                seed=seed,
+                dataset=args.dataset,
+                backbone=backbone,
+                train_counts=split.train_counts.tolist(),
+                test_size=len(split.y_test),
+                evaluated_on=evaluated_on,
+            )
             write_json(path, result)
             runs[method].append(result)
-            print(f"seed {seed} {method:>16}: acsa {result['acsa']:.4f} fmacro {result['fmacro']:.4f} "
-                  f"ece {result['ece']:.4f} ({result['seconds']:.0f} s)", flush=True)
+            print(
+                f"seed {seed} {method:>16}: acsa {result['acsa']:.4f} fmacro {result['fmacro']:.4f} "
+                f"ece {result['ece']:.4f} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
     runs = {m: r for m, r in runs.items() if r}
     summary = summarise(runs)
     write_json(out / "summary.json", summary)
-    note = (f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
-            f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
-            f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
-            f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'}, "
-            f"{recipe.lr_schedule} learning rate (every method); "
-            f"weights of {'the epoch with the best validation ACSA' if recipe.select_best else 'the last epoch'} "
-            "(every method); "
-            + ("scored on the official test split; " if args.evaluate_on == "test" else
-               f"scored on a dev set of {args.dev_per_class} unused training images a class, NOT the test split; ")
-            + ("collected from per-seed runs." if args.collect else f"total wall time {time.perf_counter() - started:.0f} s."))
+    note = (
+        f"Backbone: {backbone} ({recipe.preset} preset){' — quick CPU preset' if args.quick else ''}; "
+        f"DGC: {recipe.epochs} epochs, lr {recipe.lr}, {recipe.likelihood} likelihood (σ={recipe.obs_scale}), "
+        f"label_weight {recipe.label_weight}, perturbation r={recipe.perturbation_rate}, rule {args.rule or 'the model default'}, "
+        f"{recipe.num_samples} draws/class; training transform {recipe.transform or 'none'}, "
+        f"{recipe.lr_schedule} learning rate (every method); "
+        f"weights of {'the epoch with the best validation ACSA' if recipe.select_best else 'the last epoch'} "
+        "(every method); "
+        + (
+            "scored on the official test split; "
+            if args.evaluate_on == "test"
+            else f"scored on a dev set of {args.dev_per_class} unused training images a class, NOT the test split; "
+        )
+        + (
+            "collected from per-seed runs."
+            if args.collect
+            else f"total wall time {time.perf_counter() - started:.0f} s."
+        )
+    )
     from dgc_pyro.io import atomic_write_text
 
     pooled = sorted({int(r["seed"]) for results in runs.values() for r in results})
@@ -540,13 +736,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = paired_comparisons(runs, reference=reference)
     write_json(out / "paired.json", pairs)
     if pairs:
-        table += (f"\nPaired over seeds ({METHOD_LABELS.get(reference, reference)} minus each method; positive ACSA "
-                  "and negative ECE favour it):\n\n" + format_paired(pairs))
+        table += (
+            f"\nPaired over seeds ({METHOD_LABELS.get(reference, reference)} minus each method; positive ACSA "
+            "and negative ECE favour it):\n\n" + format_paired(pairs)
+        )
     last_pairs = last_epoch_comparisons(runs)
     if last_pairs:
         write_json(out / "paired_last_epoch.json", last_pairs)
-        table += (f"\nLast epoch minus the epoch selected on validation, paired over seeds ({args.evaluate_on} split):\n\n"
-                  + format_paired(last_pairs))
+        table += (
+            f"\nLast epoch minus the epoch selected on validation, paired over seeds ({args.evaluate_on} split):\n\n"
+            + format_paired(last_pairs)
+        )
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     split = load_imbalanced(args.dataset, args.data_dir, seed=args.seed)
-    base = dataclasses.replace(default_recipe(args.dataset), epochs=args.epochs, transform=transform_option(args.transform))
+    base = dataclasses.replace(
+        default_recipe(args.dataset), epochs=args.epochs, transform=transform_option(args.transform)
+    )
     print("| objective | posterior sd | within-class sd of the means | between-class sd | fit (s) |")
     print("|---|---|---|---|---|")
     for objective in args.objectives:
@@ -53,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, seconds = trained.model, trained.seconds
         n = min(args.max_examples, len(split.y_train))
         s = latent_spread(model, split.x_train[:n], split.y_train[:n], split.num_classes)
-        print(f"| {objective} | {s['posterior_sd']:.3f} | {s['within_class_sd']:.3f} | {s['between_class_sd']:.3f} | {seconds:.0f} |",
-              flush=True)
+        print(
+            f"| {objective} | {s['posterior_sd']:.3f} | {s['within_class_sd']:.3f} | {s['between_class_sd']:.3f} | {seconds:.0f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -33,7 +33,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -41,10 +41,10 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from dgc_pyro.inference.device import resolve_device
-from dgc_pyro.io import write_json
 from dgc_pyro.inference.engine import make_step
 from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.predict import posterior_from_log_weights, predict
+from dgc_pyro.io import write_json
 from dgc_pyro.models.dgc import DGC
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -131,14 +131,17 @@ def predict_loop(model: DGC, x: torch.Tensor, num_samples: int = 10, *, rule: st
                     q = guide_tr.nodes["z"]["fn"]
                     while hasattr(q, "base_dist"):
                         q = q.base_dist
-                    draws.append({
-                        "z": z,
-                        "log_px": model_tr.nodes["x"]["fn"].log_prob(x),
-                        "log_pz": model_tr.nodes["z"]["fn"].log_prob(z),
-                        "log_py": model_tr.nodes["y"]["fn"].log_prob(yc),
-                        "log_q": guide_tr.nodes["z"]["fn"].log_prob(z),
-                        "loc": q.loc, "scale": q.scale,
-                    })
+                    draws.append(
+                        {
+                            "z": z,
+                            "log_px": model_tr.nodes["x"]["fn"].log_prob(x),
+                            "log_pz": model_tr.nodes["z"]["fn"].log_prob(z),
+                            "log_py": model_tr.nodes["y"]["fn"].log_prob(yc),
+                            "log_q": guide_tr.nodes["z"]["fn"].log_prob(z),
+                            "loc": q.loc,
+                            "scale": q.scale,
+                        }
+                    )
     finally:
         model.train(was_training)
     if rule == "mixture":
@@ -174,7 +177,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _interleaved(
-    contenders: dict[str, Callable[[int], None]], steps: int, repeats: int, device: torch.device,
+    contenders: dict[str, Callable[[int], None]],
+    steps: int,
+    repeats: int,
+    device: torch.device,
     cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds per call of every contender, one list entry per round; contenders alternate within a
@@ -204,13 +210,21 @@ def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / (2 * med) if med > 0 else 0.0
 
 
-def make_model(shape: tuple[int, ...], num_classes: int, latent_dim: int, preset: str, likelihood: str, device: torch.device) -> DGC:
+def make_model(
+    shape: tuple[int, ...], num_classes: int, latent_dim: int, preset: str, likelihood: str, device: torch.device
+) -> DGC:
     torch.manual_seed(0)
     return DGC(shape, num_classes, latent_dim=latent_dim, preset=preset, likelihood=likelihood).to(device)
 
 
 def bench_train(
-    model: DGC, batch_size: int, steps: int, repeats: int, warmup: int, device: torch.device, num_batches: int = 8,
+    model: DGC,
+    batch_size: int,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    num_batches: int = 8,
     compile_graph: bool | dict[str, object] = False,
 ) -> dict[str, object]:
     """Seconds per training step of our engines and of the hand-written step on the same batches.
@@ -223,7 +237,10 @@ def bench_train(
     shape, c = model.input_shape, model.num_classes
     gen = torch.Generator().manual_seed(0)
     batches = [
-        (torch.rand((batch_size, *shape), generator=gen).to(device), torch.randint(0, c, (batch_size,), generator=gen).to(device))
+        (
+            torch.rand((batch_size, *shape), generator=gen).to(device),
+            torch.randint(0, c, (batch_size,), generator=gen).to(device),
+        )
         for _ in range(num_batches)
     ]
     ones = torch.ones(c, dtype=torch.long, device=device)
@@ -233,11 +250,16 @@ def bench_train(
         m.train()
 
     def engine_step(name: str, engine: str, **options: object):
-        return make_step(models[name], get_objective("elbo"), engine, 1e-3, (0.9, 0.999), 1e-3, False, ones, device,
-                         **options)
+        return make_step(
+            models[name], get_objective("elbo"), engine, 1e-3, (0.9, 0.999), 1e-3, False, ones, device, **options
+        )
 
-    steps_fn = {"ours": engine_step("ours", "torch"), "graph": engine_step("graph", "graph"),
-                "svi": engine_step("svi", "svi"), "hand": make_handwritten_step(models["hand"])}
+    steps_fn = {
+        "ours": engine_step("ours", "torch"),
+        "graph": engine_step("graph", "graph"),
+        "svi": engine_step("svi", "svi"),
+        "hand": make_handwritten_step(models["hand"]),
+    }
     if compile_graph:
         steps_fn["graph_compiled"] = engine_step("graph_compiled", "graph", compile=compile_graph)
     runs = {k: (lambda i, f=f: f(*batches[i % num_batches])) for k, f in steps_fn.items()}
@@ -271,7 +293,12 @@ def bench_train(
 
 
 def bench_predict(
-    model: DGC, num_examples: int, samples: tuple[int, ...], repeats: int, device: torch.device, loop_samples: int = 10,
+    model: DGC,
+    num_examples: int,
+    samples: tuple[int, ...],
+    repeats: int,
+    device: torch.device,
+    loop_samples: int = 10,
     autocast: str | None = None,
 ) -> dict[str, float]:
     """Examples/s of vectorised prediction for each S, and of the loop reference at ``loop_samples``."""
@@ -324,11 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predict-examples", type=int, default=100)
     p.add_argument("--predict-repeats", type=int, default=3)
     p.add_argument("--samples", default="1,10,100", help="latent draws per class for the prediction rows")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="prediction autocast (CUDA; CPUs with AMX/AVX512-BF16)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time engine='graph' with its captured graph compiled by torch.compile (inductor)")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode of --compile (e.g. reduce-overhead: CUDA graphs on the GPU)")
+    p.add_argument(
+        "--autocast",
+        choices=("none", "bf16"),
+        default="none",
+        help="prediction autocast (CUDA; CPUs with AMX/AVX512-BF16)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time engine='graph' with its captured graph compiled by torch.compile (inductor)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of --compile (e.g. reduce-overhead: CUDA graphs on the GPU)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -346,48 +384,100 @@ def main(argv: list[str] | None = None) -> int:
     autocast = None if args.autocast == "none" else args.autocast
 
     figures: dict[str, object] = {
-        "device": str(device), "shape": list(shape), "preset": args.preset, "likelihood": args.likelihood,
-        "latent_dim": latent, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "pyro": pyro.__version__,
-        "python": platform.python_version(), "parameters": sum(p.numel() for p in model.parameters()),
-        "autocast": autocast, "predict_examples": args.predict_examples,
-        "compile": args.compile, "compile_mode": args.compile_mode,
+        "device": str(device),
+        "shape": list(shape),
+        "preset": args.preset,
+        "likelihood": args.likelihood,
+        "latent_dim": latent,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "autocast": autocast,
+        "predict_examples": args.predict_examples,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    figures.update(bench_train(model, args.batch_size, args.steps, args.repeats, args.warmup, device,
-                               compile_graph=({"mode": args.compile_mode} if args.compile_mode else True) if args.compile else False))
-    figures.update(bench_predict(model, args.predict_examples, samples, args.predict_repeats, device, autocast=autocast))
+    figures.update(
+        bench_train(
+            model,
+            args.batch_size,
+            args.steps,
+            args.repeats,
+            args.warmup,
+            device,
+            compile_graph=({"mode": args.compile_mode} if args.compile_mode else True) if args.compile else False,
+        )
+    )
+    figures.update(
+        bench_predict(model, args.predict_examples, samples, args.predict_repeats, device, autocast=autocast)
+    )
     figures.update(_peak_memory(device))
 
     rows = [
-        ("train (a)  ours, engine='graph'", figures["train_examples_per_s_graph"],
-         f"capture {figures['train_first_step_s_graph']:.2f} s"),
-        ("train (a') ours, engine='torch'", figures["train_examples_per_s_ours"],
-         f"{figures['train_ratio_torch_engine']:.3f} x hand step time"),
-        ("train (a'') engine='svi'", figures["train_examples_per_s_svi"], f"{figures['train_ratio_svi']:.3f} x hand step time"),
+        (
+            "train (a)  ours, engine='graph'",
+            figures["train_examples_per_s_graph"],
+            f"capture {figures['train_first_step_s_graph']:.2f} s",
+        ),
+        (
+            "train (a') ours, engine='torch'",
+            figures["train_examples_per_s_ours"],
+            f"{figures['train_ratio_torch_engine']:.3f} x hand step time",
+        ),
+        (
+            "train (a'') engine='svi'",
+            figures["train_examples_per_s_svi"],
+            f"{figures['train_ratio_svi']:.3f} x hand step time",
+        ),
         ("train (b)  hand-written PyTorch", figures["train_examples_per_s_hand"], ""),
-        ("train_ratio (a)/(b) step time", None, f"{figures['train_ratio']:.3f} (CPU-time ratio "
-                                                 f"{figures['train_ratio_cpu_time']:.3f})"),
+        (
+            "train_ratio (a)/(b) step time",
+            None,
+            f"{figures['train_ratio']:.3f} (CPU-time ratio {figures['train_ratio_cpu_time']:.3f})",
+        ),
     ]
     if "train_ratio_graph_compiled" in figures:
-        rows.append(("train (a) graph + torch.compile", figures["train_examples_per_s_graph_compiled"],
-                     f"ratio {figures['train_ratio_graph_compiled']:.3f}, "
-                     f"capture+compile {figures['train_first_step_s_graph_compiled']:.1f} s"))
+        rows.append(
+            (
+                "train (a) graph + torch.compile",
+                figures["train_examples_per_s_graph_compiled"],
+                f"ratio {figures['train_ratio_graph_compiled']:.3f}, "
+                f"capture+compile {figures['train_first_step_s_graph_compiled']:.1f} s",
+            )
+        )
     for s in samples:
         rows.append((f"predict vectorised S={s}", figures[f"predict_examples_per_s_vec_s{s}"], ""))
     if "predict_examples_per_s_vec_s10_nchw" in figures:
-        rows.append(("predict vectorised S=10, NCHW weights", figures["predict_examples_per_s_vec_s10_nchw"],
-                     f"speed-up {figures['predict_speedup_s10_nchw']:.2f} (vectorisation alone)"))
+        rows.append(
+            (
+                "predict vectorised S=10, NCHW weights",
+                figures["predict_examples_per_s_vec_s10_nchw"],
+                f"speed-up {figures['predict_speedup_s10_nchw']:.2f} (vectorisation alone)",
+            )
+        )
     if "predict_examples_per_s_vec_s10_fp32" in figures:
-        rows.append(("predict vectorised S=10, float32", figures["predict_examples_per_s_vec_s10_fp32"],
-                     f"speed-up {figures['predict_speedup_s10_fp32']:.2f} (without autocast)"))
+        rows.append(
+            (
+                "predict vectorised S=10, float32",
+                figures["predict_examples_per_s_vec_s10_fp32"],
+                f"speed-up {figures['predict_speedup_s10_fp32']:.2f} (without autocast)",
+            )
+        )
     rows.append(("predict loop S=10", figures["predict_examples_per_s_loop_s10"], ""))
     rows.append(("predict_speedup_s10", None, f"{figures['predict_speedup_s10']:.2f}"))
     rows.append(("peak RSS (MiB)", None, f"{figures['peak_rss_mib']:.0f}"))
     if "cuda_max_allocated_mib" in figures:
         rows.append(("CUDA max allocated (MiB)", None, f"{figures['cuda_max_allocated_mib']:.0f}"))
-    print(f"device={device} shape={shape} preset={args.preset} batch={args.batch_size} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} pyro={pyro.__version__}")
+    print(
+        f"device={device} shape={shape} preset={args.preset} batch={args.batch_size} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__} pyro={pyro.__version__}"
+    )
     print(f"{'what':<36} {'examples/s':>12}  note")
     for name, eps, note in rows:
         print(f"{name:<36} {'' if eps is None else f'{eps:12.1f}':>12}  {note}")

@@ -29,15 +29,20 @@ def main() -> None:
     args = p.parse_args()
     split = load_imbalanced("digits", seed=1, evaluate_on="dev", dev_per_class=8)
     recipe = dataclasses.replace(DEFAULT_RECIPES["digits"], epochs=args.epochs)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.platform()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.platform()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     for _ in range(args.rounds):
         for threads in args.threads:
             torch.set_num_threads(threads)
             wall, cpu = time.perf_counter(), time.process_time()
             train(recipe, split, 1, device="cpu", progress=False)
-            print(f"{threads} thread(s): {args.epochs} epochs in {time.perf_counter() - wall:.1f} s wall, "
-                  f"{time.process_time() - cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"{threads} thread(s): {args.epochs} epochs in {time.perf_counter() - wall:.1f} s wall, "
+                f"{time.process_time() - cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

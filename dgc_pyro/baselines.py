@@ -61,7 +61,9 @@ def logit_adjusted_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tens
     return F.cross_entropy(logits + tau * prior.clamp_min(1e-12).log(), y)
 
 
-def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def balanced_softmax_loss(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, tau: float = 1.0
+) -> torch.Tensor:
     """Balanced softmax (Ren et al. 2020, Eq. 4): CE(f(x) + tau * log n, y) with n the per-class training counts.
 
     tau = 1 is the paper's loss. log n and log pi differ by the constant log N, which the softmax ignores, so
@@ -77,7 +79,9 @@ def class_balanced_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
     return weights / weights.sum() * len(counts)
 
 
-def cb_focal_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, beta: float = 0.999, gamma: float = 1.0) -> torch.Tensor:
+def cb_focal_loss(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, beta: float = 0.999, gamma: float = 1.0
+) -> torch.Tensor:
     """Class-balanced softmax focal loss (Cui et al. 2019, Eq. 7 with a softmax focal term).
 
     Mean over the batch of w_y * (1 - p_y)^gamma * (-log p_y), with :func:`class_balanced_weights`
@@ -96,8 +100,14 @@ def ldam_margins(counts: torch.Tensor, max_margin: float = 0.5) -> torch.Tensor:
     return margins * (max_margin / margins.max())
 
 
-def ldam_loss(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None,
-              max_margin: float = 0.5, s: float = 30.0) -> torch.Tensor:
+def ldam_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    counts: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    max_margin: float = 0.5,
+    s: float = 30.0,
+) -> torch.Tensor:
     """LDAM (Cao et al. 2019, Eq. 13): CE(s * (cos - Delta_y 1_y), y), optionally class-weighted (DRW)."""
     adjusted = logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype) * ldam_margins(counts, max_margin)[y][:, None]
     return F.cross_entropy(s * adjusted, y, weight=weights)
@@ -144,7 +154,9 @@ class FittedBaseline:
             return torch.as_tensor(self.sklearn_model.decision_function(flat), dtype=torch.float32)
         assert self.module is not None
         self.module.eval()
-        return torch.cat([self._logits(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [self._logits(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)]
+        )
 
     def predict_proba(self, x: Any, batch_size: int = 1024) -> torch.Tensor:
         """Class probabilities softmax(logits / temperature); for the logit-adjusted family this is the balanced
@@ -215,31 +227,36 @@ def _ce(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: flo
     return F.cross_entropy(logits, y)
 
 
-def _logit_adjusted(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
-                    drw_active: bool) -> torch.Tensor:
+def _logit_adjusted(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float, drw_active: bool
+) -> torch.Tensor:
     return logit_adjusted_loss(logits, y, counts / counts.sum(), tau)
 
 
-def _balanced_softmax(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
-                      drw_active: bool) -> torch.Tensor:
+def _balanced_softmax(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float, drw_active: bool
+) -> torch.Tensor:
     return balanced_softmax_loss(logits, y, counts, tau)
 
 
-def _cb_focal(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
-              drw_active: bool) -> torch.Tensor:
+def _cb_focal(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float, drw_active: bool
+) -> torch.Tensor:
     return cb_focal_loss(logits, y, counts)
 
 
-def _ldam_drw(logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float,
-              drw_active: bool) -> torch.Tensor:
+def _ldam_drw(
+    logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, tau: float, drw_active: bool
+) -> torch.Tensor:
     # Deferred re-weighting: class-balanced weights (beta = 0.9999) only in the last part of training.
     weights = class_balanced_weights(counts, DRW_BETA) if drw_active else None
     # The logits are cosines (normalised features and weights, _CosineHead), as in LDAM's NormedLinear.
     return ldam_loss(logits, y, counts, weights, s=LDAM_SCALE)
 
 
-def _fit_logistic(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                  transform: Transform | None) -> FittedBaseline:
+def _fit_logistic(
+    name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, transform: Transform | None
+) -> FittedBaseline:
     """scikit-learn's multinomial logistic regression on the raw pixels, fitted in one call."""
     if transform is not None:
         raise ValueError("the logistic baseline is fitted in one call by scikit-learn and takes no transform")
@@ -258,7 +275,8 @@ BASELINE_REGISTRY.register("logit_adjusted", BaselineSpec(_logit_adjusted, takes
 BASELINE_REGISTRY.register("balanced_softmax", BaselineSpec(_balanced_softmax, takes_tau=True))
 BASELINE_REGISTRY.register("cb_focal", BaselineSpec(_cb_focal))
 BASELINE_REGISTRY.register(
-    "ldam_drw", BaselineSpec(_ldam_drw, deferred_reweighting=True, cosine_head=True, logit_scale=LDAM_SCALE))
+    "ldam_drw", BaselineSpec(_ldam_drw, deferred_reweighting=True, cosine_head=True, logit_scale=LDAM_SCALE)
+)
 BASELINE_REGISTRY.register("logistic", BaselineSpec(fitter=_fit_logistic))
 
 
@@ -280,15 +298,22 @@ TAU_LOSSES: tuple[str, ...] = tau_baselines()
 
 
 def baseline_loss(
-    name: str, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, *, drw_active: bool = False,
+    name: str,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    drw_active: bool = False,
     tau: float = 1.0,
 ) -> torch.Tensor:
     """The training loss of baseline ``name`` given logits, labels and per-class training counts (``tau`` scales
     the log-prior offset of the baselines that take one; ``drw_active``: the deferred re-weighting phase)."""
     spec = BASELINE_REGISTRY.get(name)
     if spec.loss is None:
-        raise ValueError(f"baseline {name!r} has no training loss (it has a fitter of its own); losses: "
-                         f"{', '.join(baseline_losses())}")
+        raise ValueError(
+            f"baseline {name!r} has no training loss (it has a fitter of its own); losses: "
+            f"{', '.join(baseline_losses())}"
+        )
     return spec.loss(logits, y, counts, tau=tau, drw_active=drw_active)
 
 
@@ -331,12 +356,17 @@ def fit_baseline(
     check_seed(seed)
     check_fraction("val_fraction", val_fraction)
     check_lr_schedule(lr_schedule)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(tau) or tau < 0:
+    if (
+        isinstance(tau, bool)
+        or not isinstance(tau, (int, float, np.integer, np.floating))
+        or not math.isfinite(tau)
+        or tau < 0
+    ):
         raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
     if tau != 1.0 and not spec.takes_tau:
-        raise ValueError(f"tau scales the log-prior offset of {' and '.join(tau_baselines())}; {name!r} has none "
-                         "(tau=1 only)")
+        raise ValueError(
+            f"tau scales the log-prior offset of {' and '.join(tau_baselines())}; {name!r} has none (tau=1 only)"
+        )
     x, y = check_xy(x, y, num_classes=num_classes, require_all_classes=True)
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     input_shape = tuple(x.shape[1:])
@@ -358,8 +388,9 @@ def fit_baseline(
     counts = torch.as_tensor(counts_np, dtype=torch.float32, device=dev)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     x_dev, y_dev = x.to(dev), y.to(dev)
-    fitted = FittedBaseline(name, module, device=dev, num_classes=num_classes, input_shape=input_shape,
-                            logit_scale=spec.logit_scale)
+    fitted = FittedBaseline(
+        name, module, device=dev, num_classes=num_classes, input_shape=input_shape, logit_scale=spec.logit_scale
+    )
     gen = torch.Generator(device=dev).manual_seed(seed)
     best, best_state, best_epoch = -math.inf, None, epochs
     drw_start = int(DRW_START * epochs) + 1
@@ -381,7 +412,9 @@ def fit_baseline(
             opt.step()
             opt.zero_grad(set_to_none=True)
         if x_val is not None:
-            acsa = imbalance_report(y_val, fitted.predict(x_val), num_classes=num_classes, train_counts=counts_np)["acsa"]
+            acsa = imbalance_report(y_val, fitted.predict(x_val), num_classes=num_classes, train_counts=counts_np)[
+                "acsa"
+            ]
             record["val_acsa"] = float(acsa)
             if select_best and acsa > best:
                 best, best_state, best_epoch = acsa, copy.deepcopy(module.state_dict()), epoch

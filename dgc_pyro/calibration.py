@@ -37,8 +37,9 @@ def _scores(scores: Any, name: str = "logits_or_log_proba") -> torch.Tensor:
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     t = torch.from_numpy(arr.astype(np.float64))
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] < 2:
-        raise ValueError(f"{name} must be a (N, C) matrix with N >= 1 examples and C >= 2 classes, "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a (N, C) matrix with N >= 1 examples and C >= 2 classes, got shape {tuple(t.shape)}"
+        )
     if torch.isnan(t).any() or torch.isposinf(t).any():
         raise ValueError(f"{name} contains NaN or +inf ({int((torch.isnan(t) | torch.isposinf(t)).sum())} values)")
     if torch.isneginf(t).all(dim=1).any():
@@ -61,8 +62,12 @@ def _labels(labels: Any, n: int, num_classes: int) -> torch.Tensor:
 
 def check_temperature(temperature: Any) -> float:
     """``temperature`` as a float; ValueError naming it unless it is a positive finite number."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(temperature) or not temperature > 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.integer, np.floating))
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     return float(temperature)
 

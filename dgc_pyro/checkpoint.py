@@ -77,8 +77,9 @@ def _map_location(map_location: str | torch.device) -> torch.device:
     return resolve_device(map_location)
 
 
-def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any, *,
-                        require_finite: bool = True) -> None:
+def check_state_matches(
+    model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Any, *, require_finite: bool = True
+) -> None:
     """Raise CheckpointError unless ``tensors`` has exactly ``model``'s state keys with the same shapes,
     and (with ``require_finite``, for states read from a file) finite values in every floating-point tensor.
 
@@ -100,7 +101,9 @@ def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tens
                 f"checkpoint but {tuple(t.shape)} in the model"
             )
         if got.dtype.is_floating_point != t.dtype.is_floating_point:
-            raise CheckpointError(f"{source} does not match the model: {name} has dtype {got.dtype}, expected {t.dtype}")
+            raise CheckpointError(
+                f"{source} does not match the model: {name} has dtype {got.dtype}, expected {t.dtype}"
+            )
         # safetensors has no checksum, so flipped bytes in the tensor data load without complaint; fit never
         # saves NaN/inf weights (it stops with TrainingDivergedError first), so they mean a damaged file.
         if require_finite and got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
@@ -111,9 +114,7 @@ def check_state_matches(model: torch.nn.Module, tensors: Mapping[str, torch.Tens
             )
 
 
-def load_model(
-    path: PathLike, *, map_location: str | torch.device = "cpu", model: DGC | None = None
-) -> DGC:
+def load_model(path: PathLike, *, map_location: str | torch.device = "cpu", model: DGC | None = None) -> DGC:
     """Rebuild a model from a checkpoint written by :func:`save_model`; returns the model, with the checkpoint's
     metadata (the dict given to :func:`save_model`, plus ``"model"``: its config) as ``model.metadata``.
 
@@ -137,12 +138,13 @@ def load_model(
             p = p / MODEL_FILE
         else:
             raise FileNotFoundError(
-                2, f"{p} is a folder without {MODEL_FILE}; pass the model file written by save_model or dgc-pyro fit",
+                2,
+                f"{p} is a folder without {MODEL_FILE}; pass the model file written by save_model or dgc-pyro fit",
                 str(p / MODEL_FILE),
             )
     tensors, meta = load_checkpoint(p, map_location="cpu")
     if meta.get("kind") == _KIND:
-        tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        tensors = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     config = meta.get("model")
     if not isinstance(config, dict):
         raise CheckpointError(f"{p} has no model config; it was not written by dgc_pyro.save_model")
@@ -206,7 +208,9 @@ def check_run_config(config: Any, source: Any, *, required: tuple[str, ...] = ()
             raise CheckpointError(f"{source}: its run configuration is unusable ({key} is missing)")
     for key, (what, ok) in RUN_CONFIG_FIELDS.items():
         if config.get(key) is not None and not ok(config[key]):
-            raise CheckpointError(f"{source}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})")
+            raise CheckpointError(
+                f"{source}: its run configuration is unusable ({key} must be {what}, got {config[key]!r})"
+            )
     if isinstance(config.get("recipe"), dict):  # its entries are the config fields (older names accepted)
         try:
             Recipe.from_flat(config["recipe"])
@@ -293,7 +297,7 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str], where
     if isinstance(obj, list):
         return [_decode(v, tensors, used, where) for v in obj]
     if isinstance(obj, dict) and len(obj) == 1:
-        (tag, value), = obj.items()
+        ((tag, value),) = obj.items()
         if tag == "__tensor__" and isinstance(value, str):
             if value not in tensors:
                 raise ValueError(f"{where} refers to tensor {value!r}, which the file does not contain")
@@ -306,8 +310,12 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str], where
         if tag == "__dict__" and isinstance(value, list):
             out = {}
             for pair in value:
-                if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int))
-                        and not isinstance(pair[0], bool)):
+                if not (
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and isinstance(pair[0], (str, int))
+                    and not isinstance(pair[0], bool)
+                ):
                     raise ValueError(f"{where} holds a malformed dict entry {str(pair)[:80]}")
                 out[pair[0]] = _decode(pair[1], tensors, used, where)
             return out
@@ -357,7 +365,9 @@ def load_training_state(path: PathLike) -> TrainingState:
     kind = meta.get("kind")
     if kind != _KIND:
         what = "a fitted model (save_model), not a training state" if "model" in meta else "not a training state"
-        raise CheckpointError(f"{p} is {what}; resume needs the {TRAINING_STATE_FILE} written by fit(checkpoint_dir=...)")
+        raise CheckpointError(
+            f"{p} is {what}; resume needs the {TRAINING_STATE_FILE} written by fit(checkpoint_dir=...)"
+        )
     version = meta.get("state_version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{p} is not a valid training state: malformed state_version {version!r}")
@@ -370,8 +380,8 @@ def load_training_state(path: PathLike) -> TrainingState:
         epoch, step = meta["epoch"], meta["global_step"]
         if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and step >= 0):
             raise ValueError(f"bad epoch/global_step {epoch!r}/{step!r}")
-        model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        best = {k[len("best_model/"):]: v for k, v in tensors.items() if k.startswith("best_model/")}
+        model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+        best = {k[len("best_model/") :]: v for k, v in tensors.items() if k.startswith("best_model/")}
         if not model:
             raise ValueError("no model tensors")
         if bool(meta.get("has_best_model")) != bool(best):

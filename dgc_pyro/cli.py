@@ -7,20 +7,29 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from dgc_pyro.baselines import BASELINE_REGISTRY
-from dgc_pyro.data import DATASET_REGISTRY, NPZ_DATASET_FORMAT, load_imbalanced, load_npz, load_npz_examples, parse_counts
-from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.config import FIXED, FREE, config_fields, parse_value
+from dgc_pyro.data import (
+    DATASET_REGISTRY,
+    NPZ_DATASET_FORMAT,
+    load_imbalanced,
+    load_npz,
+    load_npz_examples,
+    parse_counts,
+)
+from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
 from dgc_pyro.data.transforms import TRANSFORM_CHOICES
 from dgc_pyro.diagnostics.plots import save_augmentation_grid
 from dgc_pyro.inference.augment import SAMPLING_STRATEGY_NAMES
@@ -100,35 +109,65 @@ def _add_data_args(p: argparse.ArgumentParser, command: str) -> None:
     from dgc_pyro.data.protocol import DIGITS_COUNTS
 
     saved = command != "fit"  # evaluate and augment take what they are not given from the checkpoint
-    p.add_argument("--dataset", default="digits" if not saved else None,
-                   help=f"one of {', '.join(DATASET_REGISTRY.names())}, or an .npz file with x_train, y_train[, x_test, y_test] "
-                        f"(default: {'the checkpoint' + chr(39) + 's' if saved else 'digits'})")
+    p.add_argument(
+        "--dataset",
+        default="digits" if not saved else None,
+        help=f"one of {', '.join(DATASET_REGISTRY.names())}, or an .npz file with x_train, y_train[, x_test, y_test] "
+        f"(default: {'the checkpoint' + chr(39) + 's' if saved else 'digits'})",
+    )
     # None means "not given": fit, evaluate and augment fill it in (from a checkpoint where there is one),
     # and an .npz dataset refuses it when given.
-    p.add_argument("--data-dir", default=None,
-                   help="root folder of the torchvision datasets (default: "
-                        + ("the checkpoint's, else ./data)" if saved else "./data)"))
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="root folder of the torchvision datasets (default: "
+        + ("the checkpoint's, else ./data)" if saved else "./data)"),
+    )
     p.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
-    p.add_argument("--counts", type=_counts_arg, default=None,
-                   help="per-class training counts, e.g. 4000,2000,1000 (default: "
-                        + ("the checkpoint's, else " if saved else "")
-                        + f"the paper's Table 1; digits: {','.join(map(str, DIGITS_COUNTS))})")
-    p.add_argument("--seed", type=_seed_arg, default=0,
-                   help=f"seed of the imbalanced subset and of training (0..{SEED_MAX}; default: "
-                        + ("the checkpoint's, else 0)" if command == "augment" else "0)"))
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                   help="where to train and predict: auto (the GPU if there is one, else the CPU), cpu or cuda")
+    p.add_argument(
+        "--counts",
+        type=_counts_arg,
+        default=None,
+        help="per-class training counts, e.g. 4000,2000,1000 (default: "
+        + ("the checkpoint's, else " if saved else "")
+        + f"the paper's Table 1; digits: {','.join(map(str, DIGITS_COUNTS))})",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed_arg,
+        default=0,
+        help=f"seed of the imbalanced subset and of training (0..{SEED_MAX}; default: "
+        + ("the checkpoint's, else 0)" if command == "augment" else "0)"),
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default="auto",
+        help="where to train and predict: auto (the GPU if there is one, else the CPU), cpu or cuda",
+    )
     if saved:  # fit's --num-samples is the recipe's val_num_samples (a generated flag)
-        p.add_argument("--num-samples", type=int, default=None,
-                       help="latent draws per class when predicting (default: the checkpoint's recipe, else 10)")
-    p.add_argument("--test-subset", type=int, default=None,
-                   help="evaluate on a stratified subset of this many test examples (quick checks only; default: "
-                        "the whole test split)")
+        p.add_argument(
+            "--num-samples",
+            type=int,
+            default=None,
+            help="latent draws per class when predicting (default: the checkpoint's recipe, else 10)",
+        )
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="evaluate on a stratified subset of this many test examples (quick checks only; default: "
+        "the whole test split)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (default: 1 for the MLP networks of digits and vector data, whose "
-                        "operations are too small to share out and slow down many times when other programs use "
-                        "the cores; else torch's default, one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch (default: 1 for the MLP networks of digits and vector data, whose "
+        "operations are too small to share out and slow down many times when other programs use "
+        "the cores; else torch's default, one per core)",
+    )
 
 
 # ----------------------------------------------------------------------------- fit's flags, from the config fields
@@ -154,8 +193,9 @@ def _registry_choices(name: str) -> tuple[str, ...] | None:
 class _MapChoice(argparse.Action):
     """An old spelling of a field's flag (``--keep best`` for ``--select-best``): a choice mapped to the value."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, mapping: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, mapping: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         self.mapping = dict(mapping or {})
         super().__init__(option_strings, dest, choices=tuple(self.mapping), **kwargs)
 
@@ -209,10 +249,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action.config_field = f
     for flag, (name, mapping) in _ALIASES.items():
         spelled = {v: k for k, v in mapping.items()}
-        action = p.add_argument(flag, action=_MapChoice, mapping=mapping, dest=name, default=None,
-                                help=f"the old spelling of --{name.replace('_', '-')}: "
-                                     + ", ".join(f"{k} for {_show(v)}" for k, v in mapping.items())
-                                     + f" ({_recipe_default(name, spelled.get)})")
+        action = p.add_argument(
+            flag,
+            action=_MapChoice,
+            mapping=mapping,
+            dest=name,
+            default=None,
+            help=f"the old spelling of --{name.replace('_', '-')}: "
+            + ", ".join(f"{k} for {_show(v)}" for k, v in mapping.items())
+            + f" ({_recipe_default(name, spelled.get)})",
+        )
         action.resume = next(f.metadata["resume"] for f in config_fields() if f.name == name)
         action.config_field = None
 
@@ -249,12 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit DGC (and a baseline) on an imbalanced dataset and evaluate it")
     _add_data_args(f, "fit")
     _add_config_args(f)
-    f.add_argument("--baseline", choices=BASELINE_REGISTRY.names() + ("none",), default="ce",
-                   help="discriminative baseline fitted on the same split (default: ce on the same encoder)")
-    f.add_argument("--out", default=None,
-                   help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)")
-    f.add_argument("--overwrite", action="store_true",
-                   help="replace the finished (or interrupted) run in --out (default: refuse, naming the run)")
+    f.add_argument(
+        "--baseline",
+        choices=BASELINE_REGISTRY.names() + ("none",),
+        default="ce",
+        help="discriminative baseline fitted on the same split (default: ce on the same encoder)",
+    )
+    f.add_argument(
+        "--out",
+        default=None,
+        help="output folder for metrics.json, model.safetensors and checkpoint/ (default: runs/latest)",
+    )
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the finished (or interrupted) run in --out (default: refuse, naming the run)",
+    )
     resume = f.add_argument("--resume", metavar="DIR", default=None)
     # Unset options are filled in by _cmd_fit, so that --resume can tell which ones were given.
     f.set_defaults(dataset=None, seed=None, data_dir=None, baseline=None)
@@ -263,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
             action.resume = FIXED
         elif not hasattr(action, "resume") and action.option_strings and action.dest != "help":
             action.resume = FREE if action.dest not in ("out", "resume") else None
-    resume.help = ("continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the dataset, "
-                   "counts, seed and recipe saved there (only " + ", ".join(resume_free_flags(f))
-                   + " may be given; default: a fresh fit)")
+    resume.help = (
+        "continue the interrupted fit whose --out folder is DIR from DIR/checkpoint, with the dataset, "
+        "counts, seed and recipe saved there (only "
+        + ", ".join(resume_free_flags(f))
+        + " may be given; default: a fresh fit)"
+    )
 
     e = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
     e.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
@@ -279,18 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
     # Unset split options fall back to the checkpoint's, so the same training split is rebuilt.
     a.set_defaults(seed=None, data_dir=None)
     a.add_argument("--out", required=True, help="output folder for synthetic.npz and grid_class_<c>.png")
-    a.add_argument("--sampling-strategy", type=_sampling_strategy_arg, default="auto",
-                   help="as imbalanced-learn: auto, minority, not minority, not majority, all, a float "
-                        "(binary only), or target counts such as 8:100,9:100 (default: auto)")
-    a.add_argument("--filter-threshold", type=float, default=None,
-                   help="keep only samples whose class posterior under the model is at least this (default: no filter)")
-    a.add_argument("--perturbation-scale", type=float, default=1.0,
-                   help="multiplies the posterior scale of the latent noise (default: 1)")
-    a.add_argument("--output", choices=("mean", "residual"), default="mean",
-                   help="synthetic images: the decoded mean image, or the real source image plus the decoded "
-                        "change of its latent (keeps the source's detail)")
-    a.add_argument("--grid-per-class", type=int, default=16,
-                   help="synthetic examples shown in each class's PNG grid (0: no grids)")
+    a.add_argument(
+        "--sampling-strategy",
+        type=_sampling_strategy_arg,
+        default="auto",
+        help="as imbalanced-learn: auto, minority, not minority, not majority, all, a float "
+        "(binary only), or target counts such as 8:100,9:100 (default: auto)",
+    )
+    a.add_argument(
+        "--filter-threshold",
+        type=float,
+        default=None,
+        help="keep only samples whose class posterior under the model is at least this (default: no filter)",
+    )
+    a.add_argument(
+        "--perturbation-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the posterior scale of the latent noise (default: 1)",
+    )
+    a.add_argument(
+        "--output",
+        choices=("mean", "residual"),
+        default="mean",
+        help="synthetic images: the decoded mean image, or the real source image plus the decoded "
+        "change of its latent (keeps the source's detail)",
+    )
+    a.add_argument(
+        "--grid-per-class", type=int, default=16, help="synthetic examples shown in each class's PNG grid (0: no grids)"
+    )
     _add_predict_parser(sub)
     return parser
 
@@ -342,7 +418,9 @@ def _read_split(data: DataChoice) -> ImbalancedSplit:
             )
         return load_npz(name)
     if Path(name).is_dir():
-        raise UserError(f"--dataset {name} is a folder; give one of {', '.join(DATASET_REGISTRY.names())}, or {NPZ_DATASET_FORMAT}")
+        raise UserError(
+            f"--dataset {name} is a folder; give one of {', '.join(DATASET_REGISTRY.names())}, or {NPZ_DATASET_FORMAT}"
+        )
     try:
         return load_imbalanced(name, data.data_dir, counts=data.counts, seed=data.seed, download=data.download)
     except RuntimeError as e:  # unreadable/corrupted dataset files, failed downloads
@@ -394,10 +472,8 @@ def _describe_run(metrics: Path) -> str:
             parts.append(f"ACSA {data['acsa']:.3f}")
     except (OSError, ValueError, AttributeError):
         pass  # an unreadable metrics.json is still a run's
-    try:
+    with contextlib.suppress(OSError):
         parts.append("written " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(metrics.stat().st_mtime)))
-    except OSError:
-        pass
     return f"{parts[0]}: {', '.join(parts[1:])}" if len(parts) > 1 else parts[0]
 
 
@@ -450,15 +526,22 @@ def _resumed_run(args: argparse.Namespace) -> FitRun:
         raise UserError(f"--resume {out} continues the run in {out}; drop --out {args.out}")
     fit_parser = _options_of(build_parser(), "fit")
     typed = {t.split("=", 1)[0] for t in getattr(args, "argv", ()) if t.startswith("--")}
-    given = [flag for a in fit_parser._actions if getattr(a, "resume", None) == FIXED
-             for flag in a.option_strings if flag in typed]
+    given = [
+        flag
+        for a in fit_parser._actions
+        if getattr(a, "resume", None) == FIXED
+        for flag in a.option_strings
+        if flag in typed
+    ]
     if given:
         raise UserError(
             f"--resume takes the data and recipe from the checkpoint; drop {', '.join(dict.fromkeys(given))} "
             f"(only {', '.join(resume_free_flags(fit_parser))} may be given)"
         )
     if not out.is_dir():
-        raise FileNotFoundError(f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)")
+        raise FileNotFoundError(
+            f"--resume {out}: no such folder (give the --out folder of an interrupted dgc-pyro fit)"
+        )
     source = out / "checkpoint"
     run = load_training_state(source).extra.get("run")
     if not isinstance(run, dict) or "recipe" not in run:
@@ -469,9 +552,13 @@ def _resumed_run(args: argparse.Namespace) -> FitRun:
     except (TypeError, ValueError) as e:
         raise UserError(f"{source} has an unusable run configuration ({type(e).__name__}: {e})") from None
     data = DataChoice(
-        dataset=str(run.get("dataset_arg") or run["dataset"]), data_dir=str(run.get("data_dir") or "data"),
-        counts=tuple(run["counts"]) if run.get("counts") else None, seed=run["seed"], download=args.download,
-        test_subset=args.test_subset, builtin_flags=_given_data_options(args),
+        dataset=str(run.get("dataset_arg") or run["dataset"]),
+        data_dir=str(run.get("data_dir") or "data"),
+        counts=tuple(run["counts"]) if run.get("counts") else None,
+        seed=run["seed"],
+        download=args.download,
+        test_subset=args.test_subset,
+        builtin_flags=_given_data_options(args),
     )
     return FitRun(data, recipe, run.get("baseline") or "none", str(out))
 
@@ -480,12 +567,16 @@ def _fresh_run(args: argparse.Namespace) -> FitRun:
     """The run of a fresh ``dgc-pyro fit``: the options given, the defaults for the others (recipe: not yet)."""
     data = DataChoice(
         dataset="digits" if args.dataset is None else args.dataset,
-        data_dir="data" if args.data_dir is None else args.data_dir, counts=args.counts,
-        seed=0 if args.seed is None else args.seed, download=args.download, test_subset=args.test_subset,
+        data_dir="data" if args.data_dir is None else args.data_dir,
+        counts=args.counts,
+        seed=0 if args.seed is None else args.seed,
+        download=args.download,
+        test_subset=args.test_subset,
         builtin_flags=_given_data_options(args),
     )
-    return FitRun(data, None, "ce" if args.baseline is None else args.baseline,
-                  "runs/latest" if args.out is None else args.out)
+    return FitRun(
+        data, None, "ce" if args.baseline is None else args.baseline, "runs/latest" if args.out is None else args.out
+    )
 
 
 def _recipe_from_flags(args: argparse.Namespace, dataset: str, input_shape: Sequence[int] | None = None) -> Any:
@@ -530,8 +621,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     recipe, data, out = run.recipe, run.data, run.out
     _set_threads(args.threads, split.input_shape, recipe.preset)
     if not 0.0 <= recipe.perturbation_rate <= 1.0:
-        raise UserError(f"--perturbation-rate must be in [0, 1], got {recipe.perturbation_rate:g} (the paper's r: 0 turns "
-                        "the perturbation step off, 1 repeats each class's latents up to the majority's count)")
+        raise UserError(
+            f"--perturbation-rate must be in [0, 1], got {recipe.perturbation_rate:g} (the paper's r: 0 turns "
+            "the perturbation step off, 1 repeats each class's latents up to the majority's count)"
+        )
     from dgc_pyro.inference.distributed import is_rank_zero
 
     rank0 = is_rank_zero()  # under torchrun only rank 0 reports and writes the outputs
@@ -539,16 +632,27 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         _check_fit_before_training(recipe, split, out, args.device)
     counts = ", ".join(str(c) for c in split.train_counts)
     if rank0:
-        print(f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test")
+        print(
+            f"dataset {split.name}: {len(split.y_train)} training examples (per class: {counts}), {len(split.y_test)} test"
+        )
         _notice_batch_size(recipe, split, data.seed)
     baseline = None if run.baseline == "none" else run.baseline
     result = run_experiment(
-        split, recipe, seed=data.seed, device=args.device, baseline=baseline if rank0 else None,
+        split,
+        recipe,
+        seed=data.seed,
+        device=args.device,
+        baseline=baseline if rank0 else None,
         out_dir=out if rank0 else None,
-        progress=not args.no_progress and rank0, checkpoint_dir=Path(out) / "checkpoint", resume=resumed,
+        progress=not args.no_progress and rank0,
+        checkpoint_dir=Path(out) / "checkpoint",
+        resume=resumed,
         # An .npz path is saved absolute, so evaluate/augment/--resume find it from any working folder.
-        data_config={"data_dir": data.data_dir, "counts": data.counts,
-                     "dataset_arg": str(Path(data.dataset).resolve()) if data.dataset.endswith(".npz") else data.dataset},
+        data_config={
+            "data_dir": data.data_dir,
+            "counts": data.counts,
+            "dataset_arg": str(Path(data.dataset).resolve()) if data.dataset.endswith(".npz") else data.dataset,
+        },
     )
     if not rank0:
         return 0
@@ -579,10 +683,14 @@ def _calibration_note(result: Any) -> str | None:
     why = ""
     if direction == "underconfident" and result.prediction.rule == "mixture":
         # measured on the digits demo: the label head alone, at q(z | x, c)'s mean, is more confident (.86 vs .69)
-        why = "; its 'mixture' rule averages p(y | z) over the latent draws of every class hypothesis, which flattens it"
-    return (f"note: DGC's ECE ({result.metrics['ece']:.3f}) is above the baseline's ({base['ece']:.3f}) because its class "
-            f"posterior is {direction}: mean confidence {confidence:.3f}, accuracy {accuracy:.3f}{why}. ACSA and the other "
-            "metrics depend only on which class scores highest (docs/cli.md)")
+        why = (
+            "; its 'mixture' rule averages p(y | z) over the latent draws of every class hypothesis, which flattens it"
+        )
+    return (
+        f"note: DGC's ECE ({result.metrics['ece']:.3f}) is above the baseline's ({base['ece']:.3f}) because its class "
+        f"posterior is {direction}: mean confidence {confidence:.3f}, accuracy {accuracy:.3f}{why}. ACSA and the other "
+        "metrics depend only on which class scores highest (docs/cli.md)"
+    )
 
 
 def _set_threads(threads: int | None, input_shape: tuple[int, ...], preset: str) -> None:
@@ -612,8 +720,11 @@ def _notice_batch_size(recipe: Any, split: ImbalancedSplit, seed: int) -> None:
     if recipe.val_fraction > 0:
         n = len(stratified_holdout(split.y_train.numpy(), recipe.val_fraction, seed)[0])
     if recipe.batch_size > n:
-        print(f"dgc-pyro fit: notice: the batch size {recipe.batch_size} is more than the {n} training examples "
-              f"(after the validation split); every epoch is one batch of {n}", file=sys.stderr)
+        print(
+            f"dgc-pyro fit: notice: the batch size {recipe.batch_size} is more than the {n} training examples "
+            f"(after the validation split); every epoch is one batch of {n}",
+            file=sys.stderr,
+        )
 
 
 def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any], ImbalancedSplit, DataChoice]:
@@ -635,8 +746,12 @@ def _checkpoint_and_split(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
     if seed is None:
         seed = saved["seed"] if saved.get("seed") is not None else 0
     data = DataChoice(
-        dataset=dataset, data_dir=(saved.get("data_dir") or "data") if args.data_dir is None else args.data_dir,
-        counts=counts, seed=seed, download=args.download, test_subset=args.test_subset,
+        dataset=dataset,
+        data_dir=(saved.get("data_dir") or "data") if args.data_dir is None else args.data_dir,
+        counts=counts,
+        seed=seed,
+        download=args.download,
+        test_subset=args.test_subset,
         builtin_flags=_given_data_options(args),
     )
     split = _load_split(data)
@@ -657,8 +772,12 @@ def _saved_num_samples(saved: dict[str, Any]) -> int:
 def _add_rule_arg(p: argparse.ArgumentParser) -> None:
     from dgc_pyro.inference.predict import SCORING_RULE_REGISTRY
 
-    p.add_argument("--rule", choices=SCORING_RULE_REGISTRY.names(), default=None,
-                   help="scoring rule of the class posterior (default: the model's own; dgc_pyro.inference.predict)")
+    p.add_argument(
+        "--rule",
+        choices=SCORING_RULE_REGISTRY.names(),
+        default=None,
+        help="scoring rule of the class posterior (default: the model's own; dgc_pyro.inference.predict)",
+    )
 
 
 def _check_rule(model: Any, rule: str | None, checkpoint: str) -> None:
@@ -684,18 +803,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     train_counts = np.asarray(saved.get("train_counts") or split.train_counts)
     num_samples = args.num_samples or _saved_num_samples(saved)
     seed = saved["seed"] if saved.get("seed") is not None else data.seed
-    print(f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
-          f"{num_samples} latent draws per class")
+    print(
+        f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
+        f"{num_samples} latent draws per class"
+    )
     t0 = time.perf_counter()
     _check_rule(model, args.rule, args.checkpoint)
-    report, _ = evaluate_model(model, split.x_test, split.y_test, train_counts, num_samples, seed,
-                               progress=not args.no_progress, rule=args.rule)
+    report, _ = evaluate_model(
+        model,
+        split.x_test,
+        split.y_test,
+        train_counts,
+        num_samples,
+        seed,
+        progress=not args.no_progress,
+        rule=args.rule,
+    )
     evaluated = time.perf_counter() - t0
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
     print(_ood_flag_line(model, report))
     wrote = ""
     if args.out:
-        write_json(Path(args.out) / "metrics.json", {**report, "checkpoint": str(args.checkpoint), "dataset": split.name})
+        write_json(
+            Path(args.out) / "metrics.json", {**report, "checkpoint": str(args.checkpoint), "dataset": split.name}
+        )
         wrote = f"; wrote {Path(args.out) / 'metrics.json'}"
     print(f"{_phase_times([('evaluation', evaluated)], started)} on {model.device}{wrote}")
     return 0
@@ -754,9 +885,15 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x_syn, y_syn = augment(
-            model, split.x_train, split.y_train, args.sampling_strategy,
-            perturbation_scale=args.perturbation_scale, filter_threshold=args.filter_threshold,
-            num_samples_filter=args.num_samples or 10, seed=data.seed, output=args.output,
+            model,
+            split.x_train,
+            split.y_train,
+            args.sampling_strategy,
+            perturbation_scale=args.perturbation_scale,
+            filter_threshold=args.filter_threshold,
+            num_samples_filter=args.num_samples or 10,
+            seed=data.seed,
+            output=args.output,
             progress=not args.no_progress,
         )
     augmented = time.perf_counter() - t0
@@ -777,7 +914,9 @@ def _cmd_augment(args: argparse.Namespace) -> int:
             for c in np.flatnonzero(added):
                 path = stage / f"grid_class_{c}.png"
                 save_augmentation_grid(
-                    path, x_real[y_real == c], x_new[y_new == c][: args.grid_per_class],
+                    path,
+                    x_real[y_real == c],
+                    x_new[y_new == c][: args.grid_per_class],
                     title=f"class {c} ({split.class_names[c]}): real (top row) and DGC samples",
                 )
                 grids.append(path.name)
@@ -785,8 +924,10 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     for c in range(split.num_classes):
         print(f"{c:>5}  {str(split.class_names[c])[:15]:<16}{before[c]:>8}{added[c]:>11}{before[c] + added[c]:>8}")
     print(f"{'all':>5}  {'':<16}{before.sum():>8}{added.sum():>11}{before.sum() + added.sum():>8}")
-    print(f"{_phase_times([('augment', augmented)], started)}; wrote {out / 'synthetic.npz'}"
-          + (f" and {len(grids)} grids (grid_class_<c>.png)" if grids else ""))
+    print(
+        f"{_phase_times([('augment', augmented)], started)}; wrote {out / 'synthetic.npz'}"
+        + (f" and {len(grids)} grids (grid_class_<c>.png)" if grids else "")
+    )
     return 0
 
 
@@ -796,21 +937,34 @@ def _ood_flag_line(model: Any, report: dict[str, Any]) -> str:
     detector = getattr(model, "ood_detector", None)
     if detector is None or "ood_flag_rate" not in report:
         return "OOD flag: none in this checkpoint (fit it with dgc_pyro.inference.fit_ood_threshold, or refit with dgc-pyro fit)"
-    return (f"OOD flag ({detector.score} score): {report['ood_flag_rate']:.3f} of the test split flagged "
-            f"(stated false-alarm rate {detector.false_alarm:.3f}, calibrated on {detector.num_dev} held-out images)")
+    return (
+        f"OOD flag ({detector.score} score): {report['ood_flag_rate']:.3f} of the test split flagged "
+        f"(stated false-alarm rate {detector.false_alarm:.3f}, calibrated on {detector.num_dev} held-out images)"
+    )
 
 
 def _add_predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="label new data with a saved model: classes, uncertainty, density, OOD flags")
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
-    p.add_argument("--input", required=True,
-                   help="an .npz file whose array 'x' (or only array) holds the examples, shaped like the training data")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="an .npz file whose array 'x' (or only array) holds the examples, shaped like the training data",
+    )
     p.add_argument("--out", required=True, help="output folder for predictions.npz and predictions.csv")
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="latent draws per class (default: the checkpoint's recipe, else 10)")
-    p.add_argument("--reject", choices=("entropy", "density", "both"), default=None,
-                   help="also write the reject option's mask (entropy: above the held-out entropy quantile; density: "
-                        "the OOD flag; both: either)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="latent draws per class (default: the checkpoint's recipe, else 10)",
+    )
+    p.add_argument(
+        "--reject",
+        choices=("entropy", "density", "both"),
+        default=None,
+        help="also write the reject option's mask (entropy: above the held-out entropy quantile; density: "
+        "the OOD flag; both: either)",
+    )
     _add_rule_arg(p)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--seed", type=_seed_arg, default=0, help="seed of the latent draws")
@@ -843,19 +997,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.reject in ("density", "both") and getattr(model, "ood_detector", None) is None:
-        raise UserError(f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
-                        "(fit it with dgc_pyro.inference.fit_ood_threshold and save the model again)")
+        raise UserError(
+            f"--reject {args.reject} needs the OOD flag, and {args.checkpoint} has none "
+            "(fit it with dgc_pyro.inference.fit_ood_threshold and save the model again)"
+        )
     saved = check_run_config(meta.get("config", {}), args.checkpoint)
     num_samples = args.num_samples or _saved_num_samples(saved)
     seed_everything(args.seed)
     _check_rule(model, args.rule, args.checkpoint)
-    pred = predict(model, x, int(num_samples), balanced=model.has_class_prior, reject=args.reject,
-                   progress=not args.no_progress, rule=args.rule)
+    pred = predict(
+        model,
+        x,
+        int(num_samples),
+        balanced=model.has_class_prior,
+        reject=args.reject,
+        progress=not args.no_progress,
+        rule=args.rule,
+    )
     names = [str(n) for n in meta.get("class_names") or range(model.num_classes)]
     npz_path, csv_path = write_predictions(pred, args.out, names)  # computed first, each file written atomically
     columns = prediction_columns(pred)
-    flagged = f", {int(columns['ood'].sum())} flagged out of distribution" if "ood" in columns else \
-        " (no OOD flag in this checkpoint)"
+    flagged = (
+        f", {int(columns['ood'].sum())} flagged out of distribution"
+        if "ood" in columns
+        else " (no OOD flag in this checkpoint)"
+    )
     rejected = f", {int(columns['rejected'].sum())} rejected ({args.reject})" if "rejected" in columns else ""
     print(f"predicted {len(pred.labels)} examples{flagged}{rejected}; wrote {npz_path} and {csv_path}")
     return 0
@@ -888,8 +1054,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = ""
         if checkpoint is not None:
             run_dir = Path(checkpoint).parent.parent
-            where = (f"; saved the state after epoch {e.epoch} in {checkpoint}; continue with: "
-                     f"dgc-pyro fit --resume {run_dir}")
+            where = (
+                f"; saved the state after epoch {e.epoch} in {checkpoint}; continue with: "
+                f"dgc-pyro fit --resume {run_dir}"
+            )
         print(f"dgc-pyro {args.command}: interrupted{where}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     finally:

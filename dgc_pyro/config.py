@@ -45,9 +45,21 @@ from dgc_pyro.models.likelihoods import LIKELIHOODS
 from dgc_pyro.models.networks import PRESETS
 
 __all__ = [
-    "ENGINES", "LR_SCHEDULES", "PERTURBATION_NOISES", "PERTURBATION_PRIORS", "STRATEGIES",
-    "ModelConfig", "Recipe", "TrainConfig", "check_deferred", "check_options", "config_fields",
-    "first_perturbation_epoch", "parse_overrides", "parse_value", "resume_differences",
+    "ENGINES",
+    "LR_SCHEDULES",
+    "PERTURBATION_NOISES",
+    "PERTURBATION_PRIORS",
+    "STRATEGIES",
+    "ModelConfig",
+    "Recipe",
+    "TrainConfig",
+    "check_deferred",
+    "check_options",
+    "config_fields",
+    "first_perturbation_epoch",
+    "parse_overrides",
+    "parse_value",
+    "resume_differences",
 ]
 
 #: Training steps (:mod:`dgc_pyro.inference.engine`).
@@ -65,12 +77,28 @@ FIXED, FREE = "fixed", "free"
 _UNSET: Any = object()
 
 
-def _option(default: Any = _UNSET, help: str = "", *, factory: Callable[[], Any] | None = None,
-            choices: tuple[Any, ...] | None = None, resume: str = FIXED, role: str = "recipe", baseline: bool = False,
-            absent: Any = _UNSET, parse: Callable[[str], Any] | None = None) -> Any:
+def _option(
+    default: Any = _UNSET,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    choices: tuple[Any, ...] | None = None,
+    resume: str = FIXED,
+    role: str = "recipe",
+    baseline: bool = False,
+    absent: Any = _UNSET,
+    parse: Callable[[str], Any] | None = None,
+) -> Any:
     """A config field with its facts in ``metadata`` (see the module docs)."""
-    metadata = {"help": help, "choices": choices, "resume": resume, "role": role, "baseline": baseline,
-                "absent": absent, "parse": parse}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "resume": resume,
+        "role": role,
+        "baseline": baseline,
+        "absent": absent,
+        "parse": parse,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -134,13 +162,17 @@ def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: in
     check_fraction("perturbation_start", perturbation_start)
     check_non_negative("retrain_head_epochs", retrain_head_epochs, integer=True)
     if retrain_head_epochs >= epochs:
-        raise ValueError(f"retrain_head_epochs={retrain_head_epochs} leaves no epoch of the main fit "
-                         f"(epochs={epochs}); it must be smaller than epochs")
+        raise ValueError(
+            f"retrain_head_epochs={retrain_head_epochs} leaves no epoch of the main fit "
+            f"(epochs={epochs}); it must be smaller than epochs"
+        )
     last = epochs - retrain_head_epochs  # the last epoch of the main steps
     first = first_perturbation_epoch(perturbation_start, epochs)
     if perturbation_start > 0 and perturbation_rate > 0 and first > last:
-        raise ValueError(f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, "
-                         f"after the last epoch of the main steps ({last} of {epochs}): it would never run")
+        raise ValueError(
+            f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, "
+            f"after the last epoch of the main steps ({last} of {epochs}): it would never run"
+        )
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -165,26 +197,39 @@ class ModelConfig:
     """What model a recipe builds: networks, likelihoods, guide and latent prior (:class:`~dgc_pyro.models.DGC`)."""
 
     latent_dim: int = _option(64, "size of the latent z")
-    preset: str = _option("small", "network sizes: small (CPU friendly) or paper (the reference code's)",
-                          choices=tuple(PRESETS), baseline=True)
+    preset: str = _option(
+        "small",
+        "network sizes: small (CPU friendly) or paper (the reference code's)",
+        choices=tuple(PRESETS),
+        baseline=True,
+    )
     likelihood: str = _option("normal", "pixel likelihood p(x | z)", choices=tuple(LIKELIHOODS))
     obs_scale: float = _option(0.1, "sigma of the normal pixel likelihood")
     label_weight: float = _option(1.0, "weight of log p(y | z) in the objective")
     logit_adjustment: float = _option(
-        0.0, "tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off (with it, "
-             "evaluation predicts class-balanced)")
+        0.0,
+        "tau of the logit-adjusted label likelihood softmax(f(z) + tau log pi); 0 turns it off (with it, "
+        "evaluation predicts class-balanced)",
+    )
     label_in_guide: bool = _option(
-        True, "the paper's q(z | x, y) (true; --guide xy) or a label-free q(z | x), scored with the latent rule "
-              "(false; --guide x)")
+        True,
+        "the paper's q(z | x, y) (true; --guide xy) or a label-free q(z | x), scored with the latent rule "
+        "(false; --guide x)",
+    )
     observe_x: bool = _option(
-        True, "the model has the pixel site p(x | z) (true: DGC) or not (false: the vib control, with a label-free "
-              "guide)")
+        True,
+        "the model has the pixel site p(x | z) (true: DGC) or not (false: the vib control, with a label-free guide)",
+    )
     latent_prior: str = _option(
-        "standard", "N(0, I) with a label head (standard) or p(z | y) = N(mu_y, Sigma) scored by Bayes' rule "
-                    "(class_conditional: needs a label-free guide and perturbation rate 0)", choices=LATENT_PRIORS)
+        "standard",
+        "N(0, I) with a label head (standard) or p(z | y) = N(mu_y, Sigma) scored by Bayes' rule "
+        "(class_conditional: needs a label-free guide and perturbation rate 0)",
+        choices=LATENT_PRIORS,
+    )
     covariance: str = _option("shared", "the class-conditional prior's diagonal covariance", choices=COVARIANCES)
-    shrinkage: float = _option(10.0, "k of the class-conditional prior's shrinkage n_c / (n_c + k) toward the "
-                                     "pooled class (0: off)")
+    shrinkage: float = _option(
+        10.0, "k of the class-conditional prior's shrinkage n_c / (n_c + k) toward the pooled class (0: off)"
+    )
 
     def __post_init__(self) -> None:
         check_model_options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -204,14 +249,27 @@ class ModelConfig:
         counts = None
         if self.latent_prior != "standard":  # the shrinkage weights n_c / (n_c + k) need the counts
             if train_counts is None and self.shrinkage > 0:
-                raise ValueError("a recipe with latent_prior='class_conditional' and shrinkage > 0 needs the training "
-                                 "class counts")
+                raise ValueError(
+                    "a recipe with latent_prior='class_conditional' and shrinkage > 0 needs the training class counts"
+                )
             counts = train_counts
-        return DGC(input_shape, num_classes, latent_dim=self.latent_dim, preset=self.preset, likelihood=self.likelihood,
-                   obs_scale=self.obs_scale, label_weight=self.label_weight, label_in_guide=self.label_in_guide,
-                   class_prior=prior, logit_adjustment=self.logit_adjustment, observe_x=self.observe_x,
-                   latent_prior=self.latent_prior, covariance=self.covariance, shrinkage=self.shrinkage,
-                   class_counts=counts)
+        return DGC(
+            input_shape,
+            num_classes,
+            latent_dim=self.latent_dim,
+            preset=self.preset,
+            likelihood=self.likelihood,
+            obs_scale=self.obs_scale,
+            label_weight=self.label_weight,
+            label_in_guide=self.label_in_guide,
+            class_prior=prior,
+            logit_adjustment=self.logit_adjustment,
+            observe_x=self.observe_x,
+            latent_prior=self.latent_prior,
+            covariance=self.covariance,
+            shrinkage=self.shrinkage,
+            class_counts=counts,
+        )
 
 
 def _callable_name(value: Any) -> Any:
@@ -227,63 +285,124 @@ class TrainConfig:
     engine and devices. The options of :func:`dgc_pyro.inference.fit` (``fit(model, x, y, config, **changes)``)."""
 
     objective: Any = _option(
-        "elbo", "training objective: elbo (Trace_ELBO), elbo-analytic, ... or, in Python, a loss callable "
-                "loss(model_fn, guide_fn, x, y) as pyro.infer.SVI accepts")
+        "elbo",
+        "training objective: elbo (Trace_ELBO), elbo-analytic, ... or, in Python, a loss callable "
+        "loss(model_fn, guide_fn, x, y) as pyro.infer.SVI accepts",
+    )
     epochs: int = _option(20, "training epochs (a resumed fit may grow them)", resume=FREE, baseline=True)
-    batch_size: int = _option(100, "training examples per step; more than there are gives one full batch per epoch",
-                              baseline=True)
+    batch_size: int = _option(
+        100, "training examples per step; more than there are gives one full batch per epoch", baseline=True
+    )
     lr: float = _option(1e-3, "Adam's learning rate")
-    betas: tuple[float, float] = _option((0.9, 0.999), "Adam's betas, two comma-separated numbers in [0, 1)",
-                                         parse=_parse_betas)
-    classifier_lr: float | None = _option(None, "learning rate of the perturbation step's optimiser (default: lr)",
-                                          parse=_none_or(float))
-    lr_schedule: str = _option("constant", "learning-rate schedule: constant or cosine (decays to 0 over the fit)",
-                               choices=LR_SCHEDULES, baseline=True)
+    betas: tuple[float, float] = _option(
+        (0.9, 0.999), "Adam's betas, two comma-separated numbers in [0, 1)", parse=_parse_betas
+    )
+    classifier_lr: float | None = _option(
+        None, "learning rate of the perturbation step's optimiser (default: lr)", parse=_none_or(float)
+    )
+    lr_schedule: str = _option(
+        "constant",
+        "learning-rate schedule: constant or cosine (decays to 0 over the fit)",
+        choices=LR_SCHEDULES,
+        baseline=True,
+    )
     warmup_steps: int | None = _option(
-        None, "linear learning-rate warm-up over the first min(warmup_steps, steps per epoch) steps; 0 turns it off "
-              "(default: 100, or a resumed fit's own)", absent=0, parse=_none_or(int))
-    val_fraction: float = _option(0.1, "stratified share of the training data held out for validation and model "
-                                       "selection (never the test set); 0 disables it", baseline=True)
-    val_num_samples: int = _option(10, "latent draws per class when scoring the validation split (a recipe's "
-                                       "evaluation uses as many)")
+        None,
+        "linear learning-rate warm-up over the first min(warmup_steps, steps per epoch) steps; 0 turns it off "
+        "(default: 100, or a resumed fit's own)",
+        absent=0,
+        parse=_none_or(int),
+    )
+    val_fraction: float = _option(
+        0.1,
+        "stratified share of the training data held out for validation and model "
+        "selection (never the test set); 0 disables it",
+        baseline=True,
+    )
+    val_num_samples: int = _option(
+        10, "latent draws per class when scoring the validation split (a recipe's evaluation uses as many)"
+    )
     select_best: bool = _option(
-        True, "keep the weights of the epoch with the best validation ACSA (true; --keep best) or those of the last "
-              "epoch (false; --keep last: the validation split then only monitors)", baseline=True)
-    perturbation_rate: float = _option(0.6, "the paper's r, from 0 (no data-perturbation step) to 1 (each class's "
-                                            "latents repeated up to the majority's count)")
+        True,
+        "keep the weights of the epoch with the best validation ACSA (true; --keep best) or those of the last "
+        "epoch (false; --keep last: the validation split then only monitors)",
+        baseline=True,
+    )
+    perturbation_rate: float = _option(
+        0.6,
+        "the paper's r, from 0 (no data-perturbation step) to 1 (each class's "
+        "latents repeated up to the majority's count)",
+    )
     perturbation_prior: str = _option(
-        "train", "with logit adjustment: the class frequencies of the perturbation step's offset, the training prior "
-                 "(train) or those of its re-drawn latents (perturbed)", choices=PERTURBATION_PRIORS)
+        "train",
+        "with logit adjustment: the class frequencies of the perturbation step's offset, the training prior "
+        "(train) or those of its re-drawn latents (perturbed)",
+        choices=PERTURBATION_PRIORS,
+    )
     perturbation_start: float = _option(
-        0.0, "deferred re-balancing (DRW): the perturbation step runs from epoch ceil(perturbation_start * epochs) + 1 "
-             "on; in [0, 1)")
+        0.0,
+        "deferred re-balancing (DRW): the perturbation step runs from epoch ceil(perturbation_start * epochs) + 1 "
+        "on; in [0, 1)",
+    )
     perturbation_noise: str = _option(
-        "own", "spread of the perturbation step's re-drawn tail latents: q's own sigma (own) or the head classes' "
-               "(head; single-process only)", choices=PERTURBATION_NOISES)
+        "own",
+        "spread of the perturbation step's re-drawn tail latents: q's own sigma (own) or the head classes' "
+        "(head; single-process only)",
+        choices=PERTURBATION_NOISES,
+    )
     retrain_head_epochs: int = _option(
-        0, "classifier re-training (cRT): the last this many epochs train p(y | z) alone on class-balanced draws")
+        0, "classifier re-training (cRT): the last this many epochs train p(y | z) alone on class-balanced draws"
+    )
     pretrain_steps: int = _option(0, "steps of the reference code's encoder pre-training before the first epoch")
     transform: Any = _option(
-        None, "random training-time transform of every batch: shift (up to 2 pixels), shift-flip (also a horizontal "
-              "flip; not for digits) or none; in Python also a callable transform(x, generator)", baseline=True,
-        parse=lambda text: None if text.lower() == "none" else text)
+        None,
+        "random training-time transform of every batch: shift (up to 2 pixels), shift-flip (also a horizontal "
+        "flip; not for digits) or none; in Python also a callable transform(x, generator)",
+        baseline=True,
+        parse=lambda text: None if text.lower() == "none" else text,
+    )
     engine: str | None = _option(
-        None, "training step: graph (captured once and replayed, the fastest; falls back to torch with a warning), "
-              "torch (traces the Pyro model every step), svi (textbook pyro.infer.SVI) (default: graph, torch for a "
-              "loss callable or several devices)", choices=(None, *ENGINES), resume=FREE, role="run",
-        parse=_none_or(str))
+        None,
+        "training step: graph (captured once and replayed, the fastest; falls back to torch with a warning), "
+        "torch (traces the Pyro model every step), svi (textbook pyro.infer.SVI) (default: graph, torch for a "
+        "loss callable or several devices)",
+        choices=(None, *ENGINES),
+        resume=FREE,
+        role="run",
+        parse=_none_or(str),
+    )
     check_every: int | None = _option(
-        None, "also check the loss for NaN/inf every this many steps (one host sync each; default: once per epoch)",
-        resume=FREE, role="run", parse=_none_or(int))
-    deterministic: bool = _option(False, "deterministic torch/cuDNN algorithms (matters on CUDA)", resume=FREE,
-                                  role="run")
+        None,
+        "also check the loss for NaN/inf every this many steps (one host sync each; default: once per epoch)",
+        resume=FREE,
+        role="run",
+        parse=_none_or(int),
+    )
+    deterministic: bool = _option(
+        False, "deterministic torch/cuDNN algorithms (matters on CUDA)", resume=FREE, role="run"
+    )
     compile: Any = _option(
-        False, "torch.compile the networks (with the graph engine: the captured graph); slow to start; in Python "
-               "also a dict of compile options", resume=FREE, role="run", parse=_parse_bool)
-    devices: int = _option(1, "data-parallel processes (one per GPU on CUDA; gloo on CPU); under torchrun: processes "
-                              "per node", resume=FREE, role="run")
-    strategy: str | None = _option(None, "data-parallel strategy (default: ddp when devices > 1)",
-                                   choices=(None, *STRATEGIES), resume=FREE, role="run", parse=_none_or(str))
+        False,
+        "torch.compile the networks (with the graph engine: the captured graph); slow to start; in Python "
+        "also a dict of compile options",
+        resume=FREE,
+        role="run",
+        parse=_parse_bool,
+    )
+    devices: int = _option(
+        1,
+        "data-parallel processes (one per GPU on CUDA; gloo on CPU); under torchrun: processes per node",
+        resume=FREE,
+        role="run",
+    )
+    strategy: str | None = _option(
+        None,
+        "data-parallel strategy (default: ddp when devices > 1)",
+        choices=(None, *STRATEGIES),
+        resume=FREE,
+        role="run",
+        parse=_none_or(str),
+    )
 
     def __post_init__(self) -> None:
         # Checked in fit's old order, so that the first problem named is the same as before.
@@ -311,8 +430,9 @@ class TrainConfig:
         if not (isinstance(self.objective, str) or callable(self.objective)):
             raise ValueError(f"objective must be a name or a loss callable, got {self.objective!r}")
         if not (self.transform is None or isinstance(self.transform, str) or callable(self.transform)):
-            raise ValueError(f"transform must be None, a name or a callable transform(x, generator), "
-                             f"got {self.transform!r}")
+            raise ValueError(
+                f"transform must be None, a name or a callable transform(x, generator), got {self.transform!r}"
+            )
         for name in ("deterministic", "select_best"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -323,7 +443,9 @@ class TrainConfig:
         if self.strategy is not None:
             check_choice("strategy", self.strategy, STRATEGIES)
         if self.data_parallel and (self.retrain_head_epochs or self.perturbation_noise != "own"):
-            raise ValueError("retrain_head_epochs and perturbation_noise='head' are not supported in data-parallel fits")
+            raise ValueError(
+                "retrain_head_epochs and perturbation_noise='head' are not supported in data-parallel fits"
+            )
 
     @property
     def data_parallel(self) -> bool:
@@ -344,8 +466,9 @@ class TrainConfig:
         return out
 
 
-def config_fields(*classes: type, role: str | None = None, resume: str | None = None,
-                  baseline: bool | None = None) -> list[dataclasses.Field]:
+def config_fields(
+    *classes: type, role: str | None = None, resume: str | None = None, baseline: bool | None = None
+) -> list[dataclasses.Field]:
     """The fields of ``classes`` (default: ModelConfig and TrainConfig), optionally only those whose metadata has
     this ``role``, ``resume`` or ``baseline`` value."""
     out = []
@@ -381,7 +504,9 @@ def resume_settings(config: TrainConfig, *, seed: int, explicit_val: bool) -> di
     values the fit ran with) and the :data:`RUN_FACTS`."""
     epochs = config.epochs
     return {
-        **config.to_dict(), "seed": seed, "explicit_val": explicit_val,
+        **config.to_dict(),
+        "seed": seed,
+        "explicit_val": explicit_val,
         "schedule_epochs": epochs if config.lr_schedule != "constant" else None,
         "deferred_epochs": epochs if config.perturbation_start > 0 or config.retrain_head_epochs else None,
     }
@@ -396,8 +521,11 @@ def resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
     record does.
     """
     keys = {f.name: absent_value(f) for f in config_fields(TrainConfig, resume=FIXED)} | RUN_FACTS
-    diffs = [f"{k}={saved.get(k, absent)!r} in the checkpoint, {now.get(k)!r} now"
-             for k, absent in sorted(keys.items()) if saved.get(k, absent) != now.get(k)]
+    diffs = [
+        f"{k}={saved.get(k, absent)!r} in the checkpoint, {now.get(k)!r} now"
+        for k, absent in sorted(keys.items())
+        if saved.get(k, absent) != now.get(k)
+    ]
     engine_then, engine_now = saved.get("engine"), now.get("engine")
     if SAME_STEP.get(engine_then, engine_then) != SAME_STEP.get(engine_now, engine_now):
         diffs.append(f"engine={engine_then!r} in the checkpoint, {engine_now!r} now")
@@ -492,8 +620,10 @@ class Recipe:
         """The keyword arguments of :func:`~dgc_pyro.baselines.fit_baseline` that a baseline run beside this recipe
         shares with it (the ``baseline=True`` fields: backbone preset and training protocol; the caller sets
         ``lr``)."""
-        return {f.name: getattr(self.model if f.name in ModelConfig.__dataclass_fields__ else self.train, f.name)
-                for f in config_fields(baseline=True)}
+        return {
+            f.name: getattr(self.model if f.name in ModelConfig.__dataclass_fields__ else self.train, f.name)
+            for f in config_fields(baseline=True)
+        }
 
     @property
     def balanced(self) -> bool:
@@ -518,8 +648,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         name = LEGACY_NAMES.get(name, name)
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=3)
-            raise ValueError(f"recipe override {item!r}: no field {name!r}; "
-                             + (f"did you mean {' or '.join(close)}?" if close else f"fields: {', '.join(fields)}"))
+            raise ValueError(
+                f"recipe override {item!r}: no field {name!r}; "
+                + (f"did you mean {' or '.join(close)}?" if close else f"fields: {', '.join(fields)}")
+            )
         try:
             changes[name] = parse_value(fields[name], text)
         except ValueError as err:

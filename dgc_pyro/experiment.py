@@ -22,8 +22,8 @@ from dgc_pyro.baselines import BASELINE_REGISTRY, fit_baseline
 from dgc_pyro.checkpoint import save_model
 from dgc_pyro.config import ModelConfig, Recipe, TrainConfig, parse_overrides  # noqa: F401  (Recipe's home; re-exported)
 from dgc_pyro.data.splits import ImbalancedSplit, stratified_holdout
-from dgc_pyro.inference.density import fit_ood_threshold
 from dgc_pyro.inference.callbacks import Checkpointing
+from dgc_pyro.inference.density import fit_ood_threshold
 from dgc_pyro.inference.fit import History, fit
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.io import write_json
@@ -42,19 +42,41 @@ METRIC_KEYS = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
 # docs/paper_fidelity.md): a label-free guide q(z | x) (the paper's q(z | x, y) lets z carry the given label, so
 # p(y | z) never learns to read the class from x), the logit-adjusted label likelihood with the label term
 # up-weighted 1000x against Normal(0.3) pixels, the data-perturbation step on, and the closed-form-KL ELBO.
-_IMAGE_28 = Recipe(epochs=30, batch_size=100, lr=1e-3, latent_dim=64, preset="small", likelihood="normal",
-                   obs_scale=0.3, label_weight=1000.0, objective="elbo-analytic", perturbation_rate=0.6,
-                   logit_adjustment=1.0, label_in_guide=False)
+_IMAGE_28 = Recipe(
+    epochs=30,
+    batch_size=100,
+    lr=1e-3,
+    latent_dim=64,
+    preset="small",
+    likelihood="normal",
+    obs_scale=0.3,
+    label_weight=1000.0,
+    objective="elbo-analytic",
+    perturbation_rate=0.6,
+    logit_adjustment=1.0,
+    label_in_guide=False,
+)
 #: The paper's model structure (q(z | x, y), no logit adjustment) with the first ablation's settings.
-PAPER_GUIDE_28 = Recipe(epochs=30, batch_size=100, lr=1e-3, latent_dim=64, preset="small", likelihood="normal",
-                        obs_scale=0.1, label_weight=100.0, objective="elbo-analytic", perturbation_rate=0.6)
+PAPER_GUIDE_28 = Recipe(
+    epochs=30,
+    batch_size=100,
+    lr=1e-3,
+    latent_dim=64,
+    preset="small",
+    likelihood="normal",
+    obs_scale=0.1,
+    label_weight=100.0,
+    objective="elbo-analytic",
+    perturbation_rate=0.6,
+)
 #: Issue 21's class-conditional latent prior on the default recipe: p(z | y) = N(mu_y, Sigma) with the label-free guide,
 #: scored by Bayes' rule, the data-perturbation step off (the model has no label head for it to train). The starting
 #: point of its dev-set runs, not a measured default.
 CLASS_CONDITIONAL_28 = dataclasses.replace(_IMAGE_28, latent_prior="class_conditional", perturbation_rate=0.0)
 DEFAULT_RECIPES: dict[str, Recipe] = {
-    "digits": Recipe(epochs=60, batch_size=32, lr=3e-3, latent_dim=16, objective="elbo-analytic", label_weight=10.0,
-                     val_fraction=0.2),
+    "digits": Recipe(
+        epochs=60, batch_size=32, lr=3e-3, latent_dim=16, objective="elbo-analytic", label_weight=10.0, val_fraction=0.2
+    ),
     "mnist": _IMAGE_28,
     "fashion": _IMAGE_28,
 }
@@ -64,10 +86,34 @@ DEFAULT_RECIPES: dict[str, Recipe] = {
 # variance, Adam(beta1 = 0.5), 200 encoder pre-training steps. Its defects are not copied: the validation split
 # replaces test-set selection, and no MMD scalar is added to the class scores (docs/paper_fidelity.md).
 PAPER_RECIPES: dict[str, Recipe] = {
-    "mnist": Recipe(epochs=50, batch_size=100, lr=1e-5, latent_dim=64, preset="paper", likelihood="normal", obs_scale=1.0,
-                    label_weight=100.0, objective="wae-mmd-l2", perturbation_rate=0.6, betas=(0.5, 0.999), pretrain_steps=200),
-    "celeba": Recipe(epochs=30, batch_size=25, lr=5e-5, latent_dim=64, preset="paper", likelihood="normal", obs_scale=1.0,
-                     label_weight=25.0, objective="wae-mmd-l2", perturbation_rate=0.6, betas=(0.5, 0.999), pretrain_steps=200),
+    "mnist": Recipe(
+        epochs=50,
+        batch_size=100,
+        lr=1e-5,
+        latent_dim=64,
+        preset="paper",
+        likelihood="normal",
+        obs_scale=1.0,
+        label_weight=100.0,
+        objective="wae-mmd-l2",
+        perturbation_rate=0.6,
+        betas=(0.5, 0.999),
+        pretrain_steps=200,
+    ),
+    "celeba": Recipe(
+        epochs=30,
+        batch_size=25,
+        lr=5e-5,
+        latent_dim=64,
+        preset="paper",
+        likelihood="normal",
+        obs_scale=1.0,
+        label_weight=25.0,
+        objective="wae-mmd-l2",
+        perturbation_rate=0.6,
+        betas=(0.5, 0.999),
+        pretrain_steps=200,
+    ),
 }
 PAPER_RECIPES["fashion"] = PAPER_RECIPES["mnist"]  # the reference code has no fashion config (it crashes)
 
@@ -86,8 +132,9 @@ PRESET_CHANGES: dict[str, dict[str, Any]] = {
 DATASET_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion": (1, 28, 28)}
 
 
-def default_recipe(dataset: str | None = None, preset: str | None = None, *,
-                   input_shape: Sequence[int] | None = None) -> Recipe:
+def default_recipe(
+    dataset: str | None = None, preset: str | None = None, *, input_shape: Sequence[int] | None = None
+) -> Recipe:
     """The recipe the CLI uses for ``dataset`` with the networks of ``preset`` (None: the dataset's own preset).
 
     A dataset without a recipe of its own (None, or a name not in :data:`DEFAULT_RECIPES`) gets the recipe of the
@@ -148,16 +195,19 @@ def train(
     """
     clash = [name for name in fit_options if name in recipe.fit_options()]
     if clash:
-        raise ValueError(f"train: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the recipe; pass "
-                         f"dataclasses.replace(recipe, {clash[0]}=...) instead")
+        raise ValueError(
+            f"train: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the recipe; pass "
+            f"dataclasses.replace(recipe, {clash[0]}=...) instead"
+        )
     config = recipe.train if val_num_samples is None else recipe.train.replace(val_num_samples=val_num_samples)
     seed_everything(seed)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     if on_build is not None:
         on_build(model)
     t0 = time.perf_counter()
-    history = fit(model, split.x_train, split.y_train, config, device=device, seed=seed, progress=progress,
-                  **fit_options)
+    history = fit(
+        model, split.x_train, split.y_train, config, device=device, seed=seed, progress=progress, **fit_options
+    )
     return Trained(model, history, recipe, seed, time.perf_counter() - t0)
 
 
@@ -184,8 +234,15 @@ class ExperimentResult:
 
 
 def evaluate_model(
-    model: DGC, x: torch.Tensor, y: torch.Tensor, train_counts: np.ndarray, num_samples: int = 10, seed: int = 0,
-    balanced: bool | None = None, progress: bool = False, rule: str | None = None,
+    model: DGC,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train_counts: np.ndarray,
+    num_samples: int = 10,
+    seed: int = 0,
+    balanced: bool | None = None,
+    progress: bool = False,
+    rule: str | None = None,
 ) -> tuple[dict[str, float], Prediction]:
     """Imbalance metrics (and ECE) of ``model`` on ``(x, y)``; the latent draws are seeded, so a reloaded
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
@@ -193,8 +250,15 @@ def evaluate_model(
     :func:`predict`."""
     seed_everything(seed)
     # A model without the x site (observe_x=False) has no density score, hence no OOD flag.
-    pred = predict(model, x, num_samples, balanced=model.has_class_prior if balanced is None else balanced,
-                   density=model.observe_x, progress=progress, rule=rule)
+    pred = predict(
+        model,
+        x,
+        num_samples,
+        balanced=model.has_class_prior if balanced is None else balanced,
+        density=model.observe_x,
+        progress=progress,
+        rule=rule,
+    )
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
     if pred.ood is not None:  # the calibrated OOD flag's rate on these (in-distribution) examples
@@ -206,8 +270,9 @@ def evaluate_model(
 OOD_FALSE_ALARM = 0.05
 
 
-def calibrate_ood_flag(model: DGC, split: ImbalancedSplit, recipe: Recipe, seed: int = 0,
-                       false_alarm: float = OOD_FALSE_ALARM) -> bool:
+def calibrate_ood_flag(
+    model: DGC, split: ImbalancedSplit, recipe: Recipe, seed: int = 0, false_alarm: float = OOD_FALSE_ALARM
+) -> bool:
     """Calibrate ``model``'s OOD flag (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) on the validation
     images that ``fit`` held out of ``split``'s training data (the same stratified hold-out, rebuilt from
     ``recipe.val_fraction`` and ``seed``): images the model never trained on. Returns False, leaving the model
@@ -218,8 +283,9 @@ def calibrate_ood_flag(model: DGC, split: ImbalancedSplit, recipe: Recipe, seed:
     _, val_idx = stratified_holdout(split.y_train.numpy(), recipe.val_fraction, seed)
     if len(val_idx) < math.ceil(1.0 / false_alarm):
         return False
-    fit_ood_threshold(model, split.x_train[torch.as_tensor(val_idx)], false_alarm, num_samples=recipe.num_samples,
-                      seed=seed)
+    fit_ood_threshold(
+        model, split.x_train[torch.as_tensor(val_idx)], false_alarm, num_samples=recipe.num_samples, seed=seed
+    )
     return True
 
 
@@ -248,29 +314,52 @@ def run_experiment(
     """
     if baseline is not None and baseline not in BASELINE_REGISTRY:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINE_REGISTRY.names())} or none")
-    metadata = {"run": {"dataset": split.name, "seed": seed, "recipe": recipe.to_dict(), "baseline": baseline,
-                        **(data_config or {})}}
+    metadata = {
+        "run": {
+            "dataset": split.name,
+            "seed": seed,
+            "recipe": recipe.to_dict(),
+            "baseline": baseline,
+            **(data_config or {}),
+        }
+    }
     checkpointing = Checkpointing(checkpoint_dir, metadata=metadata) if checkpoint_dir is not None else None
     trained = train(
-        recipe, split, seed, device=device, progress=progress, resume=bool(resume),
-        callbacks=(checkpointing,) if checkpointing else (), **({"deterministic": True} if deterministic else {}),
+        recipe,
+        split,
+        seed,
+        device=device,
+        progress=progress,
+        resume=bool(resume),
+        callbacks=(checkpointing,) if checkpointing else (),
+        **({"deterministic": True} if deterministic else {}),
         **(fit_options or {}),
     )
     model, history = trained.model, trained.history
     t1 = time.perf_counter()
     calibrate_ood_flag(model, split, recipe, seed)
-    metrics, pred = evaluate_model(model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed,
-                                   progress=progress)
+    metrics, pred = evaluate_model(
+        model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed, progress=progress
+    )
     t2 = time.perf_counter()
     seconds = {"dgc_fit": trained.seconds, "dgc_predict": t2 - t1}
     baseline_metrics = None
     if baseline is not None:
         fitted = fit_baseline(
-            baseline, split.x_train, split.y_train, num_classes=split.num_classes, **recipe.baseline_options(),
-            lr=min(recipe.lr, 1e-3), device=device, seed=seed, progress=progress,
+            baseline,
+            split.x_train,
+            split.y_train,
+            num_classes=split.num_classes,
+            **recipe.baseline_options(),
+            lr=min(recipe.lr, 1e-3),
+            device=device,
+            seed=seed,
+            progress=progress,
         )
         proba = fitted.predict_proba(split.x_test)
-        baseline_metrics = imbalance_report(split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts)
+        baseline_metrics = imbalance_report(
+            split.y_test, proba.argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts
+        )
         baseline_metrics["ece"] = expected_calibration_error(split.y_test, proba)
         baseline_metrics["name"] = baseline
         seconds["baseline_fit"] = time.perf_counter() - t2
@@ -279,7 +368,7 @@ def run_experiment(
         "seed": seed,
         "device": history.config.get("device"),
         "train_counts": split.train_counts.tolist(),
-        "test_size": int(len(split.y_test)),
+        "test_size": len(split.y_test),
         "recipe": recipe.to_dict(),
         "baseline": baseline,
         **(data_config or {}),

@@ -31,18 +31,18 @@ import safetensors.torch
 import torch
 
 __all__ = [
-    "CheckpointError",
     "FORMAT_VERSION",
+    "CheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
     "folder_problem",
-    "nearest_existing",
-    "staged_folder",
-    "writable_problem",
-    "to_jsonable",
-    "write_json",
-    "save_checkpoint",
     "load_checkpoint",
+    "nearest_existing",
+    "save_checkpoint",
+    "staged_folder",
+    "to_jsonable",
+    "writable_problem",
+    "write_json",
 ]
 
 FORMAT_VERSION = 1
@@ -103,8 +103,10 @@ def writable_problem(path: PathLike, need_bytes: int = 0) -> str | None:
         os.unlink(tmp)
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
-        return (f"has only {free / 2**20:.1f} MiB free on its file system{where}, and about "
-                f"{need_bytes / 2**20:.1f} MiB will be written")
+        return (
+            f"has only {free / 2**20:.1f} MiB free on its file system{where}, and about "
+            f"{need_bytes / 2**20:.1f} MiB will be written"
+        )
     return None
 
 

@@ -39,23 +39,23 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 __all__ = [
     "IMBALANCE_METRICS",
-    "imbalance_report",
-    "per_class_table",
-    "format_table",
-    "format_comparison",
-    "expected_calibration_error",
-    "negative_log_likelihood",
+    "accuracy_at_coverage",
+    "aurc",
     "brier_score",
     "check_proba",
-    "reliability_bins",
-    "paired_difference",
-    "format_paired",
-    "ood_auroc",
-    "fpr_at_tpr",
-    "risk_coverage_curve",
     "coverage_curve",
-    "aurc",
-    "accuracy_at_coverage",
+    "expected_calibration_error",
+    "format_comparison",
+    "format_paired",
+    "format_table",
+    "fpr_at_tpr",
+    "imbalance_report",
+    "negative_log_likelihood",
+    "ood_auroc",
+    "paired_difference",
+    "per_class_table",
+    "reliability_bins",
+    "risk_coverage_curve",
 ]
 
 IMBALANCE_METRICS: tuple[str, ...] = ("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc")
@@ -101,8 +101,7 @@ def _check_range(arr: np.ndarray, name: str, num_classes: int) -> None:
     bad = arr[(arr < 0) | (arr >= num_classes)]
     if bad.size:
         raise ValueError(
-            f"{name} contains label {int(bad[0])} outside [0, {num_classes}) "
-            f"({bad.size} out-of-range value(s))"
+            f"{name} contains label {int(bad[0])} outside [0, {num_classes}) ({bad.size} out-of-range value(s))"
         )
 
 
@@ -131,8 +130,7 @@ def _resolve_num_classes(num_classes: int | None, arrays: Iterable[np.ndarray], 
         num_classes = max(top + 1, at_least)
         if num_classes < 2:
             raise ValueError(
-                "only one class label occurs in the data; pass num_classes explicitly "
-                "(metrics need at least 2 classes)"
+                "only one class label occurs in the data; pass num_classes explicitly (metrics need at least 2 classes)"
             )
         return num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
@@ -588,15 +586,24 @@ def paired_difference(a: Any, b: Any) -> dict[str, Any]:
 
     x, z = np.asarray(_to_numpy(a), dtype=float), np.asarray(_to_numpy(b), dtype=float)
     if x.ndim != 1 or x.shape != z.shape:
-        raise ValueError(f"paired_difference needs two 1-D score arrays of one length, got shapes {x.shape} and {z.shape}")
+        raise ValueError(
+            f"paired_difference needs two 1-D score arrays of one length, got shapes {x.shape} and {z.shape}"
+        )
     if len(x) == 0:
         raise ValueError("paired_difference needs at least one pair of scores")
     if not (np.isfinite(x).all() and np.isfinite(z).all()):
         raise ValueError("paired_difference: the scores contain NaN or inf")
     diff = x - z
     n = len(diff)
-    cell: dict[str, Any] = {"mean": float(diff.mean()), "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
-                            "n": n, "std": None, "ci95": None, "p_value": None}
+    cell: dict[str, Any] = {
+        "mean": float(diff.mean()),
+        "wins": int((diff > 0).sum()),
+        "losses": int((diff < 0).sum()),
+        "n": n,
+        "std": None,
+        "ci95": None,
+        "p_value": None,
+    }
     if n > 1:
         sd = float(diff.std(ddof=1))
         half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
@@ -611,10 +618,15 @@ def format_paired(pairs: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
 
     The last column counts the seeds where A scores higher and lower than B (for an error metric such as ECE,
     higher is worse)."""
-    lines = ["| paired difference | metric | mean | 95% CI | p (paired t) | seeds A > B / A < B of n |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| paired difference | metric | mean | 95% CI | p (paired t) | seeds A > B / A < B of n |",
+        "|---|---|---|---|---|---|",
+    ]
     for pair, cells in pairs.items():
         for metric, c in cells.items():
             ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "—"
             p = f"{c['p_value']:.3f}" if c["p_value"] is not None else "—"
-            lines.append(f"| {pair} | {metric} | {c['mean']:+.4f} | {ci} | {p} | {c['wins']} / {c['losses']} of {c['n']} |")
+            lines.append(
+                f"| {pair} | {metric} | {c['mean']:+.4f} | {ci} | {p} | {c['wins']} / {c['losses']} of {c['n']} |"
+            )
     return "\n".join(lines) + "\n"

@@ -124,22 +124,33 @@ class OODDetector:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "OODDetector":
+    def from_dict(cls, data: Any) -> OODDetector:
         """Rebuild from :meth:`to_dict`; a damaged entry raises ValueError naming the problem."""
         if not isinstance(data, dict):
             raise ValueError(f"the OOD detector entry is a {type(data).__name__}, not a mapping")
         try:
-            det = cls(score=str(data["score"]), false_alarm=float(data["false_alarm"]),
-                      threshold=float(data["threshold"]), center=float(data["center"]),
-                      score_quantiles=[float(v) for v in data["score_quantiles"]],
-                      entropy_quantiles=[float(v) for v in data["entropy_quantiles"]],
-                      num_dev=int(data["num_dev"]), num_samples=int(data["num_samples"]),
-                      density_samples=int(data["density_samples"]))
+            det = cls(
+                score=str(data["score"]),
+                false_alarm=float(data["false_alarm"]),
+                threshold=float(data["threshold"]),
+                center=float(data["center"]),
+                score_quantiles=[float(v) for v in data["score_quantiles"]],
+                entropy_quantiles=[float(v) for v in data["entropy_quantiles"]],
+                num_dev=int(data["num_dev"]),
+                num_samples=int(data["num_samples"]),
+                density_samples=int(data["density_samples"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the OOD detector entry is unusable ({type(e).__name__}: {e})") from None
-        if det.score not in OOD_SCORES or not 0.0 < det.false_alarm < 1.0 \
-                or len(det.score_quantiles) < 2 or len(det.entropy_quantiles) < 2:
-            raise ValueError("the OOD detector entry is unusable (unknown score, false_alarm outside (0, 1) or no quantiles)")
+        if (
+            det.score not in OOD_SCORES
+            or not 0.0 < det.false_alarm < 1.0
+            or len(det.score_quantiles) < 2
+            or len(det.entropy_quantiles) < 2
+        ):
+            raise ValueError(
+                "the OOD detector entry is unusable (unknown score, false_alarm outside (0, 1) or no quantiles)"
+            )
         return det
 
 

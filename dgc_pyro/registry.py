@@ -13,6 +13,7 @@ from typing import overload
 
 __all__ = ["Registry"]
 
+
 class Registry[T]:
     """Entries of one kind by name, in registration order (built-ins first).
 

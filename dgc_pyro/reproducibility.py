@@ -23,7 +23,7 @@ import numpy as np
 import pyro
 import torch
 
-__all__ = ["seed_everything", "get_rng_state", "set_rng_state", "deterministic_mode"]
+__all__ = ["deterministic_mode", "get_rng_state", "seed_everything", "set_rng_state"]
 
 #: Values of ``CUBLAS_WORKSPACE_CONFIG`` that make cuBLAS deterministic (CUDA >= 10.2).
 CUBLAS_DETERMINISTIC_CONFIGS = (":4096:8", ":16:8")
@@ -98,8 +98,10 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = 
             # Fewer/more GPUs than when saved: restore what matches, the rest keeps its state.
             for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(_byte_tensor(s), i)
-            notes.append(f"the snapshot holds {len(cuda_states)} CUDA generator states, this machine has "
-                         f"{torch.cuda.device_count()} GPUs")
+            notes.append(
+                f"the snapshot holds {len(cuda_states)} CUDA generator states, this machine has "
+                f"{torch.cuda.device_count()} GPUs"
+            )
     elif cuda_states:
         notes.append("the snapshot holds CUDA generator states, but CUDA is not available here")
     if generator is not None:

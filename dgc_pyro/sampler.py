@@ -104,7 +104,7 @@ class DGCSampler(BaseOverSampler):
         filter could not fill a quota).
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: dict = {  # noqa: RUF012 - scikit-learn's own idiom for a class's parameter checks
         **BaseOverSampler._parameter_constraints,
         "input_shape": [None, tuple, list],
         "recipe": [None, Recipe],
@@ -204,15 +204,24 @@ class DGCSampler(BaseOverSampler):
         self.recipe_ = self._recipe(self.input_shape_, counts)
         # train takes a split: the training arrays, with an empty test split (the sampler evaluates nothing)
         x_t, y_t = torch.from_numpy(x_model), torch.from_numpy(y_idx.astype(np.int64))
-        split = ImbalancedSplit("DGCSampler", x_t, y_t, x_t[:0], y_t[:0], [str(c) for c in self.classes_],
-                                len(self.classes_), self.input_shape_)
+        split = ImbalancedSplit(
+            "DGCSampler",
+            x_t,
+            y_t,
+            x_t[:0],
+            y_t[:0],
+            [str(c) for c in self.classes_],
+            len(self.classes_),
+            self.input_shape_,
+        )
         trained = train(self.recipe_, split, seed, device=self.device, progress=self.progress, engine=self.engine)
         self.model_, self.history_ = trained.model, trained.history
 
         index_of = {label: i for i, label in enumerate(self.classes_.tolist())}
         targets = {index_of[label]: int(counts[index_of[label]] + n) for label, n in self.sampling_strategy_.items()}
-        x_syn, y_syn = augment(self.model_, x_model, y_idx, targets, filter_threshold=self.filter_threshold, seed=seed,
-                               output=self.output)
+        x_syn, y_syn = augment(
+            self.model_, x_model, y_idx, targets, filter_threshold=self.filter_threshold, seed=seed, output=self.output
+        )
         added = np.bincount(y_syn.numpy(), minlength=len(self.classes_))
         self.n_synthetic_ = {label: int(added[index_of[label]]) for label in self.sampling_strategy_}
 

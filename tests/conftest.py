@@ -22,15 +22,20 @@ DEVICE_OPTIONS = ("cpu", "cuda", "auto")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", choices=DEVICE_OPTIONS, default="cpu",
-                     help="device the tests fit and predict on: cpu (default), cuda, or auto (CUDA when present)")
+    parser.addoption(
+        "--device",
+        choices=DEVICE_OPTIONS,
+        default="cpu",
+        help="device the tests fit and predict on: cpu (default), cuda, or auto (CUDA when present)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # fail before collecting anything: a CUDA run on a machine without a GPU would otherwise fail test by test
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
-        raise pytest.UsageError("--device cuda: CUDA not available (torch.cuda.is_available() is False); "
-                                "use --device cpu or auto")
+        raise pytest.UsageError(
+            "--device cuda: CUDA not available (torch.cuda.is_available() is False); use --device cpu or auto"
+        )
 
 
 def _chosen_device(config: pytest.Config) -> torch.device:

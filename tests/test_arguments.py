@@ -15,17 +15,20 @@ def test_check_positive_accepts_positive_numbers(value):
     check_positive("lr", value)
 
 
-@pytest.mark.parametrize(("value", "integer", "message"), [
-    (0, False, "lr must be positive and finite, got 0"),
-    (-1e-3, False, "lr must be positive and finite, got -0.001"),
-    (math.inf, False, "lr must be positive and finite, got inf"),
-    (math.nan, False, "lr must be positive and finite, got nan"),
-    (True, False, "lr must be a positive number, got True"),  # a bool is not a count
-    ("1e-3", False, "lr must be a positive number, got '1e-3'"),
-    (None, True, "lr must be a positive integer, got None"),
-    (2.0, True, "lr must be an integer, got 2.0"),
-    (np.float64(3), True, "lr must be an integer, got"),
-])
+@pytest.mark.parametrize(
+    ("value", "integer", "message"),
+    [
+        (0, False, "lr must be positive and finite, got 0"),
+        (-1e-3, False, "lr must be positive and finite, got -0.001"),
+        (math.inf, False, "lr must be positive and finite, got inf"),
+        (math.nan, False, "lr must be positive and finite, got nan"),
+        (True, False, "lr must be a positive number, got True"),  # a bool is not a count
+        ("1e-3", False, "lr must be a positive number, got '1e-3'"),
+        (None, True, "lr must be a positive integer, got None"),
+        (2.0, True, "lr must be an integer, got 2.0"),
+        (np.float64(3), True, "lr must be an integer, got"),
+    ],
+)
 def test_check_positive_names_the_problem(value, integer, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
         check_positive("lr", value, integer=integer)

@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fixtures import load_benchmark
 from imblearn.utils import check_sampling_strategy
 
 from dgc_pyro.inference import AugmentationWarning, augment, synthetic_counts
 from dgc_pyro.models import DGC, likelihood_mean
-from fixtures import load_benchmark
 
 SHAPE = (1, 8, 8)
 COUNTS = (12, 6, 3, 1)
@@ -264,8 +264,19 @@ def test_cli_augment_dict_strategy_and_no_grids(digits_checkpoint, tmp_path):
     from dgc_pyro.cli import main
 
     out = tmp_path / "aug"
-    rc = main(["augment", "--checkpoint", str(digits_checkpoint), "--out", str(out),
-               "--sampling-strategy", "8:20,9:30", "--grid-per-class", "0"])
+    rc = main(
+        [
+            "augment",
+            "--checkpoint",
+            str(digits_checkpoint),
+            "--out",
+            str(out),
+            "--sampling-strategy",
+            "8:20,9:30",
+            "--grid-per-class",
+            "0",
+        ]
+    )
     assert rc == 0
     with np.load(out / "synthetic.npz") as f:
         assert np.bincount(f["y"], minlength=10).tolist() == [0] * 8 + [7, 20]
@@ -306,25 +317,45 @@ def test_augmentation_benchmark_smoke_on_digits(tmp_path):
 
     bench = load_benchmark("augmentation")
     out = tmp_path / "result.json"
-    result = bench.main(["--dataset", "digits", "--quick", "--epochs", "1", "--val-num-samples", "1",
-                         "--out", str(out), "--grid", str(tmp_path / "grid.png")])
+    result = bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--quick",
+            "--epochs",
+            "1",
+            "--val-num-samples",
+            "1",
+            "--out",
+            str(out),
+            "--grid",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     quick_counts = [max(4, n // 10) for n in DIGITS_COUNTS]
     assert result["train_counts"] == quick_counts
     assert set(result["reports"]) == {"CNN imbalanced", "CNN +DGC samples", "CNN +SMOTE"}
     for report in result["reports"].values():
         assert all(0.0 <= report[m] <= 1.0 for m in ("acsa", "gmean", "fmacro", "r_mi", "p_ma"))
-    assert result["synthetic_per_class"] == {c: max(quick_counts) - n for c, n in enumerate(quick_counts) if n < max(quick_counts)}
+    assert result["synthetic_per_class"] == {
+        c: max(quick_counts) - n for c, n in enumerate(quick_counts) if n < max(quick_counts)
+    }
     saved = json.loads(out.read_text())
     assert saved["reports"]["CNN +DGC samples"]["acsa"] == pytest.approx(result["reports"]["CNN +DGC samples"]["acsa"])
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _fake_run(seed: int, dgc: float, plain: float, smote: float, threshold: float | None = 0.9) -> dict:
-    report = lambda v: {"acsa": v, "r_mi": v - 0.1}  # noqa: E731
-    return {"seed": seed, "dataset": "fashion", "command": f"... --seed {seed}", "train_counts": [4, 2],
-            "dgc": {"filter_threshold": threshold, "best_epoch": seed, "history": []},
-            "cnn": {"epochs": 20}, "reports": {"CNN +DGC samples": report(dgc), "CNN imbalanced": report(plain),
-                                               "CNN +SMOTE": report(smote)}}
+    report = lambda v: {"acsa": v, "r_mi": v - 0.1}
+    return {
+        "seed": seed,
+        "dataset": "fashion",
+        "command": f"... --seed {seed}",
+        "train_counts": [4, 2],
+        "dgc": {"filter_threshold": threshold, "best_epoch": seed, "history": []},
+        "cnn": {"epochs": 20},
+        "reports": {"CNN +DGC samples": report(dgc), "CNN imbalanced": report(plain), "CNN +SMOTE": report(smote)},
+    }
 
 
 def test_collect_pairs_runs_by_seed(tmp_path, capsys):
@@ -364,9 +395,27 @@ def test_augmentation_records_a_filter_shortfall_and_collect_refuses_it(tmp_path
     out = tmp_path / "short.json"
     # threshold 1.0: no sample passes, so the DGC arm adds nothing while SMOTE adds the full request
     with pytest.warns(AugmentationWarning, match="too few synthetic samples"):
-        result = bench.main(["--dataset", "digits", "--quick", "--arms", "dgc", "smote", "--filter-threshold", "1.0",
-                             "--dgc-epochs", "1", "--cnn-epochs", "2", "--val-num-samples", "1",
-                             "--same-steps-control", "--out", str(out)])
+        result = bench.main(
+            [
+                "--dataset",
+                "digits",
+                "--quick",
+                "--arms",
+                "dgc",
+                "smote",
+                "--filter-threshold",
+                "1.0",
+                "--dgc-epochs",
+                "1",
+                "--cnn-epochs",
+                "2",
+                "--val-num-samples",
+                "1",
+                "--same-steps-control",
+                "--out",
+                str(out),
+            ]
+        )
     requested = {int(c): n for c, n in result["synthetic_per_class"].items()}
     added = result["synthetic_added_per_class"]
     assert added["+SMOTE"] == requested
@@ -426,8 +475,13 @@ def test_class_grid_refuses_an_empty_sample_set(tmp_path):
     from types import SimpleNamespace
 
     bench = load_benchmark("augmentation")
-    split = SimpleNamespace(num_classes=3, x_train=torch.rand(6, 1, 4, 4), y_train=torch.tensor([0, 0, 1, 1, 2, 2]),
-                            class_names=["a", "b", "c"], name="toy")
+    split = SimpleNamespace(
+        num_classes=3,
+        x_train=torch.rand(6, 1, 4, 4),
+        y_train=torch.tensor([0, 0, 1, 1, 2, 2]),
+        class_names=["a", "b", "c"],
+        name="toy",
+    )
     with pytest.raises(ValueError, match="no synthetic samples"):
         bench.save_class_grid(tmp_path / "grid.png", split, torch.empty(0, 1, 4, 4), torch.empty(0, dtype=torch.long))
     assert not (tmp_path / "grid.png").exists()
@@ -448,7 +502,9 @@ def test_random_oversampling_arm_without_a_dgc(tmp_path):
     x = torch.rand(int(split_counts.sum()), 1, 2, 2)
     y = torch.repeat_interleave(torch.arange(len(split_counts)), torch.from_numpy(split_counts))
     x_add, y_add = bench._random_oversampling(x, y, "auto", seed=0)
-    assert np.bincount(y_add.numpy(), minlength=len(split_counts)).tolist() == (split_counts.max() - split_counts).tolist()
+    assert (
+        np.bincount(y_add.numpy(), minlength=len(split_counts)).tolist() == (split_counts.max() - split_counts).tolist()
+    )
     matches = (x_add[:, None] == x[None]).flatten(2).all(-1)
     assert matches.any(1).all()
     assert (y[matches.float().argmax(1)] == y_add).all()
@@ -458,11 +514,18 @@ def test_collect_joins_runs_of_one_seed_and_checks_shared_arms(tmp_path):
     bench = load_benchmark("augmentation")
     dgc_run = _fake_run(1, 0.83, 0.80, 0.79)
     ros_run = _fake_run(1, 0.0, 0.80, 0.0)
-    ros_run["reports"] = {"CNN imbalanced": ros_run["reports"]["CNN imbalanced"],
-                          "CNN +random over-sampling": {"acsa": 0.81, "r_mi": 0.71}}
+    ros_run["reports"] = {
+        "CNN imbalanced": ros_run["reports"]["CNN imbalanced"],
+        "CNN +random over-sampling": {"acsa": 0.81, "r_mi": 0.71},
+    }
     merged = bench.merge_runs([dgc_run, ros_run], ["dgc.json", "ros.json"])
     assert len(merged) == 1
-    assert set(merged[0]["reports"]) == {"CNN +DGC samples", "CNN imbalanced", "CNN +SMOTE", "CNN +random over-sampling"}
+    assert set(merged[0]["reports"]) == {
+        "CNN +DGC samples",
+        "CNN imbalanced",
+        "CNN +SMOTE",
+        "CNN +random over-sampling",
+    }
     summary = bench.compare_seeds(merged + bench.merge_runs([_fake_run(2, 0.8, 0.8, 0.8)], ["2.json"]))
     # seed 2 has no random over-sampling arm, so the default comparison leaves that arm out
     assert set(summary["paired"]) == {"CNN +DGC samples - CNN imbalanced", "CNN +DGC samples - CNN +SMOTE"}
@@ -496,8 +559,11 @@ def test_seed_fixes_which_samples_pass_the_filter_and_leaves_the_global_state_al
 def test_a_request_larger_than_memory_is_refused_before_any_drawing(model, data, monkeypatch):
     x, y = data
     monkeypatch.setattr(augment_module, "_physical_memory", lambda: 2**30)  # a 1 GiB machine
-    with pytest.raises(ValueError, match=r"asks for 10,000,000 synthetic examples, 2\.4 GiB as float32, more than half "
-                                         r"of this machine's 1\.0 GiB"):
+    with pytest.raises(
+        ValueError,
+        match=r"asks for 10,000,000 synthetic examples, 2\.4 GiB as float32, more than half "
+        r"of this machine's 1\.0 GiB",
+    ):
         augment(model, x, y, {3: 10_000_001})
     assert augment(model, x, y, {3: 5}, seed=0)[0].shape == (4, *SHAPE)  # small requests are untouched
 

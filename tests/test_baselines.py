@@ -56,7 +56,7 @@ def test_ldam_margins_largest_for_the_smallest_class():
     assert m.max().item() == pytest.approx(0.5)
     assert m.argmax().item() == COUNTS.argmin().item()
     # Delta_c proportional to n_c^(-1/4)
-    ratio = m * COUNTS ** 0.25
+    ratio = m * COUNTS**0.25
     assert torch.allclose(ratio, ratio[0].expand_as(ratio))
     assert torch.all(m[:-1] < m[1:])
 
@@ -72,7 +72,8 @@ def test_ldam_loss_formula_and_drw_weights():
     expected = F.cross_entropy(30.0 * adjusted, y, weight=w)
     assert baseline_loss("ldam_drw", cos, y, COUNTS, drw_active=True).item() == pytest.approx(expected.item(), rel=1e-6)
     assert baseline_loss("ldam_drw", cos, y, COUNTS, drw_active=False).item() == pytest.approx(
-        F.cross_entropy(30.0 * adjusted, y).item(), rel=1e-6)
+        F.cross_entropy(30.0 * adjusted, y).item(), rel=1e-6
+    )
 
 
 def test_class_balanced_weights():
@@ -80,14 +81,16 @@ def test_class_balanced_weights():
     assert w.sum().item() == pytest.approx(len(COUNTS))
     assert torch.all(w[:-1] < w[1:])  # rarer classes weigh more
     beta = 0.999
-    raw = (1 - beta) / (1 - beta ** COUNTS)
+    raw = (1 - beta) / (1 - beta**COUNTS)
     assert torch.allclose(w, raw / raw.sum() * len(COUNTS))
 
 
 def test_cb_focal_reduces_to_ce_and_matches_formula():
     logits, y = _batch(seed=3)
     # beta = 0: every class weighs 1; gamma = 0: no focal factor -> plain cross-entropy.
-    assert cb_focal_loss(logits, y, COUNTS, beta=0.0, gamma=0.0).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert cb_focal_loss(logits, y, COUNTS, beta=0.0, gamma=0.0).item() == pytest.approx(
+        F.cross_entropy(logits, y).item(), rel=1e-6
+    )
     p = torch.softmax(logits, -1)[torch.arange(len(y)), y]
     w = class_balanced_weights(COUNTS, 0.999)[y]
     expected = (w * (1 - p) ** 2.0 * -p.log()).mean()
@@ -104,8 +107,9 @@ def test_unknown_loss_rejected():
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_tiny_fit_beats_chance_on_digits(name, digits):
-    fitted = fit_baseline(name, digits.x_train, digits.y_train, num_classes=10, epochs=6, batch_size=32, lr=3e-3,
-                          device="cpu", seed=0)
+    fitted = fit_baseline(
+        name, digits.x_train, digits.y_train, num_classes=10, epochs=6, batch_size=32, lr=3e-3, device="cpu", seed=0
+    )
     proba = fitted.predict_proba(digits.x_test)
     assert proba.shape == (len(digits.y_test), 10)
     assert torch.allclose(proba.sum(-1), torch.ones(len(proba)), atol=1e-4)
@@ -160,11 +164,16 @@ def test_balanced_softmax_tau_scales_the_log_counts():
     logits, y = _batch(seed=3)
     expected = F.cross_entropy(logits + 0.5 * COUNTS.log(), y)
     assert balanced_softmax_loss(logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert baseline_loss("balanced_softmax", logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert baseline_loss("logit_adjusted", logits, y, COUNTS, tau=0.5).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert baseline_loss("balanced_softmax", logits, y, COUNTS, tau=0.5).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+    assert baseline_loss("logit_adjusted", logits, y, COUNTS, tau=0.5).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
     # tau = 0 is plain cross-entropy
     assert baseline_loss("balanced_softmax", logits, y, COUNTS, tau=0.0).item() == pytest.approx(
-        F.cross_entropy(logits, y).item(), rel=1e-6)
+        F.cross_entropy(logits, y).item(), rel=1e-6
+    )
 
 
 def test_tau_changes_the_fit_and_is_refused_where_a_loss_has_none(digits):

@@ -27,7 +27,7 @@ def test_recovers_the_temperature_that_generated_the_labels(true_t):
     t = temperature_scale(logits, y)
     assert t == pytest.approx(true_t, rel=0.1)
     # The fitted T is a minimum of the NLL: both neighbours are worse.
-    nll = lambda tt: negative_log_likelihood(y, apply_temperature(logits, tt))  # noqa: E731
+    nll = lambda tt: negative_log_likelihood(y, apply_temperature(logits, tt))
     assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05))
 
 
@@ -64,17 +64,20 @@ def test_diagnostics_re_exports_the_calibration_functions():
     assert dg.temperature_scale is temperature_scale and dg.apply_temperature is apply_temperature
 
 
-@pytest.mark.parametrize("scores, labels, match", [
-    (np.zeros((3,)), [0, 1, 0], r"\(N, C\) matrix"),
-    (np.zeros((3, 1)), [0, 0, 0], r"C >= 2 classes"),
-    (np.zeros((0, 2)), [], r"N >= 1"),
-    (np.array([[0.0, np.nan], [0.0, 1.0]]), [0, 1], "NaN or \\+inf"),
-    (np.array([[-np.inf, -np.inf], [0.0, 1.0]]), [0, 1], "-inf everywhere"),
-    (np.zeros((2, 2)), [0, 1, 1], "one per row"),
-    (np.zeros((2, 2)), [0, 2], r"outside \[0, 2\)"),
-    (np.zeros((2, 2)), [0.5, 1], "integer class labels"),
-    (np.array([["a", "b"], ["c", "d"]]), [0, 1], "real numbers"),
-])
+@pytest.mark.parametrize(
+    "scores, labels, match",
+    [
+        (np.zeros((3,)), [0, 1, 0], r"\(N, C\) matrix"),
+        (np.zeros((3, 1)), [0, 0, 0], r"C >= 2 classes"),
+        (np.zeros((0, 2)), [], r"N >= 1"),
+        (np.array([[0.0, np.nan], [0.0, 1.0]]), [0, 1], "NaN or \\+inf"),
+        (np.array([[-np.inf, -np.inf], [0.0, 1.0]]), [0, 1], "-inf everywhere"),
+        (np.zeros((2, 2)), [0, 1, 1], "one per row"),
+        (np.zeros((2, 2)), [0, 2], r"outside \[0, 2\)"),
+        (np.zeros((2, 2)), [0.5, 1], "integer class labels"),
+        (np.array([["a", "b"], ["c", "d"]]), [0, 1], "real numbers"),
+    ],
+)
 def test_bad_input_is_named(scores, labels, match):
     with pytest.raises(ValueError, match=match):
         temperature_scale(scores, labels)

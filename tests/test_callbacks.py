@@ -64,8 +64,16 @@ def test_a_logging_callback_sees_every_epoch_record(digits):
 
 
 def test_a_stopping_callback_ends_the_fit_and_checkpoints_where_it_stopped(digits, tmp_path):
-    history = fit(_model(digits), digits.x_train, digits.y_train, epochs=6, callbacks=(StopAfter(2),),
-                  checkpoint_dir=tmp_path, select_best=False, **FIT_KW)
+    history = fit(
+        _model(digits),
+        digits.x_train,
+        digits.y_train,
+        epochs=6,
+        callbacks=(StopAfter(2),),
+        checkpoint_dir=tmp_path,
+        select_best=False,
+        **FIT_KW,
+    )
     assert [r["epoch"] for r in history.epochs] == [1, 2]
     assert history.best_epoch == 2
     assert load_training_state(tmp_path / TRAINING_STATE_FILE).epoch == 2
@@ -81,8 +89,15 @@ def test_early_stopping_stops_when_the_monitored_value_stops_improving(digits):
 
 def test_early_stopping_on_a_missing_key_names_it(digits):
     with pytest.raises(KeyError, match="val_acsa"):
-        fit(_model(digits), digits.x_train, digits.y_train, epochs=1, val_fraction=0.0,
-            callbacks=[EarlyStopping()], **FIT_KW)
+        fit(
+            _model(digits),
+            digits.x_train,
+            digits.y_train,
+            epochs=1,
+            val_fraction=0.0,
+            callbacks=[EarlyStopping()],
+            **FIT_KW,
+        )
 
 
 def test_callbacks_must_be_a_sequence(digits):

@@ -20,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from sync_spy import SyncSpy
 from torch import nn
 
 from dgc_pyro.cli import main
@@ -29,7 +30,6 @@ from dgc_pyro.inference.engine import ENGINES, make_step
 from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.perturbation import perturbation_offset
 from dgc_pyro.models import DGC
-from sync_spy import SyncSpy
 
 CPU = torch.device("cpu")
 
@@ -104,7 +104,7 @@ def test_graph_engine_draws_fresh_noise_every_step():
 def test_graph_step_makes_no_host_sync():
     model = _model((1, 8, 8), likelihood="normal")
     model.train()
-    (x, y), = _batches((1, 8, 8), (32,))
+    ((x, y),) = _batches((1, 8, 8), (32,))
     reps = torch.tensor([1, 2, 3, 1, 1, 5, 1, 1, 2, 1])
     step = make_step(model, get_objective("elbo-analytic"), "graph", 1e-3, (0.9, 0.999), 1e-3, True, reps, CPU)
     with pyro.settings.context(module_local_params=True):
@@ -165,7 +165,7 @@ def test_a_custom_model_with_a_sync_in_the_step_fails_with_the_engine_named():
 
     torch.manual_seed(0)
     model = Syncing((1, 8, 8), 10, latent_dim=4)
-    (x, y), = _batches((1, 8, 8), (8,))
+    ((x, y),) = _batches((1, 8, 8), (8,))
     with pytest.raises(GraphCaptureError, match="engine='torch'"):
         _run(model, "graph", "elbo", [(x, y)], perturb=False)
     _run(model, "torch", "elbo", [(x, y)], perturb=False)  # the traced engine runs it
@@ -190,8 +190,18 @@ def test_fit_falls_back_to_the_torch_engine_when_capture_fails():
         model = Syncing((1, 8, 8), 4, latent_dim=4)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            hist = fit(model, x, y, epochs=2, batch_size=16, progress=False, val_fraction=0, engine=engine, seed=5,
-                       device="cpu")
+            hist = fit(
+                model,
+                x,
+                y,
+                epochs=2,
+                batch_size=16,
+                progress=False,
+                val_fraction=0,
+                engine=engine,
+                seed=5,
+                device="cpu",
+            )
         notices = [str(w.message) for w in caught if "falling back" in str(w.message)]
         results[engine] = (hist, notices, torch.cat([p.detach().flatten() for p in model.parameters()]))
     hist, notices, weights = results[None]
@@ -223,8 +233,18 @@ def test_fit_with_the_graph_engine_reproduces_the_torch_engine():
     results = {}
     for engine in ("torch", "graph"):
         model = _model((1, 8, 8), latent_dim=4)
-        hist = fit(model, x, y, epochs=2, batch_size=16, progress=False, val_fraction=0.2, val_num_samples=2,
-                   engine=engine, seed=5)
+        hist = fit(
+            model,
+            x,
+            y,
+            epochs=2,
+            batch_size=16,
+            progress=False,
+            val_fraction=0.2,
+            val_num_samples=2,
+            engine=engine,
+            seed=5,
+        )
         results[engine] = (hist.losses, {k: v.clone() for k, v in model.state_dict().items()})
     assert results["graph"][0] == pytest.approx(results["torch"][0], rel=1e-6)
     for key, value in results["torch"][1].items():
@@ -246,8 +266,25 @@ def test_cli_fit_with_the_graph_engine_writes_the_same_metrics(tmp_path):
     metrics = {}
     for engine in ("torch", "graph"):
         out = tmp_path / engine
-        assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "2", "--no-progress", "--out", str(out),
-                     "--baseline", "none", "--engine", engine]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "--dataset",
+                    str(tmp_path / "toy.npz"),
+                    "--epochs",
+                    "2",
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                    "--baseline",
+                    "none",
+                    "--engine",
+                    engine,
+                ]
+            )
+            == 0
+        )
         metrics[engine] = json.loads((out / "metrics.json").read_text())
     for key in ("acsa", "gmean", "fmacro", "ece"):
         assert metrics["graph"][key] == pytest.approx(metrics["torch"][key], abs=1e-6)
@@ -258,8 +295,11 @@ def test_prior_sites_with_expand_are_captured():
 
     class WidePrior(DGC):
         def prior(self, batch_shape):
-            return dist.Normal(self._zero, 2.0 * torch.ones_like(self._zero)).expand(
-                tuple(batch_shape) + (self.latent_dim,)).to_event(1)
+            return (
+                dist.Normal(self._zero, 2.0 * torch.ones_like(self._zero))
+                .expand(tuple(batch_shape) + (self.latent_dim,))
+                .to_event(1)
+            )
 
     torch.manual_seed(0)
     base = WidePrior((1, 8, 8), 10, latent_dim=4)

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks run fastest 
 
 def _model(**kwargs) -> DGC:
     torch.manual_seed(0)
-    options = dict(latent_dim=3, likelihood="normal", latent_prior="class_conditional", label_in_guide=False,
-                   class_counts=COUNTS)
+    options = dict(
+        latent_dim=3, likelihood="normal", latent_prior="class_conditional", label_in_guide=False, class_counts=COUNTS
+    )
     options.update(kwargs)
     return DGC(options.pop("input_shape", (1, 8, 8)), 3, **options)
 
@@ -43,7 +44,9 @@ def test_trace_has_the_documented_sites_and_shapes(covariance):
     sites = {n: s for n, s in model_tr.nodes.items() if s["type"] == "sample" and n != "data"}
     assert set(sites) == {"y", "z", "x", "label_weight", "class_shrinkage"}
     assert sites["x"]["is_observed"] and sites["y"]["is_observed"] and not sites["z"]["is_observed"]
-    assert "data" in {f.name for f in sites["x"]["cond_indep_stack"]} and "data" in {f.name for f in sites["y"]["cond_indep_stack"]}
+    assert "data" in {f.name for f in sites["x"]["cond_indep_stack"]} and "data" in {
+        f.name for f in sites["y"]["cond_indep_stack"]
+    }
     assert sites["z"]["fn"].batch_shape == (6,) and sites["z"]["fn"].event_shape == (3,)
     assert model.class_gaussians.log_scale.shape == ((1, 3) if covariance == "shared" else (3, 3))
     # z | y is the observed class's Gaussian (what elbo-analytic's closed-form KL is taken against)
@@ -65,6 +68,7 @@ def test_trace_has_the_documented_sites_and_shapes(covariance):
     with pyro.settings.context(module_local_params=True):
         assert torch.isfinite(get_objective("elbo")(model.model, model.guide, x, y))
         from dgc_pyro.inference.objectives import elbo_loss
+
         assert torch.isfinite(elbo_loss(num_particles=3)(model.model, model.guide, x, y))
 
 
@@ -102,9 +106,17 @@ class _LinearGaussianDGC(DGC):
 
 def test_bayes_rule_posterior_matches_the_exact_marginal_of_a_linear_gaussian_model():
     torch.manual_seed(0)
-    model = _LinearGaussianDGC((4,), 3, latent_dim=2, obs_scale=1.0, latent_prior="class_conditional",
-                               label_in_guide=False, covariance="per_class", class_prior=[0.6, 0.3, 0.1],
-                               shrinkage=0.0)
+    model = _LinearGaussianDGC(
+        (4,),
+        3,
+        latent_dim=2,
+        obs_scale=1.0,
+        latent_prior="class_conditional",
+        label_in_guide=False,
+        covariance="per_class",
+        class_prior=[0.6, 0.3, 0.1],
+        shrinkage=0.0,
+    )
     with torch.no_grad():
         model.class_gaussians.loc.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]]))
         model.class_gaussians.log_scale.copy_(torch.tensor([[0.0, -0.3], [-0.2, 0.1], [0.2, 0.0]]))
@@ -134,22 +146,26 @@ def test_bayes_rule_posterior_matches_the_exact_marginal_of_a_linear_gaussian_mo
 def test_bayes_rule_needs_a_class_conditional_model_and_perturbation_is_refused(digits):
     with pytest.raises(ValueError, match="rule='bayes' needs a model built with latent_prior='class_conditional'"):
         predict(DGC((4,), 2, latent_dim=2, label_in_guide=False), torch.rand(3, 4), 2, rule="bayes")
-    model_10 = DGC(digits.input_shape, 10, latent_dim=2, latent_prior="class_conditional", label_in_guide=False,
-                   shrinkage=0.0)
+    model_10 = DGC(
+        digits.input_shape, 10, latent_dim=2, latent_prior="class_conditional", label_in_guide=False, shrinkage=0.0
+    )
     with pytest.raises(ValueError, match="perturbation_rate=0.6 needs a label head"):
         fit(model_10, digits.x_train[:40], digits.y_train[:40], epochs=1, progress=False)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"latent_prior": "mixture"}, "latent_prior must be one of"),
-    ({"label_in_guide": True}, "needs label_in_guide=False"),
-    ({"covariance": "full"}, "covariance must be one of"),
-    ({"shrinkage": -1.0}, "shrinkage must be a finite number >= 0"),
-    ({"class_counts": None}, "needs class_counts"),
-    ({"class_counts": [1.0, 2.0]}, "one entry per class"),
-    ({"class_counts": [1.0, 0.0, 2.0]}, "positive and finite"),
-    ({"latent_prior": "standard", "label_in_guide": True}, "apply to latent_prior='class_conditional' only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"latent_prior": "mixture"}, "latent_prior must be one of"),
+        ({"label_in_guide": True}, "needs label_in_guide=False"),
+        ({"covariance": "full"}, "covariance must be one of"),
+        ({"shrinkage": -1.0}, "shrinkage must be a finite number >= 0"),
+        ({"class_counts": None}, "needs class_counts"),
+        ({"class_counts": [1.0, 2.0]}, "one entry per class"),
+        ({"class_counts": [1.0, 0.0, 2.0]}, "positive and finite"),
+        ({"latent_prior": "standard", "label_in_guide": True}, "apply to latent_prior='class_conditional' only"),
+    ],
+)
 def test_bad_latent_prior_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _model(**kwargs)
@@ -193,8 +209,12 @@ def test_config_checkpoint_and_recipe_keep_the_prior(tmp_path):
 
     model = _model(covariance="per_class", shrinkage=3.0)
     rebuilt = DGC.from_config(model.config)
-    assert (rebuilt.latent_prior, rebuilt.covariance, rebuilt.shrinkage, rebuilt.class_counts) == \
-        ("class_conditional", "per_class", 3.0, COUNTS)
+    assert (rebuilt.latent_prior, rebuilt.covariance, rebuilt.shrinkage, rebuilt.class_counts) == (
+        "class_conditional",
+        "per_class",
+        3.0,
+        COUNTS,
+    )
     save_model(tmp_path / "m.safetensors", model)
     loaded = load_model(tmp_path / "m.safetensors")
     assert loaded.latent_prior == "class_conditional" and loaded.default_rule == "bayes"
@@ -213,8 +233,18 @@ def test_config_checkpoint_and_recipe_keep_the_prior(tmp_path):
 
 def test_tiny_fit_on_digits_beats_chance(digits):
     counts = np.bincount(digits.y_train.numpy(), minlength=digits.num_classes)
-    recipe = Recipe(latent_prior="class_conditional", label_in_guide=False, perturbation_rate=0.0, latent_dim=8,
-                    label_weight=100.0, objective="elbo-analytic", batch_size=64, lr=3e-3, epochs=4, val_fraction=0.0)
+    recipe = Recipe(
+        latent_prior="class_conditional",
+        label_in_guide=False,
+        perturbation_rate=0.0,
+        latent_dim=8,
+        label_weight=100.0,
+        objective="elbo-analytic",
+        batch_size=64,
+        lr=3e-3,
+        epochs=4,
+        val_fraction=0.0,
+    )
     torch.manual_seed(0)
     model = recipe.build_model(digits.input_shape, digits.num_classes, counts)
     fit(model, digits.x_train, digits.y_train, **recipe.fit_options(), progress=False, engine="torch", seed=0)
@@ -228,7 +258,9 @@ def test_scoring_rules_for_names_the_rules_each_model_can_use():
     from dgc_pyro.inference.predict import SCORING_RULES, scoring_rules_for
 
     standard = DGC((1, 8, 8), 3, latent_dim=2)
-    assert "bayes" not in scoring_rules_for(standard) and set(scoring_rules_for(standard)) == set(SCORING_RULES) - {"bayes"}
+    assert "bayes" not in scoring_rules_for(standard) and set(scoring_rules_for(standard)) == set(SCORING_RULES) - {
+        "bayes"
+    }
     rules = scoring_rules_for(_model())
     assert "bayes" in rules and "paper" not in rules
     x = torch.rand(4, 1, 8, 8)

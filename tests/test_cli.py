@@ -27,10 +27,10 @@ def digits_run(tmp_path_factory):
 
 def test_fit_writes_metrics_and_a_safe_checkpoint(digits_run, capsys):
     metrics = json.loads((digits_run / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics) >= METRIC_KEYS
     assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
     assert metrics["config"]["dataset"] == "digits" and metrics["config"]["seed"] == 2
-    assert METRIC_KEYS <= set(metrics["baseline"])
+    assert set(metrics["baseline"]) >= METRIC_KEYS
     assert len(metrics["history"]["epochs"]) == 3
     tensors, meta = load_checkpoint(digits_run / "model.safetensors")
     assert meta["model"]["input_shape"] == [1, 8, 8]
@@ -63,8 +63,23 @@ def _toy_npz(path, counts):
 def test_fit_on_arrays_from_an_npz_file(tmp_path):
     _toy_npz(tmp_path / "toy.npz", [30, 12, 6])
     out = tmp_path / "out"
-    assert main(["fit", "--dataset", str(tmp_path / "toy.npz"), "--epochs", "2", "--no-progress", "--out", str(out),
-                 "--baseline", "none"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--dataset",
+                str(tmp_path / "toy.npz"),
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--out",
+                str(out),
+                "--baseline",
+                "none",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["baseline"] is None and metrics["config"]["train_counts"] == [30, 12, 6]
 
@@ -73,8 +88,10 @@ def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, 
     _toy_npz(tmp_path / "toy.npz", [20, 10, 6])
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)  # trained from a relative path ...
-    assert main(["fit", "--dataset", "toy.npz", "--epochs", "1", "--no-progress", "--out", str(out),
-                 "--baseline", "none"]) == 0
+    assert (
+        main(["fit", "--dataset", "toy.npz", "--epochs", "1", "--no-progress", "--out", str(out), "--baseline", "none"])
+        == 0
+    )
     monkeypatch.chdir(out)  # ... evaluated from another folder
     fitted = json.loads((out / "metrics.json").read_text())
     # Without --dataset the checkpoint's --dataset argument (the .npz path) is used, not its short name "toy".
@@ -82,21 +99,62 @@ def test_evaluate_and_augment_take_an_npz_dataset_from_the_checkpoint(tmp_path, 
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key in METRIC_KEYS:
         assert again[key] == pytest.approx(fitted[key])
-    assert main(["augment", "--checkpoint", str(out / "model.safetensors"), "--out", str(tmp_path / "aug"),
-                 "--grid-per-class", "0"]) == 0
+    assert (
+        main(
+            [
+                "augment",
+                "--checkpoint",
+                str(out / "model.safetensors"),
+                "--out",
+                str(tmp_path / "aug"),
+                "--grid-per-class",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "aug" / "synthetic.npz").is_file()
     assert "error" not in capsys.readouterr().err
 
 
 def test_fit_with_the_label_free_logit_adjusted_model_and_evaluate_reproduces_it(tmp_path):
     out = tmp_path / "la"
-    assert main(["fit", "--epochs", "2", "--no-progress", "--out", str(out), "--baseline", "none", "--guide", "x",
-                 "--logit-adjustment", "1", "--label-weight", "20", "--obs-scale", "0.3", "--likelihood", "normal",
-                 "--perturbation-prior", "perturbed", "--lr-schedule", "cosine"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--out",
+                str(out),
+                "--baseline",
+                "none",
+                "--guide",
+                "x",
+                "--logit-adjustment",
+                "1",
+                "--label-weight",
+                "20",
+                "--obs-scale",
+                "0.3",
+                "--likelihood",
+                "normal",
+                "--perturbation-prior",
+                "perturbed",
+                "--lr-schedule",
+                "cosine",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     recipe = metrics["config"]["recipe"]
     assert recipe["label_in_guide"] is False and recipe["logit_adjustment"] == 1.0 and recipe["obs_scale"] == 0.3
-    assert recipe["perturbation_prior"] == "perturbed" and metrics["history"]["config"]["perturbation_prior"] == "perturbed"
+    assert (
+        recipe["perturbation_prior"] == "perturbed"
+        and metrics["history"]["config"]["perturbation_prior"] == "perturbed"
+    )
     assert recipe["lr_schedule"] == "cosine" and metrics["history"]["config"]["lr_schedule"] == "cosine"
     lrs = [r["lr"] for r in metrics["history"]["epochs"]]
     # epoch 1 starts fit's learning-rate warm-up (on by default); epoch 2 is on the cosine, below the base rate
@@ -139,25 +197,51 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, tmp_path, caps
 
 
 def test_console_script_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "dgc_pyro.cli", "fit", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgc_pyro.cli", "fit", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--dataset" in proc.stdout
 
 
 def test_fashion_from_the_real_files(shared_data, tmp_path):
     out = tmp_path / "fashion"
-    code = main(["fit", "--dataset", "fashion", "--data-dir", str(shared_data), "--epochs", "1", "--preset", "small",
-                 "--device", "cpu", "--counts", "60,40,30,20,15,10,8,6,5,4", "--baseline", "none", "--no-progress",
-                 "--test-subset", "200", "--num-samples", "2",
-                 "--out", str(out)])
+    code = main(
+        [
+            "fit",
+            "--dataset",
+            "fashion",
+            "--data-dir",
+            str(shared_data),
+            "--epochs",
+            "1",
+            "--preset",
+            "small",
+            "--device",
+            "cpu",
+            "--counts",
+            "60,40,30,20,15,10,8,6,5,4",
+            "--baseline",
+            "none",
+            "--no-progress",
+            "--test-subset",
+            "200",
+            "--num-samples",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["test_size"] == 200 and METRIC_KEYS <= set(metrics)
+    assert metrics["config"]["test_size"] == 200 and set(metrics) >= METRIC_KEYS
 
 
 def test_fit_keep_last_keeps_the_last_epoch_for_dgc_and_the_baseline(tmp_path, capsys):
     out = tmp_path / "last"
-    assert main(["fit", "--epochs", "3", "--no-progress", "--out", str(out), "--keep", "last",
-                 "--lr-schedule", "cosine"]) == 0
+    assert (
+        main(["fit", "--epochs", "3", "--no-progress", "--out", str(out), "--keep", "last", "--lr-schedule", "cosine"])
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["recipe"]["select_best"] is False
     history = metrics["history"]
@@ -204,16 +288,21 @@ def test_fit_help_names_the_recipe_defaults():
     from dgc_pyro.experiment import DEFAULT_RECIPES
 
     shown = " ".join(_options("fit").format_help().split())
-    assert f"(default: {DEFAULT_RECIPES['digits'].epochs} (digits), {DEFAULT_RECIPES['mnist'].epochs} (mnist, fashion" \
-           in shown
+    assert (
+        f"(default: {DEFAULT_RECIPES['digits'].epochs} (digits), {DEFAULT_RECIPES['mnist'].epochs} (mnist, fashion"
+        in shown
+    )
     assert "--device {auto,cpu,cuda} where to train and predict" in shown
 
 
 def test_fit_closing_line_has_each_phase_and_the_total(tmp_path, capsys):
     assert main(["fit", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r"), "--num-samples", "2"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert re.fullmatch(r"fit \d+\.\d s, evaluation \d+\.\d s, baseline \d+\.\d s, total \d+\.\d s on cpu; wrote "
-                        + re.escape(str(tmp_path / "r" / "metrics.json")), last), last
+    assert re.fullmatch(
+        r"fit \d+\.\d s, evaluation \d+\.\d s, baseline \d+\.\d s, total \d+\.\d s on cpu; wrote "
+        + re.escape(str(tmp_path / "r" / "metrics.json")),
+        last,
+    ), last
     times = [float(t) for t in re.findall(r"(\d+\.\d) s", last)]
     assert times[-1] >= sum(times[:-1]) - 0.15  # the total covers the phases (each rounded to 0.1 s)
 
@@ -221,8 +310,10 @@ def test_fit_closing_line_has_each_phase_and_the_total(tmp_path, capsys):
 def test_evaluate_says_which_checkpoint_and_dataset(digits_run, capsys):
     assert main(["evaluate", "--checkpoint", str(digits_run / "model.safetensors"), "--no-progress"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"checkpoint {digits_run / 'model.safetensors'}; dataset digits: 500 test examples, " \
-                       "10 latent draws per class"
+    assert (
+        lines[0] == f"checkpoint {digits_run / 'model.safetensors'}; dataset digits: 500 test examples, "
+        "10 latent draws per class"
+    )
     assert re.fullmatch(r"evaluation \d+\.\d s, total \d+\.\d s on cpu", lines[-1]), lines[-1]
 
 
@@ -240,17 +331,31 @@ def test_augment_leaves_nothing_when_a_write_fails_half_way(digits_run, tmp_path
 
     monkeypatch.setattr(cli, "save_augmentation_grid", fill_the_disk)
     out = tmp_path / "aug"
-    argv = ["augment", "--checkpoint", str(digits_run / "model.safetensors"), "--grid-per-class", "2", "--no-progress",
-            "--out", str(out)]
+    argv = [
+        "augment",
+        "--checkpoint",
+        str(digits_run / "model.safetensors"),
+        "--grid-per-class",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"dgc-pyro augment: error: \[Errno 28\] No space left on device: '"
-                        + re.escape(str(out)) + r"/grid_class_\d\.png'\n", err), err
+    assert re.fullmatch(
+        r"dgc-pyro augment: error: \[Errno 28\] No space left on device: '"
+        + re.escape(str(out))
+        + r"/grid_class_\d\.png'\n",
+        err,
+    ), err
     assert written and not out.exists() and list(tmp_path.iterdir()) == []  # no synthetic.npz, no PNG, no temp folder
     out.mkdir()
     (out / "synthetic.npz").write_bytes(b"an earlier run's")
     assert main(argv) == 2
-    assert [p.name for p in out.iterdir()] == ["synthetic.npz"] and (out / "synthetic.npz").read_bytes() == b"an earlier run's"
+    assert [p.name for p in out.iterdir()] == ["synthetic.npz"] and (
+        out / "synthetic.npz"
+    ).read_bytes() == b"an earlier run's"
     monkeypatch.undo()
     capsys.readouterr()
     assert main(argv) == 0  # the same command without the fault writes the whole set
@@ -259,19 +364,24 @@ def test_augment_leaves_nothing_when_a_write_fails_half_way(digits_run, tmp_path
 
 
 def test_the_calibration_note_explains_a_higher_ece_with_the_runs_numbers():
-    import torch
     from types import SimpleNamespace
+
+    import torch
 
     from dgc_pyro.cli import _calibration_note
 
     proba = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4]])  # all right, with little confidence
-    run = SimpleNamespace(prediction=SimpleNamespace(proba=proba, rule="mixture"), metrics={"acc": 1.0, "ece": 0.35},
-                          baseline_metrics={"ece": 0.05})
+    run = SimpleNamespace(
+        prediction=SimpleNamespace(proba=proba, rule="mixture"),
+        metrics={"acc": 1.0, "ece": 0.35},
+        baseline_metrics={"ece": 0.05},
+    )
     assert _calibration_note(run) == (
         "note: DGC's ECE (0.350) is above the baseline's (0.050) because its class posterior is underconfident: "
         "mean confidence 0.650, accuracy 1.000; its 'mixture' rule averages p(y | z) over the latent draws of every "
         "class hypothesis, which flattens it. ACSA and the other metrics depend only on which class scores highest "
-        "(docs/cli.md)")
+        "(docs/cli.md)"
+    )
     run.prediction.rule, run.metrics["acc"] = "latent", 0.25
     assert "overconfident: mean confidence 0.650, accuracy 0.250. ACSA" in _calibration_note(run)
     run.metrics["ece"] = 0.04  # calibrated better than the baseline: nothing to explain

@@ -43,8 +43,23 @@ def test_predict_writes_labels_probabilities_density_and_flags(run, images, tmp_
     noise = np.random.default_rng(0).random((10, 1, 8, 8)).round().astype(np.float32)
     np.savez(tmp_path / "new.npz", x=np.concatenate([images, noise]))
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(run), "--input", str(tmp_path / "new.npz"), "--out", str(out),
-                 "--reject", "both", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run),
+                "--input",
+                str(tmp_path / "new.npz"),
+                "--out",
+                str(out),
+                "--reject",
+                "both",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "predicted 50 examples" in capsys.readouterr().out
     with np.load(out / "predictions.npz") as z:
         assert z["proba"].shape == (50, 10) and np.allclose(z["proba"].sum(1), 1, atol=1e-5)
@@ -57,14 +72,17 @@ def test_predict_writes_labels_probabilities_density_and_flags(run, images, tmp_
     assert [int(r["label"]) for r in rows] == labels.tolist()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("shape", "wrong shape: expected (n, 1, 8, 8)"),
-    ("nan", "non-finite values"),
-    ("empty", "is empty"),
-    ("missing", "does not exist"),
-    ("names", "must hold an array named 'x'"),
-    ("text", "is not a valid .npz archive"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("shape", "wrong shape: expected (n, 1, 8, 8)"),
+        ("nan", "non-finite values"),
+        ("empty", "is empty"),
+        ("missing", "does not exist"),
+        ("names", "must hold an array named 'x'"),
+        ("text", "is not a valid .npz archive"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, case, message):
     path = tmp_path / "in.npz"
     if case == "shape":
@@ -91,8 +109,23 @@ def test_rule_chooses_the_scoring_rule_and_a_rule_the_model_lacks_is_one_line(ru
     probas = {}
     for rule in ("latent", "mixture"):
         out = tmp_path / rule
-        assert main(["predict", "--checkpoint", str(run), "--input", str(tmp_path / "new.npz"), "--out", str(out),
-                     "--rule", rule, "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--checkpoint",
+                    str(run),
+                    "--input",
+                    str(tmp_path / "new.npz"),
+                    "--out",
+                    str(out),
+                    "--rule",
+                    rule,
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         with np.load(out / "predictions.npz") as z:
             probas[rule] = z["proba"]
     assert not np.allclose(probas["latent"], probas["mixture"])

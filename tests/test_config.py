@@ -78,12 +78,32 @@ def test_every_field_is_a_recipe_override_and_in_the_recipe_json():
 def test_resume_check_refuses_every_changed_fixed_field_and_accepts_every_free_one():
     base = TrainConfig(epochs=4, engine="torch")  # a fit records the engine it resolved
     saved = resume_settings(base, seed=0, explicit_val=False)
-    changed = {"objective": "elbo-analytic", "epochs": 6, "batch_size": 7, "lr": 0.5, "betas": (0.5, 0.9),
-               "classifier_lr": 0.2, "lr_schedule": "cosine", "warmup_steps": 3, "val_fraction": 0.3,
-               "val_num_samples": 3, "select_best": False, "perturbation_rate": 0.1, "perturbation_prior": "perturbed",
-               "perturbation_start": 0.5, "perturbation_noise": "head", "retrain_head_epochs": 1,
-               "pretrain_steps": 5, "transform": "shift", "engine": "graph", "check_every": 3, "deterministic": True,
-               "compile": True, "devices": 2, "strategy": "ddp"}
+    changed = {
+        "objective": "elbo-analytic",
+        "epochs": 6,
+        "batch_size": 7,
+        "lr": 0.5,
+        "betas": (0.5, 0.9),
+        "classifier_lr": 0.2,
+        "lr_schedule": "cosine",
+        "warmup_steps": 3,
+        "val_fraction": 0.3,
+        "val_num_samples": 3,
+        "select_best": False,
+        "perturbation_rate": 0.1,
+        "perturbation_prior": "perturbed",
+        "perturbation_start": 0.5,
+        "perturbation_noise": "head",
+        "retrain_head_epochs": 1,
+        "pretrain_steps": 5,
+        "transform": "shift",
+        "engine": "graph",
+        "check_every": 3,
+        "deterministic": True,
+        "compile": True,
+        "devices": 2,
+        "strategy": "ddp",
+    }
     assert set(changed) == {f.name for f in config_fields(TrainConfig)}  # a new field must be added here
     for name, value in changed.items():
         options = {name: value}
@@ -109,13 +129,20 @@ def test_a_checkpoint_without_a_newer_option_had_its_absent_value():
     del saved["warmup_steps"], saved["perturbation_noise"]  # as written before the options existed
     assert resume_differences(saved, resume_settings(TrainConfig(warmup_steps=0), seed=0, explicit_val=False)) == []
     assert resume_differences(saved, resume_settings(TrainConfig(warmup_steps=5), seed=0, explicit_val=False)) == [
-        "warmup_steps=0 in the checkpoint, 5 now"]
+        "warmup_steps=0 in the checkpoint, 5 now"
+    ]
 
 
 def test_fit_records_every_option_in_history_and_checkpoint(digits, tmp_path):
     model = DGC(digits.input_shape, 10, latent_dim=4)
-    history = fit(model, digits.x_train, digits.y_train, TrainConfig(epochs=1, check_every=5),
-                  callbacks=[Checkpointing(tmp_path, metadata={"run": {"note": 1}})], **FIT_KW)
+    history = fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        TrainConfig(epochs=1, check_every=5),
+        callbacks=[Checkpointing(tmp_path, metadata={"run": {"note": 1}})],
+        **FIT_KW,
+    )
     names = {f.name for f in config_fields(TrainConfig)}
     assert names <= set(history.config) and history.config["check_every"] == 5
     state = load_training_state(tmp_path)
@@ -125,7 +152,7 @@ def test_fit_records_every_option_in_history_and_checkpoint(digits, tmp_path):
 
 def test_fit_takes_a_config_and_its_fields_as_keywords(digits):
     assert len(inspect.signature(fit).parameters) - 1 <= 12  # named parameters, beside **options
-    make = lambda: DGC(digits.input_shape, 10, latent_dim=4)  # noqa: E731
+    make = lambda: DGC(digits.input_shape, 10, latent_dim=4)
     torch.manual_seed(0)
     a = fit(make(), digits.x_train, digits.y_train, TrainConfig(epochs=1, lr=2e-3), engine="torch", **FIT_KW)
     torch.manual_seed(0)
@@ -137,15 +164,18 @@ def test_fit_takes_a_config_and_its_fields_as_keywords(digits):
         fit(make(), digits.x_train, digits.y_train, {"epochs": 1})
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: TrainConfig(lr=-1), "lr must be positive and finite, got -1"),
-    (lambda: TrainConfig(engine="jax"), "engine must be one of ('torch', 'graph', 'svi'), got 'jax'"),
-    (lambda: TrainConfig(epochs=2, retrain_head_epochs=2), "retrain_head_epochs=2 leaves no epoch"),
-    (lambda: TrainConfig(devices=0), "devices must be a positive integer, got 0"),
-    (lambda: ModelConfig(latent_dim=0), "latent_dim must be a positive integer, got 0"),
-    (lambda: ModelConfig(preset="huge"), "preset must be one of"),
-    (lambda: Recipe(epoch=3), "unknown recipe field 'epoch'; did you mean epochs?"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TrainConfig(lr=-1), "lr must be positive and finite, got -1"),
+        (lambda: TrainConfig(engine="jax"), "engine must be one of ('torch', 'graph', 'svi'), got 'jax'"),
+        (lambda: TrainConfig(epochs=2, retrain_head_epochs=2), "retrain_head_epochs=2 leaves no epoch"),
+        (lambda: TrainConfig(devices=0), "devices must be a positive integer, got 0"),
+        (lambda: ModelConfig(latent_dim=0), "latent_dim must be a positive integer, got 0"),
+        (lambda: ModelConfig(preset="huge"), "preset must be one of"),
+        (lambda: Recipe(epoch=3), "unknown recipe field 'epoch'; did you mean epochs?"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_field(make, message):
     with pytest.raises((ValueError, TypeError)) as info:
         make()
@@ -166,6 +196,9 @@ def test_a_run_configuration_recipe_is_checked_by_its_fields():
     from dgc_pyro.io import CheckpointError
 
     assert check_run_config({"recipe": {"num_samples": 3, "betas": [0.5, 0.9]}}, "m")  # older names, JSON lists
-    with pytest.raises(CheckpointError, match=r"^m: its run configuration is unusable \(recipe: unknown recipe field "
-                                              r"'epoch'; did you mean epochs\?\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^m: its run configuration is unusable \(recipe: unknown recipe field "
+        r"'epoch'; did you mean epochs\?\)$",
+    ):
         check_run_config({"recipe": {"epoch": 3}}, "m")

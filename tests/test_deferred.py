@@ -48,14 +48,17 @@ def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def snapshots(model: torch.nn.Module, store: dict[int, dict[str, torch.Tensor]]):
     def callback(epoch, record):
         store[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
     return callback
 
 
 def interrupted_then_resumed(d, folder, stop_after: int, **kw):
     """A fit stopped by Ctrl-C after epoch ``stop_after`` (its checkpoint), then resumed in a fresh model."""
+
     def ctrl_c(epoch, record):
         if epoch == stop_after + 1:
             raise KeyboardInterrupt
+
     with pytest.raises(TrainingInterrupted):
         run(d, callback=ctrl_c, checkpoint_dir=folder, **kw)
     assert load_training_state(folder).epoch == stop_after
@@ -163,9 +166,17 @@ def test_graph_engine_equals_torch_engine_with_head_retraining(digits):
 def test_recipe_fields_reach_fit():
     recipe = Recipe(perturbation_start=0.7, retrain_head_epochs=3, perturbation_noise="head")
     options = recipe.fit_options()
-    assert (options["perturbation_start"], options["retrain_head_epochs"], options["perturbation_noise"]) == (0.7, 3, "head")
+    assert (options["perturbation_start"], options["retrain_head_epochs"], options["perturbation_noise"]) == (
+        0.7,
+        3,
+        "head",
+    )
     defaults = Recipe().fit_options()
-    assert (defaults["perturbation_start"], defaults["retrain_head_epochs"], defaults["perturbation_noise"]) == (0.0, 0, "own")
+    assert (defaults["perturbation_start"], defaults["retrain_head_epochs"], defaults["perturbation_noise"]) == (
+        0.0,
+        0,
+        "own",
+    )
     changes = recipe_overrides(["perturbation_start=0.8", "retrain_head_epochs=5", "perturbation_noise=head"])
     assert changes == {"perturbation_start": 0.8, "retrain_head_epochs": 5, "perturbation_noise": "head"}
     assert isinstance(changes["retrain_head_epochs"], int)

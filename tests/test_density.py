@@ -32,7 +32,9 @@ def _prior_estimate(model, x, draws=20000):
     with torch.no_grad():
         z = model.prior((draws,)).sample()
         lik = model.likelihood(z)
-        return torch.stack([torch.logsumexp(lik.log_prob(xi.expand(draws, *xi.shape)), 0) for xi in x]) - math.log(draws)
+        return torch.stack([torch.logsumexp(lik.log_prob(xi.expand(draws, *xi.shape)), 0) for xi in x]) - math.log(
+            draws
+        )
 
 
 @pytest.mark.parametrize("rule", ["mixture", "iw", "paper", "latent"])

@@ -9,15 +9,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import xarray as xr  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+import xarray as xr
 
-from dgc_pyro import diagnostics as dg  # noqa: E402
-from dgc_pyro.inference import class_log_weights, fit, predict  # noqa: E402
-from dgc_pyro.models import DGC  # noqa: E402
+from dgc_pyro import diagnostics as dg
+from dgc_pyro.inference import class_log_weights, fit, predict
+from dgc_pyro.models import DGC
 
 K = 4  # classes 0..3 of digits: a model learns them in a second
 
@@ -29,8 +29,19 @@ def _fit_tiny(digits, seed: int = 0, epochs: int = 4, latent_dim: int = 4) -> DG
     tr = digits.y_train < K
     torch.manual_seed(seed)
     model = DGC(digits.input_shape, K, latent_dim=latent_dim, likelihood="normal", label_weight=20.0)
-    fit(model, digits.x_train[tr], digits.y_train[tr], epochs=epochs, batch_size=64, lr=3e-3, progress=False,
-        val_fraction=0, objective="elbo-analytic", perturbation_rate=0, seed=seed)
+    fit(
+        model,
+        digits.x_train[tr],
+        digits.y_train[tr],
+        epochs=epochs,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        val_fraction=0,
+        objective="elbo-analytic",
+        perturbation_rate=0,
+        seed=seed,
+    )
     return model
 
 
@@ -137,7 +148,9 @@ def test_reject_option_reduces_coverage_and_raises_accuracy(tiny):
     rej = predict(model, x, 10, reject_threshold=threshold)
     assert torch.equal(rej.rejected, rej.entropy > threshold)
     assert 0 < rej.rejected.float().mean() < 1
-    assert torch.equal(rej.labels_with_reject[rej.rejected], torch.full((int(rej.rejected.sum()),), -1, device=rej.labels.device))
+    assert torch.equal(
+        rej.labels_with_reject[rej.rejected], torch.full((int(rej.rejected.sum()),), -1, device=rej.labels.device)
+    )
     assert torch.equal(rej.labels_with_reject[~rej.rejected], rej.labels[~rej.rejected])
     accepted = ~rej.rejected
     overall = (rej.labels == y).float().mean()
@@ -294,8 +307,13 @@ def test_ppc_class_frequencies(trees):
 
 def test_ppc_plot_draws_a_rare_class_whose_mean_lies_outside_its_interval():
     # Replicated in 4 of 100 draws: the 90% interval is [0, 0] and the mean 0.04 lies above it.
-    ppc = {"classes": np.arange(3), "observed": np.array([50, 30, 1]), "mean": np.array([50.0, 30.0, 0.04]),
-           "lower": np.array([45.0, 26.0, 0.0]), "upper": np.array([55.0, 34.0, 0.0])}
+    ppc = {
+        "classes": np.arange(3),
+        "observed": np.array([50, 30, 1]),
+        "mean": np.array([50.0, 30.0, 0.04]),
+        "lower": np.array([45.0, 26.0, 0.0]),
+        "upper": np.array([55.0, 34.0, 0.0]),
+    }
     ax = dg.plot_ppc_class_frequencies(ppc)
     segments = ax.collections[-1].get_segments()
     assert [tuple(s[:, 1]) for s in segments] == [(45.0, 55.0), (26.0, 34.0), (0.0, 0.0)]

@@ -25,7 +25,9 @@ from dgc_pyro.inference import fit
 from dgc_pyro.inference.distributed import DistContext, is_rank_zero, launched_by_torchrun
 from dgc_pyro.models import DGC
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 
 FIT = dict(epochs=2, batch_size=50, lr=3e-3, progress=False, val_fraction=0, seed=3, device="cpu")
 
@@ -67,13 +69,22 @@ def test_two_processes_match_one_process(digits, single):
     model = _model(digits)
     x, y = _data(digits)
     seen = []
-    history = fit(model, x, y, perturbation_rate=0.6, devices=2, strategy="ddp",
-                  callback=lambda epoch, record: seen.append(epoch), **FIT)
+    history = fit(
+        model,
+        x,
+        y,
+        perturbation_rate=0.6,
+        devices=2,
+        strategy="ddp",
+        callback=lambda epoch, record: seen.append(epoch),
+        **FIT,
+    )
     assert history.model is model
     assert seen == [1, 2]  # rank 0's epoch records reach the caller's callback
     assert history.losses == pytest.approx(ref_history.losses, rel=1e-5)
     assert [e["perturbation_loss"] for e in history.epochs] == pytest.approx(
-        [e["perturbation_loss"] for e in ref_history.epochs], rel=1e-5)
+        [e["perturbation_loss"] for e in ref_history.epochs], rel=1e-5
+    )
     assert _max_diff(model, reference) < 1e-5
     assert not model.training
 
@@ -95,8 +106,14 @@ def test_torchrun_style_group_of_one_matches_plain_fit(digits, single, monkeypat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         monkeypatch.setenv(key, value)
     assert launched_by_torchrun() and is_rank_zero()
     model = _model(digits)
@@ -116,22 +133,47 @@ def _free_port() -> int:
 def _cli_rank(rank: int, world: int, port: int, folder: str) -> None:
     """One rank of ``torchrun ... -m dgc_pyro.cli fit --devices 2``: logs every file it writes (all writes of
     results and checkpoints go through dgc_pyro.io's two atomic writers) to ``writes-rank<r>.txt``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     import dgc_pyro.io as io_module
     from dgc_pyro.cli import main
 
     log = Path(folder) / f"writes-rank{rank}.txt"
     for name in ("atomic_write_bytes", "atomic_write_text"):
+
         def recording(path, *args, _original=getattr(io_module, name), **kwargs):
             with open(log, "a") as f:
                 f.write(f"{Path(path).name}\n")
             return _original(path, *args, **kwargs)
 
         setattr(io_module, name, recording)
-    code = main(["fit", "--dataset", "digits", "--epochs", "2", "--devices", str(world), "--strategy", "ddp",
-                 "--device", "cpu", "--baseline", "none", "--no-progress", "--out", str(Path(folder) / "run")])
+    code = main(
+        [
+            "fit",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+            "--devices",
+            str(world),
+            "--strategy",
+            "ddp",
+            "--device",
+            "cpu",
+            "--baseline",
+            "none",
+            "--no-progress",
+            "--out",
+            str(Path(folder) / "run"),
+        ]
+    )
     raise SystemExit(code)
 
 
@@ -153,7 +195,9 @@ def test_only_rank_zero_writes_checkpoints_and_metrics(tmp_path):
     written = (tmp_path / "writes-rank0.txt").read_text().split()
     assert {"training_state.safetensors", "metrics.json", "model.safetensors"} <= set(written)
     assert written.count("training_state.safetensors") == 2  # after each of the 2 epochs
-    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "checkpoint" / "training_state.safetensors").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file() and (
+        tmp_path / "run" / "checkpoint" / "training_state.safetensors"
+    ).is_file()
 
 
 def test_bad_parallel_arguments_fail_before_spawning(digits):

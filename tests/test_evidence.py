@@ -8,17 +8,49 @@ import math
 from pathlib import Path
 
 import pytest
-
 from fixtures import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REQUIRED_METHODS = ("dgc_elbo", "vib", "dgc_paper_guide", "ce", "logit_adjusted", "balanced_softmax",
-                    "logit_adjusted_matched", "balanced_softmax_matched")
-REQUIRED_METRICS = ("acsa", "fmacro", "gmean", "r_mi", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc",
-                    "ood_auroc_digits", "ood_auroc_vflip", "ood_auroc_invert", "ood_auroc_noise")
-UNIT_METRICS = {"acsa", "fmacro", "gmean", "r_mi", "p_ma", "acc", "ece", "ece_ts", "aurc", "aurc_entropy", "aurc_mi",
-                "fpr95"} | {m for m in REQUIRED_METRICS if m.startswith("ood_auroc")}
+REQUIRED_METHODS = (
+    "dgc_elbo",
+    "vib",
+    "dgc_paper_guide",
+    "ce",
+    "logit_adjusted",
+    "balanced_softmax",
+    "logit_adjusted_matched",
+    "balanced_softmax_matched",
+)
+REQUIRED_METRICS = (
+    "acsa",
+    "fmacro",
+    "gmean",
+    "r_mi",
+    "ece",
+    "ece_ts",
+    "nll_ts",
+    "aurc",
+    "ood_auroc",
+    "ood_auroc_digits",
+    "ood_auroc_vflip",
+    "ood_auroc_invert",
+    "ood_auroc_noise",
+)
+UNIT_METRICS = {
+    "acsa",
+    "fmacro",
+    "gmean",
+    "r_mi",
+    "p_ma",
+    "acc",
+    "ece",
+    "ece_ts",
+    "aurc",
+    "aurc_entropy",
+    "aurc_mi",
+    "fpr95",
+} | {m for m in REQUIRED_METRICS if m.startswith("ood_auroc")}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +73,10 @@ def test_the_plan_fixes_every_row_from_the_dev_set(evidence, smoke):
     for method, chosen in plan["selected"].items():
         configs = evidence.grid_of(method, evidence.SMOKE_GRID)
         assert {k: v for k, v in chosen.items() if k != "dev_acsa"} in configs
-        scores = [json.loads((smoke / "tune" / f"{method}_{evidence.config_key(c)}_seed1.json").read_text())["acsa"]
-                  for c in configs]
+        scores = [
+            json.loads((smoke / "tune" / f"{method}_{evidence.config_key(c)}_seed1.json").read_text())["acsa"]
+            for c in configs
+        ]
         assert chosen["dev_acsa"] == max(scores)  # the best dev ACSA wins
     assert set(plan["matched_epochs"]) == set(evidence.MATCHED)
     assert all(plan["epochs"] <= e <= evidence.SMOKE["max_matched_epochs"] for e in plan["matched_epochs"].values())
@@ -86,19 +120,24 @@ def test_runs_record_their_settings_and_the_table_is_written(smoke):
 
 def test_a_rerun_skips_finished_runs_and_collect_fits_nothing(evidence, smoke):
     before = {p.name: p.read_text() for p in (smoke / "runs").glob("*.json")}
-    assert evidence.main(["--phase", "test", "--seeds", "2", "3", "--smoke", "--device", "cpu", "--out", str(smoke)]) == 0
+    assert (
+        evidence.main(["--phase", "test", "--seeds", "2", "3", "--smoke", "--device", "cpu", "--out", str(smoke)]) == 0
+    )
     assert {p.name: p.read_text() for p in (smoke / "runs").glob("*.json")} == before
     assert evidence.main(["--phase", "test", "--seeds", "2", "9", "--collect", "--smoke", "--out", str(smoke)]) == 0
     assert not (smoke / "runs" / "ce_seed9.json").exists()
     assert json.loads((smoke / "summary.json").read_text())["n_seeds"] == 1
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--phase", "test", "--seeds", "1"], "seeds \\[1\\] tuned the plan"),
-    (["--phase", "test", "--seeds", "4", "--epochs", "2"], "the plan fixes 1 epochs"),
-    (["--phase", "tune", "--methods", "logit_adjusted_matched"], "are not tuned"),
-    (["--phase", "test", "--seeds", "4", "4"], "lists a seed twice"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--phase", "test", "--seeds", "1"], "seeds \\[1\\] tuned the plan"),
+        (["--phase", "test", "--seeds", "4", "--epochs", "2"], "the plan fixes 1 epochs"),
+        (["--phase", "tune", "--methods", "logit_adjusted_matched"], "are not tuned"),
+        (["--phase", "test", "--seeds", "4", "4"], "lists a seed twice"),
+    ],
+)
 def test_protocol_refusals(evidence, smoke, argv, match):
     with pytest.raises(SystemExit, match=match):
         evidence.main([*argv, "--smoke", "--device", "cpu", "--out", str(smoke)])
@@ -130,8 +169,7 @@ def test_a_density_from_predict_gives_the_density_and_typicality_scores(evidence
     from dgc_pyro.experiment import Recipe
 
     split = load_imbalanced("digits", counts=(12, 10, 8, 6, 5, 4, 4, 3, 3, 3), seed=1)
-    dev = load_imbalanced("digits", counts=(12, 10, 8, 6, 5, 4, 4, 3, 3, 3), seed=1, evaluate_on="dev",
-                          dev_per_class=5)
+    dev = load_imbalanced("digits", counts=(12, 10, 8, 6, 5, 4, 4, 3, 3, 3), seed=1, evaluate_on="dev", dev_per_class=5)
     recipe = Recipe(latent_dim=4, num_samples=2, label_in_guide=False, logit_adjustment=1.0)
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     real = evidence.predict

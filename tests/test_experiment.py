@@ -51,13 +51,25 @@ def test_run_experiment_trains_with_train(small):
 def test_train_passes_fit_options_and_hands_over_the_model(small):
     split, recipe = small
     built, epochs = [], []
-    trained = train(recipe, split, 0, device="cpu", progress=False, val_num_samples=2, on_build=built.append,
-                    callback=lambda epoch, record: epochs.append(epoch), engine="torch")
+    trained = train(
+        recipe,
+        split,
+        0,
+        device="cpu",
+        progress=False,
+        val_num_samples=2,
+        on_build=built.append,
+        callback=lambda epoch, record: epochs.append(epoch),
+        engine="torch",
+    )
     assert built == [trained.model] and epochs == [1, 2] and trained.history.config["engine"] == "torch"
 
 
 def test_train_refuses_a_fit_option_the_recipe_sets(small):
     split, recipe = small
-    with pytest.raises(ValueError, match=r"^train: epochs is set by the recipe; pass "
-                                         r"dataclasses\.replace\(recipe, epochs=\.\.\.\) instead$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train: epochs is set by the recipe; pass "
+        r"dataclasses\.replace\(recipe, epochs=\.\.\.\) instead$",
+    ):
         train(recipe, split, 0, epochs=3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fixtures import load_benchmark
 
 COUNTS = "20,15,12,10,8,6,5,5,4,4"  # small enough that digits leaves unused training images for a dev set
@@ -14,8 +13,13 @@ COUNTS = "20,15,12,10,8,6,5,5,4,4"  # small enough that digits leaves unused tra
 def _fake_run(calls):
     def run(cfg, split, x_tr, x_ev, y_ev, seed, num_samples):
         calls.append({"name": cfg.name, "y_ev": y_ev, "x_ev": x_ev})
-        return {"config": {"name": cfg.name, "label_weight": cfg.label_weight}, "fit_seconds": 0.0, "best_epoch": 1,
-                "rules": {"mixture": {"acsa": cfg.label_weight / 1000, "ece": 0.0}}}
+        return {
+            "config": {"name": cfg.name, "label_weight": cfg.label_weight},
+            "fit_seconds": 0.0,
+            "best_epoch": 1,
+            "rules": {"mixture": {"acsa": cfg.label_weight / 1000, "ece": 0.0}},
+        }
+
     return run
 
 
@@ -36,8 +40,22 @@ def test_ablation_scores_on_the_dev_set_by_default_and_records_it(tmp_path, monk
     loads = _spy_load(bench, monkeypatch)
     out = tmp_path / "ablation.json"
     # one real fit, end to end, at a size that measures nothing
-    saved = bench.main(["--dataset", "digits", "--counts", COUNTS, "--dev-per-class", "3", "--num-samples", "2",
-                        "--only", "label_weight 100", "--out", str(out)])
+    saved = bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--counts",
+            COUNTS,
+            "--dev-per-class",
+            "3",
+            "--num-samples",
+            "2",
+            "--only",
+            "label_weight 100",
+            "--out",
+            str(out),
+        ]
+    )
     assert loads == [{"counts": loads[0]["counts"], "seed": 1, "evaluate_on": "dev", "dev_per_class": 3}]
     assert saved["evaluation"]["evaluate_on"] == "dev" and saved["evaluation"]["size"] == 30
     entry = saved["results"]["phase 1: label_weight 100"]
@@ -51,8 +69,22 @@ def test_ablation_on_the_test_split_only_when_asked_and_refuses_mixing(tmp_path,
     calls = []
     monkeypatch.setattr(bench, "run", _fake_run(calls))
     out = tmp_path / "ablation.json"
-    saved = bench.main(["--dataset", "digits", "--counts", COUNTS, "--evaluate-on", "test", "--test-per-class", "2",
-                        "--only", "label_weight 10", "--out", str(out)])
+    saved = bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--counts",
+            COUNTS,
+            "--evaluate-on",
+            "test",
+            "--test-per-class",
+            "2",
+            "--only",
+            "label_weight 10",
+            "--out",
+            str(out),
+        ]
+    )
     assert "evaluate_on" not in loads[0] and saved["evaluation"]["evaluate_on"] == "test"
     assert len(calls[0]["y_ev"]) == 20
     # a dev-set run must not be appended to a file of test-split scores
@@ -67,11 +99,14 @@ def test_ablation_on_the_test_split_only_when_asked_and_refuses_mixing(tmp_path,
     assert "session-1 format" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--test-per-class", "2"], "--test-per-class applies to --evaluate-on test only"),
-    (["--evaluate-on", "test", "--dev-per-class", "2"], "--dev-per-class applies to --evaluate-on dev only"),
-    (["--only", "no such config"], "--only: no configuration"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--test-per-class", "2"], "--test-per-class applies to --evaluate-on test only"),
+        (["--evaluate-on", "test", "--dev-per-class", "2"], "--dev-per-class applies to --evaluate-on dev only"),
+        (["--only", "no such config"], "--only: no configuration"),
+    ],
+)
 def test_ablation_refuses_options_it_would_ignore(tmp_path, capsys, argv, message):
     bench = load_benchmark("fashion_ablation")
     with pytest.raises(SystemExit) as exit_info:
@@ -84,8 +119,18 @@ def test_ablation_keeps_a_config_rerun_in_a_later_phase_apart(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(bench, "run", _fake_run(calls))
     out = tmp_path / "ablation.json"
-    common = ["--dataset", "digits", "--counts", COUNTS, "--dev-per-class", "2", "--only", "label_weight 100",
-              "--out", str(out)]
+    common = [
+        "--dataset",
+        "digits",
+        "--counts",
+        COUNTS,
+        "--dev-per-class",
+        "2",
+        "--only",
+        "label_weight 100",
+        "--out",
+        str(out),
+    ]
     bench.main(["--phase", "1", *common])
     saved = bench.main(["--phase", "4", *common])
     assert [c["name"] for c in calls] == ["label_weight 100", "label_weight 100"]

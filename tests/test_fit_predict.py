@@ -16,7 +16,9 @@ from dgc_pyro.models import DGC
 
 def _tiny(digits, **kwargs):
     torch.manual_seed(0)
-    return DGC(digits.input_shape, digits.num_classes, latent_dim=kwargs.pop("latent_dim", 4), likelihood="normal", **kwargs)
+    return DGC(
+        digits.input_shape, digits.num_classes, latent_dim=kwargs.pop("latent_dim", 4), likelihood="normal", **kwargs
+    )
 
 
 def test_loss_decreases_on_tiny_data(digits):
@@ -30,7 +32,9 @@ def test_loss_decreases_on_tiny_data(digits):
 
 def test_validation_split_is_carved_from_training_and_selects_best(digits):
     model = _tiny(digits)
-    hist = fit(model, digits.x_train, digits.y_train, epochs=3, batch_size=64, lr=3e-3, progress=False, val_fraction=0.2)
+    hist = fit(
+        model, digits.x_train, digits.y_train, epochs=3, batch_size=64, lr=3e-3, progress=False, val_fraction=0.2
+    )
     assert {"val_acsa", "val_gmean", "val_fmacro"} <= set(hist.epochs[0])
     best = max(hist.epochs, key=lambda e: e["val_acsa"])
     assert hist.best_epoch == best["epoch"]
@@ -73,8 +77,17 @@ def test_repeat_counts_follow_the_reference_rule():
 @pytest.fixture(scope="module")
 def fitted(digits):
     model = _tiny(digits, latent_dim=16)
-    fit(model, digits.x_train, digits.y_train, epochs=20, batch_size=32, lr=3e-3, progress=False, val_fraction=0,
-        objective="elbo-analytic")
+    fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        epochs=20,
+        batch_size=32,
+        lr=3e-3,
+        progress=False,
+        val_fraction=0,
+        objective="elbo-analytic",
+    )
     return model
 
 
@@ -165,7 +178,9 @@ def test_label_free_guide_ignores_the_label_and_latent_rule_works(digits):
 def test_balanced_prediction_divides_out_the_models_label_prior(fitted, digits):
     x = digits.x_test[:20]
     prior = fitted.label_prior()
-    assert prior.shape == (digits.num_classes,) and torch.isclose(prior.sum(), torch.tensor(1.0, device=prior.device), atol=1e-5)
+    assert prior.shape == (digits.num_classes,) and torch.isclose(
+        prior.sum(), torch.tensor(1.0, device=prior.device), atol=1e-5
+    )
     state = torch.get_rng_state()
     assert torch.equal(fitted.label_prior(), prior)  # own seed: repeatable ...
     assert torch.equal(torch.get_rng_state(), state)  # ... and the caller's random state is untouched
@@ -189,8 +204,13 @@ def test_balanced_prediction_of_a_logit_adjusted_model_drops_the_prior_offset(di
     expected = torch.softmax(torch.log(plain.proba) - model.label_offset, dim=-1)
     assert torch.allclose(balanced.proba, expected, atol=1e-5)
     assert not torch.allclose(balanced.proba, plain.proba, atol=1e-3)
-    assert model.label_logits(torch.zeros(1, model.latent_dim)).sub(
-        model.classifier(torch.zeros(1, model.latent_dim))).abs().max() > 0  # the offset is back after predict
+    assert (
+        model.label_logits(torch.zeros(1, model.latent_dim))
+        .sub(model.classifier(torch.zeros(1, model.latent_dim)))
+        .abs()
+        .max()
+        > 0
+    )  # the offset is back after predict
 
 
 def test_default_rule_of_a_label_free_model_is_latent(digits):
@@ -207,7 +227,9 @@ def test_default_rule_of_a_label_free_model_is_latent(digits):
 def test_logit_adjusted_fit_runs_and_validates_balanced(digits, monkeypatch):
     from dgc_pyro.experiment import Recipe
 
-    recipe = Recipe(epochs=2, batch_size=32, latent_dim=4, logit_adjustment=1.0, label_in_guide=False, label_weight=10.0)
+    recipe = Recipe(
+        epochs=2, batch_size=32, latent_dim=4, logit_adjustment=1.0, label_in_guide=False, label_weight=10.0
+    )
     with pytest.raises(ValueError, match="class counts"):
         recipe.build_model(digits.input_shape, digits.num_classes)
     model = recipe.build_model(digits.input_shape, digits.num_classes, digits.train_counts)
@@ -222,7 +244,15 @@ def test_logit_adjusted_fit_runs_and_validates_balanced(digits, monkeypatch):
         return predict(*args, **kwargs)
 
     monkeypatch.setattr(fit_module, "predict", recording_predict)
-    hist = fit(model, digits.x_train, digits.y_train, epochs=2, batch_size=32, progress=False, val_fraction=0.2,
-               val_num_samples=2)
+    hist = fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        epochs=2,
+        batch_size=32,
+        progress=False,
+        val_fraction=0.2,
+        val_num_samples=2,
+    )
     assert all(0.0 <= e["val_acsa"] <= 1.0 for e in hist.epochs)
     assert calls == [True, True]  # the validation split is scored with the prior-free label likelihood

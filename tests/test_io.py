@@ -368,13 +368,16 @@ def test_writable_problem_probes_without_leaving_anything(tmp_path, monkeypatch)
 
     monkeypatch.setattr(dio, "_create_temp", refuse)  # chmod does not stop root, who runs the tests
     assert dio.writable_problem(tmp_path) == "is not writable: Permission denied"
-    assert dio.writable_problem(tmp_path / "new") == f"is not writable (its nearest existing folder {tmp_path}): " \
-                                                     "Permission denied"
+    assert (
+        dio.writable_problem(tmp_path / "new") == f"is not writable (its nearest existing folder {tmp_path}): "
+        "Permission denied"
+    )
     monkeypatch.undo()
     monkeypatch.setattr(dio.shutil, "disk_usage", lambda p: type("U", (), {"free": 2**20})())
     assert dio.writable_problem(tmp_path, need_bytes=2**20) is None
     assert dio.writable_problem(tmp_path, need_bytes=3 * 2**20) == (
-        "has only 1.0 MiB free on its file system, and about 3.0 MiB will be written")
+        "has only 1.0 MiB free on its file system, and about 3.0 MiB will be written"
+    )
 
 
 def test_staged_folder_writes_the_set_or_nothing(tmp_path):
@@ -386,10 +389,10 @@ def test_staged_folder_writes_the_set_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
     assert _leftovers(tmp_path, {"aug"}) == []
 
-    with pytest.raises(OSError) as info:  # a second set into the existing folder fails half-way ...
-        with dio.staged_folder(out) as stage:
-            atomic_write_bytes(stage / "a.bin", b"new a")
-            raise OSError(28, "No space left on device", str(stage / "b.bin"))
+    # a second set into the existing folder fails half-way ...
+    with pytest.raises(OSError) as info, dio.staged_folder(out) as stage:
+        atomic_write_bytes(stage / "a.bin", b"new a")
+        raise OSError(28, "No space left on device", str(stage / "b.bin"))
     assert str(info.value) == f"[Errno 28] No space left on device: '{out / 'b.bin'}'"  # named where it was going
     assert (out / "a.bin").read_bytes() == b"a"  # ... and the old set is untouched, nothing is left over
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
@@ -399,8 +402,7 @@ def test_staged_folder_writes_the_set_or_nothing(tmp_path):
     assert (out / "a.bin").read_bytes() == b"new a" and (out / "b.bin").read_bytes() == b"b"
     assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
 
-    with pytest.raises(KeyboardInterrupt):
-        with dio.staged_folder(tmp_path / "never") as stage:
-            atomic_write_bytes(stage / "a.bin", b"a")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), dio.staged_folder(tmp_path / "never") as stage:
+        atomic_write_bytes(stage / "a.bin", b"a")
+        raise KeyboardInterrupt
     assert _leftovers(tmp_path, {"aug"}) == []

@@ -43,8 +43,11 @@ def test_one_particle_is_the_elbo_estimate(digits):
     assert torch.allclose(seeded(iwae_loss(1), m, x, y), seeded(elbo_loss(), m, x, y), rtol=1e-6)
     # under the engines' per-example scale too
     scaled = poutine.scale(scale=1 / len(x))
-    assert torch.allclose(seeded(lambda mo, gu, *a: iwae_loss(1)(scaled(mo), scaled(gu), *a), m, x, y),
-                          seeded(lambda mo, gu, *a: elbo_loss()(scaled(mo), scaled(gu), *a), m, x, y), rtol=1e-6)
+    assert torch.allclose(
+        seeded(lambda mo, gu, *a: iwae_loss(1)(scaled(mo), scaled(gu), *a), m, x, y),
+        seeded(lambda mo, gu, *a: elbo_loss()(scaled(mo), scaled(gu), *a), m, x, y),
+        rtol=1e-6,
+    )
 
 
 def test_matches_renyi_alpha_zero_without_scaling(digits):
@@ -68,8 +71,9 @@ def test_the_bound_tightens_with_particles_in_expectation(digits):
     m, (x, y) = model_of(digits), batch(digits)
     torch.manual_seed(2)
     with torch.no_grad():
-        mean = {k: torch.stack([iwae_loss(k)(m.model, m.guide, x, y) for _ in range(40)]).mean().item()
-                for k in (1, 5, 20)}
+        mean = {
+            k: torch.stack([iwae_loss(k)(m.model, m.guide, x, y) for _ in range(40)]).mean().item() for k in (1, 5, 20)
+        }
     assert mean[1] > mean[5] > mean[20]  # the loss is minus the bound
 
 
@@ -93,7 +97,7 @@ def label_columns_grad(m, loss, x, y):
     m.zero_grad(set_to_none=True)
     seeded(loss, m, x, y).backward()
     enc = m.encoder
-    return enc.joint[0].weight.grad[:, enc.feature_dim:].clone(), [p.grad.clone() for p in m.classifier.parameters()]
+    return enc.joint[0].weight.grad[:, enc.feature_dim :].clone(), [p.grad.clone() for p in m.classifier.parameters()]
 
 
 def test_counterfactual_term_trains_the_label_input_and_spares_the_head(digits):
@@ -121,16 +125,24 @@ def test_the_recorded_guide_trace_is_the_observed_labels(digits):
 
 def test_a_class_conditional_model_with_its_global_shrinkage_term(digits):
     counts = torch.bincount(digits.y_train, minlength=10).tolist()
-    m, (x, y) = model_of(digits, latent_prior="class_conditional", label_in_guide=False, class_counts=counts), batch(digits)
+    m, (x, y) = (
+        model_of(digits, latent_prior="class_conditional", label_in_guide=False, class_counts=counts),
+        batch(digits),
+    )
     assert torch.allclose(seeded(iwae_loss(1), m, x, y), seeded(elbo_loss(), m, x, y), rtol=1e-6)
     assert torch.isfinite(seeded(iwae_loss(5), m, x, y))
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(num_particles=0), "num_particles"), (dict(num_particles=2.5), "num_particles"),
-    (dict(counterfactual_weight=-1.0), "counterfactual_weight"),
-    (dict(counterfactual_weight=float("nan")), "counterfactual_weight"), (dict(max_plate_nesting=-1), "max_plate"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_particles=0), "num_particles"),
+        (dict(num_particles=2.5), "num_particles"),
+        (dict(counterfactual_weight=-1.0), "counterfactual_weight"),
+        (dict(counterfactual_weight=float("nan")), "counterfactual_weight"),
+        (dict(max_plate_nesting=-1), "max_plate"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         iwae_loss(**kw)
@@ -146,8 +158,16 @@ def test_registered_by_name():
 def test_fit_on_digits_graph_equals_torch_and_mixture_predictions_are_finite(digits):
     """A smoke fit of the paper-faithful model (q(z | x, y), iwae-cf, mixture rule): the graph engine captures the
     step (no fallback) and gives the torch engine's weights bit for bit."""
-    kw = dict(epochs=2, batch_size=64, lr=3e-3, progress=False, val_num_samples=2, device="cpu", select_best=False,
-              objective="iwae-cf")
+    kw = dict(
+        epochs=2,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        val_num_samples=2,
+        device="cpu",
+        select_best=False,
+        objective="iwae-cf",
+    )
     states = {}
     for engine in ("graph", "torch"):
         m = model_of(digits)

@@ -104,8 +104,9 @@ def test_fit_decays_both_optimisers_step_by_step(monkeypatch):
     total = 9
     assert main == pytest.approx([1e-2 * lr_factor("cosine", t, total) for t in range(total)])
     assert pert == pytest.approx([4e-2 * lr_factor("cosine", t, total) for t in range(total)])
-    assert [r["lr"] for r in history.epochs] == pytest.approx([1e-2, 1e-2 * lr_factor("cosine", 3, 9),
-                                                               1e-2 * lr_factor("cosine", 6, 9)])
+    assert [r["lr"] for r in history.epochs] == pytest.approx(
+        [1e-2, 1e-2 * lr_factor("cosine", 3, 9), 1e-2 * lr_factor("cosine", 6, 9)]
+    )
     assert history.config["lr_schedule"] == "cosine"
 
 
@@ -203,7 +204,9 @@ def test_resume_continues_the_cosine_from_the_global_step(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        _fit(epochs=4, lr_schedule="cosine", checkpoint_dir=tmp_path / "cut", checkpoint_every=1, callback=stop_after_two)
+        _fit(
+            epochs=4, lr_schedule="cosine", checkpoint_dir=tmp_path / "cut", checkpoint_every=1, callback=stop_after_two
+        )
     cut = load_training_state(training_state_path(tmp_path / "cut"))
     assert cut.epoch == 1  # the callback raised before epoch 2's checkpoint
     history, resumed = _fit(epochs=4, lr_schedule="cosine", checkpoint_dir=tmp_path / "cut", resume=True)
@@ -257,6 +260,13 @@ def test_recipe_gives_the_schedule_to_dgc_and_the_baselines():
     recipe = Recipe(lr_schedule="cosine", transform="shift", epochs=7)
     assert recipe.fit_options()["lr_schedule"] == "cosine"
     options = recipe.baseline_options()
-    assert options == {"preset": "small", "epochs": 7, "batch_size": 100, "val_fraction": 0.1, "transform": "shift",
-                       "lr_schedule": "cosine", "select_best": True}
+    assert options == {
+        "preset": "small",
+        "epochs": 7,
+        "batch_size": 100,
+        "val_fraction": 0.1,
+        "transform": "shift",
+        "lr_schedule": "cosine",
+        "select_best": True,
+    }
     assert set(options) <= set(inspect.signature(fit_baseline).parameters)

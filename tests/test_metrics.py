@@ -178,9 +178,19 @@ class TestImbalanceReport:
             ([0, 1], [0, 1], {"train_counts": [1, -2]}, "non-negative"),
             ([0, 1], [0, 1], {"minority_class": 2}, "minority_class=2"),
             ([0, 1], [0, 1], {"majority_class": -1}, "majority_class=-1"),
-            ([0, 1, 3 * 10**7], [0, 1, 1], {}, r"labels up to 30000000, .* for 3 examples \(at most 1000 are inferred\)"),
+            (
+                [0, 1, 3 * 10**7],
+                [0, 1, 1],
+                {},
+                r"labels up to 30000000, .* for 3 examples \(at most 1000 are inferred\)",
+            ),
             ([0, 1, 1], [0, 1, 10**12], {}, r"labels up to 1000000000000.*np\.unique\(y, return_inverse=True\)"),
-            (np.array([0, 1, 2**63], dtype=np.uint64), [0, 1, 1], {}, "y_true contains label 9223372036854775808, beyond"),
+            (
+                np.array([0, 1, 2**63], dtype=np.uint64),
+                [0, 1, 1],
+                {},
+                "y_true contains label 9223372036854775808, beyond",
+            ),
         ],
     )
     def test_bad_input(self, y_true, y_pred, kwargs, match):
@@ -368,12 +378,15 @@ def test_paired_difference_matches_scipy_and_the_t_interval():
     assert same["std"] == 0 and same["p_value"] is None and same["ci95"] == pytest.approx([0.5, 0.5])
 
 
-@pytest.mark.parametrize("a, b, match", [
-    ([1.0, 2.0], [1.0], "two 1-D score arrays of one length"),
-    ([[1.0]], [[1.0]], "two 1-D score arrays of one length"),
-    ([], [], "at least one pair"),
-    ([1.0, float("nan")], [1.0, 2.0], "NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        ([1.0, 2.0], [1.0], "two 1-D score arrays of one length"),
+        ([[1.0]], [[1.0]], "two 1-D score arrays of one length"),
+        ([], [], "at least one pair"),
+        ([1.0, float("nan")], [1.0, 2.0], "NaN or inf"),
+    ],
+)
 def test_paired_difference_names_bad_input(a, b, match):
     from dgc_pyro.metrics import paired_difference
 
@@ -384,8 +397,9 @@ def test_paired_difference_names_bad_input(a, b, match):
 def test_format_paired_rows():
     from dgc_pyro.metrics import format_paired, paired_difference
 
-    text = format_paired({"A - B": {"acsa": paired_difference([0.9, 0.8], [0.7, 0.75]),
-                                    "ece": paired_difference([0.02], [0.04])}})
+    text = format_paired(
+        {"A - B": {"acsa": paired_difference([0.9, 0.8], [0.7, 0.75]), "ece": paired_difference([0.02], [0.04])}}
+    )
     lines = text.strip().splitlines()
     assert lines[0].startswith("| paired difference | metric | mean | 95% CI")
     assert lines[2].startswith("| A - B | acsa | +0.1250 | [") and lines[2].endswith("| 2 / 0 of 2 |")
@@ -425,12 +439,15 @@ def test_coverage_curve_agrees_with_the_risk_coverage_curve():
     assert curve["acsa"][1] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("unc, coverage, match", [
-    ([0.1, 0.2], 0.5, "of one length"),
-    ([0.1, np.nan, 0.3], 0.5, "NaN or inf"),
-    ([0.1, 0.2, 0.3], 0.0, r"coverage must lie in \(0, 1\]"),
-    ([0.1, 0.2, 0.3], 1.5, r"coverage must lie in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "unc, coverage, match",
+    [
+        ([0.1, 0.2], 0.5, "of one length"),
+        ([0.1, np.nan, 0.3], 0.5, "NaN or inf"),
+        ([0.1, 0.2, 0.3], 0.0, r"coverage must lie in \(0, 1\]"),
+        ([0.1, 0.2, 0.3], 1.5, r"coverage must lie in \(0, 1\]"),
+    ],
+)
 def test_selective_metrics_name_bad_input(unc, coverage, match):
     from dgc_pyro.metrics import accuracy_at_coverage
 

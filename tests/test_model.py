@@ -220,8 +220,15 @@ def test_run_experiment_fits_and_evaluates_a_model_without_the_x_site():
     from dgc_pyro.experiment import Recipe, run_experiment
 
     split = load_imbalanced("digits", seed=0)
-    recipe = Recipe(epochs=1, batch_size=64, latent_dim=4, num_samples=2, label_in_guide=False, observe_x=False,
-                    logit_adjustment=1.0)
+    recipe = Recipe(
+        epochs=1,
+        batch_size=64,
+        latent_dim=4,
+        num_samples=2,
+        label_in_guide=False,
+        observe_x=False,
+        logit_adjustment=1.0,
+    )
     result = run_experiment(split, recipe, baseline=None, device="cpu", progress=False)
     assert 0.0 <= result.metrics["acsa"] <= 1.0 and result.prediction.log_density is None
     assert "ood_flag_rate" not in result.metrics  # no density, so no OOD flag was calibrated

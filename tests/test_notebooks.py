@@ -58,14 +58,21 @@ def _code(path):
 
 def _calls(tree, name):
     """Calls of the function ``name`` (a bare name or an attribute), e.g. ``fit(...)`` or ``experiment.fit(...)``."""
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-            and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)]
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)
+    ]
 
 
 def _classes(tree, base):
     """Classes that subclass ``base`` (by name)."""
-    return [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
-            and any(getattr(b, "id", None) == base or getattr(b, "attr", None) == base for b in n.bases)]
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef)
+        and any(getattr(b, "id", None) == base or getattr(b, "attr", None) == base for b in n.bases)
+    ]
 
 
 def test_notebook_02_shows_a_custom_model_and_a_custom_callback():
@@ -73,23 +80,38 @@ def test_notebook_02_shows_a_custom_model_and_a_custom_callback():
     tree = _code(NOTEBOOKS[NAMES.index("02_custom_model.ipynb")])
     models = _classes(tree, "DGC")
     assert models, "notebook 02 defines no subclass of DGC"
-    assert any(isinstance(f, ast.FunctionDef) and f.name in ("prior", "likelihood", "label_logits", "encode", "model",
-                                                             "guide") for m in models for f in m.body), \
-        "notebook 02's DGC subclass overrides none of the model's building blocks"
-    callbacks = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
-                 and any(isinstance(f, ast.FunctionDef) and f.name in HOOKS for f in n.body)]
+    assert any(
+        isinstance(f, ast.FunctionDef) and f.name in ("prior", "likelihood", "label_logits", "encode", "model", "guide")
+        for m in models
+        for f in m.body
+    ), "notebook 02's DGC subclass overrides none of the model's building blocks"
+    callbacks = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name in HOOKS for f in n.body)
+    ]
     assert callbacks, "notebook 02 defines no callback class (a class with one of the training loop's hooks)"
     fits = [c for c in _calls(tree, "fit") if any(k.arg == "callbacks" for k in c.keywords)]
     assert fits, "notebook 02 does not pass callbacks= to fit"
     # What the callback recorded is used after the fit: some attribute of the callback object is read.
-    names = {t.id for c in fits for k in c.keywords if k.arg == "callbacks" for t in ast.walk(k.value)
-             if isinstance(t, ast.Name)}
-    assert any(isinstance(n, ast.Attribute) and getattr(n.value, "id", None) in names for n in ast.walk(tree)), \
+    names = {
+        t.id
+        for c in fits
+        for k in c.keywords
+        if k.arg == "callbacks"
+        for t in ast.walk(k.value)
+        if isinstance(t, ast.Name)
+    }
+    assert any(isinstance(n, ast.Attribute) and getattr(n.value, "id", None) in names for n in ast.walk(tree)), (
         "notebook 02 never reads what its callback recorded"
+    )
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name != "02_custom_model.ipynb"],
-                         ids=[n for n in NAMES if n != "02_custom_model.ipynb"])
+@pytest.mark.parametrize(
+    "path",
+    [p for p in NOTEBOOKS if p.name != "02_custom_model.ipynb"],
+    ids=[n for n in NAMES if n != "02_custom_model.ipynb"],
+)
 def test_notebooks_train_with_the_one_run_sequence(path):
     """Issue 20: a notebook that trains the standard DGC uses experiment.train (seed, build, fit), not its own copy."""
     tree = _code(path)
@@ -137,7 +159,9 @@ def test_notebook_executes(path, kernel):
 
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell(RESET))
-    nb.cells.append(nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.environ['DGC_NB_EPOCHS'])"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.environ['DGC_NB_EPOCHS'])")
+    )
     NotebookClient(nb, km=kernel, timeout=180).execute()
     # Every cell ran without error, on this interpreter, with the tiny settings.
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -53,15 +53,18 @@ def _write_bad(tmp_path, case):
     return path
 
 
-@pytest.mark.parametrize("case, error, message", [
-    ("missing", FileNotFoundError, "missing.npz does not exist"),
-    ("nokeys", ValueError, "nokeys.npz must contain arrays x_train and y_train (found ['a'])"),
-    ("text", ValueError, "text.npz is not a valid .npz archive (not a zip file of .npy arrays"),
-    ("single", ValueError, "single.npz is not a valid .npz archive: it holds a single .npy array"),
-    ("truncated", ValueError, "truncated.npz is not a valid .npz archive"),
-    ("objects", ValueError, "objects.npz is not a valid .npz archive: array 'x_train' holds Python objects"),
-    ("pixels", ValueError, "x_train has values outside [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("missing", FileNotFoundError, "missing.npz does not exist"),
+        ("nokeys", ValueError, "nokeys.npz must contain arrays x_train and y_train (found ['a'])"),
+        ("text", ValueError, "text.npz is not a valid .npz archive (not a zip file of .npy arrays"),
+        ("single", ValueError, "single.npz is not a valid .npz archive: it holds a single .npy array"),
+        ("truncated", ValueError, "truncated.npz is not a valid .npz archive"),
+        ("objects", ValueError, "objects.npz is not a valid .npz archive: array 'x_train' holds Python objects"),
+        ("pixels", ValueError, "x_train has values outside [0, 1]"),
+    ],
+)
 def test_load_npz_refuses_bad_files_in_one_line(tmp_path, case, error, message):
     path = _write_bad(tmp_path, case)
     with pytest.raises(error) as info:
@@ -76,7 +79,10 @@ def test_load_npz_examples_takes_x_or_the_only_array(tmp_path):
     np.savez(tmp_path / "two.npz", a=x, b=x)
     np.testing.assert_array_equal(load_npz_examples(tmp_path / "named.npz"), x)
     np.testing.assert_array_equal(load_npz_examples(tmp_path / "only.npz"), x)
-    with pytest.raises(ValueError, match=r"^--input two\.npz must hold an array named 'x' \(or a single array\); "
-                                         r"found \['a', 'b'\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--input two\.npz must hold an array named 'x' \(or a single array\); "
+        r"found \['a', 'b'\]$",
+    ):
         load_npz_examples(tmp_path / "two.npz", name="--input two.npz")
     assert sorted(read_npz(tmp_path / "named.npz")) == ["other", "x"]

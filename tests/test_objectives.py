@@ -9,12 +9,12 @@ import pyro.distributions as dist
 import pyro.optim
 import pytest
 import torch
+from fixtures import load_benchmark
 from pyro import poutine
 
 from dgc_pyro.inference import OBJECTIVES, fit, get_objective
 from dgc_pyro.inference.objectives import IMQ_SCALES, mmd_imq, wae_mmd_loss
 from dgc_pyro.models import DGC
-from fixtures import load_benchmark
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -198,7 +198,18 @@ def test_fit_with_wae_mmd(digits):
     pyro.set_rng_seed(0)
     x, y = digits.x_train, digits.y_train
     model = DGC(digits.input_shape, digits.num_classes, latent_dim=8, likelihood="normal")
-    hist = fit(model, x, y, epochs=3, batch_size=64, lr=3e-3, objective="wae-mmd", device="cpu", progress=False, val_num_samples=2)
+    hist = fit(
+        model,
+        x,
+        y,
+        epochs=3,
+        batch_size=64,
+        lr=3e-3,
+        objective="wae-mmd",
+        device="cpu",
+        progress=False,
+        val_num_samples=2,
+    )
     assert hist.config["objective"] == "wae-mmd"
     assert all(math.isfinite(v) for v in hist.losses)
     assert hist.losses[-1] < hist.losses[0]
@@ -219,8 +230,18 @@ def test_fit_with_pretraining_and_a_custom_wae_loss(digits, monkeypatch):
     real_pretrain = fit_module.pretrain_encoder
     monkeypatch.setattr(fit_module, "pretrain_encoder", recording_pretrain)
     model = DGC(digits.input_shape, digits.num_classes, latent_dim=8, likelihood="normal")
-    hist = fit(model, digits.x_train, digits.y_train, epochs=1, batch_size=64, objective=wae_mmd_loss(lam=10.0, reconstruction="l2"),
-               device="cpu", progress=False, val_num_samples=2, pretrain_steps=5)
+    hist = fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        epochs=1,
+        batch_size=64,
+        objective=wae_mmd_loss(lam=10.0, reconstruction="l2"),
+        device="cpu",
+        progress=False,
+        val_num_samples=2,
+        pretrain_steps=5,
+    )
     assert hist.config["pretrain_steps"] == 5
     assert math.isfinite(hist.losses[0])
     assert pretrained == [(5, True)]  # five pre-training steps ran and moved the encoder
@@ -251,15 +272,31 @@ def test_latent_spread_reads_posterior_width_against_the_spread_of_the_codes():
     scale = torch.full((4, 2), 0.25)
     s = bench.latent_spread(_FixedEncoder(loc, scale), torch.zeros(4, 1), y, num_classes=2)
     assert s["posterior_sd"] == pytest.approx(0.25)
-    assert s["within_class_sd"] == pytest.approx(2.0 ** 0.5)
+    assert s["within_class_sd"] == pytest.approx(2.0**0.5)
     assert s["between_class_sd"] == pytest.approx(torch.tensor([1.0, 11.0]).std().item())
 
 
 def test_posterior_scale_script_prints_a_row_per_objective(capsys):
     bench = load_benchmark("posterior_scale")
-    assert bench.main(["--dataset", "digits", "--epochs", "1", "--objectives", "elbo-analytic", "wae-mmd",
-                       "--max-examples", "200"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo") or line.startswith("| wae")]
+    assert (
+        bench.main(
+            [
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--objectives",
+                "elbo-analytic",
+                "wae-mmd",
+                "--max-examples",
+                "200",
+            ]
+        )
+        == 0
+    )
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo") or line.startswith("| wae")
+    ]
     assert [r.split("|")[1].strip() for r in rows] == ["elbo-analytic", "wae-mmd"]
     assert all(float(r.split("|")[2]) > 0 for r in rows)
 
@@ -270,9 +307,29 @@ def test_the_kl_term_keeps_the_posterior_from_collapsing(digits):
     sd = {}
     for objective in ("wae-mmd", "wae-mmd-kl"):
         torch.manual_seed(0)
-        model = DGC(digits.input_shape, digits.num_classes, latent_dim=8, likelihood="normal", obs_scale=0.3,
-                    label_weight=10.0, label_in_guide=False)
-        fit(model, digits.x_train, digits.y_train, epochs=6, batch_size=32, lr=3e-3, objective=objective, device="cpu",
-            progress=False, val_fraction=0, seed=0)
-        sd[objective] = posterior_scale.latent_spread(model, digits.x_train, digits.y_train, digits.num_classes)["posterior_sd"]
+        model = DGC(
+            digits.input_shape,
+            digits.num_classes,
+            latent_dim=8,
+            likelihood="normal",
+            obs_scale=0.3,
+            label_weight=10.0,
+            label_in_guide=False,
+        )
+        fit(
+            model,
+            digits.x_train,
+            digits.y_train,
+            epochs=6,
+            batch_size=32,
+            lr=3e-3,
+            objective=objective,
+            device="cpu",
+            progress=False,
+            val_fraction=0,
+            seed=0,
+        )
+        sd[objective] = posterior_scale.latent_spread(model, digits.x_train, digits.y_train, digits.num_classes)[
+            "posterior_sd"
+        ]
     assert sd["wae-mmd-kl"] > 3 * sd["wae-mmd"], sd

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fixtures import load_benchmark, write_celeba_fixture, write_mnist_fixture, write_svhn_fixture
 
 METRICS = ("acsa", "fmacro", "gmean", "r_mi", "p_ma", "ece")
@@ -42,8 +41,24 @@ CASES = {
 def test_quick_table_writes_summary_runs_and_markdown(dataset, paper_table, data_root, tmp_path):
     out = tmp_path / "out"
     seeds = ["1", "2"] if dataset == "digits" else ["1"]  # std over two seeds once; one seed keeps the rest fast
-    argv = ["--dataset", dataset, "--data-dir", str(data_root), "--seeds", *seeds, "--quick", "--epochs", "1",
-            "--num-samples", "2", "--device", "cpu", "--out", str(out), *CASES[dataset]]
+    argv = [
+        "--dataset",
+        dataset,
+        "--data-dir",
+        str(data_root),
+        "--seeds",
+        *seeds,
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *CASES[dataset],
+    ]
     assert paper_table.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == set(paper_table.METHODS)
@@ -63,8 +78,26 @@ def test_quick_table_writes_summary_runs_and_markdown(dataset, paper_table, data
 
 def test_resume_reuses_runs_and_methods_subset(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "3", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "ce", "dgc_wae_mmd", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "3",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "ce",
+        "dgc_wae_mmd",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(argv) == 0
     first = json.loads((out / "runs" / "ce_seed3.json").read_text())
     assert paper_table.main(argv + ["--resume"]) == 0
@@ -85,8 +118,21 @@ def test_render_table_has_paper_row(paper_table):
 
 def test_collect_summarises_existing_runs_without_fitting(paper_table, tmp_path, capsys):
     out = tmp_path / "out"
-    common = ["--dataset", "digits", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-              "--counts", "12,10,8,6,5,4,4,3,3,3", "--out", str(out)]
+    common = [
+        "--dataset",
+        "digits",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--out",
+        str(out),
+    ]
     # two "per-seed processes", as benchmarks/gpu_suite.sh runs them
     assert paper_table.main(common + ["--seeds", "1", "--methods", "ce", "dgc_elbo"]) == 0
     assert paper_table.main(common + ["--seeds", "2", "--methods", "ce"]) == 0
@@ -105,13 +151,38 @@ def test_collect_summarises_existing_runs_without_fitting(paper_table, tmp_path,
 
 
 def test_collect_from_pools_runs_of_other_tables_and_reference_sets_the_pairs(paper_table, tmp_path):
-    common = ["--dataset", "digits", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-              "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "ce", "logit_adjusted"]
+    common = [
+        "--dataset",
+        "digits",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "ce",
+        "logit_adjusted",
+    ]
     first, second, pooled = tmp_path / "a", tmp_path / "b", tmp_path / "pooled"
     assert paper_table.main(common + ["--seeds", "1", "--out", str(first)]) == 0
     assert paper_table.main(common + ["--seeds", "2", "--out", str(second)]) == 0
-    argv = common + ["--seeds", "1", "2", "--collect", "--collect-from", str(first), str(second),
-                     "--reference", "logit_adjusted", "--out", str(pooled)]
+    argv = common + [
+        "--seeds",
+        "1",
+        "2",
+        "--collect",
+        "--collect-from",
+        str(first),
+        str(second),
+        "--reference",
+        "logit_adjusted",
+        "--out",
+        str(pooled),
+    ]
     assert paper_table.main(argv) == 0
     assert not (pooled / "runs").exists()  # nothing fitted, nothing copied
     runs = {s: json.loads((d / "runs" / f"ce_seed{s}.json").read_text())["acsa"] for s, d in ((1, first), (2, second))}
@@ -125,13 +196,30 @@ def test_collect_from_pools_runs_of_other_tables_and_reference_sets_the_pairs(pa
     with pytest.raises(SystemExit, match="--reference dgc_elbo is not among --methods"):
         paper_table.main(common + ["--seeds", "1", "--collect", "--reference", "dgc_elbo", "--out", str(pooled)])
     with pytest.raises(SystemExit, match="--collect-from: no runs/ folder in"):
-        paper_table.main(common + ["--seeds", "1", "--collect", "--collect-from", str(tmp_path / "nowhere"),
-                                   "--out", str(pooled)])
+        paper_table.main(
+            common + ["--seeds", "1", "--collect", "--collect-from", str(tmp_path / "nowhere"), "--out", str(pooled)]
+        )
 
 
 def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper_table, tmp_path):
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "3", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "3",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo",
+        "logit_adjusted",
+    ]
     plain, both = tmp_path / "plain", tmp_path / "both"
     assert paper_table.main(argv + ["--out", str(plain)]) == 0
     assert paper_table.main(argv + ["--also-last", "--out", str(both)]) == 0
@@ -145,8 +233,12 @@ def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper
             assert after["last_epoch"]["acsa"] == after["acsa"]
     # The kept last-epoch weights are those a fit that keeps the last epoch ends with.
     last = tmp_path / "last"
-    assert paper_table.main(argv + ["--recipe-set", "select_best=false", "--methods", "logit_adjusted",
-                                    "--out", str(last)]) == 0
+    assert (
+        paper_table.main(
+            argv + ["--recipe-set", "select_best=false", "--methods", "logit_adjusted", "--out", str(last)]
+        )
+        == 0
+    )
     kept = json.loads((both / "runs" / "logit_adjusted_seed1.json").read_text())["last_epoch"]
     assert kept["acsa"] == json.loads((last / "runs" / "logit_adjusted_seed1.json").read_text())["acsa"]
     pairs = json.loads((both / "paired_last_epoch.json").read_text())
@@ -157,8 +249,25 @@ def test_also_last_scores_the_last_epoch_without_changing_the_selected_one(paper
 
 def test_evaluate_on_dev_scores_unused_training_images_and_never_mixes_with_test_runs(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "ce", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "ce",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(argv + ["--evaluate-on", "dev", "--dev-per-class", "3"]) == 0
     run = json.loads((out / "runs" / "ce_seed1.json").read_text())
     assert run["evaluated_on"] == "dev:3" and run["test_size"] == 30
@@ -179,8 +288,25 @@ def test_evaluate_on_dev_scores_unused_training_images_and_never_mixes_with_test
 
 def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo_paper_guide_la", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo_paper_guide_la",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(argv) == 0
     run = json.loads((out / "runs" / "dgc_elbo_paper_guide_la_seed1.json").read_text())
     assert run["recipe"]["label_in_guide"] is True and run["recipe"]["logit_adjustment"] == 1.0
@@ -189,8 +315,25 @@ def test_dgc_variants_set_their_recipe(paper_table, tmp_path):
 
 def test_class_conditional_variant_is_scored_by_bayes_rule(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_class_conditional", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_class_conditional",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(argv) == 0
     run = json.loads((out / "runs" / "dgc_class_conditional_seed1.json").read_text())
     assert run["recipe"]["latent_prior"] == "class_conditional" and run["recipe"]["perturbation_rate"] == 0.0
@@ -199,9 +342,30 @@ def test_class_conditional_variant_is_scored_by_bayes_rule(paper_table, tmp_path
 
 def test_transform_reaches_every_method_and_needs_images(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--backbone", "conv", "--epochs", "1", "--num-samples", "2",
-            "--device", "cpu", "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted",
-            "--transform", "shift", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--backbone",
+        "conv",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo",
+        "logit_adjusted",
+        "--transform",
+        "shift",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(argv) == 0
     dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     la = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
@@ -224,9 +388,29 @@ def test_committed_fashion_summary_has_the_promised_shape(paper_table):
 
 def test_select_best_false_keeps_the_last_epoch_for_every_method(paper_table, tmp_path):
     out = tmp_path / "last"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "3", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted", "--out", str(out),
-            "--recipe-set", "select_best=false", "--also-last"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "3",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo",
+        "logit_adjusted",
+        "--out",
+        str(out),
+        "--recipe-set",
+        "select_best=false",
+        "--also-last",
+    ]
     assert paper_table.main(argv) == 0
     dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     base = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
@@ -266,9 +450,28 @@ def test_every_preset_brings_its_own_recipe(paper_table):
 
 def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "1", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "--out", str(out),
-            "--recipe-set", "perturbation_prior=perturbed", "label_weight=300"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "1",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo",
+        "--out",
+        str(out),
+        "--recipe-set",
+        "perturbation_prior=perturbed",
+        "label_weight=300",
+    ]
     assert paper_table.main(argv) == 0
     run = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     assert run["recipe"]["perturbation_prior"] == "perturbed" and run["recipe"]["label_weight"] == 300.0
@@ -279,9 +482,28 @@ def test_recipe_set_changes_the_dgc_recipe_and_rejects_unknown_fields(paper_tabl
 
 def test_lr_schedule_reaches_dgc_and_every_baseline(paper_table, tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "digits", "--seeds", "1", "--quick", "--epochs", "2", "--num-samples", "2", "--device", "cpu",
-            "--counts", "12,10,8,6,5,4,4,3,3,3", "--methods", "dgc_elbo", "logit_adjusted", "--out", str(out),
-            "--lr-schedule", "cosine"]
+    argv = [
+        "--dataset",
+        "digits",
+        "--seeds",
+        "1",
+        "--quick",
+        "--epochs",
+        "2",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--methods",
+        "dgc_elbo",
+        "logit_adjusted",
+        "--out",
+        str(out),
+        "--lr-schedule",
+        "cosine",
+    ]
     assert paper_table.main(argv) == 0
     dgc = json.loads((out / "runs" / "dgc_elbo_seed1.json").read_text())
     base = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
@@ -303,9 +525,11 @@ def test_paired_comparisons_use_the_seeds_both_methods_ran(paper_table):
     def run(seed, acsa, ece=0.05):
         return {"seed": seed, "acsa": acsa, "ece": ece}
 
-    runs = {"dgc_elbo": [run(1, 0.86), run(2, 0.87), run(3, 0.85)],
-            "ce": [run(3, 0.83), run(1, 0.84)],  # seed 2 missing, order differs
-            "ldam_drw": [run(9, 0.8)]}  # no seed in common: left out
+    runs = {
+        "dgc_elbo": [run(1, 0.86), run(2, 0.87), run(3, 0.85)],
+        "ce": [run(3, 0.83), run(1, 0.84)],  # seed 2 missing, order differs
+        "ldam_drw": [run(9, 0.8)],
+    }  # no seed in common: left out
     pairs = paper_table.paired_comparisons(runs)
     assert list(pairs) == ["dgc_elbo - ce"]
     assert pairs["dgc_elbo - ce"]["acsa"]["n"] == 2
@@ -316,26 +540,50 @@ def test_paired_comparisons_use_the_seeds_both_methods_ran(paper_table):
 
 def test_pooling_refuses_runs_made_with_other_settings_and_the_header_names_the_pooled_seeds(paper_table, tmp_path):
     out = tmp_path / "out"
-    common = ["--dataset", "digits", "--quick", "--num-samples", "2", "--device", "cpu",
-              "--counts", "12,10,8,6,5,4,4,3,3,3", "--out", str(out)]
+    common = [
+        "--dataset",
+        "digits",
+        "--quick",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--out",
+        str(out),
+    ]
     assert paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "dgc_elbo"]) == 0
     assert paper_table.main(common + ["--epochs", "1", "--seeds", "2", "--methods", "ce"]) == 0
     config = (out / "config.json").read_text()
-    with pytest.raises(SystemExit, match=r"ce_seed1.json was made with other settings .*settings.epochs: 1 in the run, "
-                                         r"2 now"):
+    with pytest.raises(
+        SystemExit,
+        match=r"ce_seed1.json was made with other settings .*settings.epochs: 1 in the run, "
+        r"2 now",
+    ):
         paper_table.main(common + ["--epochs", "2", "--seeds", "1", "2", "--methods", "ce", "--collect"])
     with pytest.raises(SystemExit, match=r"dgc_elbo_seed1.json was made with other settings .*recipe.label_weight: "):
-        paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "dgc_elbo", "--resume",
-                                   "--recipe-set", "label_weight=7"])
+        paper_table.main(
+            common
+            + ["--epochs", "1", "--seeds", "1", "--methods", "dgc_elbo", "--resume", "--recipe-set", "label_weight=7"]
+        )
     with pytest.raises(SystemExit, match=r"backbone: 'mlp' in the run, 'conv' now"):
-        paper_table.main(common + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect", "--backbone", "conv"])
+        paper_table.main(
+            common + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect", "--backbone", "conv"]
+        )
     with pytest.raises(SystemExit, match=r"train_counts: \[12, 10, .*\] in the run, \[13, 10, "):
-        paper_table.main([a if a != "12,10,8,6,5,4,4,3,3,3" else "13,10,8,6,5,4,4,3,3,3" for a in common]
-                         + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect"])
+        paper_table.main(
+            [a if a != "12,10,8,6,5,4,4,3,3,3" else "13,10,8,6,5,4,4,3,3,3" for a in common]
+            + ["--epochs", "1", "--seeds", "1", "--methods", "ce", "--collect"]
+        )
     assert (out / "config.json").read_text() == config  # refused before anything was written
     # Asked for three seeds, two exist: the header names the two, and dgc_elbo's row says it has one.
-    assert paper_table.main(common + ["--epochs", "1", "--seeds", "1", "2", "3", "--methods", "ce", "dgc_elbo",
-                                      "--collect"]) == 0
+    assert (
+        paper_table.main(
+            common + ["--epochs", "1", "--seeds", "1", "2", "3", "--methods", "ce", "dgc_elbo", "--collect"]
+        )
+        == 0
+    )
     table = (out / "table.md").read_text()
     assert "mean ± std over seeds 1, 2\n" in table
     assert "| DGC, ELBO (ours) (1 of 2 seeds) |" in table and "| CE |" in table
@@ -343,17 +591,42 @@ def test_pooling_refuses_runs_made_with_other_settings_and_the_header_names_the_
 
 def test_baseline_set_reaches_the_baselines_and_is_part_of_their_settings(paper_table, tmp_path):
     out = tmp_path / "out"
-    common = ["--dataset", "digits", "--quick", "--num-samples", "2", "--device", "cpu", "--epochs", "1",
-              "--counts", "12,10,8,6,5,4,4,3,3,3", "--seeds", "1", "--out", str(out)]
-    assert paper_table.main(common + ["--methods", "logit_adjusted", "ce", "--baseline-set", "lr=0.002", "tau=1.5"]) == 0
+    common = [
+        "--dataset",
+        "digits",
+        "--quick",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--counts",
+        "12,10,8,6,5,4,4,3,3,3",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert (
+        paper_table.main(common + ["--methods", "logit_adjusted", "ce", "--baseline-set", "lr=0.002", "tau=1.5"]) == 0
+    )
     la = json.loads((out / "runs" / "logit_adjusted_seed1.json").read_text())
     ce = json.loads((out / "runs" / "ce_seed1.json").read_text())
     assert la["settings"]["lr"] == 0.002 and la["settings"]["tau"] == 1.5
     assert ce["settings"]["lr"] == 0.002 and "tau" not in ce["settings"]  # CE has no prior to scale
-    with pytest.raises(SystemExit, match=r"logit_adjusted_seed1.json was made with other settings .*settings.tau: 1.5 in "
-                                         r"the run, 1.0 now"):
+    with pytest.raises(
+        SystemExit,
+        match=r"logit_adjusted_seed1.json was made with other settings .*settings.tau: 1.5 in "
+        r"the run, 1.0 now",
+    ):
         paper_table.main(common + ["--methods", "logit_adjusted", "--resume", "--baseline-set", "lr=0.002"])
-    for bad, message in (("tau", "is not FIELD=VALUE"), ("beta=1", "is not FIELD=VALUE"), ("lr=abc", "lr needs a number"),
-                         ("lr=0", "lr must be > 0"), ("tau=-1", "tau must be >= 0")):
+    for bad, message in (
+        ("tau", "is not FIELD=VALUE"),
+        ("beta=1", "is not FIELD=VALUE"),
+        ("lr=abc", "lr needs a number"),
+        ("lr=0", "lr must be > 0"),
+        ("tau=-1", "tau must be >= 0"),
+    ):
         with pytest.raises(SystemExit, match=message):
             paper_table.main(common + ["--methods", "ce", "--baseline-set", bad])

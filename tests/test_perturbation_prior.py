@@ -55,7 +55,9 @@ def test_loss_with_an_offset_replaces_the_class_prior_offset():
     noise = torch.randn(5, int(reps.max()), 3)
     got = perturbation_loss(model, loc, scale, y, reps, noise=noise, offset=offset)
     z = loc[:, None] + scale[:, None] * noise
-    ce = F.cross_entropy(model.classifier(z.reshape(-1, 3)) + offset, y.repeat_interleave(noise.shape[1]), reduction="none")
+    ce = F.cross_entropy(
+        model.classifier(z.reshape(-1, 3)) + offset, y.repeat_interleave(noise.shape[1]), reduction="none"
+    )
     keep = (torch.arange(noise.shape[1]) < reps[y][:, None]).reshape(-1)
     assert got.item() == pytest.approx((ce * keep).sum().item() / reps[y].sum().item(), rel=1e-5)
     default = perturbation_loss(model, loc, scale, y, reps, noise=noise)
@@ -73,8 +75,21 @@ def _data(n_per_class=(24, 12, 8, 4), seed=0):
 def _fit(prior, perturbation_prior, **kw):
     x, y = _data()
     model = _model(prior=prior)
-    history = fit(model, x, y, epochs=2, batch_size=16, lr=1e-2, progress=False, val_fraction=0, seed=1,
-                  perturbation_rate=0.6, perturbation_prior=perturbation_prior, objective="elbo-analytic", **kw)
+    history = fit(
+        model,
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        lr=1e-2,
+        progress=False,
+        val_fraction=0,
+        seed=1,
+        perturbation_rate=0.6,
+        perturbation_prior=perturbation_prior,
+        objective="elbo-analytic",
+        **kw,
+    )
     return history, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -128,21 +143,40 @@ def test_recipe_fit_options_are_fit_arguments_and_follow_the_recipe():
 
 
 def test_recipe_overrides_convert_to_the_field_types():
-    changes = recipe_overrides(["label_weight=300", "perturbation_rate=0", "epochs=3", "perturbation_prior=perturbed",
-                                "transform=none", "label_in_guide=false", "betas=0.5,0.999"])
-    assert changes == {"label_weight": 300.0, "perturbation_rate": 0.0, "epochs": 3, "perturbation_prior": "perturbed",
-                       "transform": None, "label_in_guide": False, "betas": (0.5, 0.999)}
+    changes = recipe_overrides(
+        [
+            "label_weight=300",
+            "perturbation_rate=0",
+            "epochs=3",
+            "perturbation_prior=perturbed",
+            "transform=none",
+            "label_in_guide=false",
+            "betas=0.5,0.999",
+        ]
+    )
+    assert changes == {
+        "label_weight": 300.0,
+        "perturbation_rate": 0.0,
+        "epochs": 3,
+        "perturbation_prior": "perturbed",
+        "transform": None,
+        "label_in_guide": False,
+        "betas": (0.5, 0.999),
+    }
     assert isinstance(changes["epochs"], int) and isinstance(changes["label_weight"], float)
 
 
-@pytest.mark.parametrize("item, message", [
-    ("foo=1", "no field 'foo'"),
-    ("epochs=x", "'epochs=x'"),
-    ("label_weight", "is not FIELD=VALUE"),
-    ("label_weight=nan", "must be finite"),
-    ("betas=0.5", "expected 2 comma-separated numbers"),
-    ("label_in_guide=maybe", "expected true or false"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("foo=1", "no field 'foo'"),
+        ("epochs=x", "'epochs=x'"),
+        ("label_weight", "is not FIELD=VALUE"),
+        ("label_weight=nan", "must be finite"),
+        ("betas=0.5", "expected 2 comma-separated numbers"),
+        ("label_in_guide=maybe", "expected true or false"),
+    ],
+)
 def test_recipe_overrides_name_the_bad_item(item, message):
     with pytest.raises(ValueError, match=message):
         recipe_overrides([item])

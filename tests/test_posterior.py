@@ -20,8 +20,18 @@ def tiny(digits, one_thread, device):
     tr, te = digits.y_train < K, digits.y_test < K
     torch.manual_seed(0)
     model = DGC(digits.input_shape, K, latent_dim=4, likelihood="normal", label_weight=20.0)
-    fit(model, digits.x_train[tr], digits.y_train[tr], epochs=4, batch_size=64, lr=3e-3, progress=False,
-        val_fraction=0, objective="elbo-analytic", perturbation_rate=0)
+    fit(
+        model,
+        digits.x_train[tr],
+        digits.y_train[tr],
+        epochs=4,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+        val_fraction=0,
+        objective="elbo-analytic",
+        perturbation_rate=0,
+    )
     return model, digits.x_test[te][:30].to(device), digits.y_test[te][:30].to(device)
 
 

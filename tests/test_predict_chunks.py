@@ -10,7 +10,9 @@ import torch
 from dgc_pyro.inference.predict import chunk_plan, class_log_weights, predict, rows_per_example
 from dgc_pyro.models.dgc import DGC
 
-predict_module = importlib.import_module("dgc_pyro.inference.predict")  # the package re-exports a function named predict
+predict_module = importlib.import_module(
+    "dgc_pyro.inference.predict"
+)  # the package re-exports a function named predict
 
 
 def _model(shape=(1, 8, 8), **kwargs) -> DGC:

@@ -132,6 +132,7 @@ def test_stratified_holdout_guarantees():
 # ---------------------------------------------------------------------------------------------
 # Property tests
 
+
 @st.composite
 def labels_and_counts(draw):
     k = draw(st.integers(1, 6))
@@ -193,7 +194,9 @@ def test_property_check_features_rejects_non_finite(n, h, n_bad, bad, data):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6), min_size=1, max_size=30))
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6), min_size=1, max_size=30)
+)
 def test_property_check_features_range(values):
     x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
     if np.all((x >= 0) & (x <= 1)):

@@ -101,8 +101,7 @@ def _label_head_at_the_mean(model: DGC, x: torch.Tensor, num_samples: int, densi
     return torch.log_softmax(model.label_logits(loc), dim=-1)[:, :, None], None
 
 
-MEAN_RULE = ScoringRuleSpec(
-    _label_head_at_the_mean, rows=lambda c, s, d: {"encoder": 1, "decoder": 0, "classifier": 1})
+MEAN_RULE = ScoringRuleSpec(_label_head_at_the_mean, rows=lambda c, s, d: {"encoder": 1, "decoder": 0, "classifier": 1})
 
 
 def test_a_registered_scoring_rule_predicts_end_to_end(registered):
@@ -143,8 +142,18 @@ def test_a_registered_baseline_loss_fits_end_to_end(registered, digits):
         return F.cross_entropy(logits, y, label_smoothing=0.1)
 
     registered(BASELINE_REGISTRY, "ce_smooth", BaselineSpec(smoothed, takes_tau=True, deferred_reweighting=True))
-    fitted = fit_baseline("ce_smooth", digits.x_train, digits.y_train, num_classes=10, epochs=5, batch_size=64,
-                          lr=3e-3, device="cpu", seed=0, tau=0.5)
+    fitted = fit_baseline(
+        "ce_smooth",
+        digits.x_train,
+        digits.y_train,
+        num_classes=10,
+        epochs=5,
+        batch_size=64,
+        lr=3e-3,
+        device="cpu",
+        seed=0,
+        tau=0.5,
+    )
     proba = fitted.predict_proba(digits.x_test)
     assert proba.shape == (len(digits.y_test), 10)
     assert (proba.argmax(-1) == digits.y_test).float().mean() > 0.3
@@ -166,8 +175,9 @@ def test_a_baseline_without_tau_refuses_one(registered, digits):
 def test_an_unknown_baseline_is_one_line_naming_the_known_ones():
     with pytest.raises(ValueError) as info:
         fit_baseline("svm", torch.rand(4, 3), torch.tensor([0, 1, 0, 1]))
-    assert str(info.value) == ("unknown baseline 'svm'; choose one of ce, logit_adjusted, balanced_softmax, cb_focal, "
-                               "ldam_drw, logistic")
+    assert str(info.value) == (
+        "unknown baseline 'svm'; choose one of ce, logit_adjusted, balanced_softmax, cb_focal, ldam_drw, logistic"
+    )
 
 
 def test_registered_baselines_reach_the_cli_choices(registered):
@@ -215,7 +225,9 @@ def test_a_registered_dataset_trains_from_the_cli(registered, tmp_path, capsys):
     registered(DATASET_REGISTRY, "tiny", TINY)
     assert "tiny" in _option(build_parser(), "dataset", "fit").help
     out = tmp_path / "run"
-    assert main(["fit", "--dataset", "tiny", "--epochs", "1", "--no-progress", "--baseline", "none",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["fit", "--dataset", "tiny", "--epochs", "1", "--no-progress", "--baseline", "none", "--out", str(out)])
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["dataset"] == "tiny" and metrics["config"]["train_counts"] == [30, 15, 8]

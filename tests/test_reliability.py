@@ -12,8 +12,8 @@ import os
 import signal
 import warnings
 
-import pytest
 import pyro.infer
+import pytest
 import torch
 
 import dgc_pyro.inference.perturbation as perturbation_module
@@ -82,8 +82,17 @@ def test_warm_up_keeps_a_high_learning_rate_fit_from_blowing_up_and_a_broken_fit
         m = DGC(digits.input_shape, 10, latent_dim=16, likelihood="normal")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            h = fit(m, digits.x_train, digits.y_train, epochs=4, lr=lr, objective="elbo-analytic", warmup_steps=warmup,
-                    device="cpu", **{**FIT_KW, "batch_size": 16})
+            h = fit(
+                m,
+                digits.x_train,
+                digits.y_train,
+                epochs=4,
+                lr=lr,
+                objective="elbo-analytic",
+                warmup_steps=warmup,
+                device="cpu",
+                **{**FIT_KW, "batch_size": 16},
+            )
         return h, [str(w.message) for w in caught if "near chance" in str(w.message)]
 
     blown, _ = run(0.1, 0)
@@ -162,8 +171,15 @@ def test_nan_loss_located_at_its_step(digits, check_every):
         return loss * math.nan if calls["n"] == 3 else loss
 
     with pytest.raises(TrainingDivergedError) as info:
-        fit(new_model(digits), digits.x_train, digits.y_train, epochs=2, objective=nan_on_third_call,
-            check_every=check_every, **FIT_KW)
+        fit(
+            new_model(digits),
+            digits.x_train,
+            digits.y_train,
+            epochs=2,
+            objective=nan_on_third_call,
+            check_every=check_every,
+            **FIT_KW,
+        )
     e = info.value
     assert (e.epoch, e.step, e.global_step) == (1, 3, 3)
     assert str(e).startswith("training diverged in epoch 1, step 3/7 (global step 3): the training loss is nan")
@@ -190,13 +206,21 @@ def test_sigterm_writes_checkpoint_and_restores_handler(digits, tmp_path):
 
     previous = signal.signal(signal.SIGTERM, sentinel)
     try:
+
         def terminate(epoch, record):
             if epoch == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         with pytest.raises(TrainingInterrupted) as info:
-            fit(new_model(digits), digits.x_train, digits.y_train, epochs=4, callback=terminate,
-                checkpoint_dir=tmp_path, **FIT_KW)
+            fit(
+                new_model(digits),
+                digits.x_train,
+                digits.y_train,
+                epochs=4,
+                callback=terminate,
+                checkpoint_dir=tmp_path,
+                **FIT_KW,
+            )
         assert signal.getsignal(signal.SIGTERM) is sentinel  # restored after the fit
         assert seen == []  # fit's handler, not the sentinel, got the signal
     finally:
@@ -221,16 +245,30 @@ def test_keyboard_interrupt_writes_checkpoint_then_reraises(digits, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as info:
-        fit(new_model(digits), digits.x_train, digits.y_train, epochs=3, callback=ctrl_c,
-            checkpoint_dir=tmp_path, **FIT_KW)
+        fit(
+            new_model(digits),
+            digits.x_train,
+            digits.y_train,
+            epochs=3,
+            callback=ctrl_c,
+            checkpoint_dir=tmp_path,
+            **FIT_KW,
+        )
     assert isinstance(info.value, TrainingInterrupted) and info.value.signum == signal.SIGINT
     assert load_training_state(tmp_path).epoch == 1
 
 
 def test_no_handler_without_checkpoint_dir(digits):
     handlers = []
-    fit(new_model(digits), digits.x_train, digits.y_train, epochs=1, val_fraction=0.0,
-        callback=lambda e, r: handlers.append(signal.getsignal(signal.SIGTERM)), **FIT_KW)
+    fit(
+        new_model(digits),
+        digits.x_train,
+        digits.y_train,
+        epochs=1,
+        val_fraction=0.0,
+        callback=lambda e, r: handlers.append(signal.getsignal(signal.SIGTERM)),
+        **FIT_KW,
+    )
     assert handlers == [signal.getsignal(signal.SIGTERM)]
 
 
@@ -264,19 +302,38 @@ def test_run_experiment_twice_identical_metrics(digits):
 
 def test_deterministic_mode_only_during_fit(digits):
     seen = []
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-              torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
 
     def look(epoch, record):
-        seen.append((torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled(),
-                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        seen.append(
+            (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark,
+            )
+        )
 
-    fit(new_model(digits), digits.x_train, digits.y_train, epochs=1, val_fraction=0.0, deterministic=True,
-        callback=look, **FIT_KW)
+    fit(
+        new_model(digits),
+        digits.x_train,
+        digits.y_train,
+        epochs=1,
+        val_fraction=0.0,
+        deterministic=True,
+        callback=look,
+        **FIT_KW,
+    )
     assert seen == [(True, True, True, False)]
-    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-            torch.backends.cudnn.benchmark) == before
+    assert (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    ) == before
 
 
 def test_cli_sigterm_then_resume(tmp_path, monkeypatch, capsys):
@@ -294,8 +351,22 @@ def test_cli_sigterm_then_resume(tmp_path, monkeypatch, capsys):
         return real_fit(*args, **{**kwargs, "callback": terminate})
 
     out = tmp_path / "run"
-    argv = ["fit", "--epochs", "2", "--batch-size", "64", "--latent-dim", "4", "--num-samples", "2",
-            "--baseline", "none", "--no-progress", "--out", str(out)]
+    argv = [
+        "fit",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--latent-dim",
+        "4",
+        "--num-samples",
+        "2",
+        "--baseline",
+        "none",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     monkeypatch.setattr(experiment, "fit", fit_then_sigterm)
     assert main(argv) == 128 + signal.SIGTERM
     err = capsys.readouterr().err

@@ -166,13 +166,19 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(digits, straight, tmp
     Bit-identity is the documented guarantee on CPU; on CUDA this file's in-process resumes matched bit for bit
     on an H200 (../shared/gpu/pytest-cuda-2026-12-04.log), so the check stays for both."""
     ckpt = tmp_path / "ckpt"
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(device)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(ckpt), str(device)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 300  # generous: a loaded CI machine may be slow to reach epoch 1
         while not (ckpt / TRAINING_STATE_FILE).exists():
             code = child.poll()
-            assert code is None, f"the child ended before its first checkpoint (exit {code}): {child.stderr.read()[-2000:]!r}"
+            assert code is None, (
+                f"the child ended before its first checkpoint (exit {code}): {child.stderr.read()[-2000:]!r}"
+            )
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
@@ -208,7 +214,9 @@ def one_epoch_checkpoint(digits, tmp_path_factory):
 
 def _resume(digits, folder, model=None, **kw):
     model = model if model is not None else DGC(digits.input_shape, 10, latent_dim=4)
-    return fit(model, digits.x_train, digits.y_train, **{"epochs": 2, **FIT_KW, **kw}, checkpoint_dir=folder, resume=True)
+    return fit(
+        model, digits.x_train, digits.y_train, **{"epochs": 2, **FIT_KW, **kw}, checkpoint_dir=folder, resume=True
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "garbage", "empty"])
@@ -241,8 +249,11 @@ def test_resume_refuses_non_finite_weights_read_from_the_file(digits, one_epoch_
     tensors[name].view(-1)[0] = float("nan")  # what flipped bytes in the tensor data can give
     save_training_state(tmp_path / TRAINING_STATE_FILE, state)
     suffix = " (best model)" if which == "best_model" else ""
-    with pytest.raises(CheckpointError, match=f"{TRAINING_STATE_FILE}{re.escape(suffix)} is not a valid dgc_pyro "
-                                              f"checkpoint: tensor {re.escape(name)} holds 1 NaN"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"{TRAINING_STATE_FILE}{re.escape(suffix)} is not a valid dgc_pyro "
+        f"checkpoint: tensor {re.escape(name)} holds 1 NaN",
+    ):
         _resume(digits, tmp_path)
 
 
@@ -255,7 +266,9 @@ def test_resume_with_other_architecture_leaves_model_untouched(digits, one_epoch
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
-def test_a_checkpoint_from_before_observe_x_resumes_and_a_changed_observe_x_is_named(digits, one_epoch_checkpoint, tmp_path):
+def test_a_checkpoint_from_before_observe_x_resumes_and_a_changed_observe_x_is_named(
+    digits, one_epoch_checkpoint, tmp_path
+):
     path = tmp_path / TRAINING_STATE_FILE
     path.write_bytes(one_epoch_checkpoint)
     state = load_training_state(path)
@@ -275,8 +288,15 @@ def test_resume_with_other_settings_or_data(digits, one_epoch_checkpoint, tmp_pa
     x = digits.x_train.clone()
     x[0, 0, 0, 0] = 1.0 - x[0, 0, 0, 0]
     with pytest.raises(CheckpointError, match="the training data differ"):
-        fit(DGC(digits.input_shape, 10, latent_dim=4), x, digits.y_train, epochs=2, checkpoint_dir=tmp_path,
-            resume=True, **FIT_KW)
+        fit(
+            DGC(digits.input_shape, 10, latent_dim=4),
+            x,
+            digits.y_train,
+            epochs=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            **FIT_KW,
+        )
 
 
 def test_model_file_is_not_a_training_state(digits, tmp_path):
@@ -375,13 +395,28 @@ def test_cli_resume_finishes_run_like_uninterrupted(tmp_path, capsys):
 def test_cli_fresh_fit_refuses_to_overwrite_an_interrupted_fit(tmp_path, capsys):
     from dgc_pyro.cli import main
 
-    common = ["--epochs", "1", "--batch-size", "64", "--latent-dim", "4", "--num-samples", "2", "--baseline", "none",
-              "--no-progress", "--out", str(tmp_path / "run")]
+    common = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--latent-dim",
+        "4",
+        "--num-samples",
+        "2",
+        "--baseline",
+        "none",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(["fit", *common]) == 0
     capsys.readouterr()
     assert main(["fit", *common]) == 2  # a finished fit (metrics.json after its checkpoint) is kept (issue 19) ...
-    assert f"--out {tmp_path / 'run'} holds a finished run ({tmp_path / 'run' / 'metrics.json'}: digits, seed 0, " \
+    assert (
+        f"--out {tmp_path / 'run'} holds a finished run ({tmp_path / 'run' / 'metrics.json'}: digits, seed 0, "
         in capsys.readouterr().err
+    )
     assert main(["fit", *common, "--overwrite"]) == 0  # ... unless --overwrite is given
     state = tmp_path / "run" / "checkpoint" / TRAINING_STATE_FILE
     metrics = tmp_path / "run" / "metrics.json"

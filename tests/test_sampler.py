@@ -63,7 +63,7 @@ def test_images_in_images_out_with_string_labels(flat):
     xr, yr = sampler.fit_resample(x.reshape(-1, 1, 8, 8), names)
     assert xr.shape == (len(x) + 24, 1, 8, 8)
     assert yr.dtype == names.dtype
-    assert sorted(set(yr[len(x):].tolist())) == ["two"]  # the minority class
+    assert sorted(set(yr[len(x) :].tolist())) == ["two"]  # the minority class
     assert list(sampler.classes_) == ["one", "two", "zero"]
 
 
@@ -88,8 +88,9 @@ def test_inside_imblearn_pipeline(flat):
 
 def test_clone_and_get_params():
     # objective given: its default is now the recipe's (None), and the assertion below checks the echo
-    sampler = DGCSampler(input_shape=(1, 8, 8), epochs=3, filter_threshold=0.5, random_state=1,
-                         objective="elbo-analytic")
+    sampler = DGCSampler(
+        input_shape=(1, 8, 8), epochs=3, filter_threshold=0.5, random_state=1, objective="elbo-analytic"
+    )
     params = sampler.get_params()
     assert params["input_shape"] == (1, 8, 8) and params["epochs"] == 3 and params["filter_threshold"] == 0.5
     assert params["sampling_strategy"] == "auto" and params["objective"] == "elbo-analytic"
@@ -105,7 +106,7 @@ def test_residual_output_stays_near_the_real_examples(flat):
     xr_res, yr = DGCSampler(random_state=0, output="residual", **FAST).fit_resample(x, y)
     assert np.bincount(yr).tolist() == [30, 30, 30]
     assert xr_res.min() >= 0.0 and xr_res.max() <= 1.0
-    syn_mean, syn_res, real = xr_mean[len(x):], xr_res[len(x):], x
+    syn_mean, syn_res, real = xr_mean[len(x) :], xr_res[len(x) :], x
 
     def nearest(a):
         return ((a[:, None, :] - real[None, :, :]) ** 2).sum(-1).min(1)
@@ -144,14 +145,28 @@ def test_the_default_recipe_is_the_one_dgc_pyro_fit_uses_for_the_shape(flat):
 
 def test_a_custom_recipe_reaches_the_model(flat):
     x, y = flat
-    custom = Recipe(epochs=1, batch_size=16, latent_dim=3, label_weight=7.0, obs_scale=0.2, logit_adjustment=1.0,
-                    label_in_guide=False, objective="elbo-analytic", perturbation_rate=0.0)
+    custom = Recipe(
+        epochs=1,
+        batch_size=16,
+        latent_dim=3,
+        label_weight=7.0,
+        obs_scale=0.2,
+        logit_adjustment=1.0,
+        label_in_guide=False,
+        objective="elbo-analytic",
+        perturbation_rate=0.0,
+    )
     sampler = DGCSampler(recipe=custom, random_state=0, device="cpu", sampling_strategy={2: 8})
     xr, yr = sampler.fit_resample(x, y)
     model = sampler.model_
     assert sampler.recipe_ == dataclasses.replace(custom, val_fraction=0.0)
-    assert (model.label_weight, model.obs_scale, model.logit_adjustment, model.label_in_guide, model.latent_dim) == \
-        (7.0, 0.2, 1.0, False, 3)
+    assert (model.label_weight, model.obs_scale, model.logit_adjustment, model.label_in_guide, model.latent_dim) == (
+        7.0,
+        0.2,
+        1.0,
+        False,
+        3,
+    )
     assert model.has_class_prior and len(sampler.history_.epochs) == 1 and np.bincount(yr).tolist() == [30, 12, 8]
     # a shortcut given beside the recipe replaces that field only
     short = DGCSampler(recipe=custom, latent_dim=5, random_state=0, device="cpu", sampling_strategy={2: 8})

@@ -46,6 +46,7 @@ def test_unknown_name_and_bad_split():
 
 # --- digits -------------------------------------------------------------------------------------
 
+
 def test_digits_source():
     tr = open_source("digits", split="train")
     te = open_source("digits", split="test")
@@ -122,6 +123,7 @@ def test_dev_set_is_balanced_outside_the_subset_and_fixed_by_the_seed():
 
 # --- real Fashion-MNIST -------------------------------------------------------------------------
 
+
 @needs_fashion
 def test_fashion_real_files():
     tr = open_source("fashion", SHARED_DATA, split="train")
@@ -153,6 +155,7 @@ def test_fashion_load_imbalanced_paper_counts():
 
 
 # --- MNIST fixture ------------------------------------------------------------------------------
+
 
 def test_mnist_fixture(tmp_path):
     write_mnist_fixture(tmp_path, per_class=[6, 5, 5, 4, 4, 4, 3, 3, 3, 3], test_per_class=2)
@@ -209,6 +212,7 @@ def test_corrupted_file_readable_error(tmp_path):
 
 # --- SVHN fixture -------------------------------------------------------------------------------
 
+
 def test_svhn_fixture(tmp_path):
     write_svhn_fixture(tmp_path, per_class=4, test_per_class=3)
     tr = open_source("svhn", tmp_path, split="train")
@@ -244,6 +248,7 @@ def test_svhn_missing(tmp_path):
 
 
 # --- CelebA fixture -----------------------------------------------------------------------------
+
 
 def test_celeba_fixture(tmp_path):
     info = write_celeba_fixture(tmp_path, per_class=[4, 3, 2, 2, 2], n_none=3, n_two=3)
@@ -287,6 +292,7 @@ def test_celeba_missing(tmp_path):
 
 # --- files whose contents are impossible --------------------------------------------------------
 
+
 def _rewrite_idx_labels(path: Path, labels: list[int]) -> None:
     import struct
 
@@ -309,7 +315,9 @@ def test_mnist_label_outside_the_classes_fails_when_opened(tmp_path):
     raw = write_mnist_fixture(tmp_path, per_class=1)
     _rewrite_idx_labels(raw / "train-labels-idx1-ubyte", [200] + list(range(1, 10)))
     # Before the fix the label 200 was silently left out of every imbalanced subset.
-    with pytest.raises(RuntimeError, match=r"mnist train file .*train-labels-idx1-ubyte: 1 labels outside 0\.\.9 \(e\.g\. 200\)"):
+    with pytest.raises(
+        RuntimeError, match=r"mnist train file .*train-labels-idx1-ubyte: 1 labels outside 0\.\.9 \(e\.g\. 200\)"
+    ):
         load_imbalanced("mnist", tmp_path, counts=[1] * 10)
 
 
@@ -328,8 +336,10 @@ def _rewrite_svhn(folder: Path, split: str, **changes) -> Path:
         (lambda x, y: {"y": np.concatenate([y, y[:5]])}, "y holds 15 labels for the 10 images in X"),
         (lambda x, y: {"y": y[:7]}, "y holds 7 labels for the 10 images in X"),
         (lambda x, y: {"X": x.astype(np.float64) / 255}, "X has dtype float64, expected uint8 pixel values 0..255"),
-        (lambda x, y: {"y": np.where(np.arange(len(y))[:, None] == 0, 11, y).astype(np.uint8)},
-         r"1 labels outside 0..9 (e.g. 11)"),
+        (
+            lambda x, y: {"y": np.where(np.arange(len(y))[:, None] == 0, 11, y).astype(np.uint8)},
+            r"1 labels outside 0..9 (e.g. 11)",
+        ),
     ],
     ids=["more labels", "fewer labels", "float pixels", "label 11"],
 )

@@ -15,7 +15,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from fixtures import load_benchmark
 from pyro import poutine
+from sync_spy import SyncSpy as _SyncSpy
 
 from dgc_pyro.inference import fit, predict
 from dgc_pyro.inference.engine import TracedELBO, compile_networks, make_step, traced_elbo_kind
@@ -23,10 +25,6 @@ from dgc_pyro.inference.objectives import get_objective
 from dgc_pyro.inference.perturbation import perturbation_loss
 from dgc_pyro.inference.predict import auto_max_rows, class_log_weights, posterior_from_log_weights
 from dgc_pyro.models import DGC
-from fixtures import load_benchmark
-from sync_spy import SyncSpy as _SyncSpy
-
-
 
 speed = load_benchmark("speed")
 
@@ -64,7 +62,9 @@ def test_handwritten_loss_equals_pyro_trace_elbo(shape, likelihood):
     x, y = _batch(shape, 20)
     with pyro.settings.context(module_local_params=True):
         torch.manual_seed(5)
-        pyro_loss = pyro.infer.Trace_ELBO().differentiable_loss(_per_example(model.model), _per_example(model.guide), x, y)
+        pyro_loss = pyro.infer.Trace_ELBO().differentiable_loss(
+            _per_example(model.model), _per_example(model.guide), x, y
+        )
         pyro_grads = _grads(pyro_loss, model)
     torch.manual_seed(5)  # the same eps: the guide's rsample and the reference draw the same numbers
     hand = speed.handwritten_loss(model, x, y)
@@ -152,7 +152,9 @@ def test_torch_step_makes_no_host_sync(objective):
     model = _model(likelihood="normal")
     x, y = _batch((1, 8, 8), 32)
     reps = torch.tensor([1, 2, 3, 1, 1, 5, 1, 1, 2, 1])
-    step = make_step(model, get_objective(objective), "torch", 1e-3, (0.9, 0.999), 1e-3, True, reps, torch.device("cpu"))
+    step = make_step(
+        model, get_objective(objective), "torch", 1e-3, (0.9, 0.999), 1e-3, True, reps, torch.device("cpu")
+    )
     with pyro.settings.context(module_local_params=True):
         step(x, y)  # first step: optimiser state creation
         with _SyncSpy() as spy:
@@ -246,7 +248,7 @@ def test_bf16_autocast_and_channels_last_run_and_stay_close():
 def _compile_works() -> str | None:
     try:
         import torch._dynamo  # noqa: F401
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"torch.compile unavailable: {type(e).__name__}: {e}"
     if sys.version_info >= (3, 14):
         return "torch.compile does not support this Python"
@@ -274,11 +276,38 @@ def test_compiled_networks_fit_a_tiny_model():
 def test_speed_benchmark_runs_end_to_end(tmp_path, capsys):
     """The benchmark's plumbing (every contender, the JSON figures), at a size that times nothing meaningful."""
     out = tmp_path / "speed.json"
-    assert speed.main(["--shape", "1,8,8", "--repeats", "2", "--steps", "1", "--warmup", "2", "--predict-examples", "6",
-                       "--predict-repeats", "1", "--samples", "1,10", "--json", str(out)]) == 0
+    assert (
+        speed.main(
+            [
+                "--shape",
+                "1,8,8",
+                "--repeats",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "2",
+                "--predict-examples",
+                "6",
+                "--predict-repeats",
+                "1",
+                "--samples",
+                "1,10",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(out.read_text())
-    for key in ("train_ratio", "train_ratio_torch_engine", "train_ratio_svi", "predict_speedup_s10",
-                "train_first_step_s_graph", "peak_rss_mib"):
+    for key in (
+        "train_ratio",
+        "train_ratio_torch_engine",
+        "train_ratio_svi",
+        "predict_speedup_s10",
+        "train_first_step_s_graph",
+        "peak_rss_mib",
+    ):
         assert figures[key] > 0, key
     assert "train (a)  ours, engine='graph'" in capsys.readouterr().out
 

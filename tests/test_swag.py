@@ -32,8 +32,14 @@ def fitted(digits):
     m = model_of(digits)
     snaps: dict[int, torch.Tensor] = {}
     collector = SwagCollector(start=0.5, max_rank=5)
-    fit(m, digits.x_train, digits.y_train, callback=lambda e, r: snaps.__setitem__(e, head_vector(m)),
-        callbacks=(collector,), **FIT_KW)
+    fit(
+        m,
+        digits.x_train,
+        digits.y_train,
+        callback=lambda e, r: snaps.__setitem__(e, head_vector(m)),
+        callbacks=(collector,),
+        **FIT_KW,
+    )
     return m, collector, snaps
 
 
@@ -46,7 +52,7 @@ def test_moments_match_a_hand_computation():
     assert torch.allclose(mom.mean, thetas.mean(0))
     assert torch.allclose(mom.sq_mean - mom.mean.square(), thetas.var(0, unbiased=False))
     # deviations from the running mean after each snapshot; the last two kept
-    running = [thetas[:i + 1].mean(0) for i in range(3)]
+    running = [thetas[: i + 1].mean(0) for i in range(3)]
     assert torch.allclose(mom.deviations, torch.stack([thetas[1] - running[1], thetas[2] - running[2]]))
 
 
@@ -109,10 +115,16 @@ def test_head_draws_differ_and_add_to_the_epistemic_score(fitted, digits):
     assert torch.isfinite(predict(m, x, 3, swag=collector.head, rule="latent").proba).all()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(start=1.0), "start"), (dict(start=-0.1), "start"), (dict(max_rank=-1), "max_rank"),
-    (dict(every_steps=0), "every_steps"), (dict(var_clamp=float("nan")), "var_clamp"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(start=1.0), "start"),
+        (dict(start=-0.1), "start"),
+        (dict(max_rank=-1), "max_rank"),
+        (dict(every_steps=0), "every_steps"),
+        (dict(var_clamp=float("nan")), "var_clamp"),
+    ],
+)
 def test_bad_collector_arguments(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         SwagCollector(**kw)
@@ -132,8 +144,14 @@ def test_bad_uses_are_one_line_errors(fitted, digits):
     with pytest.raises(ValueError, match="head weights"):
         predict(other, x, 2, swag=collector.head)
     counts = torch.bincount(digits.y_train, minlength=10).tolist()
-    cc = DGC(digits.input_shape, 10, latent_dim=4, latent_prior="class_conditional", label_in_guide=False,
-             class_counts=counts)
+    cc = DGC(
+        digits.input_shape,
+        10,
+        latent_dim=4,
+        latent_prior="class_conditional",
+        label_in_guide=False,
+        class_counts=counts,
+    )
     with pytest.raises(ValueError, match="label head"):
         fit(cc, digits.x_train, digits.y_train, perturbation_rate=0.0, callbacks=(SwagCollector(),), **FIT_KW)
 

@@ -110,13 +110,22 @@ def test_resolve_transform_names_the_problem():
         resolve_transform("shift", (64,))
 
 
-@pytest.mark.parametrize("fn, match", [
-    (lambda x, g: x[:, :32], r"must keep the batch's shape \(4, 64\) and dtype torch.float32; it returned shape \(4, 32\)"),
-    (lambda x, g: x.double(), r"it returned shape \(4, 64\), dtype torch.float64"),
-    (lambda x, g: None, "returned NoneType, not a tensor"),
-    (lambda x, g: x * 300, r"returned values in \[[\d.]+, [\d.]+\]; transformed inputs must stay finite and within \[0, 1\]"),
-    (lambda x, g: x * float("nan"), "returned values in \\[nan, nan\\]"),
-])
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (
+            lambda x, g: x[:, :32],
+            r"must keep the batch's shape \(4, 64\) and dtype torch.float32; it returned shape \(4, 32\)",
+        ),
+        (lambda x, g: x.double(), r"it returned shape \(4, 64\), dtype torch.float64"),
+        (lambda x, g: None, "returned NoneType, not a tensor"),
+        (
+            lambda x, g: x * 300,
+            r"returned values in \[[\d.]+, [\d.]+\]; transformed inputs must stay finite and within \[0, 1\]",
+        ),
+        (lambda x, g: x * float("nan"), "returned values in \\[nan, nan\\]"),
+    ],
+)
 def test_a_users_transform_that_breaks_the_batch_is_named(fn, match):
     checked = resolve_transform(fn, (64,))
     with pytest.raises(ValueError, match=match):
@@ -169,7 +178,15 @@ def test_fit_transforms_training_batches_only(digits):
 
 
 def test_resume_refuses_another_transform(digits, tmp_path):
-    fit(new_model(digits), digits.x_train, digits.y_train, epochs=1, transform="shift", checkpoint_dir=tmp_path, **FIT_KW)
+    fit(
+        new_model(digits),
+        digits.x_train,
+        digits.y_train,
+        epochs=1,
+        transform="shift",
+        checkpoint_dir=tmp_path,
+        **FIT_KW,
+    )
     assert (tmp_path / TRAINING_STATE_FILE).is_file()
     with pytest.raises(CheckpointError, match="transform='shift' in the checkpoint, None now"):
         fit(new_model(digits), digits.x_train, digits.y_train, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT_KW)
@@ -196,8 +213,9 @@ def test_fit_baseline_with_a_transform(digits):
 
 def test_cli_fit_records_the_transform(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli_main(["fit", "--epochs", "1", "--transform", "shift", "--baseline", "none", "--no-progress",
-                   "--out", str(out)])
+    rc = cli_main(
+        ["fit", "--epochs", "1", "--transform", "shift", "--baseline", "none", "--no-progress", "--out", str(out)]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["recipe"]["transform"] == "shift"

@@ -26,8 +26,19 @@ def _data(n0: int = 30, n1: int = 10, d: int = 8) -> tuple[torch.Tensor, torch.T
 def test_a_multi_particle_elbo_trains_with_the_perturbation_step(engine):
     x, y = _data()
     model = DGC((8,), 2, latent_dim=3)
-    history = fit(model, x, y, epochs=2, batch_size=10, objective=elbo_loss(num_particles=3), engine=engine,
-                  perturbation_rate=0.6, val_fraction=0, progress=False, device="cpu")
+    history = fit(
+        model,
+        x,
+        y,
+        epochs=2,
+        batch_size=10,
+        objective=elbo_loss(num_particles=3),
+        engine=engine,
+        perturbation_rate=0.6,
+        val_fraction=0,
+        progress=False,
+        device="cpu",
+    )
     for record in history.epochs:
         assert torch.isfinite(torch.tensor([record["loss"], record["perturbation_loss"]])).all()
         assert record["perturbation_loss"] > 0
@@ -45,8 +56,17 @@ def test_guide_parameters_of_an_expanded_particle_trace_are_those_of_one_particl
 
 def test_wae_mmd_survives_a_last_batch_of_one_example():
     x, y = _data(15, 6)  # 21 examples in batches of 10
-    history = fit(DGC((8,), 2, latent_dim=2), x, y, epochs=2, batch_size=10, objective="wae-mmd", val_fraction=0,
-                  progress=False, device="cpu")
+    history = fit(
+        DGC((8,), 2, latent_dim=2),
+        x,
+        y,
+        epochs=2,
+        batch_size=10,
+        objective="wae-mmd",
+        val_fraction=0,
+        progress=False,
+        device="cpu",
+    )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.epochs)
     a, b = torch.zeros(1, 2), torch.ones(1, 2)
     assert float(mmd_imq(a, b, biased=True)) > 0 and float(mmd_imq(a, a, biased=True)) == 0

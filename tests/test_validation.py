@@ -14,6 +14,7 @@ GOOD_Y = np.array([0, 1, 2, 0, 1, 2])
 
 # --- features -----------------------------------------------------------------------------------
 
+
 def test_features_ok_numpy_and_tensor():
     for x in (GOOD_X, torch.from_numpy(GOOD_X), GOOD_X.astype(np.float64)):
         out = check_features(x, input_shape=(1, 4, 4))
@@ -108,6 +109,7 @@ def test_features_argument_name_in_message():
 
 # --- labels -------------------------------------------------------------------------------------
 
+
 def test_labels_ok():
     out = check_labels([0, 1, 2], num_classes=3)
     assert out.dtype == torch.int64 and out.tolist() == [0, 1, 2]
@@ -138,6 +140,7 @@ def test_labels_bad(y, kwargs, msgs):
 
 # --- pairs --------------------------------------------------------------------------------------
 
+
 def test_xy_ok():
     x, y = check_xy(GOOD_X, GOOD_Y, input_shape=(1, 4, 4), num_classes=3, require_all_classes=True)
     assert x.shape[0] == y.shape[0] == 6
@@ -161,6 +164,7 @@ def test_xy_missing_classes_named():
 
 
 # --- split_from_arrays --------------------------------------------------------------------------
+
 
 def test_split_from_arrays_with_test():
     s = split_from_arrays(GOOD_X, GOOD_Y, GOOD_X[:2], GOOD_Y[:2], name="mine")
@@ -195,6 +199,7 @@ def test_split_from_arrays_errors():
 
 # --- labels far beyond the data -----------------------------------------------------------------
 
+
 def test_missing_classes_costs_the_labels_not_the_class_range():
     from dgc_pyro.data.validation import missing_classes
 
@@ -206,14 +211,20 @@ def test_missing_classes_costs_the_labels_not_the_class_range():
 
 
 def test_xy_missing_classes_of_a_huge_num_classes_are_listed_briefly():
-    with pytest.raises(ValueError, match=r"classes \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, \.\.\.\] \(999999999997 in all\) "
-                                         r"have no examples in y"):
+    with pytest.raises(
+        ValueError,
+        match=r"classes \[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, \.\.\.\] \(999999999997 in all\) "
+        r"have no examples in y",
+    ):
         check_xy(GOOD_X, GOOD_Y, num_classes=10**12, require_all_classes=True)
 
 
 def test_xy_inferred_classes_beyond_the_examples_suggest_remapping():
-    with pytest.raises(ValueError, match=r"y has labels up to 30000000, which imply 30000001 classes, but only 6 "
-                                         r"examples.*np\.unique\(y, return_inverse=True\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"y has labels up to 30000000, which imply 30000001 classes, but only 6 "
+        r"examples.*np\.unique\(y, return_inverse=True\)",
+    ):
         check_xy(GOOD_X, [0, 1, 2, 0, 1, 3 * 10**7], require_all_classes=True)
 
 

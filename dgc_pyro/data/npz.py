@@ -39,8 +39,9 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         # numpy's message for a non-array file suggests loading it with pickle, which we never do.
-        raise ValueError(f"{invalid} (not a zip file of .npy arrays: truncated, corrupted or another format); "
-                         f"{_FIX}") from e
+        raise ValueError(
+            f"{invalid} (not a zip file of .npy arrays: truncated, corrupted or another format); {_FIX}"
+        ) from e
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ValueError(f"{invalid}: it holds a single .npy array, not named arrays; {_FIX}")
     with arrays:
@@ -52,8 +53,10 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 # numpy refuses object arrays with a ValueError that mentions allow_pickle; other ValueErrors
                 # are damaged .npy headers.
                 if "allow_pickle" in str(e):
-                    raise ValueError(f"{invalid}: array {key!r} holds Python objects, which are never unpickled; "
-                                     "store numeric arrays") from None
+                    raise ValueError(
+                        f"{invalid}: array {key!r} holds Python objects, which are never unpickled; "
+                        "store numeric arrays"
+                    ) from None
                 raise ValueError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 raise ValueError(f"{invalid}: array {key!r} is unreadable (truncated or corrupted: {e})") from None

@@ -16,7 +16,7 @@ import numpy as np
 from ..arguments import check_positive, check_seed
 from .validation import check_labels
 
-__all__ = ["PAPER_COUNTS", "DIGITS_COUNTS", "dev_indices", "imbalanced_indices", "parse_counts"]
+__all__ = ["DIGITS_COUNTS", "PAPER_COUNTS", "dev_indices", "imbalanced_indices", "parse_counts"]
 
 _MNIST_COUNTS = (4000, 2000, 1000, 750, 500, 350, 200, 100, 60, 40)
 
@@ -38,12 +38,16 @@ def _counts_to_dict(counts: Sequence[int] | Mapping[int, int]) -> dict[int, int]
     if isinstance(counts, Mapping):
         items = list(counts.items())
     elif isinstance(counts, (str, bytes)):
-        raise ValueError("counts must be a sequence of integers or a {class: count} dict; use parse_counts() for strings")
+        raise ValueError(
+            "counts must be a sequence of integers or a {class: count} dict; use parse_counts() for strings"
+        )
     else:
         try:
             items = list(enumerate(counts))
         except TypeError:
-            raise ValueError(f"counts must be a sequence of integers or a {{class: count}} dict, got {counts!r}") from None
+            raise ValueError(
+                f"counts must be a sequence of integers or a {{class: count}} dict, got {counts!r}"
+            ) from None
     out: dict[int, int] = {}
     for c, n in items:
         for what, v in (("class", c), ("count", n)):
@@ -76,9 +80,7 @@ def imbalanced_indices(labels: Any, counts: Sequence[int] | Mapping[int, int], s
     for c in sorted(wanted):
         pool = perm[permuted == c]
         if wanted[c] > len(pool):
-            raise ValueError(
-                f"class {c}: requested {wanted[c]} examples but only {len(pool)} are available"
-            )
+            raise ValueError(f"class {c}: requested {wanted[c]} examples but only {len(pool)} are available")
         parts.append(pool[: wanted[c]])
     out = np.concatenate(parts).astype(np.int64)
     rng.shuffle(out)

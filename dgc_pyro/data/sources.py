@@ -91,20 +91,22 @@ class ImageSource:
             raise ValueError(f"{name} {split} split: {problem}")
 
     @classmethod
-    def from_arrays(cls, name: str, split: str, x: torch.Tensor, y: Any,
-                    class_names: Sequence[str] | None = None) -> ImageSource:
+    def from_arrays(
+        cls, name: str, split: str, x: torch.Tensor, y: Any, class_names: Sequence[str] | None = None
+    ) -> ImageSource:
         """A source over images already in memory: ``x`` float ``(n, C, H, W)`` in [0, 1], ``y`` integer labels;
         ``class_names`` default to ``"0"``, ``"1"``, ... up to the largest label (e.g. for a registered dataset's
         reader, docs/extending.md)."""
         images = torch.as_tensor(x, dtype=torch.float32)
         labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64).reshape(-1)
         if images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"{name} {split} split: x must be (n, C, H, W) with one label each, got x of shape "
-                             f"{tuple(images.shape)} and {len(labels)} labels")
+            raise ValueError(
+                f"{name} {split} split: x must be (n, C, H, W) with one label each, got x of shape "
+                f"{tuple(images.shape)} and {len(labels)} labels"
+            )
         if class_names is None:
             class_names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-        return cls(name, split, labels, tuple(images.shape[1:]), class_names,
-                   lambda idx: images[torch.from_numpy(idx)])
+        return cls(name, split, labels, tuple(images.shape[1:]), class_names, lambda idx: images[torch.from_numpy(idx)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -186,8 +188,15 @@ def _check_file_labels(name: str, split: str, path: Path, labels: np.ndarray, nu
 # MNIST / Fashion-MNIST
 
 
-def _open_idx(name: str, torchvision_name: str, root: Path, split: str, download: bool, *,
-              class_names: Sequence[str] | None = None) -> ImageSource:
+def _open_idx(
+    name: str,
+    torchvision_name: str,
+    root: Path,
+    split: str,
+    download: bool,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> ImageSource:
     """MNIST-format data read with ``torchvision.datasets.<torchvision_name>``; ``class_names`` default to
     torchvision's."""
     from torchvision import datasets
@@ -201,7 +210,7 @@ def _open_idx(name: str, torchvision_name: str, root: Path, split: str, download
         raise _missing(name, split, [p for p in expected if not p.is_file()], root)
     try:
         ds = cls(root=str(root), train=(split == "train"), download=download)
-    except Exception as e:  # noqa: BLE001 - any torchvision failure becomes one readable error
+    except Exception as e:
         raise _wrap_read_error(name, root, download, e) from e
     data = ds.data  # uint8 (N, 28, 28); 47 MB for the training split, so kept in memory
     labels = ds.targets.numpy().astype(np.int64)
@@ -214,7 +223,9 @@ def _open_idx(name: str, torchvision_name: str, root: Path, split: str, download
         raise _bad_file(name, split, image_file, f"images of size {tuple(data.shape[1:])}, expected (28, 28)")
     if len(labels) != len(data):
         # torchvision reads the two files independently; extra labels would index past the images.
-        raise _bad_file(name, split, label_file, f"{len(labels)} labels for the {len(data)} images of {image_file.name}")
+        raise _bad_file(
+            name, split, label_file, f"{len(labels)} labels for the {len(data)} images of {image_file.name}"
+        )
     _check_file_labels(name, split, label_file, labels, len(class_names))
 
     def load(idx: np.ndarray) -> torch.Tensor:
@@ -273,7 +284,7 @@ def _open_svhn(root: Path, split: str, download: bool) -> ImageSource:
         folder = root / "SVHN"
     try:
         ds = _svhn_class()(root=str(folder), split=split, download=download, verify_md5=download)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _wrap_read_error("svhn", folder, download, e) from e
     data = ds.data  # uint8 (N, 3, 32, 32) view of the .mat array
     # torchvision already maps label 10 to digit 0; reshape undoes its squeeze of a one-example file.
@@ -349,8 +360,9 @@ def _check_celeba_rows(attr_file: Path, split: str) -> None:
         if expected is None:
             expected = n
         elif n != expected:
-            raise _bad_file("celeba", split, attr_file,
-                            f"line {number} holds {n} fields but the rows before it hold {expected}")
+            raise _bad_file(
+                "celeba", split, attr_file, f"line {number} holds {n} fields but the rows before it hold {expected}"
+            )
 
 
 def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
@@ -374,7 +386,7 @@ def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
         _check_celeba_rows(base / "list_attr_celeba.txt", split)
     try:
         ds = _celeba_class()(root=str(root), split=split, target_type="attr", download=download, verify_md5=download)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _wrap_read_error("celeba", root, download, e) from e
 
     names = [n for n in ds.attr_names if n]
@@ -383,7 +395,9 @@ def _open_celeba(root: Path, split: str, download: bool) -> ImageSource:
     if len(names) != n_values:
         # Columns are looked up by header position, so a missing or extra name would shift every attribute.
         raise _bad_file(
-            "celeba", split, attr_file,
+            "celeba",
+            split,
+            attr_file,
             f"its header names {len(names)} attributes but its rows hold {n_values} values after the image name",
         )
     try:
@@ -429,9 +443,7 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     # imbalanced training subset is scored on the same 500 images.
     rng = np.random.default_rng(_DIGITS_SPLIT_SEED)
     test = np.sort(
-        np.concatenate(
-            [rng.permutation(np.flatnonzero(labels == c))[:_DIGITS_TEST_PER_CLASS] for c in range(10)]
-        )
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:_DIGITS_TEST_PER_CLASS] for c in range(10)])
     )
     train = np.setdiff1d(np.arange(len(labels)), test)
     return images, labels, train, test
@@ -491,16 +503,30 @@ _DIGIT_NAMES = tuple(str(c) for c in range(10))
 #: The datasets :func:`open_source`, :func:`~dgc_pyro.data.load_imbalanced` and ``dgc-pyro --dataset`` accept, by
 #: name (lower case; aliases such as ``fashion-mnist`` resolve to their entry).
 DATASET_REGISTRY: Registry[DatasetSpec] = Registry("dataset")
-DATASET_REGISTRY.register("mnist", DatasetSpec(
-    functools.partial(_open_idx, "mnist", "MNIST", class_names=_DIGIT_NAMES), (1, 28, 28), 10, PAPER_COUNTS["mnist"]))
-DATASET_REGISTRY.register("fashion", DatasetSpec(
-    functools.partial(_open_idx, "fashion", "FashionMNIST"), (1, 28, 28), 10, PAPER_COUNTS["fashion"]),
-    aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"))
-DATASET_REGISTRY.register("svhn", DatasetSpec(_open_svhn, (3, 32, 32), 10, PAPER_COUNTS["svhn"]),
-                          aliases=("svnh",))  # the reference code's spelling
-DATASET_REGISTRY.register("celeba", DatasetSpec(
-    _open_celeba, (3, CELEBA_SIZE, CELEBA_SIZE), len(CELEBA_ATTRIBUTES), PAPER_COUNTS["celeba"],
-    splits=("train", "valid", "test")))
+DATASET_REGISTRY.register(
+    "mnist",
+    DatasetSpec(
+        functools.partial(_open_idx, "mnist", "MNIST", class_names=_DIGIT_NAMES), (1, 28, 28), 10, PAPER_COUNTS["mnist"]
+    ),
+)
+DATASET_REGISTRY.register(
+    "fashion",
+    DatasetSpec(functools.partial(_open_idx, "fashion", "FashionMNIST"), (1, 28, 28), 10, PAPER_COUNTS["fashion"]),
+    aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"),
+)
+DATASET_REGISTRY.register(
+    "svhn", DatasetSpec(_open_svhn, (3, 32, 32), 10, PAPER_COUNTS["svhn"]), aliases=("svnh",)
+)  # the reference code's spelling
+DATASET_REGISTRY.register(
+    "celeba",
+    DatasetSpec(
+        _open_celeba,
+        (3, CELEBA_SIZE, CELEBA_SIZE),
+        len(CELEBA_ATTRIBUTES),
+        PAPER_COUNTS["celeba"],
+        splits=("train", "valid", "test"),
+    ),
+)
 DATASET_REGISTRY.register("digits", DatasetSpec(_open_digits, (1, 8, 8), 10, DIGITS_COUNTS, bundled=True))
 
 #: The built-in names (frozen at import; :meth:`DATASET_REGISTRY.names() <dgc_pyro.registry.Registry.names>` also

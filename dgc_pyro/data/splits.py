@@ -68,8 +68,7 @@ def _resolve_counts(name: str, counts: Sequence[int] | Mapping[int, int] | None,
         resolved = dict(enumerate(counts))
     if len(resolved) != num_classes or set(resolved) != set(range(num_classes)):
         raise ValueError(
-            f"counts must give one count for each of the {num_classes} classes of {name}, "
-            f"got {len(resolved)} entries"
+            f"counts must give one count for each of the {num_classes} classes of {name}, got {len(resolved)} entries"
         )
     # Every class appears in the test set, so each must be seen in training.
     zero = [c for c, n in sorted(resolved.items()) if isinstance(n, (int, np.integer)) and n < 1]
@@ -179,7 +178,9 @@ def split_from_arrays(
     labels are refused (remap arbitrary label codes to 0..K-1 first, e.g. with ``np.unique``).
     """
     if (x_test is None) != (y_test is None):
-        raise ValueError("give both x_test and y_test, or neither (a stratified 20% test set is then carved from the training data)")
+        raise ValueError(
+            "give both x_test and y_test, or neither (a stratified 20% test set is then carved from the training data)"
+        )
     xt = check_features(x_train, name="x_train")
     _refuse_channels_last(xt, "x_train")
     yt = check_labels(y_train, name="y_train")

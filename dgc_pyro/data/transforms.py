@@ -78,13 +78,17 @@ class CheckedTransform:
         if not torch.is_tensor(out):
             raise ValueError(f"transform {self.__name__} returned {type(out).__name__}, not a tensor")
         if out.shape != x.shape or out.dtype != x.dtype:
-            raise ValueError(f"transform {self.__name__} must keep the batch's shape {tuple(x.shape)} and dtype "
-                             f"{x.dtype}; it returned shape {tuple(out.shape)}, dtype {out.dtype}")
+            raise ValueError(
+                f"transform {self.__name__} must keep the batch's shape {tuple(x.shape)} and dtype "
+                f"{x.dtype}; it returned shape {tuple(out.shape)}, dtype {out.dtype}"
+            )
         if not self._values_checked:
             lo, hi = float(out.min()), float(out.max())
-            if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
-                raise ValueError(f"transform {self.__name__} returned values in [{lo:g}, {hi:g}]; transformed "
-                                 "inputs must stay finite and within [0, 1], like the data")
+            if not (lo >= 0.0 and hi <= 1.0):  # also false for NaN
+                raise ValueError(
+                    f"transform {self.__name__} returned values in [{lo:g}, {hi:g}]; transformed "
+                    "inputs must stay finite and within [0, 1], like the data"
+                )
             self._values_checked = True
         return out
 

@@ -28,9 +28,7 @@ def _to_tensor(value: Any, name: str) -> torch.Tensor:
         # Ragged nested lists end up here with numpy's own wording; name the argument.
         raise ValueError(f"{name} could not be converted to a numeric array: {e}") from None
     if arr.dtype.kind not in "biuf":
-        raise ValueError(
-            f"{name} must be numeric (bool, int or float), got non-numeric dtype {arr.dtype}"
-        )
+        raise ValueError(f"{name} must be numeric (bool, int or float), got non-numeric dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
         # Checked before the cast: uint64 values >= 2**63 would wrap around to negative int64 values.
         if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
@@ -48,9 +46,7 @@ def _fmt(v: float) -> str:
     return f"{v:.6g}"
 
 
-def check_features(
-    x: Any, *, input_shape: tuple[int, ...] | None = None, name: str = "x"
-) -> torch.Tensor:
+def check_features(x: Any, *, input_shape: tuple[int, ...] | None = None, name: str = "x") -> torch.Tensor:
     """Validate image/feature data and return it as a float32 tensor of shape (n, *input_shape).
 
     Values must be finite and lie in [0, 1] (the decoders end in a sigmoid). Integer pixel data
@@ -81,8 +77,7 @@ def check_features(
             elif int(np.prod(got)) == int(np.prod(expected)):
                 hint = f"; reshape it to (n, {', '.join(map(str, expected))})"
             raise ValueError(
-                f"{name} has the wrong shape: expected (n, {', '.join(map(str, expected))}), "
-                f"got {tuple(t.shape)}{hint}"
+                f"{name} has the wrong shape: expected (n, {', '.join(map(str, expected))}), got {tuple(t.shape)}{hint}"
             )
 
     if t.dtype == torch.bool:
@@ -110,8 +105,7 @@ def check_features(
         if lo >= 0.0 and hi <= 255.0:
             hint = "; if these are 8-bit pixel values, divide by 255"
         raise ValueError(
-            f"{name} has values outside [0, 1]: min={_fmt(lo)}, max={_fmt(hi)}; "
-            f"features must be scaled to [0, 1]{hint}"
+            f"{name} has values outside [0, 1]: min={_fmt(lo)}, max={_fmt(hi)}; features must be scaled to [0, 1]{hint}"
         )
     return t.to(torch.float32)
 
@@ -133,9 +127,7 @@ def check_labels(y: Any, *, num_classes: int | None = None, name: str = "y") -> 
             hint = "; flatten it, e.g. y.ravel() or y[:, 0]"
         elif t.ndim == 2 and t.shape[1] > 1:
             hint = "; if these are one-hot rows, convert them with y.argmax(1)"
-        raise ValueError(
-            f"{name} must be a 1-D array of class indices, got {t.ndim}-D shape {tuple(t.shape)}{hint}"
-        )
+        raise ValueError(f"{name} must be a 1-D array of class indices, got {t.ndim}-D shape {tuple(t.shape)}{hint}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty; at least one label is needed")
 

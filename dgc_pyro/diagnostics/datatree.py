@@ -175,8 +175,11 @@ def _density_group(model: DGC, x: torch.Tensor, dens: dict[str, torch.Tensor], e
         score = detector.scores(log_density.float(), x if detector.score == "complexity" else None)
         data["ood_score"] = ("example", _np(score))
         data["ood"] = ("example", _np(detector.flags(score)))
-    attrs = {"units": "nats", "estimator": "importance-weighted bound on log p(x), proposal q(z | x, y)",
-             "num_samples": int(log_w.shape[0])}
+    attrs = {
+        "units": "nats",
+        "estimator": "importance-weighted bound on log p(x), proposal q(z | x, y)",
+        "num_samples": int(log_w.shape[0]),
+    }
     return xr.DataTree(dataset=xr.Dataset(data, coords={"example": examples}, attrs=attrs))
 
 
@@ -184,7 +187,9 @@ def _log_density(dt: xr.DataTree, name: str, method: str) -> xr.DataArray:
     try:
         da = dt["sample_stats"][name]
     except KeyError:
-        raise ValueError(f"the DataTree has no sample_stats/{name}; build it with dgc_pyro.diagnostics.to_datatree") from None
+        raise ValueError(
+            f"the DataTree has no sample_stats/{name}; build it with dgc_pyro.diagnostics.to_datatree"
+        ) from None
     if method == "joint":
         return da.sum("example")
     return da
@@ -210,8 +215,14 @@ def loo(dt: xr.DataTree, var_name: str = "xy", *, method: str = "pointwise", poi
     return loo_approximate_posterior(dt, log_p=log_p, log_q=log_q, pointwise=pointwise, var_name=var_name)
 
 
-def compare_models(models: Mapping[str, Any], var_name: str = "xy", *, method: str = "pointwise",
-                   weighting: str = "stacking", **kwargs: Any) -> pd.DataFrame:
+def compare_models(
+    models: Mapping[str, Any],
+    var_name: str = "xy",
+    *,
+    method: str = "pointwise",
+    weighting: str = "stacking",
+    **kwargs: Any,
+) -> pd.DataFrame:
     """Rank models by approximate LOO ELPD with ``arviz_stats.compare``.
 
     ``models`` maps names to :func:`to_datatree` results (built on the *same* examples) or to

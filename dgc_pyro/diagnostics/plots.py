@@ -127,8 +127,15 @@ def _as_image(a: np.ndarray) -> np.ndarray:
     return flat.reshape(side, side) if side * side == flat.size else flat[None, :]
 
 
-def save_image_grid(path: str | Path, rows: Sequence[tuple[str, Sequence[Any]]], *, title: str = "",
-                    ncols: int | None = None, cell: float = 0.9, dpi: int = 80) -> None:
+def save_image_grid(
+    path: str | Path,
+    rows: Sequence[tuple[str, Sequence[Any]]],
+    *,
+    title: str = "",
+    ncols: int | None = None,
+    cell: float = 0.9,
+    dpi: int = 80,
+) -> None:
     """PNG grid with one labelled row per ``(label, images)`` in ``rows``.
 
     An image is an array ``(C, H, W)`` (C = 1 or 3) or ``(D,)`` in [0, 1], or None for an empty cell (a gap);

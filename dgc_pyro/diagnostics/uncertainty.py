@@ -24,8 +24,8 @@ import numpy as np
 
 from dgc_pyro.inference.predict import UNCERTAINTY_SCORES, Prediction
 from dgc_pyro.metrics import (
-    check_proba,
     brier_score,
+    check_proba,
     coverage_curve,
     expected_calibration_error,
     negative_log_likelihood,
@@ -40,6 +40,7 @@ __all__ = [
     "reliability",
     "uncertainty_score",
 ]
+
 
 def _numpy(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):

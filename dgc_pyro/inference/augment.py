@@ -32,7 +32,7 @@ from dgc_pyro.models.likelihoods import likelihood_mean
 SamplingStrategy = str | float | Mapping[int, int] | Callable[[np.ndarray], Mapping[int, int]]
 OUTPUTS = ("mean", "residual")
 
-__all__ = ["augment", "synthetic_counts", "AugmentationWarning"]
+__all__ = ["AugmentationWarning", "augment", "synthetic_counts"]
 
 
 #: The named over-sampling strategies of imbalanced-learn.
@@ -53,22 +53,39 @@ def synthetic_counts(y: Any, sampling_strategy: SamplingStrategy = "auto") -> di
     labels = check_labels(y).numpy()
     if isinstance(sampling_strategy, str) and sampling_strategy not in SAMPLING_STRATEGY_NAMES:
         # imbalanced-learn's own message lists its internal functions; name the choices instead
-        raise ValueError(f"sampling_strategy must be one of {SAMPLING_STRATEGY_NAMES}, a float, a dict of target "
-                         f"counts or a callable, got {sampling_strategy!r}")
+        raise ValueError(
+            f"sampling_strategy must be one of {SAMPLING_STRATEGY_NAMES}, a float, a dict of target "
+            f"counts or a callable, got {sampling_strategy!r}"
+        )
     from imblearn.utils import check_sampling_strategy  # imported here: imblearn is slow to import
+
     wanted = check_sampling_strategy(sampling_strategy, labels, "over-sampling")
     return {int(c): int(n) for c, n in wanted.items() if int(n) > 0}
 
 
-def _check_options(perturbation_scale: float, filter_threshold: float | None, num_samples_filter: int,
-                   batch_size: int, max_rounds: int, output: str = "mean") -> None:
+def _check_options(
+    perturbation_scale: float,
+    filter_threshold: float | None,
+    num_samples_filter: int,
+    batch_size: int,
+    max_rounds: int,
+    output: str = "mean",
+) -> None:
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if not (isinstance(perturbation_scale, (int, float)) and math.isfinite(perturbation_scale) and perturbation_scale >= 0):
+    if not (
+        isinstance(perturbation_scale, (int, float)) and math.isfinite(perturbation_scale) and perturbation_scale >= 0
+    ):
         raise ValueError(f"perturbation_scale must be a finite number >= 0, got {perturbation_scale!r}")
-    if filter_threshold is not None and not (isinstance(filter_threshold, (int, float)) and 0.0 <= filter_threshold <= 1.0):
+    if filter_threshold is not None and not (
+        isinstance(filter_threshold, (int, float)) and 0.0 <= filter_threshold <= 1.0
+    ):
         raise ValueError(f"filter_threshold must be None or a number in [0, 1], got {filter_threshold!r}")
-    for name, value in (("num_samples_filter", num_samples_filter), ("batch_size", batch_size), ("max_rounds", max_rounds)):
+    for name, value in (
+        ("num_samples_filter", num_samples_filter),
+        ("batch_size", batch_size),
+        ("max_rounds", max_rounds),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -109,9 +126,16 @@ class _SourceCycler:
 
 
 @torch.no_grad()
-def _decode_perturbed(model: DGC, x: torch.Tensor, y: torch.Tensor, scale_factor: float,
-                      generator: torch.Generator, batch_size: int, output: str = "mean",
-                      bar: tqdm | None = None) -> torch.Tensor:
+def _decode_perturbed(
+    model: DGC,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale_factor: float,
+    generator: torch.Generator,
+    batch_size: int,
+    output: str = "mean",
+    bar: tqdm | None = None,
+) -> torch.Tensor:
     """Images decoded from z = loc + scale_factor * scale * eps, z's from q(z | x, y): the mean of p(x | z)
     (``output="mean"``), or ``x + mean(z) - mean(loc)`` (``"residual"``), clipped to [0, 1]; ``bar`` counts
     the decoded examples."""
@@ -250,8 +274,9 @@ def augment(
             if filter_threshold is not None:
                 bar.set_postfix_str(f"round {done + 1}, kept {sum(have.values())} of {sum(quota.values())}")
             bar.refresh()
-            xs = _decode_perturbed(model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size,
-                                   output, bar)
+            xs = _decode_perturbed(
+                model, x[torch.from_numpy(src)], ys, float(perturbation_scale), generator, batch_size, output, bar
+            )
             if filter_threshold is not None:
                 bar.set_postfix_str(f"round {done + 1}, filtering, kept {sum(have.values())} of {sum(quota.values())}")
                 # The filter's latent draws come from torch's global generator: seed them too, without
@@ -271,7 +296,9 @@ def augment(
                 accepted = passing[: quota[c] - have[c]]
                 kept[c].append(accepted)
                 have[c] += accepted.shape[0]
-                if filter_threshold is not None and _hopeless(quota[c] - have[c], passed[c], drawn[c], rounds - done - 1):
+                if filter_threshold is not None and _hopeless(
+                    quota[c] - have[c], passed[c], drawn[c], rounds - done - 1
+                ):
                     given_up[c] = done + 1
     finally:
         bar.close()
@@ -281,8 +308,11 @@ def augment(
     if short:
         detail = ", ".join(
             f"class {c}: {h} of {q}"
-            + (f", stopped after round {given_up[c]} of {max_rounds} with {passed[c]} of {drawn[c]} draws passing"
-               if c in given_up else "")
+            + (
+                f", stopped after round {given_up[c]} of {max_rounds} with {passed[c]} of {drawn[c]} draws passing"
+                if c in given_up
+                else ""
+            )
             for c, (h, q) in short.items()
         )
         warnings.warn(

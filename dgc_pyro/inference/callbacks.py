@@ -23,6 +23,7 @@ every method a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -47,8 +48,18 @@ if TYPE_CHECKING:  # the trainer calls callbacks without importing them; annotat
     from dgc_pyro.inference.trainer import Trainer
 
 __all__ = [
-    "CHANCE_CHECK_EPOCH", "NEAR_CHANCE", "BestOnValidation", "Callback", "ChanceWarning", "Checkpointing",
-    "DivergenceGuard", "EarlyStopping", "EpochFunction", "InterruptHandler", "ProgressBar", "TrainingInterrupted",
+    "CHANCE_CHECK_EPOCH",
+    "NEAR_CHANCE",
+    "BestOnValidation",
+    "Callback",
+    "ChanceWarning",
+    "Checkpointing",
+    "DivergenceGuard",
+    "EarlyStopping",
+    "EpochFunction",
+    "InterruptHandler",
+    "ProgressBar",
+    "TrainingInterrupted",
 ]
 
 #: The epoch after which a fit whose validation ACSA is still near chance warns.
@@ -162,7 +173,8 @@ class ChanceWarning(Callback):
             warn_caller(
                 f"validation ACSA is {max(scores):.3f} after {epoch} epoch(s), near chance ({chance:.3f}): the fit "
                 f"looks broken (epoch 1 loss {history[0]['loss']:.4g}); try a lower lr (lr={trainer.plan.lr}) or a "
-                "longer warm-up")
+                "longer warm-up"
+            )
 
 
 class ProgressBar(Callback):
@@ -173,8 +185,14 @@ class ProgressBar(Callback):
         self.bar: Any = None
 
     def on_fit_start(self, trainer: Trainer, start_epoch: int) -> None:
-        self.bar = tqdm(desc="fit", unit="epoch", disable=not self.enabled, leave=False, initial=start_epoch,
-                        total=trainer.plan.epochs)
+        self.bar = tqdm(
+            desc="fit",
+            unit="epoch",
+            disable=not self.enabled,
+            leave=False,
+            initial=start_epoch,
+            total=trainer.plan.epochs,
+        )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, float]) -> None:
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "val_acsa")}, refresh=False)
@@ -196,8 +214,9 @@ class Checkpointing(Callback):
     Lightning's ``ModelCheckpoint``; ``fit(checkpoint_dir=..., checkpoint_every=...)`` is the old spelling.
     """
 
-    def __init__(self, folder: str | Path | None = None, every: int = 1,
-                 metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: str | Path | None = None, every: int = 1, metadata: Mapping[str, Any] | None = None
+    ) -> None:
         check_positive("checkpoint_every", every, integer=True)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ValueError(f"checkpoint_metadata must be a dict, got {type(metadata).__name__}")
@@ -223,6 +242,7 @@ class InterruptHandler(Callback):
     def on_fit_start(self, trainer: Trainer, start_epoch: int) -> None:
         self.use_signal = trainer.state.ckpt_path is not None and threading.current_thread() is threading.main_thread()
         if self.use_signal:
+
             def on_sigterm(signum: int, frame: Any) -> None:
                 raise TrainingInterrupted(signum)
 
@@ -262,7 +282,7 @@ class DivergenceGuard(Callback):
         if batch == 0:
             self.checked = 0
         if self.check_every and (batch + 1) % self.check_every == 0:
-            k = first_nonfinite(trainer.step_losses[self.checked:], trainer.perturbation_losses[self.checked:])
+            k = first_nonfinite(trainer.step_losses[self.checked :], trainer.perturbation_losses[self.checked :])
             if k is not None:
                 self.diverged(trainer, epoch, self.checked + k)
             self.checked = batch + 1
@@ -302,13 +322,11 @@ class DivergenceGuard(Callback):
             bad_params = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
             if main is None or not math.isfinite(main):
                 terms = site_terms(run.model, *trainer.batch(perm, k))
-        except Exception as e:  # noqa: BLE001 - the diagnosis is best effort; the divergence is reported anyway
+        except Exception as e:
             note = f" (replaying the step to find the term failed: {type(e).__name__}: {str(e).splitlines()[0]})"
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the report below matters more than a failed restore
                 run.restore(good)
-            except Exception:  # noqa: BLE001
-                pass
         if pert is not None and not math.isfinite(pert):
             terms["perturbation"] = pert
         nonfinite = [t for t, v in terms.items() if not math.isfinite(v)]
@@ -330,25 +348,34 @@ class DivergenceGuard(Callback):
             parts.append("non-finite term(s): " + ", ".join(f"{describe_term(t)} = {terms[t]}" for t in nonfinite))
         main_bad = main is None or not math.isfinite(main)
         if main_bad and not note and not any(t != "perturbation" for t in nonfinite):
-            parts.append("replaying the step did not reproduce a non-finite model/guide term "
-                         "(a non-deterministic device or objective?)")
+            parts.append(
+                "replaying the step did not reproduce a non-finite model/guide term "
+                "(a non-deterministic device or objective?)"
+            )
         where = "; ".join(parts)
         if bad_params:
-            where += ("; " if where else "") + (
-                f"parameters already non-finite before the step: {bad_params[:5]}"
-            )
+            where += ("; " if where else "") + (f"parameters already non-finite before the step: {bad_params[:5]}")
         message = (
             f"training diverged in epoch {epoch}, step {k + 1}/{trainer.num_batches} "
             f"(global step {good.global_step + k + 1}): {what}"
-            + (f"; {where}" if where else "") + note
+            + (f"; {where}" if where else "")
+            + note
             + f". The model was reset to the weights after epoch {good.epoch}"
             + (f"; last good checkpoint: {path}" if path else "")
             + f". Lower the learning rate (lr={trainer.plan.lr}) or check the data."
         )
         raise TrainingDivergedError(
-            message, epoch=epoch, step=k + 1, global_step=good.global_step + k + 1, loss=main,
-            perturbation_loss=pert, terms=terms, nonfinite_terms=nonfinite, nonfinite_parameters=bad_params,
-            last_good_epoch=good.epoch, checkpoint=path,
+            message,
+            epoch=epoch,
+            step=k + 1,
+            global_step=good.global_step + k + 1,
+            loss=main,
+            perturbation_loss=pert,
+            terms=terms,
+            nonfinite_terms=nonfinite,
+            nonfinite_parameters=bad_params,
+            last_good_epoch=good.epoch,
+            checkpoint=path,
         ) from error
 
 
@@ -360,9 +387,14 @@ def checkpointing_of(callbacks: Sequence[Any]) -> Checkpointing:
     return found[0] if found else Checkpointing()
 
 
-def default_callbacks(*, progress: bool, select_best: bool, check_every: int | None,
-                      callback: Callable[[int, dict[str, float]], None] | None = None,
-                      user: Sequence[Any] = ()) -> list[Any]:
+def default_callbacks(
+    *,
+    progress: bool,
+    select_best: bool,
+    check_every: int | None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    user: Sequence[Any] = (),
+) -> list[Any]:
     """The callbacks of a fit in the order they run: the divergence guard first (its exception handler diagnoses a
     failed step before anything else sees it), model selection, the chance warning, progress, ``callback``, the
     user's, then the interrupt handler and the checkpoint writer (the user's :class:`Checkpointing`, moved last, so

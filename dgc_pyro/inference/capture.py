@@ -31,7 +31,8 @@ inductor's own generator (``torch._inductor.config.fallback_random = True`` rest
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,12 +77,14 @@ class CapturedGradients:
         compile: False, True or a dict of ``torch.compile`` options for every captured graph.
     """
 
-    def __init__(self, module: nn.Module, fn: Callable[..., tuple[torch.Tensor, ...]],
-                 compile: bool | dict[str, Any] = False) -> None:
+    def __init__(
+        self, module: nn.Module, fn: Callable[..., tuple[torch.Tensor, ...]], compile: bool | dict[str, Any] = False
+    ) -> None:
         self.module = module
         self._bound = _Bound(module, fn)
         self.compile_options: dict[str, Any] | None = (
-            None if compile is False else dict(compile) if isinstance(compile, dict) else {})
+            None if compile is False else dict(compile) if isinstance(compile, dict) else {}
+        )
         self._graphs: dict[tuple, tuple[Callable[..., Any], list[bool]]] = {}
         self._slots: tuple[list[tuple[dict, str]], list[tuple[dict, str]]] = ([], [])
 
@@ -131,7 +134,8 @@ class CapturedGradients:
         except Exception as e:  # torch reports data-dependent control flow / host syncs as RuntimeError
             raise GraphCaptureError(
                 f"the training step could not be captured as a static graph ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); use engine='torch'") from e
+                f"{str(e).splitlines()[0] if str(e) else ''}); use engine='torch'"
+            ) from e
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers, saved):

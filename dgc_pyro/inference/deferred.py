@@ -15,7 +15,6 @@ Both are functions of the epoch number alone, so a fit stopped before or inside 
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -23,8 +22,15 @@ from torch.nn import functional as F
 from dgc_pyro.config import check_deferred, first_perturbation_epoch  # their home: the configuration
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["HeadStep", "balanced_order", "balanced_weights", "check_deferred", "first_perturbation_epoch", "head_epochs_from",
-           "make_head_step"]
+__all__ = [
+    "HeadStep",
+    "balanced_order",
+    "balanced_weights",
+    "check_deferred",
+    "first_perturbation_epoch",
+    "head_epochs_from",
+    "make_head_step",
+]
 
 
 def head_epochs_from(retrain_head_epochs: int, epochs: int) -> int | None:

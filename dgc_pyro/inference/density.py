@@ -37,31 +37,48 @@ def fit_ood_threshold(
     in-distribution inputs is flagged. The draws are seeded (``seed``) inside a forked random state.
     Returns the detector; :func:`~dgc_pyro.checkpoint.save_model` saves it with the weights.
     """
-    if isinstance(false_alarm, bool) or not isinstance(false_alarm, (int, float, np.floating)) \
-            or not 0.0 < float(false_alarm) < 1.0:
+    if (
+        isinstance(false_alarm, bool)
+        or not isinstance(false_alarm, (int, float, np.floating))
+        or not 0.0 < float(false_alarm) < 1.0
+    ):
         raise ValueError(f"false_alarm must be a rate strictly between 0 and 1, got {false_alarm!r}")
     if score not in OOD_SCORES:
         raise ValueError(f"score must be one of {OOD_SCORES}, got {score!r}")
     n = len(x_dev) if hasattr(x_dev, "__len__") else 0
     minimum = math.ceil(1.0 / float(false_alarm))
     if n < minimum:
-        raise ValueError(f"x_dev has {n} images; a false-alarm rate of {false_alarm} needs at least {minimum} "
-                         "held-out in-distribution images")
+        raise ValueError(
+            f"x_dev has {n} images; a false-alarm rate of {false_alarm} needs at least {minimum} "
+            "held-out in-distribution images"
+        )
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        pred = predict(model, x_dev, num_samples, density_samples=density_samples, progress=progress,
-                       balanced=model.has_class_prior if balanced is None else balanced, ood=False)
+        pred = predict(
+            model,
+            x_dev,
+            num_samples,
+            density_samples=density_samples,
+            progress=progress,
+            balanced=model.has_class_prior if balanced is None else balanced,
+            ood=False,
+        )
     log_density = pred.log_density.detach().cpu()
     center = float(log_density.median())
     x_cpu = torch.as_tensor(x_dev).cpu() if score == "complexity" else None
     s = ood_score(log_density, x_cpu, score, center).double().numpy()
     threshold = float(np.quantile(s, 1.0 - float(false_alarm), method="higher"))
     detector = OODDetector(
-        score=score, false_alarm=float(false_alarm), threshold=threshold, center=center,
+        score=score,
+        false_alarm=float(false_alarm),
+        threshold=threshold,
+        center=center,
         score_quantiles=np.quantile(s, _LEVELS).tolist(),
         entropy_quantiles=np.quantile(pred.entropy.detach().cpu().double().numpy(), _LEVELS).tolist(),
-        num_dev=int(n), num_samples=int(num_samples), density_samples=int(pred.density_samples or 0),
+        num_dev=int(n),
+        num_samples=int(num_samples),
+        density_samples=int(pred.density_samples or 0),
     )
     model.ood_detector = detector
     return detector

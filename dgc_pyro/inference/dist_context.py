@@ -57,8 +57,9 @@ class DistContext:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    def all_reduce_gradients(self, module: torch.nn.Module, params: list[torch.nn.Parameter],
-                             extra: list[torch.Tensor], with_buffers: bool) -> list[torch.Tensor]:
+    def all_reduce_gradients(
+        self, module: torch.nn.Module, params: list[torch.nn.Parameter], extra: list[torch.Tensor], with_buffers: bool
+    ) -> list[torch.Tensor]:
         """Sum gradients of ``params`` (and ``extra`` 0-d tensors) over ranks in one collective; with
         ``with_buffers`` also average the floating-point buffers of ``module`` (BatchNorm running statistics).
 

@@ -134,8 +134,9 @@ def fit_distributed(model: Any, x: Any, y: Any, config: TrainConfig, **fit_kwarg
 
 
 # ----------------------------------------------------------------------------- in-place (torchrun) ranks
-def _fit_in_group(model: Any, x: Any, y: Any, devices: int, device_type: str, backend: str,
-                  fit_kwargs: dict[str, Any]) -> History:
+def _fit_in_group(
+    model: Any, x: Any, y: Any, devices: int, device_type: str, backend: str, fit_kwargs: dict[str, Any]
+) -> History:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
@@ -144,8 +145,14 @@ def _fit_in_group(model: Any, x: Any, y: Any, devices: int, device_type: str, ba
     device = _local_device(device_type, local_rank)
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=_TIMEOUT,
-                                **({"device_id": device} if device_type == "cuda" else {}))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=_TIMEOUT,
+            **({"device_id": device} if device_type == "cuda" else {}),
+        )
     ctx = DistContext(rank, world, local_rank, device, backend)
     kwargs = dict(fit_kwargs, device=device)
     if rank != 0:
@@ -169,12 +176,13 @@ def _picklable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:  # noqa: BLE001 - anything unpicklable becomes a RuntimeError with its text
+    except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _spawn(model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: str, backend: str,
-           fit_kwargs: dict[str, Any]) -> History:
+def _spawn(
+    model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: str, backend: str, fit_kwargs: dict[str, Any]
+) -> History:
     import torch.multiprocessing as mp
 
     if dist.is_initialized():  # spawning from inside a process group would nest groups
@@ -194,7 +202,9 @@ def _spawn(model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: 
         procs = mp.start_processes(
             _spawn_worker,
             args=(nprocs, addr, port, str(folder), fit_kwargs, callback is not None, messages, device_type, backend),
-            nprocs=nprocs, join=False, start_method="spawn",
+            nprocs=nprocs,
+            join=False,
+            start_method="spawn",
         )
         result: dict[str, Any] | None = None
         errors: dict[int, BaseException] = {}
@@ -241,19 +251,41 @@ def _spawn(model: Any, data: dict[str, torch.Tensor], nprocs: int, device_type: 
     return History(model=model, **result)
 
 
-def _spawn_worker(local_rank: int, nprocs: int, addr: str, port: int, folder: str, fit_kwargs: dict[str, Any],
-                  send_epochs: bool, messages: Any, device_type: str, backend: str) -> None:
+def _spawn_worker(
+    local_rank: int,
+    nprocs: int,
+    addr: str,
+    port: int,
+    folder: str,
+    fit_kwargs: dict[str, Any],
+    send_epochs: bool,
+    messages: Any,
+    device_type: str,
+    backend: str,
+) -> None:
     rank = local_rank
-    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nprocs),
-                      LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs))
+    os.environ.update(
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(nprocs),
+    )
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     try:
         device = _local_device(device_type, local_rank)
         model = torch.load(Path(folder) / "model.pt", weights_only=False)
         data = torch.load(Path(folder) / "data.pt", mmap=True, weights_only=True)
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=nprocs,
-                                timeout=_TIMEOUT, **({"device_id": device} if device_type == "cuda" else {}))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{addr}:{port}",
+            rank=rank,
+            world_size=nprocs,
+            timeout=_TIMEOUT,
+            **({"device_id": device} if device_type == "cuda" else {}),
+        )
         try:
             kwargs = dict(fit_kwargs, device=device)
             for key in ("x_val", "y_val"):
@@ -263,8 +295,9 @@ def _spawn_worker(local_rank: int, nprocs: int, addr: str, port: int, folder: st
                 kwargs["progress"] = False
             elif send_epochs:
                 kwargs["callback"] = lambda epoch, record: messages.put(("epoch", epoch, dict(record)))
-            history = train(model, data["x"], data["y"], dist=DistContext(rank, nprocs, local_rank, device, backend),
-                            **kwargs)
+            history = train(
+                model, data["x"], data["y"], dist=DistContext(rank, nprocs, local_rank, device, backend), **kwargs
+            )
             if rank == 0:
                 state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
                 torch.save(state, Path(folder) / "state.pt")

@@ -44,17 +44,28 @@ from pyro import poutine
 from pyro.poutine.scale_messenger import ScaleMessenger
 
 from dgc_pyro.caller_warning import warn_caller
+from dgc_pyro.config import ENGINES, check_choice  # the names live with the option
 from dgc_pyro.inference.capture import CapturedGradients, GraphCaptureError
 from dgc_pyro.inference.dist_context import DistContext, GlobalNoise, check_engine
 from dgc_pyro.inference.objectives import Objective
-from dgc_pyro.config import ENGINES, check_choice  # the names live with the option
 from dgc_pyro.inference.perturbation import PerturbationStep, guide_normal_params
 from dgc_pyro.inference.traced_elbo import TracedELBO, traced_elbo_kind
 from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["ENGINES", "GraphStep", "Step", "SviStep", "TorchStep", "TracedELBO", "adam_kernel", "compile_networks",
-           "make_step", "traced_elbo_kind"]
+__all__ = [
+    "ENGINES",
+    "GraphStep",
+    "Step",
+    "SviStep",
+    "TorchStep",
+    "TracedELBO",
+    "adam_kernel",
+    "compile_networks",
+    "make_step",
+    "traced_elbo_kind",
+]
+
 
 class Step(Protocol):
     """What the training loop needs of a step: a call on a batch, and its optimisers by name."""
@@ -141,8 +152,15 @@ class TorchStep(_StepBase):
 
     engine = "torch"
 
-    def __init__(self, model: DGC, loss_fn: Objective, optimizer: torch.optim.Optimizer,
-                 perturbation: PerturbationStep, *, dist: DistContext | None = None) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        loss_fn: Objective,
+        optimizer: torch.optim.Optimizer,
+        perturbation: PerturbationStep,
+        *,
+        dist: DistContext | None = None,
+    ) -> None:
         super().__init__(optimizer, perturbation)
         self.model, self.dist = model, dist
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -204,9 +222,16 @@ class GraphStep(TorchStep):
     optimisers), and ``engine`` becomes ``"torch"``.
     """
 
-    def __init__(self, model: DGC, loss_fn: Objective, optimizer: torch.optim.Optimizer,
-                 perturbation: PerturbationStep, *, compile: bool | dict[str, Any] = False,
-                 fallback: bool = False) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        loss_fn: Objective,
+        optimizer: torch.optim.Optimizer,
+        perturbation: PerturbationStep,
+        *,
+        compile: bool | dict[str, Any] = False,
+        fallback: bool = False,
+    ) -> None:
         super().__init__(model, loss_fn, optimizer, perturbation)
         self.engine = "graph"  # "torch" once a capture failed
         self.fallback = fallback
@@ -242,8 +267,14 @@ class SviStep(_StepBase):
 
     engine = "svi"
 
-    def __init__(self, model: DGC, loss_fn: Objective, optimizer: pyro.optim.PyroOptim,
-                 perturbation: PerturbationStep, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        loss_fn: Objective,
+        optimizer: pyro.optim.PyroOptim,
+        perturbation: PerturbationStep,
+        device: torch.device,
+    ) -> None:
         super().__init__(optimizer, perturbation)
         self.device = device
         self.traced_guide = poutine.trace(_PerExample(model.guide))  # records q(z | x, y) for the perturbation step
@@ -300,8 +331,9 @@ def make_step(
         dist.broadcast_model(model)  # identical starting point on every rank
     kernel = adam_kernel(device)
     cls_opt = torch.optim.Adam(list(model.classifier.parameters()), lr=classifier_lr, betas=betas, **kernel)
-    perturbation = PerturbationStep(model, reps, cls_opt, device, active=perturb, offset=perturbation_offset,
-                                    borrow_from=borrow_from, dist=dist)
+    perturbation = PerturbationStep(
+        model, reps, cls_opt, device, active=perturb, offset=perturbation_offset, borrow_from=borrow_from, dist=dist
+    )
     if engine == "svi":
         optim = pyro.optim.Adam({"lr": lr, "betas": betas, **kernel})  # one torch Adam per parameter, same kernel
         return SviStep(model, loss_fn, optim, perturbation, device)

@@ -24,8 +24,12 @@ PREDICTION_FILES = ("predictions.npz", "predictions.csv")
 def prediction_columns(pred: Prediction) -> dict[str, np.ndarray]:
     """The per-example columns of ``pred`` as numpy arrays: label, the uncertainty scores, the density and, when
     the model has them, the OOD score and flag and the reject mask (the class probabilities are separate)."""
-    columns = {"label": pred.labels, "entropy": pred.entropy, "mutual_information": pred.mutual_information,
-               "expected_entropy": pred.expected_entropy}
+    columns = {
+        "label": pred.labels,
+        "entropy": pred.entropy,
+        "mutual_information": pred.mutual_information,
+        "expected_entropy": pred.expected_entropy,
+    }
     if pred.log_density is not None:
         columns["log_density"] = pred.log_density
     if pred.ood is not None:
@@ -53,8 +57,13 @@ def write_predictions(pred: Prediction, out: PathLike, class_names: Sequence[str
     writer.writerow(["index", *columns, *(f"p_{name}" for name in names)])
     for i in range(len(proba)):
         row = [columns[k][i] for k in columns]
-        writer.writerow([i, *(int(v) if isinstance(v, (np.bool_, np.integer)) else f"{v:.6g}" for v in row),
-                         *(f"{p:.6g}" for p in proba[i])])
+        writer.writerow(
+            [
+                i,
+                *(int(v) if isinstance(v, (np.bool_, np.integer)) else f"{v:.6g}" for v in row),
+                *(f"{p:.6g}" for p in proba[i]),
+            ]
+        )
     folder = Path(out)
     npz_path, csv_path = folder / PREDICTION_FILES[0], folder / PREDICTION_FILES[1]
     atomic_write_bytes(npz_path, buf.getvalue())

@@ -43,8 +43,17 @@ from dgc_pyro.inference.training import (
 )
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["CHANCE_CHECK_EPOCH", "DEFAULT_WARMUP_STEPS", "NEAR_CHANCE", "History", "TrainConfig",
-           "TrainingDivergedError", "TrainingInterrupted", "fit", "site_terms"]
+__all__ = [
+    "CHANCE_CHECK_EPOCH",
+    "DEFAULT_WARMUP_STEPS",
+    "NEAR_CHANCE",
+    "History",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "fit",
+    "site_terms",
+]
 
 #: Keywords of fit before it took a TrainConfig, still accepted (see fit's docstring for what each became).
 _OLD_KEYWORDS = ("callback", "checkpoint_dir", "checkpoint_every", "checkpoint_metadata", "resume_from")
@@ -118,24 +127,35 @@ def fit(
     config = config.replace(**options)
     callbacks, resume = _old_keywords(old, callbacks, resume)
     check_perturbation_model(model, config.perturbation_rate)  # before the data-parallel workers are started
-    kwargs = dict(x_val=x_val, y_val=y_val, resume=resume, callbacks=callbacks, device=device, seed=seed,
-                  progress=progress, callback=old.get("callback"))
+    kwargs = dict(
+        x_val=x_val,
+        y_val=y_val,
+        resume=resume,
+        callbacks=callbacks,
+        device=device,
+        seed=seed,
+        progress=progress,
+        callback=old.get("callback"),
+    )
     if config.data_parallel:  # this fit in `devices` processes (engine "torch")
         return fit_distributed(model, x, y, config, **kwargs)
     return train(model, x, y, config, **kwargs)
 
 
-def _old_keywords(old: dict[str, Any], callbacks: Sequence[Any],
-                  resume: bool | str | Path | None) -> tuple[Sequence[Any], bool | str | Path | None]:
+def _old_keywords(
+    old: dict[str, Any], callbacks: Sequence[Any], resume: bool | str | Path | None
+) -> tuple[Sequence[Any], bool | str | Path | None]:
     """``callbacks`` and ``resume`` with fit's old checkpoint keywords folded in."""
     if any(k in old for k in ("checkpoint_dir", "checkpoint_every", "checkpoint_metadata")):
         if not isinstance(callbacks, (list, tuple)):
             raise ValueError(f"callbacks must be a list or tuple of callback objects, got {type(callbacks).__name__}")
         if any(isinstance(c, Checkpointing) for c in callbacks):
-            raise ValueError("pass checkpoint_dir/checkpoint_every/checkpoint_metadata or a Checkpointing callback, "
-                             "not both")
-        writer = Checkpointing(old.get("checkpoint_dir"), every=old.get("checkpoint_every", 1),
-                               metadata=old.get("checkpoint_metadata"))
+            raise ValueError(
+                "pass checkpoint_dir/checkpoint_every/checkpoint_metadata or a Checkpointing callback, not both"
+            )
+        writer = Checkpointing(
+            old.get("checkpoint_dir"), every=old.get("checkpoint_every", 1), metadata=old.get("checkpoint_metadata")
+        )
         callbacks = (*callbacks, writer)
     if old.get("resume_from") is not None:
         if resume not in (None, False):

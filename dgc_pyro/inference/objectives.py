@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.infer
@@ -53,7 +53,9 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
 
 
-def mmd_imq(a: torch.Tensor, b: torch.Tensor, scales: Sequence[float] = IMQ_SCALES, *, biased: bool = False) -> torch.Tensor:
+def mmd_imq(
+    a: torch.Tensor, b: torch.Tensor, scales: Sequence[float] = IMQ_SCALES, *, biased: bool = False
+) -> torch.Tensor:
     """Squared MMD between samples ``a`` (n, k) and ``b`` (m, k) with the inverse-multiquadric kernel.
 
     k(u, v) = C / (C + ||u - v||^2), summed over C = 2 * k * s for s in ``scales`` (k = latent dim),
@@ -62,7 +64,9 @@ def mmd_imq(a: torch.Tensor, b: torch.Tensor, scales: Sequence[float] = IMQ_SCAL
     the V-statistic (always >= 0). Differentiable in both arguments.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"mmd_imq needs two (n, k) sample matrices with the same k, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"mmd_imq needs two (n, k) sample matrices with the same k, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     n, m, k = a.shape[0], b.shape[0], a.shape[-1]
     if not biased and (n < 2 or m < 2):
         raise ValueError("the unbiased MMD estimate needs at least two samples on each side")
@@ -125,7 +129,11 @@ def wae_mmd_loss(
     def loss(model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-        for name, tr, what in ((x_site, model_tr, "model"), (y_site, model_tr, "model"), (latent_site, guide_tr, "guide")):
+        for name, tr, what in (
+            (x_site, model_tr, "model"),
+            (y_site, model_tr, "model"),
+            (latent_site, guide_tr, "guide"),
+        ):
             if name not in tr.nodes:
                 raise ValueError(f"wae-mmd needs the site {name!r} in the {what}")
         xs, ys, zs = model_tr.nodes[x_site], model_tr.nodes[y_site], model_tr.nodes[latent_site]
@@ -158,7 +166,8 @@ def wae_mmd_loss(
         return total
 
     loss.__name__ = f"wae_mmd_loss(lam={lam}, reconstruction={reconstruction!r}" + (
-        f", kl_weight={kl_weight})" if kl_weight else ")")
+        f", kl_weight={kl_weight})" if kl_weight else ")"
+    )
     return loss
 
 
@@ -168,8 +177,9 @@ IWAE_PARTICLES = 5
 _PARTICLE_PLATE = "iwae_particles"
 
 
-def _importance_traces(model: Callable, guide: Callable, particles: int, dim: int, args: tuple,
-                       kwargs: dict) -> tuple[poutine.Trace, poutine.Trace]:
+def _importance_traces(
+    model: Callable, guide: Callable, particles: int, dim: int, args: tuple, kwargs: dict
+) -> tuple[poutine.Trace, poutine.Trace]:
     """Model and guide traces of ``particles`` vectorised draws (a plate at ``dim``, left of the model's plates)."""
     with pyro.plate(_PARTICLE_PLATE, particles, dim=dim):
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -177,8 +187,9 @@ def _importance_traces(model: Callable, guide: Callable, particles: int, dim: in
     return model_tr, guide_tr
 
 
-def _iw_bound(model_tr: poutine.Trace, guide_tr: poutine.Trace, particles: int, latent_site: str,
-              exclude: frozenset[str]) -> torch.Tensor:
+def _iw_bound(
+    model_tr: poutine.Trace, guide_tr: poutine.Trace, particles: int, latent_site: str, exclude: frozenset[str]
+) -> torch.Tensor:
     """Minus the scaled sum over the batch of the per-example bounds log mean_k w_k (the sites in ``exclude`` left
     out of w), plus the sites outside the data plates (global terms, averaged over the draws).
 
@@ -263,8 +274,11 @@ def iwae_loss(
     """
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
-    if isinstance(counterfactual_weight, bool) or not isinstance(counterfactual_weight, (int, float)) \
-            or not (math.isfinite(counterfactual_weight) and counterfactual_weight >= 0):
+    if (
+        isinstance(counterfactual_weight, bool)
+        or not isinstance(counterfactual_weight, (int, float))
+        or not (math.isfinite(counterfactual_weight) and counterfactual_weight >= 0)
+    ):
         raise ValueError(f"counterfactual_weight must be a finite number >= 0, got {counterfactual_weight!r}")
     if isinstance(max_plate_nesting, bool) or not isinstance(max_plate_nesting, int) or max_plate_nesting < 0:
         raise ValueError(f"max_plate_nesting must be an integer >= 0, got {max_plate_nesting!r}")
@@ -285,12 +299,15 @@ def iwae_loss(
         cf_args, cf_kwargs = ((args[0], wrong, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "y": wrong})
         recorded = guide.msngr.trace if isinstance(guide, TraceHandler) else None
         cf_model_tr, cf_guide_tr = _importance_traces(model, guide, num_particles, dim, cf_args, cf_kwargs)
-        if recorded is not None:  # the engines' recorder hands the observed label's q(z | x, y) to the perturbation step
+        if (
+            recorded is not None
+        ):  # the engines' recorder hands the observed label's q(z | x, y) to the perturbation step
             guide.msngr.trace = recorded
         return total + weight * _iw_bound(cf_model_tr, cf_guide_tr, num_particles, latent_site, frozenset({y_site}))
 
     loss.__name__ = f"iwae_loss(num_particles={num_particles}" + (
-        f", counterfactual_weight={weight:g})" if weight else ")")
+        f", counterfactual_weight={weight:g})" if weight else ")"
+    )
     return loss
 
 

@@ -30,7 +30,6 @@ from dgc_pyro.config import PERTURBATION_NOISES, PERTURBATION_PRIORS, check_choi
 from dgc_pyro.models.dgc import DGC, unwrap_normal
 
 
-
 def repeat_counts(class_counts: np.ndarray | torch.Tensor, rate: float) -> torch.Tensor:
     """Per-class repetition factors ``floor(1 + rate * (n_max - n_c) / n_c)`` (1 for empty classes)."""
     counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
@@ -83,16 +82,24 @@ def borrowed_scale(loc: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, head
     variance = centred.square().sum(0) / dof + (scale.square() * in_head[:, None]).sum(0) / n_head.clamp_min(1.0)
     tail = ~head[y] & (n_head > 0)
     return torch.where(tail[:, None], variance.sqrt().expand_as(scale), scale)
+
+
 def check_perturbation_model(model: Any, rate: Any) -> None:
     """Raise ValueError when the step is asked of a model without a label head (``DGC.has_label_head`` False).
 
     The step trains the classifier network p(y | z) alone; the class-conditional prior's p(y | z) is Bayes' rule
     on its class Gaussians, which the step's optimiser does not hold, so it would silently do nothing.
     """
-    if isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool) and rate > 0 \
-            and not getattr(model, "has_label_head", True):
-        raise ValueError(f"perturbation_rate={rate} needs a label head p(y | z), which a model with "
-                         "latent_prior='class_conditional' does not have; use perturbation_rate=0")
+    if (
+        isinstance(rate, (int, float, np.integer, np.floating))
+        and not isinstance(rate, bool)
+        and rate > 0
+        and not getattr(model, "has_label_head", True)
+    ):
+        raise ValueError(
+            f"perturbation_rate={rate} needs a label head p(y | z), which a model with "
+            "latent_prior='class_conditional' does not have; use perturbation_rate=0"
+        )
 
 
 def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "train") -> torch.Tensor | None:
@@ -110,7 +117,9 @@ def perturbation_offset(model: DGC, reps_per_class: torch.Tensor, prior: str = "
     return offset.to(dtype=model.label_offset.dtype, device=model.label_offset.device)
 
 
-def guide_normal_params(guide_trace: Any, model: DGC, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def guide_normal_params(
+    guide_trace: Any, model: DGC, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Detached (loc, scale) of q(z | x, y), shape (n, k), from a recorded guide trace, re-encoding only for
     non-Normal guides.
 
@@ -190,9 +199,18 @@ class PerturbationStep:
     single-process ones.
     """
 
-    def __init__(self, model: DGC, reps: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device, *,
-                 active: bool, offset: torch.Tensor | None = None, borrow_from: torch.Tensor | None = None,
-                 dist: Any = None) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        reps: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        active: bool,
+        offset: torch.Tensor | None = None,
+        borrow_from: torch.Tensor | None = None,
+        dist: Any = None,
+    ) -> None:
         self.model, self.reps, self.optimizer = model, reps, optimizer
         self.active, self.on = bool(active), True
         self.offset, self.borrow_from, self.dist = offset, borrow_from, dist
@@ -200,9 +218,15 @@ class PerturbationStep:
         self.zero = torch.zeros((), device=device)
         self.max_reps = int(reps.max()) if self.active else 0  # one host sync, at set-up
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, guide_trace: Any = None,
-                 guide_params: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 shard: tuple[int, int] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        guide_trace: Any = None,
+        guide_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         if not (self.active and self.on):
             return self.zero
         model, reps = self.model, self.reps
@@ -220,8 +244,17 @@ class PerturbationStep:
         total = reps[y].sum()
         if hi > lo:
             loc, scale = guide_normal_params(guide_trace, model, x[lo:hi], y[lo:hi])
-            loss = perturbation_loss(model, loc, scale, y[lo:hi], reps, max_reps=self.max_reps,
-                                     noise=noise[lo:hi], total=total, offset=self.offset)
+            loss = perturbation_loss(
+                model,
+                loc,
+                scale,
+                y[lo:hi],
+                reps,
+                max_reps=self.max_reps,
+                noise=noise[lo:hi],
+                total=total,
+                offset=self.offset,
+            )
             loss.backward()
         else:
             loss = self.zero

@@ -14,7 +14,7 @@ builds its log-likelihood and LOO inputs from it.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyro
 import torch
@@ -26,7 +26,7 @@ from dgc_pyro.data.validation import check_features, check_labels
 from dgc_pyro.inference.predict import DEFAULT_MAX_ROWS, predict
 from dgc_pyro.models.dgc import DGC
 
-__all__ = ["posterior_predictive", "posterior_log_densities"]
+__all__ = ["posterior_log_densities", "posterior_predictive"]
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ CPU_ACTIVATION_BYTES = 16 * 2**20
 LATENT_CPU_ACTIVATION_BYTES = 128 * 2**20
 CUDA_CHUNK_SHARE = 0.25
 _ROW_LIMITS = {"cpu": (64, 32768), "cuda": (1024, 1 << 20)}
-_ROW_BYTES: "weakref.WeakKeyDictionary[DGC, dict[str, int]]" = weakref.WeakKeyDictionary()
+_ROW_BYTES: weakref.WeakKeyDictionary[DGC, dict[str, int]] = weakref.WeakKeyDictionary()
 
 
 #: Per-example uncertainty scores of a :class:`Prediction` (larger = less certain); the reject option's scores.
@@ -163,14 +163,18 @@ def _log_weight_chunk(
     return SCORING_RULE_REGISTRY.get(rule).log_weights(model, x, num_samples, density_draws)
 
 
-def _bayes_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _bayes_chunk(
+    model: DGC, x: torch.Tensor, num_samples: int, density_draws: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``"bayes"`` rule's pass: :func:`_bayes_log_weights`; its density reuses the same draws."""
     log_w = _bayes_log_weights(model, bare_method(model, "guide"), x, num_samples)
     # sum_c p(c) p(z | c) = p(z): the per-draw weights of log p(x) are the class sums, (n, S)
     return log_w, (torch.logsumexp(log_w, dim=1) if density_draws > 0 else None)
 
 
-def _latent_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _latent_chunk(
+    model: DGC, x: torch.Tensor, num_samples: int, density_draws: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``"latent"`` rule's pass: q(z | x) taken as the posterior, p(y | x) ~ mean_s p(y | z_s), no importance
     weights; for the density the first ``density_draws`` draws of q(z | x) are decoded (the only decoder rows that
     rule runs). Only a trained label-free guide (label_in_guide=False) makes q(z | x) meaningful."""
@@ -194,7 +198,9 @@ def _latent_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: 
     return log_py.permute(1, 2, 0), dens
 
 
-def _class_hypothesis_traces(model: DGC, x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+def _class_hypothesis_traces(
+    model: DGC, x: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     """The tiled inputs and labels, and the guide and model traces of S draws of q(z | x, c) for every class
     hypothesis c: class-major tiling, row j*n + i holds example i under class hypothesis j."""
     n, c = x.shape[0], model.num_classes
@@ -207,7 +213,9 @@ def _class_hypothesis_traces(model: DGC, x: torch.Tensor, num_samples: int) -> t
     return xc, yc, guide_tr, model_tr
 
 
-def _mixture_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _mixture_chunk(
+    model: DGC, x: torch.Tensor, num_samples: int, density_draws: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``"mixture"`` rule's pass. Balance-heuristic multiple importance sampling: all S*c draws of an example
     are weighted against the equal mixture of its c class-conditional proposals, and every class is scored on the
     same draws, so estimator noise cancels between classes; the density terms are the same weights."""
@@ -229,8 +237,9 @@ def _mixture_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws:
     return (log_shared[..., None] + log_py).permute(1, 2, 0), dens  # (n, c, S*c)
 
 
-def _per_class_chunk(model: DGC, x: torch.Tensor, num_samples: int, density_draws: int,
-                     importance_weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _per_class_chunk(
+    model: DGC, x: torch.Tensor, num_samples: int, density_draws: int, importance_weighted: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``"iw"`` (``importance_weighted``) and ``"paper"`` rules' pass: per class hypothesis, the importance
     weights of log p(x, y = c) with q(z | x, c) alone, or Eq. 9 of the paper (log p(x | z) + log p(y = c | z));
     the density terms are the per-class weights of log p(x, y = c) (y is marginalised by the sum over c)."""
@@ -258,7 +267,9 @@ def _bayes_log_weights(model: DGC, guide_fn: Any, x: torch.Tensor, num_samples: 
     p(y = c | x) proportional to p(y = c) * mean_s [p(x | z_s) p(z_s | y = c) / q(z_s | x)].
     """
     if getattr(model, "class_gaussians", None) is None:
-        raise ValueError("rule='bayes' needs a model built with latent_prior='class_conditional' (a p(z | y) per class)")
+        raise ValueError(
+            "rule='bayes' needs a model built with latent_prior='class_conditional' (a p(z | y) per class)"
+        )
     with pyro.plate("particles", num_samples, dim=-2):
         guide_tr = poutine.trace(guide_fn).get_trace(x, None)
     node = guide_tr.nodes["z"]
@@ -345,11 +356,17 @@ SCORING_RULE_REGISTRY: Registry[ScoringRuleSpec] = Registry("scoring rule")
 SCORING_RULE_REGISTRY.register("mixture", ScoringRuleSpec(_mixture_chunk, pools_classes=True))
 SCORING_RULE_REGISTRY.register("iw", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=True)))
 SCORING_RULE_REGISTRY.register(
-    "paper", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=False), applies_to=_paper_applies))
-SCORING_RULE_REGISTRY.register("latent", ScoringRuleSpec(
-    _latent_chunk, rows=_latent_rows, own_density_draws=True, cpu_activation_bytes=LATENT_CPU_ACTIVATION_BYTES))
+    "paper", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=False), applies_to=_paper_applies)
+)
 SCORING_RULE_REGISTRY.register(
-    "bayes", ScoringRuleSpec(_bayes_chunk, rows=_bayes_rows, applies_to=_has_class_gaussians))
+    "latent",
+    ScoringRuleSpec(
+        _latent_chunk, rows=_latent_rows, own_density_draws=True, cpu_activation_bytes=LATENT_CPU_ACTIVATION_BYTES
+    ),
+)
+SCORING_RULE_REGISTRY.register(
+    "bayes", ScoringRuleSpec(_bayes_chunk, rows=_bayes_rows, applies_to=_has_class_gaussians)
+)
 #: The built-in rules' names (the registry's :meth:`~dgc_pyro.registry.Registry.names` also lists added ones).
 SCORING_RULES: tuple[str, ...] = SCORING_RULE_REGISTRY.names()
 
@@ -386,8 +403,16 @@ def class_log_weights(
     convolution weights for the call. The result is float32 either way. ``progress`` shows a tqdm bar
     over the chunks on stderr.
     """
-    return _class_log_weights(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast,
-                              channels_last=channels_last, progress=progress)[0]
+    return _class_log_weights(
+        model,
+        x,
+        num_samples,
+        rule=rule,
+        max_rows=max_rows,
+        autocast=autocast,
+        channels_last=channels_last,
+        progress=progress,
+    )[0]
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -420,7 +445,9 @@ def _class_log_weights(
     _check_count("density_samples", density_samples, 0)
     if autocast not in AUTOCAST_CHOICES:
         raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
+    if max_rows is not None and (
+        isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1
+    ):
         raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     x = check_features(x, input_shape=model.input_shape)
     num_samples = int(num_samples)
@@ -433,8 +460,9 @@ def _class_log_weights(
         channels_last = model.device.type == "cpu" or autocast is not None
     out, dens_out = [], []
     try:
-        examples, draws = chunk_plan(model, rule, num_samples, max_rows=max_rows,
-                                     density_samples=density_draws if spec.own_density_draws else 0)
+        examples, draws = chunk_plan(
+            model, rule, num_samples, max_rows=max_rows, density_samples=density_draws if spec.own_density_draws else 0
+        )
         blocks = [(s, min(s + draws, num_samples)) for s in range(0, num_samples, draws)]
         starts = range(0, x.shape[0], examples)
         with contextlib.ExitStack() as stack:
@@ -443,8 +471,16 @@ def _class_log_weights(
                 stack.enter_context(_channels_last(model))
             if autocast is not None:
                 stack.enter_context(_network_autocast(model, torch.bfloat16))
-            bar = stack.enter_context(tqdm(total=len(starts) * len(blocks), desc="predict", unit="chunk",
-                                           disable=not progress, file=sys.stderr, leave=False))
+            bar = stack.enter_context(
+                tqdm(
+                    total=len(starts) * len(blocks),
+                    desc="predict",
+                    unit="chunk",
+                    disable=not progress,
+                    file=sys.stderr,
+                    leave=False,
+                )
+            )
             for start in starts:
                 xb = x[start : start + examples].to(model.device, model.dtype, non_blocking=True)
                 if channels_last and xb.dim() == 4:
@@ -494,6 +530,7 @@ def _row_bytes(model: DGC) -> dict[str, int]:
             for t in output if isinstance(output, (tuple, list)) else (output,):
                 if torch.is_tensor(t):
                     largest[name] = max(largest[name], t.numel())
+
         return record
 
     handles = [m.register_forward_hook(recorder(name)) for name, net in nets.items() for m in net.modules()]
@@ -553,8 +590,9 @@ def _budget(model: DGC, rule: str) -> tuple[int, int | None]:
     return CPU_CHUNK_BYTES, SCORING_RULE_REGISTRY.get(rule).cpu_activation_bytes
 
 
-def chunk_plan(model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None,
-               density_samples: int = 0) -> tuple[int, int]:
+def chunk_plan(
+    model: DGC, rule: str, num_samples: int, *, max_rows: int | None = None, density_samples: int = 0
+) -> tuple[int, int]:
     """``(examples, draws)`` per vectorised pass of ``rule`` with ``num_samples`` draws per example.
 
     With ``max_rows`` the busiest network runs at most that many rows per pass (at least one draw of one
@@ -814,18 +852,29 @@ def predict(
         raise ValueError(f"reject must be one of {REJECT_RULES} or None, got {reject!r}")
     detector = getattr(model, "ood_detector", None) if ood and density else None
     if reject in ("density", "both") and detector is None:
-        why = "density=False and ood=False switch it off" if not (ood and density) else \
-            "the model has no OOD detector; calibrate one with dgc_pyro.inference.fit_ood_threshold(model, x_dev)"
+        why = (
+            "density=False and ood=False switch it off"
+            if not (ood and density)
+            else "the model has no OOD detector; calibrate one with dgc_pyro.inference.fit_ood_threshold(model, x_dev)"
+        )
         raise ValueError(f'reject="{reject}" needs the calibrated OOD flag: {why}')
     if reject == "entropy" and reject_threshold is None and detector is None:
-        raise ValueError('reject="entropy" needs reject_threshold (or a model with an OOD detector, whose dev-set '
-                         "entropy quantile is the default)")
+        raise ValueError(
+            'reject="entropy" needs reject_threshold (or a model with an OOD detector, whose dev-set '
+            "entropy quantile is the default)"
+        )
     if density_samples is None:
         density_samples = DEFAULT_DENSITY_SAMPLES
     _check_count("density_samples", density_samples, 1)
     rule = rule or model.default_rule
-    options = {"rule": rule, "max_rows": max_rows, "autocast": autocast, "channels_last": channels_last,
-               "progress": progress, "density_samples": int(density_samples) if density else 0}
+    options = {
+        "rule": rule,
+        "max_rows": max_rows,
+        "autocast": autocast,
+        "channels_last": channels_last,
+        "progress": progress,
+        "density_samples": int(density_samples) if density else 0,
+    }
     if swag is None:
         if head_samples is not None:
             raise ValueError("head_samples needs swag=... (a posterior over the label head, e.g. SwagCollector.head)")
@@ -833,8 +882,9 @@ def predict(
     else:
         head_samples = DEFAULT_HEAD_SAMPLES if head_samples is None else head_samples
         _check_count("head_samples", head_samples, 1)
-        log_w, log_density = _head_averaged_log_weights(model, x, num_samples, balanced, options, swag,
-                                                        int(head_samples), head_seed)
+        log_w, log_density = _head_averaged_log_weights(
+            model, x, num_samples, balanced, options, swag, int(head_samples), head_seed
+        )
     pred = posterior_from_log_weights(log_w)
     pred.rule = rule
     pred.head_samples = int(head_samples) if swag is not None else None
@@ -851,8 +901,9 @@ def predict(
     return pred
 
 
-def _balanced_log_weights(model: DGC, x: torch.Tensor, num_samples: int, balanced: bool,
-                          options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _balanced_log_weights(
+    model: DGC, x: torch.Tensor, num_samples: int, balanced: bool, options: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One prediction pass: the rule's log weights (the label marginal divided out for ``balanced``) and density."""
     with model.balanced_labels() if balanced else contextlib.nullcontext():
         log_w, log_density = _class_log_weights(model, x, num_samples, **options)
@@ -862,16 +913,27 @@ def _balanced_log_weights(model: DGC, x: torch.Tensor, num_samples: int, balance
     return log_w, log_density
 
 
-def _head_averaged_log_weights(model: DGC, x: torch.Tensor, num_samples: int, balanced: bool,
-                               options: dict[str, Any], swag: HeadPosterior, head_samples: int,
-                               head_seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _head_averaged_log_weights(
+    model: DGC,
+    x: torch.Tensor,
+    num_samples: int,
+    balanced: bool,
+    options: dict[str, Any],
+    swag: HeadPosterior,
+    head_samples: int,
+    head_seed: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`predict`'s ``swag`` path: one pass per head draw on the same latent draws, each block normalised to
     one per example, joined head-major on the draw axis; the densities averaged in probability."""
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     swag.check_model(model)
-    check_prediction_size(model, check_features(x, input_shape=model.input_shape).shape[0],
-                          num_samples * head_samples, rule=options["rule"])
+    check_prediction_size(
+        model,
+        check_features(x, input_shape=model.input_shape).shape[0],
+        num_samples * head_samples,
+        rule=options["rule"],
+    )
     thetas = swag.sample(head_samples, seed=head_seed)
     cuda = [model.device] if model.device.type == "cuda" else []
     blocks, densities = [], []
@@ -925,5 +987,14 @@ def predict_proba(
     balanced: bool = False,
 ) -> torch.Tensor:
     """Class posterior p(y | x) as an ``(N, C)`` tensor whose rows sum to one (see :func:`predict`)."""
-    return predict(model, x, num_samples, rule=rule, max_rows=max_rows, autocast=autocast, balanced=balanced,
-                   channels_last=channels_last, density=False).proba
+    return predict(
+        model,
+        x,
+        num_samples,
+        rule=rule,
+        max_rows=max_rows,
+        autocast=autocast,
+        balanced=balanced,
+        channels_last=channels_last,
+        density=False,
+    ).proba

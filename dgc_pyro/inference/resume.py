@@ -21,7 +21,11 @@ from dgc_pyro.io import CheckpointError, to_jsonable
 from dgc_pyro.models.dgc import DGC
 
 __all__ = [
-    "check_resumable", "copy_tree", "data_fingerprint", "load_optimizer_state", "optimizer_state",
+    "check_resumable",
+    "copy_tree",
+    "data_fingerprint",
+    "load_optimizer_state",
+    "optimizer_state",
 ]
 
 
@@ -65,7 +69,9 @@ def optimizer_state(opt: Any, model: DGC) -> dict[str, Any]:
         per_param = {}
         for p, o in opt.optim_objs.items():
             if id(p) not in names:
-                raise RuntimeError("the svi engine's optimiser holds a parameter that is not the model's; cannot checkpoint it")
+                raise RuntimeError(
+                    "the svi engine's optimiser holds a parameter that is not the model's; cannot checkpoint it"
+                )
             per_param[names[id(p)]] = copy_tree(o.state_dict())
         return {"per_param": per_param}
     raise TypeError(f"cannot checkpoint an optimiser of type {type(opt).__name__}")
@@ -132,7 +138,8 @@ def check_resumable(saved: TrainingState, source: Any, model: DGC, config: dict[
     if diff:
         raise CheckpointError(
             f"cannot resume from {source}: it was written by a fit with different settings ("
-            + ", ".join(diff) + "); pass the same settings (only epochs may change)"
+            + ", ".join(diff)
+            + "); pass the same settings (only epochs may change)"
         )
     if saved.fingerprint != fingerprint:
         raise CheckpointError(

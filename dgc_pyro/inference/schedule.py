@@ -20,7 +20,8 @@ keeps resumes exact.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyro.optim
 import torch
@@ -68,8 +69,14 @@ def set_lr(optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim, lr: float) -
             group["lr"] = lr
 
 
-def scheduled_lr(optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim, base_lr: float, schedule: str, step: int,
-                 total: int, warmup: int = 0) -> float:
+def scheduled_lr(
+    optimizer: torch.optim.Optimizer | pyro.optim.PyroOptim,
+    base_lr: float,
+    schedule: str,
+    step: int,
+    total: int,
+    warmup: int = 0,
+) -> float:
     """The rate of step ``step`` (of ``total``) under ``schedule`` after ``warmup`` steps, set on ``optimizer``.
 
     Returns the rate. Under ``"constant"`` the optimiser is left as it was built once the warm-up is over (its last

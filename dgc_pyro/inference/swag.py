@@ -53,8 +53,10 @@ def _check_model(model: Any) -> None:
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if not model.has_label_head:
-        raise ValueError("SWAG of the label head needs a model with a label head p(y | z); latent_prior="
-                         "'class_conditional' has none (its p(y | z) is Bayes' rule on the class Gaussians)")
+        raise ValueError(
+            "SWAG of the label head needs a model with a label head p(y | z); latent_prior="
+            "'class_conditional' has none (its p(y | z) is Bayes' rule on the class Gaussians)"
+        )
 
 
 def head_vector(model: DGC) -> torch.Tensor:
@@ -104,8 +106,9 @@ class SwagMoments:
         """The :class:`SwagHead` of these moments for ``model``'s label head."""
         if self.count == 0 or self.mean is None or self.sq_mean is None:
             raise ValueError("no SWAG snapshot was collected (is the collection window inside the fit's epochs?)")
-        return SwagHead(model, self.mean, self.sq_mean - self.mean.square(), self.deviations, count=self.count,
-                        var_clamp=var_clamp)
+        return SwagHead(
+            model, self.mean, self.sq_mean - self.mean.square(), self.deviations, count=self.count, var_clamp=var_clamp
+        )
 
 
 class SwagHead:
@@ -116,21 +119,31 @@ class SwagHead:
     point mass at ``mean``, whose prediction is the plain prediction of a model with that head.
     """
 
-    def __init__(self, model: DGC, mean: torch.Tensor, variance: torch.Tensor, deviations: torch.Tensor | None = None,
-                 *, count: int = 1, var_clamp: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        mean: torch.Tensor,
+        variance: torch.Tensor,
+        deviations: torch.Tensor | None = None,
+        *,
+        count: int = 1,
+        var_clamp: float = 0.0,
+    ) -> None:
         _check_model(model)
         size = sum(p.numel() for p in model.classifier.parameters())
         mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1).cpu()
         variance = torch.as_tensor(variance, dtype=torch.float64).reshape(-1).cpu()
         if mean.numel() != size or variance.numel() != size:
-            raise ValueError(f"SWAG moments have {mean.numel()} / {variance.numel()} weights, the model's label head "
-                             f"{size}")
+            raise ValueError(
+                f"SWAG moments have {mean.numel()} / {variance.numel()} weights, the model's label head {size}"
+            )
         if not (math.isfinite(var_clamp) and var_clamp >= 0):
             raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
         if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
             raise ValueError("SWAG moments must be finite")
-        deviations = mean.new_zeros(0, size) if deviations is None else \
-            torch.as_tensor(deviations, dtype=torch.float64).cpu()
+        deviations = (
+            mean.new_zeros(0, size) if deviations is None else torch.as_tensor(deviations, dtype=torch.float64).cpu()
+        )
         if deviations.dim() != 2 or (deviations.numel() and deviations.shape[1] != size):
             raise ValueError(f"SWAG deviations must be (K, {size}), got {tuple(deviations.shape)}")
         self.mean = mean
@@ -170,8 +183,9 @@ class SwagHead:
         _check_model(model)
         params = list(model.classifier.parameters())
         if theta.numel() != self.size or sum(p.numel() for p in params) != self.size:
-            raise ValueError(f"a head draw has {theta.numel()} weights, the model's label head "
-                             f"{sum(p.numel() for p in params)}")
+            raise ValueError(
+                f"a head draw has {theta.numel()} weights, the model's label head {sum(p.numel() for p in params)}"
+            )
         saved = parameters_to_vector(params).detach().clone()
         with torch.no_grad():
             vector_to_parameters(theta.to(saved.device, saved.dtype), params)
@@ -188,8 +202,9 @@ class SwagHead:
         if size != self.size:
             raise ValueError(f"this SWAG posterior has {self.size} head weights, the model's label head {size}")
 
-    def predict(self, model: DGC, x: torch.Tensor, num_samples: int = 10, *, head_samples: int = 10,
-                **kwargs: Any) -> Prediction:
+    def predict(
+        self, model: DGC, x: torch.Tensor, num_samples: int = 10, *, head_samples: int = 10, **kwargs: Any
+    ) -> Prediction:
         """``predict(model, x, num_samples, swag=self, head_samples=head_samples, **kwargs)``."""
         return predict(model, x, num_samples, swag=self, head_samples=head_samples, **kwargs)
 
@@ -207,12 +222,19 @@ class SwagCollector(Callback):
     the rate is near zero at the end and the window's spread shrinks with it.
     """
 
-    def __init__(self, start: float = 0.75, *, max_rank: int = DEFAULT_MAX_RANK, every_steps: int | None = None,
-                 var_clamp: float = 1e-30) -> None:
+    def __init__(
+        self,
+        start: float = 0.75,
+        *,
+        max_rank: int = DEFAULT_MAX_RANK,
+        every_steps: int | None = None,
+        var_clamp: float = 1e-30,
+    ) -> None:
         if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < 1:
             raise ValueError(f"start must be a number in [0, 1), got {start!r}")
-        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
-                                        or every_steps < 1):
+        if every_steps is not None and (
+            isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
+        ):
             raise ValueError(f"every_steps must be a positive integer or None, got {every_steps!r}")
         if not (isinstance(var_clamp, (int, float)) and math.isfinite(var_clamp) and var_clamp >= 0):
             raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
@@ -233,8 +255,10 @@ class SwagCollector(Callback):
         self.moments = SwagMoments(self.moments.max_rank)
         self.first_epoch = self.first_epoch_of(trainer.plan.epochs)
         if start_epoch >= self.first_epoch:
-            warn_caller(f"SwagCollector: the fit resumes after epoch {start_epoch}, inside the window that starts at "
-                        f"epoch {self.first_epoch}; the moments of the epochs before are not in the checkpoint")
+            warn_caller(
+                f"SwagCollector: the fit resumes after epoch {start_epoch}, inside the window that starts at "
+                f"epoch {self.first_epoch}; the moments of the epochs before are not in the checkpoint"
+            )
 
     def on_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
         if self.every_steps and epoch >= self.first_epoch and (batch + 1) % self.every_steps == 0:
@@ -247,9 +271,11 @@ class SwagCollector(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         best = trainer.state.best_epoch if trainer.state.best_model is not None else None
         if self.moments.count and best is not None and best < self.first_epoch:
-            warn_caller(f"SwagCollector: select_best hands back the weights of epoch {best}, before the SWAG window "
-                        f"(epochs {self.first_epoch}-{trainer.last_epoch}); the head moments belong to a later "
-                        "encoder (fit with select_best=False)")
+            warn_caller(
+                f"SwagCollector: select_best hands back the weights of epoch {best}, before the SWAG window "
+                f"(epochs {self.first_epoch}-{trainer.last_epoch}); the head moments belong to a later "
+                "encoder (fit with select_best=False)"
+            )
 
     @property
     def head(self) -> SwagHead:

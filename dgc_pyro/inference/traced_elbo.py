@@ -67,8 +67,9 @@ class TracedELBO:
     ``elbo(*args, **kwargs)`` returns ``(loss, guide_trace)``.
     """
 
-    def __init__(self, model_fn: Callable, guide_fn: Callable, kind: str = "mc",
-                 fallback: pyro.infer.ELBO | None = None) -> None:
+    def __init__(
+        self, model_fn: Callable, guide_fn: Callable, kind: str = "mc", fallback: pyro.infer.ELBO | None = None
+    ) -> None:
         if kind not in ("mc", "analytic"):
             raise ValueError(f"kind must be 'mc' or 'analytic', got {kind!r}")
         self.kind = kind

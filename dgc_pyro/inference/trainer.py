@@ -37,8 +37,16 @@ __all__ = ["Plan", "RunState", "Trainer"]
 class RunState:
     """The mutable state of one fit and the operations on it (snapshot, restore, save)."""
 
-    def __init__(self, model: DGC, step: Step, optimizers: dict[str, Any], generator: torch.Generator,
-                 ckpt_path: Path | None, static: dict[str, Any], dist: DistContext | None = None) -> None:
+    def __init__(
+        self,
+        model: DGC,
+        step: Step,
+        optimizers: dict[str, Any],
+        generator: torch.Generator,
+        ckpt_path: Path | None,
+        static: dict[str, Any],
+        dist: DistContext | None = None,
+    ) -> None:
         self.model = model
         self.dist = dist
         self.step = step
@@ -90,7 +98,9 @@ class RunState:
             for name, opt in self.optimizers.items():
                 load_optimizer_state(opt, state.optimizers[name], self.model)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{source}: the optimiser state does not fit this model/engine ({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"{source}: the optimiser state does not fit this model/engine ({type(e).__name__}: {e})"
+            ) from None
         try:
             notes = set_rng_state(state.rng, self.generator)
         except ValueError as e:
@@ -104,7 +114,9 @@ class RunState:
         if self.ckpt_path is None:
             return None
         if state.epoch != self.saved_epoch:
-            if self.dist is None or self.dist.is_rank_zero:  # data-parallel ranks hold identical states: one writer is enough
+            if (
+                self.dist is None or self.dist.is_rank_zero
+            ):  # data-parallel ranks hold identical states: one writer is enough
                 save_training_state(self.ckpt_path, state)
             self.saved_epoch = state.epoch
         return self.ckpt_path
@@ -144,8 +156,9 @@ class Trainer:
     ``perturbation_losses`` (this epoch's 0-d tensors); they may set ``should_stop``.
     """
 
-    def __init__(self, state: RunState, plan: Plan, *, head_step: Step | None = None,
-                 callbacks: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, state: RunState, plan: Plan, *, head_step: Step | None = None, callbacks: Sequence[Any] = ()
+    ) -> None:
         self.state, self.plan, self.head_step = state, plan, head_step
         self.callbacks = list(callbacks)
         self.num_batches = plan.num_batches
@@ -178,8 +191,10 @@ class Trainer:
     def set_step_lr(self, step: int) -> float:
         """Apply the schedule's rates for global step ``step`` to every optimiser; returns the main rate."""
         plan = self.plan
-        rates = {name: scheduled_lr(opt, plan.base_lrs[name], plan.lr_schedule, step, self.total_steps, self.warmup)
-                 for name, opt in self.state.optimizers.items()}
+        rates = {
+            name: scheduled_lr(opt, plan.base_lrs[name], plan.lr_schedule, step, self.total_steps, self.warmup)
+            for name, opt in self.state.optimizers.items()
+        }
         return rates["main"]
 
     def batch(self, perm: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +216,9 @@ class Trainer:
             return {}
         # Labels only: no density score (it costs decoder rows, and a model without the x site has none).
         pred = predict(model, plan.x_val, plan.val_num_samples, balanced=model.has_class_prior, density=False)
-        report = imbalance_report(plan.y_val, pred.labels.cpu(), num_classes=model.num_classes,
-                                  train_counts=plan.counts)
+        report = imbalance_report(
+            plan.y_val, pred.labels.cpu(), num_classes=model.num_classes, train_counts=plan.counts
+        )
         return {f"val_{k}": v for k, v in report.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -241,8 +257,9 @@ class Trainer:
                 self.perturbation_losses.append(pert)
                 self._hook("on_batch_end", epoch, b)
             self.batch_index = None
-            totals = torch.stack([torch.stack(self.step_losses).double().sum(),
-                                  torch.stack(self.perturbation_losses).double().sum()]).tolist()
+            totals = torch.stack(
+                [torch.stack(self.step_losses).double().sum(), torch.stack(self.perturbation_losses).double().sum()]
+            ).tolist()
             self._hook("on_train_epoch_end", epoch, totals)
             run.global_step += self.num_batches
             record: dict[str, float] = {

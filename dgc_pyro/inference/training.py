@@ -57,8 +57,15 @@ from dgc_pyro.io import CheckpointError, folder_problem, nearest_existing, to_js
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.reproducibility import deterministic_mode, seed_everything
 
-__all__ = ["CHANCE_CHECK_EPOCH", "DEFAULT_WARMUP_STEPS", "NEAR_CHANCE", "History", "TrainingDivergedError",
-           "TrainingInterrupted", "train"]
+__all__ = [
+    "CHANCE_CHECK_EPOCH",
+    "DEFAULT_WARMUP_STEPS",
+    "NEAR_CHANCE",
+    "History",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "train",
+]
 
 #: Warm-up steps of a fit that does not say (capped at one epoch): a short ramp over Adam's first, sign-like updates.
 DEFAULT_WARMUP_STEPS = 100
@@ -181,8 +188,10 @@ def train(
             ckpt_path = source
     elif resume is True:
         if ckpt_path is None:
-            raise ValueError("resume=True needs checkpoint_dir (a Checkpointing(folder) callback), or pass the "
-                             "checkpoint: resume=DIR")
+            raise ValueError(
+                "resume=True needs checkpoint_dir (a Checkpointing(folder) callback), or pass the "
+                "checkpoint: resume=DIR"
+            )
         if ckpt_path.exists():
             source = ckpt_path
             saved = load_training_state(source)
@@ -193,8 +202,13 @@ def train(
         warmup_steps = DEFAULT_WARMUP_STEPS if saved is None else saved.config.get("warmup_steps", 0)
 
     # The settings the fit runs with, resolved (engine, classifier_lr, warm-up): what checkpoints and History record.
-    c = dataclasses.replace(c, engine=engine, classifier_lr=c.classifier_lr or c.lr, warmup_steps=warmup_steps,
-                            transform=transform_name(c.transform))
+    c = dataclasses.replace(
+        c,
+        engine=engine,
+        classifier_lr=c.classifier_lr or c.lr,
+        warmup_steps=warmup_steps,
+        transform=transform_name(c.transform),
+    )
     settings = to_jsonable(resume_settings(c, seed=seed, explicit_val=x_val is not None))
     need_fingerprint = ckpt_path is not None or saved is not None
     fingerprint = data_fingerprint(x, y, x_val, y_val) if need_fingerprint else ""
@@ -224,31 +238,63 @@ def train(
         history = History(
             model=model,
             # every option (generated from the fields), with where and how the fit ran; the warm-up it applied
-            config={**c.to_dict(), "device": str(dev), "seed": seed, "model": model.config,
-                    "warmup_steps": min(warmup_steps, math.ceil(len(y) / c.batch_size))},
+            config={
+                **c.to_dict(),
+                "device": str(dev),
+                "seed": seed,
+                "model": model.config,
+                "warmup_steps": min(warmup_steps, math.ceil(len(y) / c.batch_size)),
+            },
             train_counts=counts.tolist(),
         )
         if c.pretrain_steps and saved is None:
-            pretrain_encoder(model, x_dev, y_dev, c.pretrain_steps, batch_size=c.batch_size, lr=c.lr, betas=c.betas,
-                             seed=seed)
-        step = make_step(model, loss_fn, engine, c.lr, c.betas, c.classifier_lr, c.perturbation_rate > 0, reps, dev,
-                         compile=c.compile, perturbation_offset=perturbation_offset(model, reps, c.perturbation_prior),
-                         fallback=True, borrow_from=head_classes(reps) if c.perturbation_noise == "head" else None,
-                         dist=dist)
+            pretrain_encoder(
+                model, x_dev, y_dev, c.pretrain_steps, batch_size=c.batch_size, lr=c.lr, betas=c.betas, seed=seed
+            )
+        step = make_step(
+            model,
+            loss_fn,
+            engine,
+            c.lr,
+            c.betas,
+            c.classifier_lr,
+            c.perturbation_rate > 0,
+            reps,
+            dev,
+            compile=c.compile,
+            perturbation_offset=perturbation_offset(model, reps, c.perturbation_prior),
+            fallback=True,
+            borrow_from=head_classes(reps) if c.perturbation_noise == "head" else None,
+            dist=dist,
+        )
         optimizers = step.optimizers
 
         metadata = checkpointing.metadata
         extra = dict(metadata) if metadata is not None else (saved.extra if saved else {})
-        run = RunState(model, step, optimizers, torch.Generator(device=dev).manual_seed(seed), ckpt_path, {
-            "config": settings, "model_config": model.config, "fingerprint": fingerprint,
-            "extra": to_jsonable(extra), "train_idx": train_idx, "val_idx": val_idx,
-        }, dist=dist)
+        run = RunState(
+            model,
+            step,
+            optimizers,
+            torch.Generator(device=dev).manual_seed(seed),
+            ckpt_path,
+            {
+                "config": settings,
+                "model_config": model.config,
+                "fingerprint": fingerprint,
+                "extra": to_jsonable(extra),
+                "train_idx": train_idx,
+                "val_idx": val_idx,
+            },
+            dist=dist,
+        )
         start = 0
         if saved is not None:
             notes = run.restore(saved, source=source)
             if notes:
-                warn_caller(f"resuming from {source}: {'; '.join(notes)}; the continued fit is not bit-identical to "
-                            "an uninterrupted one")
+                warn_caller(
+                    f"resuming from {source}: {'; '.join(notes)}; the continued fit is not bit-identical to "
+                    "an uninterrupted one"
+                )
             start = saved.epoch
             history.resumed_from = start
             if source == ckpt_path:
@@ -257,18 +303,34 @@ def train(
         run.last_good = run.snapshot(start)
 
         plan = Plan(
-            x=x_dev, y=y_dev, counts=counts, batch_size=c.batch_size, epochs=c.epochs, lr=c.lr,
-            base_lrs={"main": c.lr, "perturbation": c.classifier_lr}, lr_schedule=c.lr_schedule,
-            warmup_steps=warmup_steps, transform=batch_transform, x_val=x_val, y_val=y_val,
+            x=x_dev,
+            y=y_dev,
+            counts=counts,
+            batch_size=c.batch_size,
+            epochs=c.epochs,
+            lr=c.lr,
+            base_lrs={"main": c.lr, "perturbation": c.classifier_lr},
+            lr_schedule=c.lr_schedule,
+            warmup_steps=warmup_steps,
+            transform=batch_transform,
+            x_val=x_val,
+            y_val=y_val,
             val_num_samples=c.val_num_samples,
             perturbation_from=first_perturbation_epoch(c.perturbation_start, c.epochs),
             head_from=head_epochs_from(c.retrain_head_epochs, c.epochs),
         )
         head_step = make_head_step(model, optimizers["perturbation"]) if c.retrain_head_epochs else None
         trainer = Trainer(
-            run, plan, head_step=head_step,
-            callbacks=default_callbacks(progress=progress, select_best=c.select_best, check_every=c.check_every,
-                                        callback=callback, user=tuple(callbacks)),
+            run,
+            plan,
+            head_step=head_step,
+            callbacks=default_callbacks(
+                progress=progress,
+                select_best=c.select_best,
+                check_every=c.check_every,
+                callback=callback,
+                user=tuple(callbacks),
+            ),
         )
         trainer.run(start)
         if step.engine != engine:  # the graph engine fell back to the torch engine

@@ -6,16 +6,16 @@ from dgc_pyro.models.likelihoods import LIKELIHOODS, likelihood_mean, make_likel
 from dgc_pyro.models.networks import PRESETS, Classifier, Decoder, Encoder, build_networks
 
 __all__ = [
+    "COVARIANCES",
     "DGC",
     "LATENT_PRIORS",
-    "COVARIANCES",
-    "ClassConditionalPrior",
-    "Encoder",
-    "Decoder",
-    "Classifier",
-    "build_networks",
-    "PRESETS",
     "LIKELIHOODS",
-    "make_likelihood",
+    "PRESETS",
+    "ClassConditionalPrior",
+    "Classifier",
+    "Decoder",
+    "Encoder",
+    "build_networks",
     "likelihood_mean",
+    "make_likelihood",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
@@ -20,6 +21,7 @@ from dgc_pyro.models.networks import PRESETS, Classifier, Decoder, Encoder, buil
 
 #: The latent priors of :class:`DGC`: N(0, I) with a label head p(y | z), or one Gaussian per class p(z | y).
 LATENT_PRIORS = ("standard", "class_conditional")
+
 
 class DGC(PyroModule):
     """Deep generative classifier: a latent confounder z generates both the features x and the label y.
@@ -108,13 +110,23 @@ class DGC(PyroModule):
         input_shape = tuple(int(s) for s in input_shape)
         if not _is_int(num_classes) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        check_model_options(latent_dim=latent_dim, preset=preset, likelihood=likelihood, obs_scale=obs_scale,
-                            label_weight=label_weight, logit_adjustment=logit_adjustment,
-                            label_in_guide=label_in_guide, observe_x=observe_x, latent_prior=latent_prior,
-                            covariance=covariance, shrinkage=shrinkage)
+        check_model_options(
+            latent_dim=latent_dim,
+            preset=preset,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            label_weight=label_weight,
+            logit_adjustment=logit_adjustment,
+            label_in_guide=label_in_guide,
+            observe_x=observe_x,
+            latent_prior=latent_prior,
+            covariance=covariance,
+            shrinkage=shrinkage,
+        )
         prior = _check_class_prior(class_prior, int(num_classes)) if class_prior is not None else None
-        counts = _check_latent_prior(latent_prior, covariance, shrinkage, class_counts, int(num_classes),
-                                     label_in_guide, observe_x)
+        counts = _check_latent_prior(
+            latent_prior, covariance, shrinkage, class_counts, int(num_classes), label_in_guide, observe_x
+        )
         self.input_shape = input_shape
         self.num_classes = int(num_classes)
         self.latent_dim = int(latent_dim)
@@ -136,7 +148,9 @@ class DGC(PyroModule):
         self.metadata: dict[str, Any] = {}
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
-            name for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier)) if net is not None
+            name
+            for name, net in (("encoder", encoder), ("decoder", decoder), ("classifier", classifier))
+            if net is not None
         )
         self.encoder = encoder if encoder is not None else default_enc
         self.decoder = decoder if decoder is not None else default_dec
@@ -151,8 +165,9 @@ class DGC(PyroModule):
             #: mu_c and sigma_c of p(z | y = c); their parameters are in the state dict (``class_gaussians.*``)
             self.class_gaussians = ClassConditionalPrior(self.num_classes, self.latent_dim, covariance)
             # Rebuilt from the config, like label_offset; zeros stand for "no counts" (then shrinkage is 0).
-            self.register_buffer("_class_counts", torch.tensor(counts or [0.0] * self.num_classes).float(),
-                                 persistent=False)
+            self.register_buffer(
+                "_class_counts", torch.tensor(counts or [0.0] * self.num_classes).float(), persistent=False
+            )
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -176,12 +191,16 @@ class DGC(PyroModule):
         if self.latent_prior != "standard":
             # Only then: a standard model keeps the config it always had, which resuming compares with the
             # training states written before this option existed.
-            config.update(latent_prior=self.latent_prior, covariance=self.covariance, shrinkage=self.shrinkage,
-                          class_counts=self.class_counts)
+            config.update(
+                latent_prior=self.latent_prior,
+                covariance=self.covariance,
+                shrinkage=self.shrinkage,
+                class_counts=self.class_counts,
+            )
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "DGC":
+    def from_config(cls, config: dict[str, Any]) -> DGC:
         """Rebuild a model with default networks from :attr:`config`."""
         if config.get("custom_networks"):
             raise ValueError(
@@ -192,11 +211,17 @@ class DGC(PyroModule):
         missing = [k for k in keys if k not in config]
         if missing:
             raise ValueError(f"model config lacks {missing}")
-        return cls(**{k: config[k] for k in keys}, label_in_guide=bool(config.get("label_in_guide", True)),
-                   class_prior=config.get("class_prior"), logit_adjustment=float(config.get("logit_adjustment", 1.0)),
-                   observe_x=bool(config.get("observe_x", True)),
-                   latent_prior=config.get("latent_prior", "standard"), covariance=config.get("covariance", "shared"),
-                   shrinkage=float(config.get("shrinkage", 10.0)), class_counts=config.get("class_counts"))
+        return cls(
+            **{k: config[k] for k in keys},
+            label_in_guide=bool(config.get("label_in_guide", True)),
+            class_prior=config.get("class_prior"),
+            logit_adjustment=float(config.get("logit_adjustment", 1.0)),
+            observe_x=bool(config.get("observe_x", True)),
+            latent_prior=config.get("latent_prior", "standard"),
+            covariance=config.get("covariance", "shared"),
+            shrinkage=float(config.get("shrinkage", 10.0)),
+            class_counts=config.get("class_counts"),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -316,7 +341,9 @@ class DGC(PyroModule):
 
     # ------------------------------------------------------------------ Pyro model and guide
     @pyro_method
-    def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None) -> torch.Tensor:
+    def model(
+        self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None
+    ) -> torch.Tensor:
         """Generative model. With ``x=None`` it samples ``num_examples`` new examples (prior predictive).
 
         Without the ``"x"`` site (``observe_x=False``) ``x`` is not scored and the prior predictive has labels only.
@@ -363,7 +390,9 @@ class DGC(PyroModule):
         return y
 
     @pyro_method
-    def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None) -> torch.Tensor:
+    def guide(
+        self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, num_examples: int | None = None
+    ) -> torch.Tensor:
         """Recognition model q(z | x, y); with ``y=None`` the label input is zeroed."""
         if x is None:
             raise ValueError("the guide needs x: q(z | x, y) is a recognition model")
@@ -376,18 +405,32 @@ class DGC(PyroModule):
         return (
             f"input_shape={self.input_shape}, num_classes={self.num_classes}, latent_dim={self.latent_dim}, "
             f"preset={self.preset!r}, likelihood={self.likelihood_name!r}"
-            + (f", latent_prior={self.latent_prior!r}, covariance={self.covariance!r}" if self.class_gaussians is not None else "")
+            + (
+                f", latent_prior={self.latent_prior!r}, covariance={self.covariance!r}"
+                if self.class_gaussians is not None
+                else ""
+            )
         )
-
 
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
-def check_model_options(*, latent_dim: Any, preset: Any, likelihood: Any, obs_scale: Any, label_weight: Any,
-                        logit_adjustment: Any, label_in_guide: Any, observe_x: Any, latent_prior: Any,
-                        covariance: Any, shrinkage: Any) -> None:
+def check_model_options(
+    *,
+    latent_dim: Any,
+    preset: Any,
+    likelihood: Any,
+    obs_scale: Any,
+    label_weight: Any,
+    logit_adjustment: Any,
+    label_in_guide: Any,
+    observe_x: Any,
+    latent_prior: Any,
+    covariance: Any,
+    shrinkage: Any,
+) -> None:
     """Raise ValueError naming the first bad option of a :class:`DGC` that does not depend on the data (the checks
     of ``DGC(...)`` and of :class:`dgc_pyro.config.ModelConfig`, in one place)."""
     if not _is_int(latent_dim) or latent_dim < 1:
@@ -400,13 +443,16 @@ def check_model_options(*, latent_dim: Any, preset: Any, likelihood: Any, obs_sc
     if not isinstance(observe_x, (bool, np.bool_)):
         raise ValueError(f"observe_x must be True or False, got {observe_x!r}")
     if not observe_x and label_in_guide:
-        raise ValueError("observe_x=False needs label_in_guide=False: a label-conditioned guide is scored by "
-                         "weighing its draws with p(x | z), which a model without the x site lacks")
+        raise ValueError(
+            "observe_x=False needs label_in_guide=False: a label-conditioned guide is scored by "
+            "weighing its draws with p(x | z), which a model without the x site lacks"
+        )
     _check_latent_prior(latent_prior, covariance, shrinkage, None, 2, label_in_guide, observe_x, need_counts=False)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS)}, got {likelihood!r}")
+
 
 def _check_class_prior(prior: Any, num_classes: int) -> list[float]:
     """Normalised class frequencies as a list; rejects wrong lengths and non-positive or non-finite entries."""
@@ -418,37 +464,55 @@ def _check_class_prior(prior: Any, num_classes: int) -> list[float]:
     return (values / values.sum()).tolist()
 
 
-def _check_latent_prior(latent_prior: Any, covariance: Any, shrinkage: Any, class_counts: Any, num_classes: int,
-                        label_in_guide: Any, observe_x: Any, *, need_counts: bool = True) -> list[float] | None:
+def _check_latent_prior(
+    latent_prior: Any,
+    covariance: Any,
+    shrinkage: Any,
+    class_counts: Any,
+    num_classes: int,
+    label_in_guide: Any,
+    observe_x: Any,
+    *,
+    need_counts: bool = True,
+) -> list[float] | None:
     """Validate the latent-prior options; returns the class counts as a list (None without them)."""
     if latent_prior not in LATENT_PRIORS:
         raise ValueError(f"latent_prior must be one of {LATENT_PRIORS}, got {latent_prior!r}")
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(shrinkage) or shrinkage < 0:
+    if (
+        isinstance(shrinkage, bool)
+        or not isinstance(shrinkage, (int, float, np.integer, np.floating))
+        or not math.isfinite(shrinkage)
+        or shrinkage < 0
+    ):
         raise ValueError(f"shrinkage must be a finite number >= 0, got {shrinkage!r}")
     if latent_prior == "standard":
         if covariance != "shared" or class_counts is not None:
             raise ValueError("covariance and class_counts apply to latent_prior='class_conditional' only")
         return None
     if label_in_guide:
-        raise ValueError("latent_prior='class_conditional' needs label_in_guide=False: Bayes' rule weighs draws of "
-                         "the label-free q(z | x) against every class's p(z | y)")
+        raise ValueError(
+            "latent_prior='class_conditional' needs label_in_guide=False: Bayes' rule weighs draws of "
+            "the label-free q(z | x) against every class's p(z | y)"
+        )
     if not observe_x:
         raise ValueError("latent_prior='class_conditional' needs observe_x=True: Bayes' rule scores p(x | z)")
     counts = None
     if class_counts is not None:
-        values = np.asarray(class_counts.detach().cpu() if torch.is_tensor(class_counts) else class_counts,
-                            dtype=np.float64).reshape(-1)
+        values = np.asarray(
+            class_counts.detach().cpu() if torch.is_tensor(class_counts) else class_counts, dtype=np.float64
+        ).reshape(-1)
         if values.shape != (num_classes,):
             raise ValueError(f"class_counts must have one entry per class ({num_classes}), got shape {values.shape}")
         if not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("class_counts entries must be positive and finite")
         counts = values.tolist()
     if need_counts and shrinkage > 0 and counts is None:
-        raise ValueError(f"shrinkage={shrinkage} needs class_counts (the n_c of n_c / (n_c + k)); pass the training "
-                         "class counts, or shrinkage=0")
+        raise ValueError(
+            f"shrinkage={shrinkage} needs class_counts (the n_c of n_c / (n_c + k)); pass the training "
+            "class counts, or shrinkage=0"
+        )
     return counts
 
 
@@ -477,4 +541,4 @@ def _batch_size(x: torch.Tensor | None, y: torch.Tensor | None, num_examples: in
     return int(num_examples)
 
 
-__all__ = ["DGC", "LATENT_PRIORS", "Encoder", "Decoder", "Classifier", "unwrap_normal"]
+__all__ = ["DGC", "LATENT_PRIORS", "Classifier", "Decoder", "Encoder", "unwrap_normal"]

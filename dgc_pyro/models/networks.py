@@ -8,8 +8,8 @@ tensors straight through.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -135,7 +135,9 @@ CONV_SPECS: dict[tuple[tuple[int, ...], str], ConvSpec] = {
     ((3, 32, 32), "small"): ConvSpec((32, 64, 128), 4, 256, True, 8, (128, 64, 32), 4, ()),
     ((3, 32, 32), "paper"): ConvSpec((128, 256, 512, 1024), 4, 4096, False, 8, (1024, 512, 256), 4, ()),
     ((3, 64, 64), "small"): ConvSpec((32, 64, 128, 256), 4, 256, True, 8, (128, 64, 32, 16), 4, (256,)),
-    ((3, 64, 64), "paper"): ConvSpec((64, 128, 256, 512, 1024), 5, 4096, False, 8, (1024, 512, 256, 128), 5, (500, 500)),
+    ((3, 64, 64), "paper"): ConvSpec(
+        (64, 128, 256, 512, 1024), 5, 4096, False, 8, (1024, 512, 256, 128), 5, (500, 500)
+    ),
 }
 
 MLP_HIDDEN = {"small": (256, 256), "paper": (512, 512)}
@@ -196,13 +198,19 @@ def _conv_decoder(out_shape: Sequence[int], latent_dim: int, spec: ConvSpec) -> 
             break
         # kernel k, stride 2: output = 2*size when padding and output_padding are chosen this way.
         pad = (k - 1) // 2
-        layers += [nn.ConvTranspose2d(prev, ch, k, stride=2, padding=pad, output_padding=2 * pad + 2 - k),
-                   nn.BatchNorm2d(ch), nn.ReLU()]
+        layers += [
+            nn.ConvTranspose2d(prev, ch, k, stride=2, padding=pad, output_padding=2 * pad + 2 - k),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(),
+        ]
         size, prev = size * 2, ch
     while size < height:
         pad = (k - 1) // 2
-        layers += [nn.ConvTranspose2d(prev, prev, k, stride=2, padding=pad, output_padding=2 * pad + 2 - k),
-                   nn.BatchNorm2d(prev), nn.ReLU()]
+        layers += [
+            nn.ConvTranspose2d(prev, prev, k, stride=2, padding=pad, output_padding=2 * pad + 2 - k),
+            nn.BatchNorm2d(prev),
+            nn.ReLU(),
+        ]
         size *= 2
     if size != height:
         raise ValueError(f"decoder grid {size} does not reach the image size {height}")
