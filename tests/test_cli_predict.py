@@ -26,6 +26,11 @@ def images():
     return load_imbalanced("digits", seed=0).x_test[:40].numpy()
 
 
+def _predict(run, path, out, *flags: str) -> int:
+    """``dgc-pyro predict`` of the module's checkpoint on ``path`` into ``out``, without a progress bar."""
+    return main(["predict", "--checkpoint", str(run), "--input", str(path), "--out", str(out), *flags, "--no-progress"])
+
+
 def test_fit_calibrates_the_flag_and_evaluate_reports_its_rate(run, tmp_path, capsys):
     model = load_model(run / "model.safetensors")
     assert model.ood_detector is not None and model.ood_detector.false_alarm == 0.05
@@ -43,23 +48,7 @@ def test_predict_writes_labels_probabilities_density_and_flags(run, images, tmp_
     noise = np.random.default_rng(0).random((10, 1, 8, 8)).round().astype(np.float32)
     np.savez(tmp_path / "new.npz", x=np.concatenate([images, noise]))
     out = tmp_path / "pred"
-    assert (
-        main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run),
-                "--input",
-                str(tmp_path / "new.npz"),
-                "--out",
-                str(out),
-                "--reject",
-                "both",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert _predict(run, tmp_path / "new.npz", out, "--reject", "both") == 0
     assert "predicted 50 examples" in capsys.readouterr().out
     with np.load(out / "predictions.npz") as z:
         assert z["proba"].shape == (50, 10) and np.allclose(z["proba"].sum(1), 1, atol=1e-5)
@@ -96,7 +85,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, case, m
     elif case == "text":
         path.write_text("not an archive")
     out = tmp_path / "pred"
-    code = main(["predict", "--checkpoint", str(run), "--input", str(path), "--out", str(out), "--no-progress"])
+    code = _predict(run, path, out)
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (out / "predictions.npz").exists() and not (out / "predictions.csv").exists()
@@ -109,23 +98,7 @@ def test_rule_chooses_the_scoring_rule_and_a_rule_the_model_lacks_is_one_line(ru
     probas = {}
     for rule in ("latent", "mixture"):
         out = tmp_path / rule
-        assert (
-            main(
-                [
-                    "predict",
-                    "--checkpoint",
-                    str(run),
-                    "--input",
-                    str(tmp_path / "new.npz"),
-                    "--out",
-                    str(out),
-                    "--rule",
-                    rule,
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
+        assert _predict(run, tmp_path / "new.npz", out, "--rule", rule) == 0
         with np.load(out / "predictions.npz") as z:
             probas[rule] = z["proba"]
     assert not np.allclose(probas["latent"], probas["mixture"])
