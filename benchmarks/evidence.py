@@ -76,6 +76,7 @@ from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.experiment import Recipe, default_recipe, train
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.predict import Prediction, predict
+from dgc_pyro.inference.swag import SwagCollector, SwagHead
 from dgc_pyro.io import atomic_write_text, write_json
 from dgc_pyro.metrics import (
     accuracy_at_coverage,
@@ -113,7 +114,29 @@ DGC_ROWS = ("dgc_elbo", "vib", "dgc_paper_guide")
 BASELINE_ROWS = ("ce", "logit_adjusted", "balanced_softmax")
 #: matched row -> the tuned baseline it lengthens
 MATCHED = {"logit_adjusted_matched": "logit_adjusted", "balanced_softmax_matched": "balanced_softmax"}
-METHODS = DGC_ROWS + BASELINE_ROWS + tuple(MATCHED)
+#: issue 21: DGC variants, each one mechanism on top of a tuned DGC row ("base") whose lr and tau it takes from the
+#: plan, with recipe "changes" and, for mechanism 5, the options of a SWAG posterior of the label head. The settings
+#: are the papers' defaults, fixed before the run (RESULTS.md section 3), not tuned: ``--phase register`` writes
+#: them into a variants plan, which is what the test phase reads.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # 1: p(z | y) = N(mu_y, Sigma), Bayes' rule; no label head, so no perturbation step
+    "dgc_class_conditional": {
+        "base": "dgc_elbo",
+        "changes": {"latent_prior": "class_conditional", "perturbation_rate": 0.0},
+    },
+    # 2: deferred re-balancing, the perturbation step only in the last 30% of the epochs (DRW) ...
+    "dgc_drw": {"base": "dgc_elbo", "changes": {"perturbation_start": 0.7}},
+    # ... or a classifier re-training stage on frozen latents in the last 20% (cRT)
+    "dgc_crt": {"base": "dgc_elbo", "changes": {"retrain_head_epochs": 0.2}},  # a share, in epochs at registration
+    # 3: the perturbation step's tail latents re-drawn with the head classes' spread
+    "dgc_head_noise": {"base": "dgc_elbo", "changes": {"perturbation_noise": "head"}},
+    # 4: the paper-faithful model: q(z | x, y), the IWAE bound with counterfactual labels, mixture scoring
+    "dgc_paper_iwae_cf": {"base": "dgc_paper_guide", "changes": {"objective": "iwae-cf"}},
+    # 5: the class posterior averaged over SWAG draws of the head, from the same fit as dgc_elbo
+    "dgc_swag": {"base": "dgc_elbo", "changes": {}, "swag": {"start": 0.7, "head_samples": 10}},
+}
+CORE_METHODS = DGC_ROWS + BASELINE_ROWS + tuple(MATCHED)
+METHODS = CORE_METHODS + tuple(VARIANTS)
 TUNED = DGC_ROWS + BASELINE_ROWS
 #: rows whose tau is tuned: DGC's is its recipe's logit_adjustment, the baselines' the log-prior scale
 HAS_TAU = ("dgc_elbo", "vib", "logit_adjusted", "balanced_softmax")
@@ -182,6 +205,7 @@ SUMMARY_METRICS = (
     "ood_auroc_by_density",
     "ood_auroc_by_typicality",
     "ood_auroc_own",
+    "dev_acsa",
     "epochs",
     "fit_seconds",
     "seconds",
@@ -198,6 +222,8 @@ TABLE_COLUMNS = (
     ("ood_auroc", "OOD AUROC"),
 )
 PAIRED_METRICS = ("acsa", "fmacro", "ece", "ece_ts", "nll_ts", "aurc", "ood_auroc", "ood_auroc_own")
+#: issue 21's target compares each DGC row with the compute-matched baselines on these (R_MI too)
+VARIANT_PAIRED_METRICS = (*PAIRED_METRICS, "r_mi", "dev_acsa")
 METHOD_LABELS = {
     "dgc_elbo": "DGC, default recipe (label-free q(z|x), tempered label likelihood)",
     "vib": "VIB control (the default recipe without p(x|z))",
@@ -207,6 +233,12 @@ METHOD_LABELS = {
     "balanced_softmax": "Balanced softmax",
     "logit_adjusted_matched": "Logit-adjusted CE, DGC's wall time",
     "balanced_softmax_matched": "Balanced softmax, DGC's wall time",
+    "dgc_class_conditional": "DGC, class-conditional prior p(z|y), Bayes' rule (mechanism 1)",
+    "dgc_drw": "DGC, perturbation step deferred to the last 30% (DRW, mechanism 2)",
+    "dgc_crt": "DGC, head re-trained in the last 6 epochs (cRT, mechanism 2)",
+    "dgc_head_noise": "DGC, tail latents re-drawn with the head classes' spread (mechanism 3)",
+    "dgc_paper_iwae_cf": "DGC, paper's q(z|x,y), IWAE + counterfactual labels, mixture rule (mechanism 4)",
+    "dgc_swag": "DGC, class posterior averaged over SWAG draws of the head (mechanism 5)",
 }
 
 
@@ -231,8 +263,11 @@ def base_recipe(args: argparse.Namespace) -> Recipe:
     return dataclasses.replace(default_recipe("fashion"), **changes)
 
 
-def dgc_recipe(method: str, recipe: Recipe, config: dict[str, float]) -> Recipe:
-    """The recipe of DGC row ``method`` with ``config``'s learning rate (and tau, its logit adjustment)."""
+def dgc_recipe(method: str, recipe: Recipe, config: dict[str, float], variant: dict[str, Any] | None = None) -> Recipe:
+    """The recipe of DGC row ``method`` with ``config``'s learning rate (and tau, its logit adjustment); a
+    ``variant`` (:data:`VARIANTS`) is its base row's recipe with the variant's changes."""
+    if variant is not None:
+        return dataclasses.replace(dgc_recipe(variant["base"], recipe, config), **variant["changes"])
     if method == "dgc_paper_guide":
         r = paper_table.method_recipe("dgc_elbo_paper_guide", recipe)
     else:
@@ -245,11 +280,17 @@ def dgc_recipe(method: str, recipe: Recipe, config: dict[str, float]) -> Recipe:
     return dataclasses.replace(r, **changes)
 
 
-def run_settings(method: str, recipe: Recipe, config: dict[str, float], epochs: int) -> dict[str, Any]:
-    """What a run records about how it was made (compared on resume): the DGC recipe or the baseline options."""
+def run_settings(
+    method: str, recipe: Recipe, config: dict[str, float], epochs: int, variant: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a run records about how it was made (compared on resume): the DGC recipe (and a variant's SWAG
+    options) or the baseline options."""
     recipe = dataclasses.replace(recipe, epochs=epochs)
-    if method in DGC_ROWS:
-        return paper_table._jsonable({"recipe": dgc_recipe(method, recipe, config).to_dict(include_run=False)})
+    if method in DGC_ROWS or variant is not None:
+        swag = {"swag": variant["swag"]} if variant and variant.get("swag") else {}
+        return paper_table._jsonable(
+            {"recipe": dgc_recipe(method, recipe, config, variant).to_dict(include_run=False), **swag}
+        )
     return paper_table._jsonable(
         {
             "baseline": MATCHED.get(method, method),
@@ -271,18 +312,36 @@ class Fitted:
     recipe: Recipe | None = None
     baseline: FittedBaseline | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    swag: SwagHead | None = None
+    head_samples: int | None = None
 
 
 def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed: int, device: str) -> Fitted:
     """Fit row ``method`` on ``split``'s training images with ``settings`` (:func:`run_settings`)."""
     seed_everything(seed)
     t0 = time.perf_counter()
-    if method in DGC_ROWS:
+    if "recipe" in settings:
         fields = {f.name for f in config_fields()} | set(LEGACY_NAMES)
         recipe = Recipe.from_flat({k: v for k, v in settings["recipe"].items() if k in fields})
-        trained = train(recipe, split, seed, device=device, progress=False, val_num_samples=VAL_NUM_SAMPLES)
+        swag = settings.get("swag")
+        collector = SwagCollector(swag["start"]) if swag else None
+        trained = train(
+            recipe,
+            split,
+            seed,
+            device=device,
+            progress=False,
+            val_num_samples=VAL_NUM_SAMPLES,
+            callbacks=(collector,) if collector else (),
+        )
         return Fitted(
-            method, time.perf_counter() - t0, model=trained.model, recipe=recipe, history=trained.history.epochs
+            method,
+            time.perf_counter() - t0,
+            model=trained.model,
+            recipe=recipe,
+            history=trained.history.epochs,
+            swag=collector.head if collector else None,
+            head_samples=swag["head_samples"] if swag else None,
         )
     options = {k: v for k, v in settings.items() if k != "baseline"}
     fitted = fit_baseline(
@@ -310,7 +369,14 @@ def scored(fitted: Fitted, x: torch.Tensor, seed: int) -> dict[str, Any]:
         seed_everything(seed)  # the latent draws
         # The density score (log p(x)) needs the x site, which the vib row lacks.
         pred = predict(
-            fitted.model, x, fitted.recipe.num_samples, balanced=fitted.recipe.balanced, density=fitted.model.observe_x
+            fitted.model,
+            x,
+            fitted.recipe.num_samples,
+            balanced=fitted.recipe.balanced,
+            density=fitted.model.observe_x,
+            swag=fitted.swag,
+            head_samples=fitted.head_samples,
+            head_seed=seed,
         )
         proba = pred.proba.detach().cpu().double()
         out: dict[str, Any] = {
@@ -361,6 +427,10 @@ def evaluate_run(
         out[f"nll{suffix}"] = negative_log_likelihood(y, p)
         out[f"brier{suffix}"] = brier_score(y, p)
     out["temperature"] = temperature
+    # the dev set's ACSA: what the best variant is chosen by (issue 21), never the test split's
+    out["dev_acsa"] = imbalance_report(
+        dev_y, dev["proba"].argmax(-1), num_classes=split.num_classes, train_counts=split.train_counts
+    )["acsa"]
     correct = _np(test["proba"].argmax(-1) == y)
     for score in ("maxprob", "entropy", "mi"):
         if score not in test["scores"]:
@@ -407,7 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--phase", required=True, choices=("tune", "test"))
+    p.add_argument(
+        "--phase",
+        required=True,
+        choices=("tune", "register", "test"),
+        help="tune: the dev-set grid (and, with --write-plan, the plan); register: a variants plan in --out, the "
+        "plan --from names plus issue 21's DGC variants (--methods: which; default all); test: the fresh seeds",
+    )
+    p.add_argument(
+        "--from",
+        dest="base_plan",
+        default=None,
+        metavar="PLAN",
+        help="register phase: the registered plan.json whose tuned settings the variants and the other rows take",
+    )
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: fashion (digits with --smoke)")
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets (ignored for digits)")
     p.add_argument(
@@ -487,6 +570,19 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.dataset = args.dataset or "fashion"
     args.counts = tuple(args.counts or default_counts(args.dataset))
     args.dev_per_class = args.dev_per_class or 1000
+    if args.phase == "register":
+        if args.base_plan is None:
+            raise SystemExit("--phase register needs --from PLAN (the registered plan whose settings it extends)")
+        if args.seeds:
+            raise SystemExit("--phase register fits nothing; it takes no --seeds")
+        unknown = [m for m in args.methods or () if m not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"--phase register registers variants ({', '.join(VARIANTS)}), not {', '.join(unknown)}")
+        args.methods = list(args.methods or VARIANTS)
+        args.grid = {}
+        return args
+    if args.base_plan is not None:
+        raise SystemExit("--from belongs to --phase register")
     args.seeds = list(args.seeds or DEFAULT_SEEDS[args.phase])
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit("--seeds lists a seed twice")
@@ -494,8 +590,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    if args.methods is None:
-        args.methods = list(TUNED if args.phase == "tune" else METHODS)
+    if args.methods is None and args.phase == "tune":
+        args.methods = list(TUNED)  # the test phase's default (the plan's rows) needs the plan: run_test sets it
+    if args.phase == "tune" and (variants := [m for m in args.methods if m in VARIANTS]):
+        raise SystemExit(f"{', '.join(variants)} take a tuned row's settings: register them with --phase register")
     if args.phase == "tune" and (matched := [m for m in args.methods if m in MATCHED]):
         raise SystemExit(
             f"{', '.join(matched)} are not tuned: they take their baseline's settings with DGC's wall time"
@@ -693,9 +791,47 @@ def make_plan(
     }
 
 
+def variant_for(name: str, epochs: int) -> dict[str, Any]:
+    """:data:`VARIANTS`' entry ``name`` for a plan of ``epochs`` epochs: cRT's share of the epochs in whole epochs
+    (at least one)."""
+    variant = json.loads(json.dumps(VARIANTS[name]))
+    if "retrain_head_epochs" in variant["changes"]:
+        variant["changes"]["retrain_head_epochs"] = max(1, round(variant["changes"]["retrain_head_epochs"] * epochs))
+    return variant
+
+
+def run_register(args: argparse.Namespace, argv: Sequence[str] | None, device: str) -> int:
+    """Write ``--out``/plan.json: the plan ``--from`` names (its tuned settings and matched epochs, unchanged) with
+    the chosen :data:`VARIANTS`; refuses to overwrite a plan."""
+    out, source = Path(args.out), Path(args.base_plan)
+    if not source.is_file():
+        raise SystemExit(f"--from {source}: no such plan")
+    if (out / "plan.json").exists():
+        raise SystemExit(f"{out / 'plan.json'} exists; a registered plan is not rewritten (use another --out)")
+    base = json.loads(source.read_text())
+    if base.get("variants"):
+        raise SystemExit(f"{source} already registers variants; register from the plan it was made from")
+    for key, value in _common(args).items():
+        if base.get(key) != value:
+            raise SystemExit(f"{source} was made with {key} {base.get(key)!r}, this command has {value!r}")
+    missing = sorted({VARIANTS[m]["base"] for m in args.methods} - set(base["selected"]))
+    if missing:
+        raise SystemExit(f"{source} tunes no {', '.join(missing)}, the base row of a chosen variant")
+    plan = {
+        **{k: v for k, v in base.items() if k != "environment"},
+        "variants": {m: variant_for(m, int(base["epochs"])) for m in args.methods},
+        "registered_from": {"plan": str(source), "environment": base.get("environment")},
+        "environment": _environment(args, argv, device),
+    }
+    write_json(out / "plan.json", plan)
+    print(f"registered {out / 'plan.json'}: {', '.join(args.methods)} on the settings of {source}", flush=True)
+    return 0
+
+
 def planned(method: str, plan: dict[str, Any]) -> tuple[dict[str, float], int]:
-    """The configuration and epochs of ``method`` in the plan (a matched row: its baseline's, with more epochs)."""
-    base = MATCHED.get(method, method)
+    """The configuration and epochs of ``method`` in the plan (a matched row: its baseline's, with more epochs; a
+    variant: its base row's)."""
+    base = plan.get("variants", {}).get(method, {}).get("base") or MATCHED.get(method, method)
     config = {k: v for k, v in plan["selected"][base].items() if k in ("lr", "tau")}
     return config, int(plan["matched_epochs"][method]) if method in MATCHED else int(plan["epochs"])
 
@@ -713,6 +849,11 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     if args.epochs is not None and args.epochs != plan["epochs"]:
         raise SystemExit(f"the plan fixes {plan['epochs']} epochs; --epochs {args.epochs} would change it")
     args.epochs = plan["epochs"]
+    variants = plan.get("variants", {})
+    if args.methods is None:
+        args.methods = list(CORE_METHODS) + list(variants)
+    if unregistered := [m for m in args.methods if m in VARIANTS and m not in variants]:
+        raise SystemExit(f"{plan_path} registers no {', '.join(unregistered)} (see --phase register)")
     reused_seeds = sorted(set(args.seeds) & set(plan["tune_seeds"]))
     if reused_seeds:
         raise SystemExit(f"seeds {reused_seeds} tuned the plan; the test phase needs fresh seeds")
@@ -721,9 +862,10 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     started = time.perf_counter()
     for seed in args.seeds:
         split = dev = None
+        swag_fits: dict[str, Fitted] = {}  # a SWAG row's fit, by recipe: the same recipe's row without SWAG reuses it
         for method in args.methods:
             config, epochs = planned(method, plan)
-            settings = run_settings(method, recipe, config, epochs)
+            settings = run_settings(method, recipe, config, epochs, variants.get(method))
             path = out / "runs" / f"{method}_seed{seed}.json"
             run = _reuse(path, settings, args, ood_per_set=args.ood_per_set or "all")
             if run is None and not args.collect:
@@ -731,7 +873,14 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                     split, dev = _load(args, seed, "test"), _load(args, seed, "dev")
                     if not torch.equal(split.y_train, dev.y_train):  # one training subset for both
                         raise SystemExit(f"seed {seed}: the dev and test loads drew different training subsets")
-                fitted = fit_row(method, split, settings, seed, device)
+                key = json.dumps(settings.get("recipe"), sort_keys=True)
+                if "recipe" in settings and "swag" not in settings and key in swag_fits:
+                    # SWAG only reads the head's weights, so its fit is this row's fit bit for bit
+                    fitted = dataclasses.replace(swag_fits[key], method=method, swag=None, head_samples=None)
+                else:
+                    fitted = fit_row(method, split, settings, seed, device)
+                    if "swag" in settings:
+                        swag_fits[key] = fitted
                 run = evaluate_run(fitted, split, dev.x_test, dev.y_test, seed, args.ood_per_set)
                 run.update(
                     method=method,
@@ -768,16 +917,39 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
         paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
     )
     write_json(out / "paired.json", pairs)
+    against = variant_comparisons(runs) if variants else {}
+    if against:
+        write_json(out / "paired_vs_baselines.json", against)
     table = render_table(summary, pooled, {m: len(r) for m, r in runs.items()}, plan, args)
     if pairs:
         table += (
             "\nPaired over seeds (the default DGC minus each row; positive ACSA / F_macro / AUROC and negative "
             "ECE / NLL / AURC favour DGC):\n\n" + format_paired(pairs)
         )
+    if against:
+        table += (
+            "\nPaired over seeds, each DGC row minus each compute-matched baseline (issue 21's target):\n\n"
+            + format_paired(against)
+        )
     table += f"\n{'Collected' if args.collect else f'Wall time of this call {time.perf_counter() - started:.0f} s'}.\n"
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0
+
+
+def variant_comparisons(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"<DGC row> - <matched baseline>": {metric: paired cell}}`` for every DGC row (the default and each
+    variant) against every compute-matched baseline that ran, on :data:`VARIANT_PAIRED_METRICS`."""
+    pairs: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in (REFERENCE, *VARIANTS):
+        for baseline in MATCHED:
+            if row in runs and baseline in runs:
+                pairs.update(
+                    paper_table.paired_comparisons(
+                        {row: runs[row], baseline: runs[baseline]}, reference=row, metrics=VARIANT_PAIRED_METRICS
+                    )
+                )
+    return pairs
 
 
 def render_table(
@@ -825,7 +997,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
-    return run_tune(args, argv, device) if args.phase == "tune" else run_test(args, argv, device)
+    phase = {"tune": run_tune, "register": run_register, "test": run_test}[args.phase]
+    return phase(args, argv, device)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,83 @@ def test_a_finished_run_of_other_settings_is_refused_not_pooled(evidence, smoke)
         evidence.main([*common, "--ood-per-set", "40"])
     with pytest.raises(SystemExit, match="plan.json was made with dev_per_class 5, this command has 4"):
         evidence.main([*common, "--dev-per-class", "4"])
+
+
+# ----------------------------------------------------------------------------- issue 21's variants
+@pytest.fixture(scope="module")
+def variants(evidence, tmp_path_factory) -> tuple[Path, Path]:
+    """A 7-epoch smoke plan (so SWAG's window, the last 30%, holds two snapshots), a variants plan registered
+    from it, and one test seed of the default DGC, the matched LA baseline and every variant."""
+    base, out = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("variants")
+    common = ["--smoke", "--device", "cpu"]
+    tune = ["--phase", "tune", "--seeds", "1", "--epochs", "7", "--write-plan", "--out", str(base)]
+    assert evidence.main([*tune, *common]) == 0
+    assert evidence.main(["--phase", "register", "--from", str(base / "plan.json"), "--out", str(out), *common]) == 0
+    rows = ["dgc_swag", "dgc_elbo", "logit_adjusted_matched", *(v for v in evidence.VARIANTS if v != "dgc_swag")]
+    assert evidence.main(["--phase", "test", "--seeds", "2", "--methods", *rows, "--out", str(out), *common]) == 0
+    return base, out
+
+
+def test_register_extends_the_plan_with_the_variants_settings(evidence, variants):
+    base, plan = (json.loads((p / "plan.json").read_text()) for p in variants)
+    assert plan["selected"] == base["selected"] and plan["matched_epochs"] == base["matched_epochs"]
+    assert set(plan["variants"]) == set(evidence.VARIANTS)
+    assert plan["variants"]["dgc_crt"]["changes"]["retrain_head_epochs"] == 1  # 20% of 7 epochs, rounded
+    assert plan["registered_from"]["plan"] == str(variants[0] / "plan.json")
+
+
+def test_each_variant_runs_its_base_rows_settings_with_its_changes(evidence, variants):
+    out = variants[1]
+    plan = json.loads((out / "plan.json").read_text())
+    for name, variant in plan["variants"].items():
+        run = json.loads((out / "runs" / f"{name}_seed2.json").read_text())
+        recipe = run["settings"]["recipe"]
+        assert recipe["lr"] == plan["selected"][variant["base"]]["lr"], name
+        for key, value in variant["changes"].items():
+            assert recipe[key] == value, (name, key)
+        assert 0.0 <= run["dev_acsa"] <= 1.0
+    assert json.loads((out / "runs" / "dgc_paper_iwae_cf_seed2.json").read_text())["settings"]["recipe"][
+        "label_in_guide"
+    ]
+
+
+def test_the_swag_row_shares_the_default_rows_fit_and_averages_over_head_draws(variants):
+    out = variants[1]
+    swag, dgc = (json.loads((out / "runs" / f"{m}_seed2.json").read_text()) for m in ("dgc_swag", "dgc_elbo"))
+    assert swag["settings"]["swag"] == {"start": 0.7, "head_samples": 10}
+    assert swag["fit_seconds"] == dgc["fit_seconds"] and swag["history"] == dgc["history"]  # one fit
+    assert swag["nll"] != dgc["nll"]  # the class posterior is averaged over 10 head draws
+
+
+def test_every_dgc_row_is_paired_with_the_matched_baseline(evidence, variants):
+    out = variants[1]
+    pairs = json.loads((out / "paired_vs_baselines.json").read_text())
+    for row in ("dgc_elbo", *evidence.VARIANTS):
+        cell = pairs[f"{row} - logit_adjusted_matched"]
+        assert set(cell) == set(evidence.VARIANT_PAIRED_METRICS)
+        summary = json.loads((out / "summary.json").read_text())
+        assert cell["acsa"]["mean"] == pytest.approx(
+            summary[row]["acsa"]["mean"] - summary["logit_adjusted_matched"]["acsa"]["mean"]
+        )
+    assert "dgc_crt - logit_adjusted_matched" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--phase", "register"], "needs --from"),
+        (["--phase", "tune", "--methods", "dgc_drw"], "register them"),
+        (["--phase", "test", "--from", "x.json"], "--from belongs"),
+    ],
+)
+def test_variant_refusals(evidence, tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        evidence.main([*argv, "--smoke", "--out", str(tmp_path)])
+
+
+def test_a_plan_is_registered_once_and_variants_need_it(evidence, variants, smoke):
+    base, out = variants
+    with pytest.raises(SystemExit, match="not rewritten"):
+        evidence.main(["--phase", "register", "--from", str(base / "plan.json"), "--smoke", "--out", str(out)])
+    with pytest.raises(SystemExit, match="registers no dgc_drw"):
+        evidence.main(["--phase", "test", "--seeds", "2", "--methods", "dgc_drw", "--smoke", "--out", str(smoke)])
