@@ -29,7 +29,12 @@ TINY_ENV = {
 
 
 def test_the_expected_notebooks_exist():
-    assert NAMES == ["01_quickstart.ipynb", "02_custom_model.ipynb", "03_posterior_diagnostics.ipynb"]
+    assert NAMES == [
+        "01_quickstart.ipynb",
+        "02_custom_model.ipynb",
+        "03_posterior_diagnostics.ipynb",
+        "04_mechanisms.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
@@ -105,6 +110,28 @@ def test_notebook_02_shows_a_custom_model_and_a_custom_callback():
     assert any(isinstance(n, ast.Attribute) and getattr(n.value, "id", None) in names for n in ast.walk(tree)), (
         "notebook 02 never reads what its callback recorded"
     )
+
+
+def _keywords(tree):
+    """Every ``name=constant`` keyword argument in the notebook, as (name, value) pairs."""
+    return {
+        (n.arg, n.value.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.keyword) and isinstance(n.value, ast.Constant)
+    }
+
+
+def test_notebook_04_fits_each_of_the_five_mechanisms():
+    """Issue 21: a notebook section per mechanism, each set as its recipe option (SWAG as its callback)."""
+    tree = _code(NOTEBOOKS[NAMES.index("04_mechanisms.ipynb")])
+    keywords = _keywords(tree)
+    assert ("latent_prior", "class_conditional") in keywords
+    assert ("perturbation_start", 0.7) in keywords
+    assert ("perturbation_noise", "head") in keywords
+    assert ("objective", "iwae-cf") in keywords
+    assert any(k.arg == "retrain_head_epochs" for k in ast.walk(tree) if isinstance(k, ast.keyword))
+    assert _calls(tree, "SwagCollector")
+    assert any(k.arg == "swag" for c in _calls(tree, "score") for k in c.keywords)
 
 
 @pytest.mark.parametrize(
