@@ -782,10 +782,13 @@ def _add_rule_arg(p: argparse.ArgumentParser) -> None:
 
 def _check_rule(model: Any, rule: str | None, checkpoint: str) -> None:
     """Refuse, in one line, a --rule the checkpoint's model cannot be scored with (before the long prediction)."""
-    from dgc_pyro.inference.predict import scoring_rules_for
+    from dgc_pyro.inference.predict import check_rule
 
-    if rule is not None and rule not in (ok := scoring_rules_for(model)):
-        raise UserError(f"--rule {rule} does not apply to the model in {checkpoint}; it takes {', '.join(ok)}")
+    if rule is not None:
+        try:
+            check_rule(model, rule)  # predict's own check, run here before the long prediction
+        except ValueError as e:
+            raise UserError(f"--rule {rule} does not apply to the model in {checkpoint}: {e}") from None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

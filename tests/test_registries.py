@@ -127,6 +127,17 @@ def test_an_unknown_scoring_rule_is_one_line_naming_the_known_ones(registered):
     assert str(info.value) == "unknown scoring rule 'nope'; choose one of mixture, iw, paper, latent, bayes, label_mean"
 
 
+def test_predict_refuses_a_rule_that_does_not_apply_to_the_model():
+    model = DGC((1, 8, 8), 3, latent_dim=2).eval()  # a label head: no class Gaussians for Bayes' rule
+    assert "bayes" not in scoring_rules_for(model)
+    with pytest.raises(ValueError) as info:
+        predict(model, torch.rand(2, 1, 8, 8), rule="bayes")
+    assert str(info.value) == (
+        "rule='bayes' needs a model built with latent_prior='class_conditional' (a p(z | y) per class); "
+        f"this model takes {', '.join(scoring_rules_for(model))}"
+    )
+
+
 def test_registered_scoring_rules_reach_the_benchmark_cli_choices(registered):
     registered(SCORING_RULE_REGISTRY, "label_mean", MEAN_RULE)
     choices = tuple(_option(load_benchmark("paper_table").build_parser(), "rule").choices)

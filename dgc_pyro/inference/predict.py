@@ -147,6 +147,15 @@ def scoring_rules_for(model: DGC) -> tuple[str, ...]:
     return tuple(name for name, spec in SCORING_RULE_REGISTRY.items() if spec.applies_to(model))
 
 
+def check_rule(model: DGC, rule: str) -> None:
+    """Raise ValueError, in one line, when the scoring rule ``rule`` cannot score ``model`` (an unknown name: the
+    registry's error)."""
+    spec = SCORING_RULE_REGISTRY.get(rule)
+    if not spec.applies_to(model):
+        needs = spec.requirement or "another model"
+        raise ValueError(f"rule={rule!r} needs {needs}; this model takes {', '.join(scoring_rules_for(model))}")
+
+
 def _normal_of(fn: torch.distributions.Distribution) -> torch.distributions.Normal:
     normal = unwrap_normal(fn)
     if normal is None:
@@ -331,6 +340,7 @@ class ScoringRuleSpec:
             posterior needs no decoder); otherwise it reuses all of the rule's draws.
         cpu_activation_bytes: the largest single activation of a CPU pass (cache budget; see the module docs).
         applies_to: whether the rule can score a given model (:func:`scoring_rules_for`).
+        requirement: what ``applies_to`` asks of a model, in words, for the error of :func:`check_rule`.
     """
 
     log_weights: LogWeightsFn
@@ -339,6 +349,7 @@ class ScoringRuleSpec:
     own_density_draws: bool = False
     cpu_activation_bytes: int = CPU_ACTIVATION_BYTES
     applies_to: Callable[[DGC], bool] = _any_model
+    requirement: str = ""
 
     def draws(self, num_classes: int, num_samples: int) -> int:
         """D, the draws per example and class in the log weights."""
@@ -356,7 +367,12 @@ SCORING_RULE_REGISTRY: Registry[ScoringRuleSpec] = Registry("scoring rule")
 SCORING_RULE_REGISTRY.register("mixture", ScoringRuleSpec(_mixture_chunk, pools_classes=True))
 SCORING_RULE_REGISTRY.register("iw", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=True)))
 SCORING_RULE_REGISTRY.register(
-    "paper", ScoringRuleSpec(functools.partial(_per_class_chunk, importance_weighted=False), applies_to=_paper_applies)
+    "paper",
+    ScoringRuleSpec(
+        functools.partial(_per_class_chunk, importance_weighted=False),
+        applies_to=_paper_applies,
+        requirement="a label head (Eq. 9 scores with p(y | z); this class-conditional model has none)",
+    ),
 )
 SCORING_RULE_REGISTRY.register(
     "latent",
@@ -365,7 +381,13 @@ SCORING_RULE_REGISTRY.register(
     ),
 )
 SCORING_RULE_REGISTRY.register(
-    "bayes", ScoringRuleSpec(_bayes_chunk, rows=_bayes_rows, applies_to=_has_class_gaussians)
+    "bayes",
+    ScoringRuleSpec(
+        _bayes_chunk,
+        rows=_bayes_rows,
+        applies_to=_has_class_gaussians,
+        requirement="a model built with latent_prior='class_conditional' (a p(z | y) per class)",
+    ),
 )
 #: The built-in rules' names (the registry's :meth:`~dgc_pyro.registry.Registry.names` also lists added ones).
 SCORING_RULES: tuple[str, ...] = SCORING_RULE_REGISTRY.names()
@@ -440,6 +462,7 @@ def _class_log_weights(
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     if rule is None:
         rule = model.default_rule
+    check_rule(model, rule)
     spec = SCORING_RULE_REGISTRY.get(rule)
     _check_count("num_samples", num_samples, 1)
     _check_count("density_samples", density_samples, 0)
