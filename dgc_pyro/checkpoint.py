@@ -4,9 +4,15 @@ Both are safetensors files written atomically by :mod:`dgc_pyro.io`: tensors in 
 body, everything else as JSON in its header. Nothing is ever unpickled, so loading a file from an
 untrusted source can at worst be refused (``CheckpointError``), never run code.
 
+Model-file layout (:func:`save_model`): the state dict's tensors under their own names; a SWAG head of the label
+head (``model.swag``, :class:`~dgc_pyro.inference.swag.SwagHead`) adds ``swag/mean``, ``swag/variance`` and
+``swag/deviations`` (float64) with its record (``count``, ``var_clamp``) under the metadata key ``"swag"``. Files
+without them (written before SWAG was a recipe option, or of fits without it) load with ``model.swag = None``.
+
 Training-state layout (``kind == "dgc_pyro.training_state"``): tensors are named ``model/<param>``,
-``best_model/<param>``, ``split/train_idx``, ``split/val_idx``, and ``optim/...`` / ``rng/...`` for the
-tensors inside the optimiser states and random number generator snapshots. Those nested structures
+``best_model/<param>``, ``split/train_idx``, ``split/val_idx``, and ``optim/...`` / ``rng/...`` /
+``callbacks/...`` for the tensors inside the optimiser states, random number generator snapshots and the states
+of stateful callbacks (the SWAG moments; absent from older files, which read as none). Those nested structures
 are stored in the JSON metadata with every tensor replaced by ``{"__tensor__": name}``, dicts as
 ``{"__dict__": [[key, value], ...]}`` (keeping int keys), tuples as ``{"__tuple__": [...]}`` and
 non-finite floats as ``{"__float__": "nan"}``.
@@ -19,7 +25,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +35,9 @@ from dgc_pyro.device import resolve_device
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
 from dgc_pyro.ood_detector import OODDetector
+
+if TYPE_CHECKING:  # annotations only: the inference package imports this module
+    from dgc_pyro.inference.swag import SwagHead
 
 __all__ = [
     "RUN_CONFIG_FIELDS",
@@ -46,6 +55,8 @@ __all__ = [
 TRAINING_STATE_FILE = "training_state.safetensors"
 #: File name ``dgc-pyro fit`` gives the fitted model inside its output folder.
 MODEL_FILE = "model.safetensors"
+#: Name prefix of the SWAG head's tensors in a model file (a state dict's names have dots, never slashes).
+SWAG_PREFIX = "swag/"
 
 _KIND = "dgc_pyro.training_state"
 _STATE_VERSION = 1
@@ -58,7 +69,8 @@ PathLike = str | os.PathLike[str]
 
 
 def save_model(path: PathLike, model: DGC, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s weights and config (plus ``metadata``) atomically to ``path``."""
+    """Write ``model``'s weights and config (plus ``metadata``), with its OOD flag and SWAG head when it has them,
+    atomically to ``path``."""
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
     meta = dict(metadata or {})
@@ -66,7 +78,13 @@ def save_model(path: PathLike, model: DGC, metadata: dict[str, Any] | None = Non
     detector = getattr(model, "ood_detector", None)
     if detector is not None:  # the calibrated OOD flag (dgc_pyro.inference.density) travels with the weights
         meta["ood_detector"] = detector.to_dict()
-    save_checkpoint(path, model.state_dict(), meta)
+    tensors = dict(model.state_dict())
+    meta.pop("swag", None)  # the head's record is the model's own (a reloaded model's metadata may hold an old one)
+    head = getattr(model, "swag", None)
+    if head is not None:  # the SWAG head of fit(..., swag_start=...) travels with the weights too, in one file
+        head_tensors, meta["swag"] = head.to_state()
+        tensors.update({SWAG_PREFIX + k: v for k, v in head_tensors.items()})
+    save_checkpoint(path, tensors, meta)
 
 
 def _map_location(map_location: str | torch.device) -> torch.device:
@@ -116,7 +134,8 @@ def check_state_matches(
 
 def load_model(path: PathLike, *, map_location: str | torch.device = "cpu", model: DGC | None = None) -> DGC:
     """Rebuild a model from a checkpoint written by :func:`save_model`; returns the model, with the checkpoint's
-    metadata (the dict given to :func:`save_model`, plus ``"model"``: its config) as ``model.metadata``.
+    metadata (the dict given to :func:`save_model`, plus ``"model"``: its config) as ``model.metadata`` and its
+    SWAG head as ``model.swag`` (None for a file without one).
 
     ``path`` may also be an output folder of ``dgc-pyro fit`` (its ``model.safetensors`` is loaded) or
     a training state written by ``fit(..., checkpoint_dir=...)`` (the weights of its last epoch are
@@ -145,6 +164,9 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu", mode
     tensors, meta = load_checkpoint(p, map_location="cpu")
     if meta.get("kind") == _KIND:
         tensors = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    swag = {k[len(SWAG_PREFIX) :]: tensors.pop(k) for k in list(tensors) if k.startswith(SWAG_PREFIX)}
+    if bool(swag) != isinstance(meta.get("swag"), dict):
+        raise CheckpointError(f"{p} is not a valid dgc_pyro checkpoint: its SWAG head's tensors and record disagree")
     config = meta.get("model")
     if not isinstance(config, dict):
         raise CheckpointError(f"{p} has no model config; it was not written by dgc_pyro.save_model")
@@ -163,8 +185,20 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu", mode
             model.ood_detector = OODDetector.from_dict(meta["ood_detector"])
         except ValueError as e:
             raise CheckpointError(f"{p}: {e}") from None
+    model.swag = _load_swag(model, swag, meta.get("swag"), p) if swag else None
     model.metadata = meta
     return model.to(device)
+
+
+def _load_swag(model: DGC, tensors: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> SwagHead:
+    """The SWAG head of a model file, checked (CheckpointError naming the file)."""
+    # imported here: the inference package imports this module (its training states), so it cannot be imported above
+    from dgc_pyro.inference.swag import SwagHead
+
+    try:
+        return SwagHead.from_state(model, tensors, record)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its SWAG head is unusable ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +264,8 @@ class TrainingState:
     Tensors are CPU copies. ``optimizers`` maps a name (``"main"``, ``"perturbation"``) to the nested
     state of that optimiser (a ``torch.optim`` state dict, or ``{"per_param": {name: state dict}}`` for
     Pyro's per-parameter optimisers); ``rng`` is :func:`dgc_pyro.reproducibility.get_rng_state`'s
-    snapshot; ``config`` the settings that must match on resume; ``fingerprint`` identifies the data.
+    snapshot; ``config`` the settings that must match on resume; ``fingerprint`` identifies the data;
+    ``callbacks`` maps a stateful callback's ``state_key`` to its state (nested, with tensors; the SWAG moments).
     """
 
     epoch: int
@@ -248,6 +283,7 @@ class TrainingState:
     model_config: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def training_state_path(path: PathLike) -> Path:
@@ -347,6 +383,7 @@ def save_training_state(path: PathLike, state: TrainingState) -> Path:
         "has_best_model": state.best_model is not None,
         "optimizers": _encode(state.optimizers, "optim", tensors),
         "rng": _encode(state.rng, "rng", tensors),
+        "callbacks": _encode(state.callbacks, "callbacks", tensors),
     }
     save_checkpoint(target, tensors, meta)
     return target
@@ -390,10 +427,12 @@ def load_training_state(path: PathLike) -> TrainingState:
         optimizers = _decode(meta["optimizers"], tensors, used, "optimizers")
         rng = _decode(meta["rng"], tensors, used, "rng")
         best_score = _decode(meta.get("best_score", {"__float__": "-inf"}), tensors, used, "best_score")
+        # absent from training states written before callbacks had state
+        callbacks = _decode(meta.get("callbacks", {"__dict__": []}), tensors, used, "callbacks")
         if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
             raise ValueError("history is not a list of records")
-        if not isinstance(optimizers, dict) or not isinstance(rng, dict):
-            raise ValueError("optimizer or rng state is not a dict")
+        if not isinstance(optimizers, dict) or not isinstance(rng, dict) or not isinstance(callbacks, dict):
+            raise ValueError("optimizer, rng or callback state is not a dict")
         if len(history) != epoch:
             raise ValueError(f"history has {len(history)} records for {epoch} epochs")
         for name in ("config", "model", "extra"):
@@ -426,4 +465,5 @@ def load_training_state(path: PathLike) -> TrainingState:
         model_config=meta.get("model", {}),
         fingerprint=str(meta.get("fingerprint", "")),
         extra=meta.get("extra", {}),
+        callbacks=callbacks,
     )

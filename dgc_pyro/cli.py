@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e, "evaluate")
     e.add_argument("--out", default=None, help="write metrics.json here (default: print only)")
     _add_rule_arg(e)
+    _add_head_samples_arg(e)
 
     a = sub.add_parser("augment", help="generate synthetic minority examples with a saved model")
     a.add_argument("--checkpoint", required=True, help="model.safetensors written by 'dgc-pyro fit'")
@@ -448,14 +449,20 @@ def _check_out_folder(out: str | Path, need_bytes: int = 2**20) -> None:
 def _check_fit_before_training(recipe: Any, split: ImbalancedSplit, out: str, device: str) -> None:
     """What would otherwise fail only after training: ``--out``'s room for the outputs (model.safetensors, and
     checkpoint/ with the weights, the best epoch's copy and Adam's two moments, each written beside the old file
-    before the rename, hence twice that) and the test prediction's memory (``--num-samples``)."""
+    before the rename, hence twice that, and with ``--swag-start`` the head's float64 moments in both files) and
+    the test prediction's memory (``--num-samples``, times ``--swag-samples`` with SWAG)."""
     from dgc_pyro.inference.device import resolve_device
     from dgc_pyro.inference.predict import check_prediction_size
 
     model = recipe.build_model(split.input_shape, split.num_classes, split.train_counts)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    _check_out_folder(out, 2 * 5 * weights + 2**20)
-    check_prediction_size(model.to(resolve_device(device)), len(split.y_test), recipe.num_samples)
+    swag = 0
+    if recipe.swag_start is not None:  # mean, second moment and swag_rank deviations of the head, in float64
+        swag = (recipe.swag_rank + 2) * sum(p.numel() for p in model.classifier.parameters()) * 8
+    _check_out_folder(out, 2 * (5 * weights + 2 * swag) + 2**20)
+    # a SWAG evaluation holds the log weights of every head draw at once
+    draws = recipe.num_samples * (recipe.swag_samples if recipe.swag_start is not None else 1)
+    check_prediction_size(model.to(resolve_device(device)), len(split.y_test), draws)
 
 
 def _describe_run(metrics: Path) -> str:
@@ -663,6 +670,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     note = _calibration_note(result)
     if note:
         print(note)
+    head = result.model.swag
+    if head is not None:
+        print(
+            f"SWAG head of p(y | z): {head.count} snapshots (rank {head.rank}); the evaluation averaged over "
+            f"{recipe.swag_samples} head draws"
+        )
     seconds = result.seconds
     phases = [("fit", seconds["dgc_fit"]), ("evaluation", seconds["dgc_predict"])]
     if "baseline_fit" in seconds:
@@ -780,6 +793,38 @@ def _add_rule_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_head_samples_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--head-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="average the class posterior over N draws of the checkpoint's SWAG head of p(y | z) (fit --swag-start); "
+        "0 predicts with the fitted head alone (default: the recipe's swag_samples when the checkpoint has a SWAG "
+        "head, else 0)",
+    )
+
+
+def _head_posterior(model: Any, head_samples: int | None, saved: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """``predict``'s SWAG keywords for ``--head-samples``: the checkpoint's head with the asked (default: the
+    recipe's) number of draws, or none; a one-line error for a negative count or a head the checkpoint lacks."""
+    from dgc_pyro.config import DEFAULT_HEAD_SAMPLES
+    from dgc_pyro.experiment import swag_options
+
+    if head_samples is not None and head_samples < 0:
+        raise UserError("--head-samples must be at least 0 (0: the fitted head alone)")
+    if head_samples == 0:
+        return {}
+    if head_samples is not None and model.swag is None:
+        raise UserError(
+            f"--head-samples {head_samples} needs a SWAG head, and {checkpoint} has none (fit with --swag-start, "
+            "or give --head-samples 0)"
+        )
+    if head_samples is None:
+        head_samples = (saved.get("recipe") or {}).get("swag_samples", DEFAULT_HEAD_SAMPLES)
+    return swag_options(model, head_samples)
+
+
 def _check_rule(model: Any, rule: str | None, checkpoint: str) -> None:
     """Refuse, in one line, a --rule the checkpoint's model cannot be scored with (before the long prediction)."""
     from dgc_pyro.inference.predict import check_rule
@@ -806,9 +851,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     train_counts = np.asarray(saved.get("train_counts") or split.train_counts)
     num_samples = args.num_samples or _saved_num_samples(saved)
     seed = saved["seed"] if saved.get("seed") is not None else data.seed
+    swag = _head_posterior(model, args.head_samples, saved, args.checkpoint)
     print(
         f"checkpoint {args.checkpoint}; dataset {data.dataset}: {len(split.y_test)} test examples, "
-        f"{num_samples} latent draws per class"
+        f"{num_samples} latent draws per class" + _head_draws_note(swag)
     )
     t0 = time.perf_counter()
     _check_rule(model, args.rule, args.checkpoint)
@@ -821,6 +867,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed,
         progress=not args.no_progress,
         rule=args.rule,
+        **swag,
     )
     evaluated = time.perf_counter() - t0
     print(format_comparison({"DGC": report}, metrics=("acsa", "gmean", "fmacro", "r_mi", "p_ma", "acc", "ece")))
@@ -833,6 +880,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         wrote = f"; wrote {Path(args.out) / 'metrics.json'}"
     print(f"{_phase_times([('evaluation', evaluated)], started)} on {model.device}{wrote}")
     return 0
+
+
+def _head_draws_note(swag: dict[str, Any]) -> str:
+    """``, averaged over 10 SWAG head draws`` when the prediction uses the checkpoint's SWAG head."""
+    return f", averaged over {swag['head_samples']} SWAG head draws" if swag else ""
 
 
 def _sampling_strategy_arg(text: str) -> str | float | dict[int, int]:
@@ -969,6 +1021,7 @@ def _add_predict_parser(sub: Any) -> None:
         "the OOD flag; both: either)",
     )
     _add_rule_arg(p)
+    _add_head_samples_arg(p)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--seed", type=_seed_arg, default=0, help="seed of the latent draws")
     p.add_argument("--no-progress", action="store_true")
@@ -1006,6 +1059,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         )
     saved = check_run_config(meta.get("config", {}), args.checkpoint)
     num_samples = args.num_samples or _saved_num_samples(saved)
+    swag = _head_posterior(model, args.head_samples, saved, args.checkpoint)
     seed_everything(args.seed)
     _check_rule(model, args.rule, args.checkpoint)
     pred = predict(
@@ -1016,6 +1070,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         reject=args.reject,
         progress=not args.no_progress,
         rule=args.rule,
+        head_seed=args.seed,
+        **swag,
     )
     names = [str(n) for n in meta.get("class_names") or range(model.num_classes)]
     npz_path, csv_path = write_predictions(pred, args.out, names)  # computed first, each file written atomically
@@ -1026,7 +1082,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else " (no OOD flag in this checkpoint)"
     )
     rejected = f", {int(columns['rejected'].sum())} rejected ({args.reject})" if "rejected" in columns else ""
-    print(f"predicted {len(pred.labels)} examples{flagged}{rejected}; wrote {npz_path} and {csv_path}")
+    print(
+        f"predicted {len(pred.labels)} examples{_head_draws_note(swag)}{flagged}{rejected}; wrote {npz_path} and "
+        f"{csv_path}"
+    )
     return 0
 
 

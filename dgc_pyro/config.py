@@ -45,6 +45,7 @@ from dgc_pyro.models.likelihoods import LIKELIHOODS
 from dgc_pyro.models.networks import PRESETS
 
 __all__ = [
+    "DEFAULT_HEAD_SAMPLES",
     "ENGINES",
     "LR_SCHEDULES",
     "PERTURBATION_NOISES",
@@ -55,8 +56,11 @@ __all__ = [
     "TrainConfig",
     "check_deferred",
     "check_options",
+    "check_swag",
+    "check_swag_model",
     "config_fields",
     "first_perturbation_epoch",
+    "first_window_epoch",
     "parse_overrides",
     "parse_value",
     "resume_differences",
@@ -72,6 +76,8 @@ PERTURBATION_PRIORS = ("train", "perturbed")
 PERTURBATION_NOISES = ("own", "head")
 #: Data-parallel strategies (:mod:`dgc_pyro.inference.distributed`).
 STRATEGIES = ("ddp",)
+#: Label-head draws a SWAG prediction averages over unless told (``swag_samples``, ``predict(..., swag=...)``).
+DEFAULT_HEAD_SAMPLES = 10
 
 FIXED, FREE = "fixed", "free"
 _UNSET: Any = object()
@@ -149,9 +155,15 @@ def parse_value(f: dataclasses.Field, text: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- checks shared by the fields
+def first_window_epoch(start: float, epochs: int) -> int:
+    """The first (1-based) epoch of a stage that begins after the share ``start`` of ``epochs``:
+    ``ceil(start * epochs) + 1`` (the perturbation step's ``perturbation_start``, SWAG's ``swag_start``)."""
+    return math.ceil(start * epochs) + 1
+
+
 def first_perturbation_epoch(perturbation_start: float, epochs: int) -> int:
     """The first (1-based) epoch that runs the perturbation step: ``ceil(perturbation_start * epochs) + 1``."""
-    return math.ceil(perturbation_start * epochs) + 1
+    return first_window_epoch(perturbation_start, epochs)
 
 
 def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: int, perturbation_rate: float) -> None:
@@ -172,6 +184,34 @@ def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: in
         raise ValueError(
             f"perturbation_start={perturbation_start} starts the perturbation step at epoch {first}, "
             f"after the last epoch of the main steps ({last} of {epochs}): it would never run"
+        )
+
+
+def check_swag(swag_start: Any, swag_rank: Any, swag_samples: Any, epochs: int) -> None:
+    """Raise ValueError naming the problem unless the SWAG options are usable in a fit of ``epochs`` epochs.
+
+    ``epochs`` must already be checked (a positive integer).
+    """
+    check_non_negative("swag_rank", swag_rank, integer=True)
+    check_positive("swag_samples", swag_samples, integer=True)
+    if swag_start is None:
+        return
+    check_fraction("swag_start", swag_start)
+    first = first_window_epoch(swag_start, epochs)
+    if first > epochs:
+        raise ValueError(
+            f"swag_start={swag_start} starts the SWAG window at epoch {first}, after the last epoch ({epochs}): "
+            "it would collect nothing"
+        )
+
+
+def check_swag_model(swag_start: Any, has_label_head: bool) -> None:
+    """Raise ValueError when SWAG of the label head is asked of a model without one (``latent_prior=
+    "class_conditional"``: its p(y | z) is Bayes' rule on the class Gaussians, with no weights to model)."""
+    if swag_start is not None and not has_label_head:
+        raise ValueError(
+            f"swag_start={swag_start} needs a label head p(y | z), which a model with "
+            "latent_prior='class_conditional' does not have; use swag_start=None"
         )
 
 
@@ -353,6 +393,21 @@ class TrainConfig:
     retrain_head_epochs: int = _option(
         0, "classifier re-training (cRT): the last this many epochs train p(y | z) alone on class-balanced draws"
     )
+    swag_start: float | None = _option(
+        None,
+        "SWAG of the label head p(y | z): a Gaussian over its weights from their path in the epochs after "
+        "ceil(swag_start * epochs), in [0, 1); predictions average over swag_samples head draws (none: off)",
+        parse=_none_or(float),
+    )
+    swag_rank: int = _option(
+        20, "SWAG's low-rank part: the last this many deviations of the head's weights (0: diagonal only)"
+    )
+    swag_samples: int = _option(
+        DEFAULT_HEAD_SAMPLES,
+        "label-head draws a SWAG prediction averages over (the run's evaluation, and dgc-pyro evaluate and predict "
+        "unless --head-samples says otherwise); how the fit's model predicts, not what it fits",
+        resume=FREE,
+    )
     pretrain_steps: int = _option(0, "steps of the reference code's encoder pre-training before the first epoch")
     transform: Any = _option(
         None,
@@ -426,6 +481,7 @@ class TrainConfig:
         check_choice("perturbation_prior", self.perturbation_prior, PERTURBATION_PRIORS)
         check_choice("perturbation_noise", self.perturbation_noise, PERTURBATION_NOISES)
         check_deferred(self.perturbation_start, self.retrain_head_epochs, self.epochs, self.perturbation_rate)
+        check_swag(self.swag_start, self.swag_rank, self.swag_samples, self.epochs)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not (isinstance(self.objective, str) or callable(self.objective)):
             raise ValueError(f"objective must be a name or a loss callable, got {self.objective!r}")
@@ -493,7 +549,7 @@ def absent_value(f: dataclasses.Field) -> Any:
 # ----------------------------------------------------------------------------- resume: one comparison
 #: Facts of a fit that a resumed fit must share besides the fixed options: its seed, whether it was given its own
 #: validation data, and ``epochs`` where the fit's rates or stages are fractions of it (the cosine's length, the
-#: deferred stages), so that such a fit cannot grow its epochs.
+#: deferred stages, the SWAG window), so that such a fit cannot grow its epochs.
 RUN_FACTS: dict[str, Any] = {"seed": None, "explicit_val": None, "schedule_epochs": None, "deferred_epochs": None}
 #: Engines that run the same step on the same optimiser state: a checkpoint of one resumes with the other.
 SAME_STEP = {"graph": "torch"}
@@ -508,7 +564,9 @@ def resume_settings(config: TrainConfig, *, seed: int, explicit_val: bool) -> di
         "seed": seed,
         "explicit_val": explicit_val,
         "schedule_epochs": epochs if config.lr_schedule != "constant" else None,
-        "deferred_epochs": epochs if config.perturbation_start > 0 or config.retrain_head_epochs else None,
+        "deferred_epochs": epochs
+        if config.perturbation_start > 0 or config.retrain_head_epochs or config.swag_start is not None
+        else None,
     }
 
 
@@ -579,6 +637,8 @@ class Recipe:
             raise TypeError("Recipe(model=, train=) takes a ModelConfig and a TrainConfig")
         object.__setattr__(self, "model", dataclasses.replace(model, **model_changes) if model_changes else model)
         object.__setattr__(self, "train", dataclasses.replace(train, **train_changes) if train_changes else train)
+        # where the two configs meet: what fit would refuse for the model this recipe builds, refused now
+        check_swag_model(self.train.swag_start, self.model.latent_prior == "standard")
 
     def __getattr__(self, name: str) -> Any:
         # Flat reads (recipe.epochs, recipe.latent_dim) of the one field that holds each option.

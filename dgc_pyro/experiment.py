@@ -243,10 +243,13 @@ def evaluate_model(
     balanced: bool | None = None,
     progress: bool = False,
     rule: str | None = None,
+    swag: Any = None,
+    head_samples: int | None = None,
 ) -> tuple[dict[str, float], Prediction]:
     """Imbalance metrics (and ECE) of ``model`` on ``(x, y)``; the latent draws are seeded, so a reloaded
     checkpoint reproduces the metrics of the run that wrote it. ``balanced`` (default: whether the model
-    carries a class prior), ``rule`` (default: the model's) and ``progress`` (a bar on stderr) are passed to
+    carries a class prior), ``rule`` (default: the model's), ``progress`` (a bar on stderr) and ``swag`` /
+    ``head_samples`` (the class posterior averaged over SWAG head draws, seeded with ``seed`` too) are passed to
     :func:`predict`."""
     seed_everything(seed)
     # A model without the x site (observe_x=False) has no density score, hence no OOD flag.
@@ -258,9 +261,14 @@ def evaluate_model(
         density=model.observe_x,
         progress=progress,
         rule=rule,
+        swag=swag,
+        head_samples=head_samples,
+        head_seed=seed,
     )
     report = imbalance_report(y, pred.labels.cpu(), num_classes=model.num_classes, train_counts=train_counts)
     report["ece"] = expected_calibration_error(y, pred.proba.cpu())
+    if pred.head_samples is not None:  # the class posterior averaged over this many SWAG head draws
+        report["head_samples"] = pred.head_samples
     if pred.ood is not None:  # the calibrated OOD flag's rate on these (in-distribution) examples
         report["ood_flag_rate"] = float(pred.ood.float().mean())
     return report, pred
@@ -275,7 +283,8 @@ def calibrate_ood_flag(
 ) -> bool:
     """Calibrate ``model``'s OOD flag (:func:`~dgc_pyro.inference.density.fit_ood_threshold`) on the validation
     images that ``fit`` held out of ``split``'s training data (the same stratified hold-out, rebuilt from
-    ``recipe.val_fraction`` and ``seed``): images the model never trained on. Returns False, leaving the model
+    ``recipe.val_fraction`` and ``seed``): images the model never trained on, scored as the recipe predicts (over
+    ``recipe.swag_samples`` draws of the model's SWAG head when it has one). Returns False, leaving the model
     without a flag, when that hold-out is too small for ``false_alarm`` or there is none, or when the model has no
     density to flag (``observe_x=False``)."""
     if recipe.val_fraction <= 0 or not model.observe_x:
@@ -284,9 +293,21 @@ def calibrate_ood_flag(
     if len(val_idx) < math.ceil(1.0 / false_alarm):
         return False
     fit_ood_threshold(
-        model, split.x_train[torch.as_tensor(val_idx)], false_alarm, num_samples=recipe.num_samples, seed=seed
+        model,
+        split.x_train[torch.as_tensor(val_idx)],
+        false_alarm,
+        num_samples=recipe.num_samples,
+        seed=seed,
+        **swag_options(model, recipe.swag_samples),
     )
     return True
+
+
+def swag_options(model: DGC, head_samples: int) -> dict[str, Any]:
+    """``predict``'s SWAG keywords for ``model``: its SWAG head (``model.swag``) with ``head_samples`` draws, or
+    none when it has no head."""
+    head = getattr(model, "swag", None)
+    return {"swag": head, "head_samples": int(head_samples)} if head is not None else {}
 
 
 def run_experiment(
@@ -339,7 +360,14 @@ def run_experiment(
     t1 = time.perf_counter()
     calibrate_ood_flag(model, split, recipe, seed)
     metrics, pred = evaluate_model(
-        model, split.x_test, split.y_test, split.train_counts, recipe.num_samples, seed, progress=progress
+        model,
+        split.x_test,
+        split.y_test,
+        split.train_counts,
+        recipe.num_samples,
+        seed,
+        progress=progress,
+        **swag_options(model, recipe.swag_samples),
     )
     t2 = time.perf_counter()
     seconds = {"dgc_fit": trained.seconds, "dgc_predict": t2 - t1}

@@ -15,6 +15,13 @@ A callback is any object with some of these methods; the trainer calls those it 
   propagate;
 - ``on_fit_end(trainer)``: always, last (also after an exception).
 
+A callback with state that a resumed fit must continue from (the SWAG moments of
+:class:`~dgc_pyro.inference.swag.SwagCollector`) also has ``state_key`` (a string naming it and the settings its
+state belongs to), ``state_dict()`` (a copy of the state: nested dicts, lists, numbers and tensors) and
+``load_state_dict(state)`` (continue from a copy of ``state``; None: start empty). Its state is part of every
+:class:`~dgc_pyro.checkpoint.TrainingState`, so checkpoints carry it; joining a fit resets it, and a resumed fit
+restores it before ``on_fit_start``.
+
 :func:`~dgc_pyro.inference.fit.fit` builds its own list from its arguments (:func:`default_callbacks`) and appends
 the user's ``callbacks=(...)`` after the ``callback(epoch, record)`` function and before the snapshot, so a user's
 ``on_epoch_end`` runs before that epoch's checkpoint is written. :class:`Callback` is an optional base class with
@@ -394,15 +401,17 @@ def default_callbacks(
     check_every: int | None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     user: Sequence[Any] = (),
+    builtin: Sequence[Any] = (),
 ) -> list[Any]:
     """The callbacks of a fit in the order they run: the divergence guard first (its exception handler diagnoses a
-    failed step before anything else sees it), model selection, the chance warning, progress, ``callback``, the
-    user's, then the interrupt handler and the checkpoint writer (the user's :class:`Checkpointing`, moved last, so
-    that it writes what every other callback did in the epoch)."""
+    failed step before anything else sees it), model selection, the chance warning, progress, the ``builtin`` ones
+    of the fit's options (the SWAG collector), ``callback``, the user's, then the interrupt handler and the
+    checkpoint writer (the user's :class:`Checkpointing`, moved last, so that it writes what every other callback
+    did in the epoch)."""
     callbacks: list[Any] = [DivergenceGuard(check_every)]
     if select_best:
         callbacks.append(BestOnValidation())
-    callbacks += [ChanceWarning(), ProgressBar(progress)]
+    callbacks += [ChanceWarning(), ProgressBar(progress), *builtin]
     if callback is not None:
         callbacks.append(EpochFunction(callback))
     callbacks += [c for c in user if not isinstance(c, Checkpointing)]

@@ -28,14 +28,17 @@ def fit_ood_threshold(
     balanced: bool | None = None,
     seed: int = 0,
     progress: bool = False,
+    swag: Any = None,
+    head_samples: int | None = None,
 ) -> OODDetector:
     """Calibrate the OOD flag on held-out in-distribution images and attach it to ``model`` (``model.ood_detector``).
 
     ``x_dev`` must be images the model was not trained on (the validation split, or unused training images):
     on training images the density is optimistic and the flag would fire too often on new data. The
     threshold is the (1 - ``false_alarm``) quantile of ``score`` on ``x_dev``, so about that share of new
-    in-distribution inputs is flagged. The draws are seeded (``seed``) inside a forked random state.
-    Returns the detector; :func:`~dgc_pyro.checkpoint.save_model` saves it with the weights.
+    in-distribution inputs is flagged. The draws are seeded (``seed``) inside a forked random state. ``swag`` and
+    ``head_samples`` (:func:`~dgc_pyro.inference.predict.predict`'s, head draws seeded with ``seed``) calibrate the
+    flag on the prediction it will be applied to when that averages over a SWAG head. Returns the detector; :func:`~dgc_pyro.checkpoint.save_model` saves it with the weights.
     """
     if (
         isinstance(false_alarm, bool)
@@ -63,6 +66,9 @@ def fit_ood_threshold(
             progress=progress,
             balanced=model.has_class_prior if balanced is None else balanced,
             ood=False,
+            swag=swag,
+            head_samples=head_samples,
+            head_seed=seed,
         )
     log_density = pred.log_density.detach().cpu()
     center = float(log_density.median())

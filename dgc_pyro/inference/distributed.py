@@ -25,8 +25,8 @@ the MMD of the batch) are approximated by the sum of the shards' values.
 Launch modes:
 
 - single node: ``fit(..., devices=N)`` spawns N processes (``torch.multiprocessing``, start method
-  ``spawn``), rank 0 sends the history back and the parent loads the fitted weights into the caller's
-  model. ``MASTER_ADDR`` / ``MASTER_PORT`` are honoured when set (default 127.0.0.1 and a free port).
+  ``spawn``), rank 0 sends the history back and the parent loads the fitted weights (and the SWAG head of
+  ``swag_start``, which every rank collected alike) into the caller's model. ``MASTER_ADDR`` / ``MASTER_PORT`` are honoured when set (default 127.0.0.1 and a free port).
 - multi node: start one process per device with ``torchrun`` (it sets ``MASTER_ADDR``,
   ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), e.g.
   ``torchrun --nnodes 2 --nproc-per-node 4 ... -m dgc_pyro.cli fit --devices 4 --strategy ddp``; every
@@ -54,6 +54,7 @@ from dgc_pyro.config import STRATEGIES, TrainConfig
 from dgc_pyro.data.validation import check_xy
 from dgc_pyro.device import resolve_device
 from dgc_pyro.inference.dist_context import DistContext, check_engine
+from dgc_pyro.inference.swag import SwagHead
 from dgc_pyro.inference.training import History, train
 
 __all__ = [
@@ -245,7 +246,9 @@ def _spawn(
         if result is None:
             raise RuntimeError("the data-parallel workers finished without a result from rank 0")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(state["model"])
+    # every rank collected the same SWAG head (identical weights after every step): rank 0's comes back
+    model.swag = SwagHead.from_state(model, state["swag"], state["swag_record"]) if state["swag"] else None
     model.to(torch.device("cuda") if device_type == "cuda" else torch.device("cpu"))
     model.eval()
     return History(model=model, **result)
@@ -300,7 +303,8 @@ def _spawn_worker(
             )
             if rank == 0:
                 state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-                torch.save(state, Path(folder) / "state.pt")
+                swag, record = model.swag.to_state() if model.swag is not None else ({}, {})
+                torch.save({"model": state, "swag": swag, "swag_record": record}, Path(folder) / "state.pt")
                 fields = {f.name: getattr(history, f.name) for f in dataclasses.fields(history) if f.name != "model"}
                 messages.put(("result", fields))
         finally:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dgc_pyro.config import TrainConfig, check_options
+from dgc_pyro.config import TrainConfig, check_options, check_swag_model
 from dgc_pyro.inference.callbacks import Checkpointing
 from dgc_pyro.inference.distributed import fit_distributed
 from dgc_pyro.inference.divergence import TrainingDivergedError, site_terms
@@ -75,7 +75,7 @@ def fit(
     **options: Any,
 ) -> History:
     """Fit ``model`` to ``(x, y)`` by SVI with ``config`` and return the :class:`History` (``history.model`` is
-    the model, trained in place).
+    the model, trained in place; with ``swag_start`` it carries the SWAG head of its label head, ``model.swag``).
 
     Args:
         x, y: training features ``(N, *model.input_shape)`` in [0, 1] and integer labels; every class
@@ -127,6 +127,7 @@ def fit(
     config = config.replace(**options)
     callbacks, resume = _old_keywords(old, callbacks, resume)
     check_perturbation_model(model, config.perturbation_rate)  # before the data-parallel workers are started
+    check_swag_model(config.swag_start, getattr(model, "has_label_head", True))
     kwargs = dict(
         x_val=x_val,
         y_val=y_val,

@@ -43,6 +43,7 @@ import torch
 from pyro import poutine
 from tqdm import tqdm
 
+from dgc_pyro.config import DEFAULT_HEAD_SAMPLES  # label-head draws of predict(..., swag=...) unless given
 from dgc_pyro.data.validation import check_features
 from dgc_pyro.models.bare import bare_method
 from dgc_pyro.models.dgc import DGC, unwrap_normal
@@ -788,8 +789,6 @@ def posterior_from_log_weights(log_w: torch.Tensor) -> Prediction:
 #: ``dgc-pyro evaluate`` of the 10,000 Fashion test images near its 30 s target on the loaded 2-core CPU
 #: (benchmarks/evaluate_speed.py), where two took several times longer. The other rules use all their draws.
 DEFAULT_DENSITY_SAMPLES = 1
-#: Label-head draws of ``predict(..., swag=...)`` when ``head_samples`` is not given.
-DEFAULT_HEAD_SAMPLES = 10
 
 
 class HeadPosterior(Protocol):

@@ -15,13 +15,20 @@ draws, and its mutual information includes the head's uncertainty.
 - :class:`SwagCollector`: a training callback (:mod:`dgc_pyro.inference.callbacks`) that updates the moments with the
   head's weights after every epoch of the last ``1 - start`` share of the fit (or every ``every_steps`` steps there);
   ``collector.head`` is the fitted :class:`SwagHead`.
-- :class:`SwagHead`: the Gaussian; ``sample`` draws weight vectors, ``applied`` puts one in the head for a block.
+- :class:`SwagHead`: the Gaussian; ``sample`` draws weight vectors, ``applied`` puts one in the head for a block;
+  ``to_state`` / ``from_state`` are its tensors and record in a model file (:func:`dgc_pyro.checkpoint.save_model`).
+
+The recipe option: ``fit(..., swag_start=0.75)`` (a :class:`~dgc_pyro.config.TrainConfig` field, ``dgc-pyro fit
+--swag-start 0.75``) runs a collector with ``max_rank=swag_rank`` and leaves the head in ``history.model.swag``,
+which ``save_model`` writes beside the weights and ``load_model`` reads back.
 
 Only the head's parameters are modelled; the encoder and decoder stay at the fit's final weights. With
 ``select_best=True`` the fit may hand back an encoder of an earlier epoch than those the head moments were collected
 with: the collector warns when that epoch lies before its window (use ``select_best=False`` with SWAG, or a window
-that contains the best epoch). The moments are not part of the checkpoint: a resumed fit collects from the
-resumed epoch on, and the collector warns when that misses part of its window.
+that contains the best epoch). The moments are part of the training state (the collector is a stateful callback:
+``state_key``, ``state_dict``, ``load_state_dict``), so a fit resumed inside the window ends with the head of the
+uninterrupted fit; a checkpoint without them (written by a collector of other settings) makes the collector warn
+that it misses the earlier part of its window.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from dgc_pyro.caller_warning import warn_caller
+from dgc_pyro.config import first_window_epoch
 from dgc_pyro.inference.callbacks import Callback
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.models.dgc import DGC
@@ -102,6 +110,42 @@ class SwagMoments:
             return self.mean.new_zeros(0, self.mean.numel())
         return torch.stack(list(self._deviations))
 
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the moments (``max_rank``, ``count`` and, after a snapshot, ``mean``, ``sq_mean`` and
+        ``deviations``): what a training state stores."""
+        state: dict[str, Any] = {"max_rank": self.max_rank, "count": self.count}
+        if self.mean is not None and self.sq_mean is not None:
+            state.update(mean=self.mean.clone(), sq_mean=self.sq_mean.clone(), deviations=self.deviations.clone())
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> SwagMoments:
+        """The moments of a :meth:`state_dict` (copied); ValueError naming what does not fit."""
+        moments = cls(state.get("max_rank", -1))
+        count = state.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"SWAG moments have a bad count {count!r}")
+        if count == 0:
+            return moments
+        tensors = [state.get(k) for k in ("mean", "sq_mean", "deviations")]
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+            raise ValueError("SWAG moments lack their mean, sq_mean or deviations tensors")
+        mean, sq_mean, deviations = (t.detach().to("cpu", torch.float64).clone() for t in tensors)
+        size = mean.numel()
+        if mean.dim() != 1 or sq_mean.shape != mean.shape:
+            raise ValueError(f"SWAG moments have mean {tuple(mean.shape)} and sq_mean {tuple(sq_mean.shape)}")
+        if (
+            deviations.dim() != 2
+            or deviations.shape[1] not in (0, size)
+            or len(deviations) > min(count, moments.max_rank)
+        ):
+            raise ValueError(f"SWAG moments have deviations {tuple(deviations.shape)} for {size} weights")
+        if not all(torch.isfinite(t).all() for t in (mean, sq_mean, deviations)):
+            raise ValueError("SWAG moments hold non-finite values")
+        moments.count, moments.mean, moments.sq_mean = count, mean, sq_mean
+        moments._deviations.extend(deviations.reshape(-1, size).unbind(0))
+        return moments
+
     def head(self, model: DGC, *, var_clamp: float = 0.0) -> SwagHead:
         """The :class:`SwagHead` of these moments for ``model``'s label head."""
         if self.count == 0 or self.mean is None or self.sq_mean is None:
@@ -139,19 +183,50 @@ class SwagHead:
             )
         if not (math.isfinite(var_clamp) and var_clamp >= 0):
             raise ValueError(f"var_clamp must be a finite number >= 0, got {var_clamp!r}")
-        if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
-            raise ValueError("SWAG moments must be finite")
         deviations = (
             mean.new_zeros(0, size) if deviations is None else torch.as_tensor(deviations, dtype=torch.float64).cpu()
         )
         if deviations.dim() != 2 or (deviations.numel() and deviations.shape[1] != size):
             raise ValueError(f"SWAG deviations must be (K, {size}), got {tuple(deviations.shape)}")
+        if not all(torch.isfinite(t).all() for t in (mean, variance, deviations)):
+            raise ValueError("SWAG moments must be finite")
         self.mean = mean
         # sq_mean - mean^2 can round below zero where the weights hardly moved
         self.variance = variance.clamp_min(var_clamp)
         self.deviations = deviations.reshape(-1, size)
         self.count = int(count)
+        self.var_clamp = float(var_clamp)
         self.size = size
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The head as tensors (float64 ``mean``, ``variance``, ``deviations``) and a JSON record (``count``,
+        ``var_clamp``): what a model file holds (:func:`dgc_pyro.checkpoint.save_model`)."""
+        tensors = {"mean": self.mean, "variance": self.variance, "deviations": self.deviations}
+        return tensors, {"count": self.count, "var_clamp": self.var_clamp}
+
+    @classmethod
+    def from_state(cls, model: DGC, tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any]) -> SwagHead:
+        """The head of :meth:`to_state`'s ``tensors`` and ``record`` for ``model``; ValueError naming what is wrong."""
+        missing = sorted({"mean", "variance", "deviations"} - set(tensors))
+        if missing:
+            raise ValueError(f"the SWAG head lacks its {', '.join(missing)} tensor(s)")
+        count, var_clamp = record.get("count"), record.get("var_clamp", 0.0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"the SWAG head has a bad count {count!r}")
+        if isinstance(var_clamp, bool) or not isinstance(var_clamp, (int, float)):
+            raise ValueError(f"the SWAG head has a bad var_clamp {var_clamp!r}")
+        if any(not tensors[k].is_floating_point() for k in ("mean", "variance", "deviations")):
+            raise ValueError("the SWAG head's tensors must be floating point")
+        if bool((tensors["variance"] < 0).any()):
+            raise ValueError("the SWAG head has negative variances")
+        return cls(
+            model,
+            tensors["mean"],
+            tensors["variance"],
+            tensors["deviations"],
+            count=count,
+            var_clamp=float(var_clamp),
+        )
 
     @property
     def rank(self) -> int:
@@ -220,6 +295,9 @@ class SwagCollector(Callback):
 
     SWAG assumes the weights wander around a mode at a roughly constant learning rate; under ``lr_schedule="cosine"``
     the rate is near zero at the end and the window's spread shrinks with it.
+
+    A stateful callback: the moments are part of the fit's training state under :attr:`state_key` (which names the
+    settings, so a checkpoint's moments are only restored into a collector that gathers the same window).
     """
 
     def __init__(
@@ -243,22 +321,45 @@ class SwagCollector(Callback):
         self.first_epoch: int | None = None
         self.model: DGC | None = None
         self._head: SwagHead | None = None
+        self._restored = False  # whether the moments came from a checkpoint (load_state_dict)
+
+    @property
+    def state_key(self) -> str:
+        """The key of this collector's state in a training state: its settings."""
+        return f"SwagCollector(start={self.start}, max_rank={self.moments.max_rank}, every_steps={self.every_steps})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the moments collected so far (:meth:`SwagMoments.state_dict`)."""
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue from the moments of :meth:`state_dict` (copied); None: start empty (a fresh fit, or a checkpoint
+        without them). ValueError when they do not fit this collector."""
+        moments = SwagMoments(self.moments.max_rank) if state is None else SwagMoments.from_state_dict(state)
+        if moments.max_rank != self.moments.max_rank:
+            raise ValueError(
+                f"SWAG moments of max_rank={moments.max_rank}, this collector keeps {self.moments.max_rank}"
+            )
+        self.moments, self._head, self._restored = moments, None, state is not None
 
     def first_epoch_of(self, epochs: int) -> int:
         """The first epoch of the window in a fit of ``epochs`` epochs."""
-        return math.ceil(self.start * epochs) + 1
+        return first_window_epoch(self.start, epochs)
 
     def on_fit_start(self, trainer: Trainer, start_epoch: int) -> None:
         model = trainer.state.model
         _check_model(model)
         self.model, self._head = model, None
-        self.moments = SwagMoments(self.moments.max_rank)
         self.first_epoch = self.first_epoch_of(trainer.plan.epochs)
-        if start_epoch >= self.first_epoch:
+        if start_epoch == 0:  # a fresh fit collects from nothing, whatever this object held before
+            self.moments = SwagMoments(self.moments.max_rank)
+        elif start_epoch >= self.first_epoch and not self._restored:
             warn_caller(
                 f"SwagCollector: the fit resumes after epoch {start_epoch}, inside the window that starts at "
-                f"epoch {self.first_epoch}; the moments of the epochs before are not in the checkpoint"
+                f"epoch {self.first_epoch}; the checkpoint holds no moments of this collector's settings, so the "
+                "epochs before are missing"
             )
+        self._restored = False
 
     def on_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
         if self.every_steps and epoch >= self.first_epoch and (batch + 1) % self.every_steps == 0:

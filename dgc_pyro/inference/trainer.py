@@ -35,7 +35,12 @@ __all__ = ["Plan", "RunState", "Trainer"]
 
 
 class RunState:
-    """The mutable state of one fit and the operations on it (snapshot, restore, save)."""
+    """The mutable state of one fit and the operations on it (snapshot, restore, save).
+
+    ``callbacks``: the fit's callbacks; those with state (a ``state_key`` and ``state_dict`` / ``load_state_dict``,
+    :mod:`dgc_pyro.inference.callbacks`) are part of every snapshot, and joining a fit resets them
+    (``load_state_dict(None)``) until :meth:`restore` gives them a saved state.
+    """
 
     def __init__(
         self,
@@ -46,7 +51,17 @@ class RunState:
         ckpt_path: Path | None,
         static: dict[str, Any],
         dist: DistContext | None = None,
+        callbacks: Sequence[Any] = (),
     ) -> None:
+        self.stateful: dict[str, Any] = {}
+        for callback in callbacks:
+            if hasattr(callback, "state_key") and callable(getattr(callback, "state_dict", None)):
+                key = callback.state_key
+                if key in self.stateful:
+                    raise ValueError(f"two callbacks keep their state under the same key {key!r}; pass one of them")
+                self.stateful[key] = callback
+        for callback in self.stateful.values():
+            callback.load_state_dict(None)
         self.model = model
         self.dist = dist
         self.step = step
@@ -79,6 +94,7 @@ class RunState:
             model_config=self.static["model_config"],
             fingerprint=self.static["fingerprint"],
             extra=self.static["extra"],
+            callbacks={key: callback.state_dict() for key, callback in self.stateful.items()},
         )
 
     def restore(self, state: TrainingState, *, source: Any = "the snapshot") -> list[str]:
@@ -105,6 +121,11 @@ class RunState:
             notes = set_rng_state(state.rng, self.generator)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
+        try:  # a callback whose state the snapshot lacks starts empty (it was written without that callback)
+            for key, callback in self.stateful.items():
+                callback.load_state_dict(state.callbacks.get(key))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: a callback's state does not fit ({e})") from None
         self.history = [dict(r) for r in state.history]
         self.best_epoch, self.best_score, self.best_model = state.best_epoch, state.best_score, state.best_model
         self.global_step = state.global_step

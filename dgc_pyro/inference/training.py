@@ -27,7 +27,7 @@ from dgc_pyro.checkpoint import (
     load_training_state,
     training_state_path,
 )
-from dgc_pyro.config import TrainConfig, first_perturbation_epoch, resume_settings
+from dgc_pyro.config import TrainConfig, check_swag_model, first_perturbation_epoch, resume_settings
 from dgc_pyro.data.splits import stratified_holdout
 from dgc_pyro.data.transforms import resolve_transform, transform_name
 from dgc_pyro.data.validation import check_xy
@@ -52,6 +52,7 @@ from dgc_pyro.inference.perturbation import (
 )
 from dgc_pyro.inference.pretrain import pretrain_encoder
 from dgc_pyro.inference.resume import check_resumable, data_fingerprint
+from dgc_pyro.inference.swag import SwagCollector, SwagHead
 from dgc_pyro.inference.trainer import Plan, RunState, Trainer
 from dgc_pyro.io import CheckpointError, folder_problem, nearest_existing, to_jsonable
 from dgc_pyro.models.dgc import DGC
@@ -78,9 +79,9 @@ class History:
     In the epochs of a head re-training stage (``fit(..., retrain_head_epochs=k)``, the last k) ``loss`` is the
     label head's cross-entropy on class-balanced latent draws and ``perturbation_loss`` is 0.
 
-    ``model`` is the fitted model (trained in place); ``best_epoch`` the epoch whose weights it holds (the last
-    one unless ``select_best`` picked an earlier one on validation); ``resumed_from`` the checkpoint epoch a
-    resumed fit started from.
+    ``model`` is the fitted model (trained in place; with ``swag_start`` its SWAG head is ``model.swag``);
+    ``best_epoch`` the epoch whose weights it holds (the last one unless ``select_best`` picked an earlier one on
+    validation); ``resumed_from`` the checkpoint epoch a resumed fit started from.
     """
 
     model: DGC
@@ -157,6 +158,7 @@ def train(
     check_perturbation_model(model, c.perturbation_rate)
     if not isinstance(model, DGC):
         raise TypeError(f"model must be a dgc_pyro.models.DGC, got {type(model).__name__}")
+    check_swag_model(c.swag_start, model.has_label_head)
     check_seed(seed)
     engine = c.engine
     if engine is None:  # a loss callable may keep Python state, which a captured graph would freeze (capture.py)
@@ -268,6 +270,17 @@ def train(
             dist=dist,
         )
         optimizers = step.optimizers
+        # the recipe's SWAG of the label head: a collector among the fit's own callbacks, before the user's
+        swag = SwagCollector(c.swag_start, max_rank=c.swag_rank) if c.swag_start is not None else None
+        trainer_callbacks = default_callbacks(
+            progress=progress,
+            select_best=c.select_best,
+            check_every=c.check_every,
+            callback=callback,
+            user=tuple(callbacks),
+            builtin=(swag,) if swag is not None else (),
+        )
+        model.swag = None  # a head of an earlier fit would not belong to the weights this fit leaves
 
         metadata = checkpointing.metadata
         extra = dict(metadata) if metadata is not None else (saved.extra if saved else {})
@@ -286,6 +299,7 @@ def train(
                 "val_idx": val_idx,
             },
             dist=dist,
+            callbacks=trainer_callbacks,
         )
         start = 0
         if saved is not None:
@@ -320,18 +334,7 @@ def train(
             head_from=head_epochs_from(c.retrain_head_epochs, c.epochs),
         )
         head_step = make_head_step(model, optimizers["perturbation"]) if c.retrain_head_epochs else None
-        trainer = Trainer(
-            run,
-            plan,
-            head_step=head_step,
-            callbacks=default_callbacks(
-                progress=progress,
-                select_best=c.select_best,
-                check_every=c.check_every,
-                callback=callback,
-                user=tuple(callbacks),
-            ),
-        )
+        trainer = Trainer(run, plan, head_step=head_step, callbacks=trainer_callbacks)
         trainer.run(start)
         if step.engine != engine:  # the graph engine fell back to the torch engine
             history.config["engine"] = step.engine
@@ -342,5 +345,18 @@ def train(
             model.load_state_dict(run.best_model)
         else:
             history.best_epoch = trainer.last_epoch  # `epochs`, or where a callback stopped the fit
+        if swag is not None:
+            model.swag = _swag_head(swag, trainer.last_epoch)
         model.eval()
     return history
+
+
+def _swag_head(collector: SwagCollector, last_epoch: int) -> SwagHead | None:
+    """The fitted SWAG head, or None (with a warning) when the fit stopped before the window."""
+    if collector.moments.count:
+        return collector.head
+    warn_caller(
+        f"swag_start={collector.start}: the fit stopped after epoch {last_epoch}, before the SWAG window (from "
+        f"epoch {collector.first_epoch}); the model has no SWAG head"
+    )
+    return None

@@ -146,6 +146,10 @@ class DGC(PyroModule):
         #: what the checkpoint this model was loaded from holds beside the weights (``load_model``; the CLI's run
         #: configuration is under ``"config"``); empty for a model built here
         self.metadata: dict[str, Any] = {}
+        #: the SWAG posterior over the label head's weights (:class:`dgc_pyro.inference.swag.SwagHead`) that
+        #: ``fit(..., swag_start=...)`` collected, saved with the weights; None without one. Prediction uses it only
+        #: when asked: ``predict(model, x, swag=model.swag)``
+        self.swag: Any = None
         default_enc, default_dec, default_cls = build_networks(input_shape, self.num_classes, self.latent_dim, preset)
         self.custom_networks = tuple(
             name
