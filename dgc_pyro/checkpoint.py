@@ -5,7 +5,7 @@ body, everything else as JSON in its header. Nothing is ever unpickled, so loadi
 untrusted source can at worst be refused (``CheckpointError``), never run code.
 
 Model-file layout (:func:`save_model`): the state dict's tensors under their own names; a SWAG head of the label
-head (``model.swag``, :class:`~dgc_pyro.inference.swag.SwagHead`) adds ``swag/mean``, ``swag/variance`` and
+head (``model.swag``, :class:`~dgc_pyro.models.swag_head.SwagHead`) adds ``swag/mean``, ``swag/variance`` and
 ``swag/deviations`` (float64) with its record (``count``, ``var_clamp``) under the metadata key ``"swag"``. Files
 without them (written before SWAG was a recipe option, or of fits without it) load with ``model.swag = None``.
 
@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +34,8 @@ from dgc_pyro.config import Recipe
 from dgc_pyro.device import resolve_device
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint, to_jsonable
 from dgc_pyro.models.dgc import DGC
+from dgc_pyro.models.swag_head import SwagHead
 from dgc_pyro.ood_detector import OODDetector
-
-if TYPE_CHECKING:  # annotations only: the inference package imports this module
-    from dgc_pyro.inference.swag import SwagHead
 
 __all__ = [
     "RUN_CONFIG_FIELDS",
@@ -192,9 +190,6 @@ def load_model(path: PathLike, *, map_location: str | torch.device = "cpu", mode
 
 def _load_swag(model: DGC, tensors: dict[str, torch.Tensor], record: dict[str, Any], path: Path) -> SwagHead:
     """The SWAG head of a model file, checked (CheckpointError naming the file)."""
-    # imported here: the inference package imports this module (its training states), so it cannot be imported above
-    from dgc_pyro.inference.swag import SwagHead
-
     try:
         return SwagHead.from_state(model, tensors, record)
     except (TypeError, ValueError) as e:

@@ -107,7 +107,7 @@ def test_head_draws_differ_and_add_to_the_epistemic_score(fitted, digits):
     torch.manual_seed(5)
     plain = predict(m, x, 3)
     torch.manual_seed(5)
-    pred = wide.predict(m, x, 3, head_samples=6)
+    pred = predict(m, x, 3, swag=wide, head_samples=6)
     blocks = pred.log_weights.reshape(30, 10, 6, -1)
     assert not torch.allclose(blocks[:, :, 0], blocks[:, :, 1])  # the head draws score the same latents differently
     assert torch.allclose(pred.proba.sum(1), torch.ones(30))
