@@ -52,6 +52,7 @@ Writes (test phase) ``OUT/runs/<method>_seed<s>.json``, ``OUT/summary.json``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import importlib.util
@@ -794,7 +795,7 @@ def make_plan(
 def variant_for(name: str, epochs: int) -> dict[str, Any]:
     """:data:`VARIANTS`' entry ``name`` for a plan of ``epochs`` epochs: cRT's share of the epochs in whole epochs
     (at least one)."""
-    variant = json.loads(json.dumps(VARIANTS[name]))
+    variant = copy.deepcopy(VARIANTS[name])
     if "retrain_head_epochs" in variant["changes"]:
         variant["changes"]["retrain_head_epochs"] = max(1, round(variant["changes"]["retrain_head_epochs"] * epochs))
     return variant
