@@ -42,6 +42,7 @@ from dgc_pyro.data.ood import ood_sets
 from dgc_pyro.io import atomic_write_text, write_json
 from dgc_pyro.metrics import ood_auroc
 from dgc_pyro.models.dgc import DGC
+from dgc_pyro.ood_detector import reference_percentile
 from dgc_pyro.reproducibility import seed_everything
 
 BASE_SCORES = ("density", "typicality", "mahalanobis", "kl", "entropy", "maxprob")
@@ -98,12 +99,6 @@ def base_scores(
     return scores
 
 
-def percentile(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The share of the reference scores below each value (the empirical CDF of the reference half)."""
-    ref = np.sort(reference)
-    return np.searchsorted(ref, values, side="right") / len(ref)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = json.loads(Path(args.plan).read_text())
     ns = argparse.Namespace(epochs=plan["epochs"], smoke=args.smoke)
@@ -142,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s["la_maxprob"] = (1.0 - torch.softmax(logits, -1).max(-1).values).numpy()
         for pair in COMBINED:
             a, b = pair.split("+")
-            s[pair] = np.maximum(percentile(reference[a], s[a]), percentile(reference[b], s[b]))
+            s[pair] = np.maximum(reference_percentile(s[a], reference[a]), reference_percentile(s[b], reference[b]))
         scores[name] = s
     auroc = {
         score: {name: ood_auroc(scores["in"][score], scores[name][score]) for name in sets if name != "in"}

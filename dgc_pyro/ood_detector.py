@@ -74,6 +74,14 @@ def _calibrated(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     return u
 
 
+def reference_percentile(values: Any, reference: Any) -> np.ndarray:
+    """Percentile of ``values`` against the sample ``reference`` as the ``"both"`` rule takes it
+    (:meth:`OODDetector.combined`): interpolated in the reference's quantiles at 201 levels, continued linearly above
+    the largest."""
+    ref = np.quantile(np.asarray(reference, dtype=np.float64), _LEVELS)
+    return _calibrated(np.asarray(values, dtype=np.float64), ref)
+
+
 @dataclass
 class OODDetector:
     """A density-based OOD flag calibrated on held-out in-distribution images (see the module docstring).

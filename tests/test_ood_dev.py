@@ -44,6 +44,11 @@ def test_latent_gaussians_distance_is_the_nearest_class_mahalanobis(ood_dev):
     assert g.distance(point)[0] < 1.0 < g.distance(point)[1]
 
 
-def test_percentile_is_the_reference_cdf(ood_dev):
-    ref = np.array([1.0, 2.0, 3.0, 4.0])
-    assert ood_dev.percentile(ref, np.array([0.5, 2.0, 10.0])).tolist() == [0.0, 0.5, 1.0]
+def test_combined_scores_take_the_both_rules_percentile(ood_dev):
+    """The ``A+B`` scores are the package's ``"both"`` calibration (OODDetector.combined), not a copy of it."""
+    from dgc_pyro.ood_detector import reference_percentile
+
+    ref = np.linspace(0.0, 1.0, 201)
+    u = reference_percentile(np.array([0.0, 0.5, 1.0, 1.5]), ref)
+    assert u[:3].tolist() == pytest.approx([0.0, 0.5, 1.0]) and u[3] == pytest.approx(2.0)  # continued above the max
+    assert ood_dev.reference_percentile is reference_percentile
