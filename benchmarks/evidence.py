@@ -914,6 +914,8 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     summary: dict[str, Any] = paper_table.summarise(runs, SUMMARY_METRICS)
     summary["n_seeds"] = len(pooled)
     write_json(out / "summary.json", summary)
+    if variants:
+        record_variant_rows(plan, out / "plan.json", summary, pooled)
     pairs = (
         paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
     )
@@ -936,6 +938,28 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     atomic_write_text(out / "table.md", table)
     print(table)
     return 0
+
+
+def record_variant_rows(
+    plan: dict[str, Any], plan_path: Path, summary: dict[str, Any], seeds: Sequence[int]
+) -> Path | None:
+    """Copy a variants run's rows into the ``summary.json`` beside the plan it was registered from (issue 21 asks
+    for every variant's row there), under the key ``"variants"`` with their seeds, so that plan's own rows, made on
+    other seeds, are left as they were. Returns the file written; None (and a note) when the source plan is not
+    found from here (its path is relative to where ``--phase register`` ran)."""
+    source = Path(plan.get("registered_from", {}).get("plan", ""))
+    if not source.is_file():
+        print(f"note: the source plan {str(source)!r} is not found from here; its summary.json is not updated")
+        return None
+    path = source.parent / "summary.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged["variants"] = {
+        "plan": str(plan_path),
+        "seeds": list(seeds),
+        "rows": {m: summary[m] for m in (REFERENCE, *VARIANTS, *MATCHED) if m in summary},
+    }
+    write_json(path, merged)
+    return path
 
 
 def variant_comparisons(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:

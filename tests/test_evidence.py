@@ -275,3 +275,13 @@ def test_a_plan_is_registered_once_and_variants_need_it(evidence, variants, smok
         evidence.main(["--phase", "register", "--from", str(base / "plan.json"), "--smoke", "--out", str(out)])
     with pytest.raises(SystemExit, match="registers no dgc_drw"):
         evidence.main(["--phase", "test", "--seeds", "2", "--methods", "dgc_drw", "--smoke", "--out", str(smoke)])
+
+
+def test_the_variant_rows_are_copied_into_the_source_plans_summary(evidence, variants):
+    base, out = variants
+    summary = json.loads((out / "summary.json").read_text())
+    recorded = json.loads((base / "summary.json").read_text())["variants"]
+    assert recorded["seeds"] == [2] and recorded["plan"] == str(out / "plan.json")
+    assert set(recorded["rows"]) == {"dgc_elbo", "logit_adjusted_matched", *evidence.VARIANTS}
+    for row, cell in recorded["rows"].items():
+        assert cell == summary[row], row
