@@ -200,3 +200,15 @@ def test_risk_coverage_and_aurc_by_hand():
     assert aurc(correct, np.zeros(4)) == pytest.approx(0.5)  # all tied: one point at full coverage
     with pytest.raises(ValueError, match="one length"):
         aurc(correct, score[:2])
+
+
+def test_a_refit_drops_the_flag_calibrated_on_the_old_weights(tmp_path):
+    from dgc_pyro.inference import fit
+
+    model = _model(label_in_guide=False)
+    fit_ood_threshold(model, _x(40), false_alarm=0.1, num_samples=2)
+    with pytest.warns(RuntimeWarning, match="no longer matches the weights"):
+        fit(model, _x(40), torch.arange(40) % 10, epochs=1, batch_size=20, device="cpu", progress=False)
+    assert model.ood_detector is None
+    save_model(tmp_path / "m.safetensors", model)  # and the saved file has no stale threshold
+    assert "ood_detector" not in load_model(tmp_path / "m.safetensors").metadata

@@ -22,6 +22,7 @@ Reliability features of the loop (see ``docs/reliability.md``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,9 @@ def fit(
     the fit warns in one line (a RuntimeWarning) and goes on: a fit that blew up early must not hand over its
     model silently.
 
+    A model that carries an OOD flag (``model.ood_detector``, from ``fit_ood_threshold``) loses it, with a
+    RuntimeWarning: the flag's threshold was set on the old weights' densities.
+
     Raises:
         ValueError: bad data or arguments. TypeError: an unknown option. TrainingDivergedError (a
         FloatingPointError): the loss became NaN/inf. CheckpointError (a ValueError) / FileNotFoundError: an
@@ -128,6 +132,15 @@ def fit(
     callbacks, resume = _old_keywords(old, callbacks, resume)
     check_perturbation_model(model, config.perturbation_rate)  # before the data-parallel workers are started
     check_swag_model(config.swag_start, getattr(model, "has_label_head", True))
+    if getattr(model, "ood_detector", None) is not None:
+        # its threshold is a quantile of the old weights' densities: kept, it would flag at an unknown rate
+        warnings.warn(
+            "fit: the OOD flag calibrated before this fit (model.ood_detector) no longer matches the weights and "
+            "is dropped; calibrate it again with fit_ood_threshold(model, x_dev)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        model.ood_detector = None
     kwargs = dict(
         x_val=x_val,
         y_val=y_val,
