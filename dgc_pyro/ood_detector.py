@@ -95,6 +95,9 @@ class OODDetector:
         score_quantiles, entropy_quantiles: the dev distributions of the score and of the predictive entropy
             at 201 evenly spaced levels (for the entropy threshold and the ``"both"`` ranking).
         num_dev: number of dev images; num_samples, density_samples: the draws they were scored with.
+        head_samples: the SWAG head draws the dev predictions averaged over (0: the fitted head alone); a
+            prediction made otherwise has other entropies, so ``predict`` warns (records older than this field
+            read as 0).
     """
 
     score: str
@@ -106,6 +109,7 @@ class OODDetector:
     num_dev: int
     num_samples: int
     density_samples: int
+    head_samples: int = 0
 
     def scores(self, log_density: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """This detector's OOD score of each example ``(N,)``."""
@@ -147,6 +151,7 @@ class OODDetector:
                 num_dev=int(data["num_dev"]),
                 num_samples=int(data["num_samples"]),
                 density_samples=int(data["density_samples"]),
+                head_samples=int(data.get("head_samples", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"the OOD detector entry is unusable ({type(e).__name__}: {e})") from None

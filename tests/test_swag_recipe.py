@@ -8,6 +8,7 @@ compare a resumed fit with an uninterrupted one bit for bit: that holds on CPU, 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import warnings
@@ -20,11 +21,12 @@ import torch.distributed as dist
 from dgc_pyro.checkpoint import load_model, load_training_state, save_model
 from dgc_pyro.cli import main
 from dgc_pyro.config import Recipe, TrainConfig
-from dgc_pyro.inference import fit, predict
+from dgc_pyro.inference import fit, fit_ood_threshold, predict
 from dgc_pyro.inference.callbacks import Callback
 from dgc_pyro.inference.swag import SwagCollector, SwagHead, head_vector
 from dgc_pyro.io import CheckpointError, load_checkpoint, save_checkpoint
 from dgc_pyro.models.dgc import DGC
+from dgc_pyro.ood_detector import OODDetector
 from dgc_pyro.reproducibility import seed_everything
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:validation ACSA is")]
@@ -368,3 +370,21 @@ def test_two_processes_collect_the_single_process_head(digits):
     assert model.swag is not None and model.swag.count == reference.swag.count == 2
     assert torch.allclose(model.swag.mean, reference.swag.mean, atol=1e-5)
     assert torch.allclose(model.swag.deviations, reference.swag.deviations, atol=1e-5)
+
+
+def test_the_ood_flag_records_the_head_draws_it_was_calibrated_with(fitted, digits):
+    model = copy.deepcopy(fitted[0])
+    x_dev, x = digits.x_test[:40], digits.x_test[40:60]
+    detector = fit_ood_threshold(model, x_dev, 0.1, num_samples=2, swag=model.swag, head_samples=3)
+    assert detector.head_samples == 3 and OODDetector.from_dict(detector.to_dict()) == detector
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # predicting as calibrated: no warning
+        assert predict(model, x, 2, swag=model.swag, head_samples=3).ood.shape == (20,)
+    with pytest.warns(
+        RuntimeWarning, match="calibrated on predictions averaged over 3 SWAG head draws, this one is of"
+    ):
+        predict(model, x, 2)
+    with pytest.warns(RuntimeWarning, match="this one is averaged over 5 SWAG head draws"):
+        predict(model, x, 2, swag=model.swag, head_samples=5)
+    old_record = {k: v for k, v in detector.to_dict().items() if k != "head_samples"}
+    assert OODDetector.from_dict(old_record).head_samples == 0  # files saved before the field: the plain head

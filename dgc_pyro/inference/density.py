@@ -85,6 +85,7 @@ def fit_ood_threshold(
         num_dev=int(n),
         num_samples=int(num_samples),
         density_samples=int(pred.density_samples or 0),
+        head_samples=int(pred.head_samples or 0),
     )
     model.ood_detector = detector
     return detector

@@ -22,13 +22,13 @@ Reliability features of the loop (see ``docs/reliability.md``):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.config import TrainConfig, check_options, check_swag_model
 from dgc_pyro.inference.callbacks import Checkpointing
 from dgc_pyro.inference.distributed import fit_distributed
@@ -134,11 +134,9 @@ def fit(
     check_swag_model(config.swag_start, getattr(model, "has_label_head", True))
     if getattr(model, "ood_detector", None) is not None:
         # its threshold is a quantile of the old weights' densities: kept, it would flag at an unknown rate
-        warnings.warn(
+        warn_caller(
             "fit: the OOD flag calibrated before this fit (model.ood_detector) no longer matches the weights and "
-            "is dropped; calibrate it again with fit_ood_threshold(model, x_dev)",
-            RuntimeWarning,
-            stacklevel=2,
+            "is dropped; calibrate it again with fit_ood_threshold(model, x_dev)"
         )
         model.ood_detector = None
     kwargs = dict(

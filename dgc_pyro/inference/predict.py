@@ -43,6 +43,7 @@ import torch
 from pyro import poutine
 from tqdm import tqdm
 
+from dgc_pyro.caller_warning import warn_caller
 from dgc_pyro.config import DEFAULT_HEAD_SAMPLES  # label-head draws of predict(..., swag=...) unless given
 from dgc_pyro.data.validation import check_features
 from dgc_pyro.models.bare import bare_method
@@ -915,12 +916,24 @@ def predict(
         own = SCORING_RULE_REGISTRY.get(rule).own_density_draws
         pred.density_samples = min(int(density_samples), int(num_samples)) if own else int(num_samples)
     if detector is not None:
+        if (pred.head_samples or 0) != detector.head_samples:
+            # the flag's dev quantiles (entropy and, through the head-averaged density, the score) came from another
+            # class posterior: its rates are not the stated ones
+            warn_caller(
+                f"the OOD flag was calibrated on predictions {_head_words(detector.head_samples)}, this one is "
+                f"{_head_words(pred.head_samples or 0)}: its false-alarm rate may not hold; predict as it was "
+                "calibrated, or calibrate it again (fit_ood_threshold) with these options"
+            )
         score = detector.scores(log_density, x if detector.score == "complexity" else None).to(log_w.device)
         pred.ood_score = score
         pred.ood = detector.flags(score)
     if reject is not None:
         _apply_reject(pred, reject, reject_threshold, reject_score, detector)
     return pred
+
+
+def _head_words(head_samples: int) -> str:
+    return f"averaged over {head_samples} SWAG head draws" if head_samples else "of the fitted head alone"
 
 
 def _balanced_log_weights(
