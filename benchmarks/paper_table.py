@@ -517,26 +517,23 @@ def expected_settings(
     return out
 
 
-def settings_differences(run: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+def settings_differences(run: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
     """The settings in which a finished ``run`` differs from ``expected``, as ``"key: run value, expected"``.
 
-    A run predating a field has no record of it and is not held against it (the field then had one value).
+    A run predating a field has no record of it and is not held against it (the field then had one value), at
+    every depth: a recipe field added since the run (``settings.recipe.swag_start``) is skipped, the others compared.
     """
     diffs = []
     for key, want in expected.items():
-        got = run.get(key, "test" if key == "evaluated_on" else None)
+        got = run.get(key, "test" if key == "evaluated_on" and not prefix else None)
         if got is None:
             continue
         if key == "recipe" and isinstance(got, dict):  # older runs wrote some fields under their old names
             got = {LEGACY_NAMES.get(k, k): v for k, v in got.items()}
         if isinstance(want, dict) and isinstance(got, dict):
-            diffs += [
-                f"{key}.{k}: {got[k]!r} in the run, {want[k]!r} now"
-                for k in sorted(set(got) & set(want))
-                if got[k] != want[k]
-            ]
+            diffs += settings_differences(got, want, f"{prefix}{key}.")
         elif got != want:
-            diffs.append(f"{key}: {got!r} in the run, {want!r} now")
+            diffs.append(f"{prefix}{key}: {got!r} in the run, {want!r} now")
     return diffs
 
 

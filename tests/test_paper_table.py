@@ -630,3 +630,11 @@ def test_baseline_set_reaches_the_baselines_and_is_part_of_their_settings(paper_
     ):
         with pytest.raises(SystemExit, match=message):
             paper_table.main(common + ["--methods", "ce", "--baseline-set", bad])
+
+
+def test_a_field_added_after_a_run_is_not_held_against_it_at_any_depth(paper_table):
+    run = {"settings": {"recipe": {"lr": 1e-3, "epochs": 30}}, "dataset": "fashion"}
+    newer = {"settings": {"recipe": {"lr": 1e-3, "epochs": 30, "swag_start": None}}, "dataset": "fashion"}
+    assert paper_table.settings_differences(run, newer) == []
+    changed = {"settings": {"recipe": {"lr": 2e-3, "epochs": 30, "swag_start": None}}, "dataset": "fashion"}
+    assert paper_table.settings_differences(run, changed) == ["settings.recipe.lr: 0.001 in the run, 0.002 now"]
