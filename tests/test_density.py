@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 
 from dgc_pyro.checkpoint import load_model, save_model
-from dgc_pyro.inference import fit_ood_threshold, predict
+from dgc_pyro.inference import fit, fit_ood_threshold, predict
 from dgc_pyro.inference.density import OODDetector, complexity_nats
 from dgc_pyro.metrics import aurc, risk_coverage_curve
 from dgc_pyro.models.dgc import DGC
@@ -203,8 +203,6 @@ def test_risk_coverage_and_aurc_by_hand():
 
 
 def test_a_refit_drops_the_flag_calibrated_on_the_old_weights(tmp_path):
-    from dgc_pyro.inference import fit
-
     model = _model(label_in_guide=False)
     fit_ood_threshold(model, _x(40), false_alarm=0.1, num_samples=2)
     with pytest.warns(RuntimeWarning, match="no longer matches the weights"):
