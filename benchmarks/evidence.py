@@ -17,7 +17,9 @@ test images; the other metrics use the whole test split): the ``mixture`` rule o
 class hypothesis through the decoder, and is the slowest part of a test run.
 
 Per-seed processes may share OUT (``--methods``/``--seeds`` pick the runs); ``--collect`` fits nothing and only
-summarises what exists. The plan pools the tune seeds of the call that completes it, so split the tune phase by
+summarises what exists. ``--checkpoint-dir DIR`` makes a DGC fit itself resumable: its training state is written
+after every epoch and a re-run continues from it, so a killed hours-long fit (``dgc_paper_iwae_cf``'s) loses an
+epoch rather than the fit. The plan pools the tune seeds of the call that completes it, so split the tune phase by
 ``--methods`` (each with every tune seed), or end it with ``--phase tune --collect`` over all of them.
 
 Protocol (every method alike): the "small" conv networks, shift-flip training transform, cosine learning rate,
@@ -59,6 +61,7 @@ import importlib.util
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -75,10 +78,11 @@ from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.experiment import Recipe, default_recipe, train
+from dgc_pyro.inference.callbacks import Checkpointing
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.inference.swag import SwagCollector, SwagHead
-from dgc_pyro.io import atomic_write_text, write_json
+from dgc_pyro.io import CheckpointError, atomic_write_text, write_json
 from dgc_pyro.metrics import (
     accuracy_at_coverage,
     aurc,
@@ -315,26 +319,44 @@ class Fitted:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     swag: SwagHead | None = None
     head_samples: int | None = None
+    #: the epoch of the checkpoint a resumed DGC fit started from (then ``fit_seconds`` counts only the rest)
+    resumed_from: int | None = None
 
 
-def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed: int, device: str) -> Fitted:
-    """Fit row ``method`` on ``split``'s training images with ``settings`` (:func:`run_settings`)."""
+def fit_row(
+    method: str,
+    split: ImbalancedSplit,
+    settings: dict[str, Any],
+    seed: int,
+    device: str,
+    checkpoint: Path | None = None,
+) -> Fitted:
+    """Fit row ``method`` on ``split``'s training images with ``settings`` (:func:`run_settings`).
+
+    With a ``checkpoint`` folder a DGC fit writes its training state there after every epoch and continues from the
+    state it finds there (a killed run loses one epoch, not the fit; bit-identical to an uninterrupted fit on CPU).
+    The baselines' fits, minutes long, have no checkpoints."""
     seed_everything(seed)
     t0 = time.perf_counter()
     if "recipe" in settings:
         fields = {f.name for f in config_fields()} | set(LEGACY_NAMES)
         recipe = Recipe.from_flat({k: v for k, v in settings["recipe"].items() if k in fields})
         swag = settings.get("swag")
-        collector = SwagCollector(swag["start"]) if swag else None
-        trained = train(
-            recipe,
-            split,
-            seed,
-            device=device,
-            progress=False,
-            val_num_samples=VAL_NUM_SAMPLES,
-            callbacks=(collector,) if collector else (),
-        )
+        collector = SwagCollector(swag["start"]) if swag else None  # stateful: its moments are checkpointed too
+        callbacks = tuple(c for c in (collector, checkpoint and Checkpointing(checkpoint)) if c)
+        try:
+            trained = train(
+                recipe,
+                split,
+                seed,
+                device=device,
+                progress=False,
+                val_num_samples=VAL_NUM_SAMPLES,
+                callbacks=callbacks,
+                resume=True if checkpoint else None,
+            )
+        except CheckpointError as e:
+            raise SystemExit(f"{checkpoint}: {e}; delete the folder to fit {method} afresh") from None
         return Fitted(
             method,
             time.perf_counter() - t0,
@@ -343,6 +365,7 @@ def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed:
             history=trained.history.epochs,
             swag=collector.head if collector else None,
             head_samples=swag["head_samples"] if swag else None,
+            resumed_from=trained.history.resumed_from,
         )
     options = {k: v for k, v in settings.items() if k != "baseline"}
     fitted = fit_baseline(
@@ -355,6 +378,22 @@ def fit_row(method: str, split: ImbalancedSplit, settings: dict[str, Any], seed:
         seed=seed,
     )
     return Fitted(method, time.perf_counter() - t0, baseline=fitted, history=fitted.history)
+
+
+def _checkpoint_folder(args: argparse.Namespace, run_name: str) -> Path | None:
+    """Where the fit of one run keeps its training state (``--checkpoint-dir``; None without it)."""
+    return None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / run_name
+
+
+def _resumed(fitted: Fitted) -> dict[str, int]:
+    """The run's record of a resumed fit (nothing for a fit made in one go, so older runs compare alike)."""
+    return {} if fitted.resumed_from is None else {"resumed_from": fitted.resumed_from}
+
+
+def _drop_checkpoint(folder: Path | None) -> None:
+    """Remove a run's checkpoint once its JSON is written: the run is the record, the weights are not kept."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _log_density(pred: Prediction) -> torch.Tensor | None:
@@ -550,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--collect", action="store_true", help="fit nothing: summarise the finished runs")
     p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="DGC fits write their training state into a folder per run here after every epoch, and a re-run "
+        "continues an unfinished fit from it (bit-identical on CPU); a run's folder is removed once its JSON is "
+        "written. Default: no checkpoints (a killed run starts its fit again)",
+    )
+    p.add_argument(
         "--write-plan",
         action="store_true",
         help="tune phase: register the test plan (plan.json) from this call's grid; needs every tuned row "
@@ -685,7 +731,8 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                 if run is None and not args.collect:
                     if split is None:
                         split = _load(args, seed, "dev")
-                    fitted = fit_row(method, split, settings, seed, device)
+                    folder = _checkpoint_folder(args, f"{method}_{key}_seed{seed}")
+                    fitted = fit_row(method, split, settings, seed, device, folder)
                     seed_everything(seed)
                     proba = scored(fitted, split.x_test, seed)["proba"]
                     run = imbalance_report(
@@ -700,9 +747,11 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                         evaluated_on=f"dev:{args.dev_per_class}",
                         fit_seconds=fitted.fit_seconds,
                         history=fitted.history,
+                        **_resumed(fitted),
                         **_common(args),
                     )
                     write_json(path, run)
+                    _drop_checkpoint(folder)
                     print(
                         f"tune seed {seed} {method:>16} {key:>16}: dev acsa {run['acsa']:.4f} "
                         f"({fitted.fit_seconds:.0f} s)",
@@ -875,11 +924,13 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                     if not torch.equal(split.y_train, dev.y_train):  # one training subset for both
                         raise SystemExit(f"seed {seed}: the dev and test loads drew different training subsets")
                 key = json.dumps(settings.get("recipe"), sort_keys=True)
+                folder = None
                 if "recipe" in settings and "swag" not in settings and key in swag_fits:
                     # SWAG only reads the head's weights, so its fit is this row's fit bit for bit
                     fitted = dataclasses.replace(swag_fits[key], method=method, swag=None, head_samples=None)
                 else:
-                    fitted = fit_row(method, split, settings, seed, device)
+                    folder = _checkpoint_folder(args, f"{method}_seed{seed}")
+                    fitted = fit_row(method, split, settings, seed, device, folder)
                     if "swag" in settings:
                         swag_fits[key] = fitted
                 run = evaluate_run(fitted, split, dev.x_test, dev.y_test, seed, args.ood_per_set)
@@ -898,9 +949,11 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
                     evaluated_on="test",
                     ood_per_set=args.ood_per_set or "all",
                     history=fitted.history,
+                    **_resumed(fitted),
                     **_common(args),
                 )
                 write_json(path, run)
+                _drop_checkpoint(folder)
                 print(
                     f"test seed {seed} {method:>24}: acsa {run['acsa']:.4f} ece {run['ece']:.4f} -> "
                     f"{run['ece_ts']:.4f} (T {run['temperature']:.2f}) aurc {run['aurc']:.4f} "

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from fixtures import load_benchmark
 
+from dgc_pyro.inference.callbacks import Callback
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REQUIRED_METHODS = (
@@ -285,3 +287,62 @@ def test_the_variant_rows_are_copied_into_the_source_plans_summary(evidence, var
     assert set(recorded["rows"]) == {"dgc_elbo", "logit_adjusted_matched", *evidence.VARIANTS}
     for row, cell in recorded["rows"].items():
         assert cell == summary[row], row
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted_one(
+    evidence, variants, tmp_path, monkeypatch
+):
+    """--checkpoint-dir: the SWAG row's fit (stateful: its moments are part of the checkpoint) is killed after epoch
+    6 of 7, inside the SWAG window; the re-run continues from epoch 6 and its run equals the fixture's, made in one
+    go; the checkpoint folder is gone once the run is written."""
+    _, done = variants
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    plan = json.loads((done / "plan.json").read_text())
+    plan.pop("registered_from")  # the copy must not write into the fixture's source summary
+    (out / "plan.json").write_text(json.dumps(plan))
+    argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_swag", "--smoke", "--device", "cpu"]
+    argv += ["--out", str(out), "--checkpoint-dir", str(ckpt)]
+
+    class KillAtLastEpoch(Callback):
+        def on_epoch_end(self, trainer, epoch, record):
+            if epoch == 7:
+                raise _Killed
+
+    real_train = evidence.train
+
+    def train_then_kill(*args, callbacks=(), **kwargs):
+        return real_train(*args, callbacks=(*callbacks, KillAtLastEpoch()), **kwargs)
+
+    monkeypatch.setattr(evidence, "train", train_then_kill)
+    with pytest.raises(_Killed):
+        evidence.main(argv)
+    assert (ckpt / "dgc_swag_seed2" / "training_state.safetensors").is_file()
+    assert not (out / "runs" / "dgc_swag_seed2.json").exists()
+    monkeypatch.setattr(evidence, "train", real_train)
+    assert evidence.main(argv) == 0
+    resumed = json.loads((out / "runs" / "dgc_swag_seed2.json").read_text())
+    whole = json.loads((done / "runs" / "dgc_swag_seed2.json").read_text())
+    assert resumed["resumed_from"] == 6 and "resumed_from" not in whole
+    assert resumed["history"] == whole["history"]
+    for metric in ("acsa", "ece", "nll", "aurc", "aurc_mi", "ood_auroc"):
+        assert resumed[metric] == whole[metric], metric
+    assert not (ckpt / "dgc_swag_seed2").exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_in_one_line(evidence, variants, tmp_path):
+    _, done = variants
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    plan = json.loads((done / "plan.json").read_text())
+    plan.pop("registered_from")
+    (out / "plan.json").write_text(json.dumps(plan))
+    (ckpt / "dgc_elbo_seed2").mkdir(parents=True)
+    (ckpt / "dgc_elbo_seed2" / "training_state.safetensors").write_bytes(b"not a checkpoint")
+    argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_elbo", "--smoke", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="dgc_elbo_seed2: .*delete the folder to fit dgc_elbo afresh"):
+        evidence.main([*argv, "--out", str(out), "--checkpoint-dir", str(ckpt)])
