@@ -968,7 +968,8 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
     summary["n_seeds"] = len(pooled)
     write_json(out / "summary.json", summary)
     if variants:
-        record_variant_rows(plan, out / "plan.json", summary, pooled)
+        row_seeds = {m: [int(r["seed"]) for r in rs] for m, rs in runs.items()}
+        record_variant_rows(plan, out / "plan.json", summary, pooled, row_seeds)
     pairs = (
         paper_table.paired_comparisons(runs, reference=REFERENCE, metrics=PAIRED_METRICS) if REFERENCE in runs else {}
     )
@@ -994,11 +995,16 @@ def run_test(args: argparse.Namespace, argv: Sequence[str] | None, device: str) 
 
 
 def record_variant_rows(
-    plan: dict[str, Any], plan_path: Path, summary: dict[str, Any], seeds: Sequence[int]
+    plan: dict[str, Any],
+    plan_path: Path,
+    summary: dict[str, Any],
+    seeds: Sequence[int],
+    row_seeds: dict[str, Sequence[int]] | None = None,
 ) -> Path | None:
     """Copy a variants run's rows into the ``summary.json`` beside the plan it was registered from (issue 21 asks
     for every variant's row there), under the key ``"variants"`` with their seeds, so that plan's own rows, made on
-    other seeds, are left as they were. Returns the file written; None (and a note) when the source plan is not
+    other seeds, are left as they were. ``row_seeds``: the seeds each row pooled, recorded as ``"row_seeds"`` for
+    the rows that lack some of ``seeds`` (a row still being completed). Returns the file written; None (and a note) when the source plan is not
     found from here (its path is relative to where ``--phase register`` ran)."""
     source = Path(plan.get("registered_from", {}).get("plan", ""))
     if not source.is_file():
@@ -1011,6 +1017,10 @@ def record_variant_rows(
         "seeds": list(seeds),
         "rows": {m: summary[m] for m in (REFERENCE, *VARIANTS, *MATCHED) if m in summary},
     }
+    partial = {m: sorted(s) for m, s in (row_seeds or {}).items() if m in merged["variants"]["rows"]}
+    partial = {m: s for m, s in partial.items() if s != sorted(seeds)}
+    if partial:
+        merged["variants"]["row_seeds"] = partial
     write_json(path, merged)
     return path
 

@@ -287,6 +287,23 @@ def test_the_variant_rows_are_copied_into_the_source_plans_summary(evidence, var
     assert set(recorded["rows"]) == {"dgc_elbo", "logit_adjusted_matched", *evidence.VARIANTS}
     for row, cell in recorded["rows"].items():
         assert cell == summary[row], row
+    assert "row_seeds" not in recorded  # every row has the run's one seed
+
+
+def test_a_row_still_being_completed_is_recorded_with_its_own_seeds(evidence, tmp_path):
+    source = tmp_path / "evidence" / "plan.json"
+    source.parent.mkdir()
+    source.write_text("{}")
+    (source.parent / "summary.json").write_text(json.dumps({"ce": {"acsa": {"mean": 0.8, "std": 0.0}}}))
+    cell = {"acsa": {"mean": 0.9, "std": 0.01}}
+    summary = {"dgc_elbo": cell, "dgc_paper_iwae_cf": cell, "ce": cell}
+    plan = {"registered_from": {"plan": str(source)}}
+    row_seeds = {"dgc_elbo": [71, 72, 73], "dgc_paper_iwae_cf": [72, 71], "ce": [71]}
+    path = evidence.record_variant_rows(plan, tmp_path / "variants.json", summary, [71, 72, 73], row_seeds)
+    merged = json.loads(path.read_text())
+    assert merged["ce"] == {"acsa": {"mean": 0.8, "std": 0.0}}  # the source plan's own row is left alone
+    assert set(merged["variants"]["rows"]) == {"dgc_elbo", "dgc_paper_iwae_cf"}
+    assert merged["variants"]["row_seeds"] == {"dgc_paper_iwae_cf": [71, 72]}
 
 
 class _Killed(RuntimeError):
