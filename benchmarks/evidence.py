@@ -78,7 +78,7 @@ from dgc_pyro.data import default_counts, load_imbalanced, parse_counts
 from dgc_pyro.data.ood import OOD_SETS, ood_sets
 from dgc_pyro.data.splits import ImbalancedSplit
 from dgc_pyro.experiment import Recipe, default_recipe, train
-from dgc_pyro.inference.callbacks import Checkpointing
+from dgc_pyro.inference.callbacks import Checkpointing, TrainingInterrupted
 from dgc_pyro.inference.device import DEVICE_CHOICES, resolve_device
 from dgc_pyro.inference.predict import Prediction, predict
 from dgc_pyro.inference.swag import SwagCollector, SwagHead
@@ -357,6 +357,10 @@ def fit_row(
             )
         except CheckpointError as e:
             raise SystemExit(f"{checkpoint}: {e}; delete the folder to fit {method} afresh") from None
+        except TrainingInterrupted as e:  # Ctrl-C / SIGTERM of a checkpointed fit: say how to go on, no traceback
+            raise SystemExit(
+                f"{method} seed {seed}: {e} after epoch {e.epoch}; {checkpoint} holds it, the same command continues"
+            ) from None
         return Fitted(
             method,
             time.perf_counter() - t0,

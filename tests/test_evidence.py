@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
 from fixtures import load_benchmark
 
-from dgc_pyro.inference.callbacks import Callback
+from dgc_pyro.inference.callbacks import Callback, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -349,6 +350,31 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted
     for metric in ("acsa", "ece", "nll", "aurc", "aurc_mi", "ood_auroc"):
         assert resumed[metric] == whole[metric], metric
     assert not (ckpt / "dgc_swag_seed2").exists()
+
+
+def test_an_interrupted_checkpointed_fit_ends_in_one_line_that_says_how_to_go_on(
+    evidence, variants, tmp_path, monkeypatch
+):
+    _, done = variants
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    plan = json.loads((done / "plan.json").read_text())
+    plan.pop("registered_from")
+    (out / "plan.json").write_text(json.dumps(plan))
+
+    class Sigterm(Callback):  # what InterruptHandler raises on SIGTERM, after the state is written
+        def on_epoch_end(self, trainer, epoch, record):
+            if epoch == 3:
+                raise TrainingInterrupted(signal.SIGTERM)
+
+    real_train = evidence.train
+    monkeypatch.setattr(
+        evidence, "train", lambda *a, callbacks=(), **k: real_train(*a, callbacks=(*callbacks, Sigterm()), **k)
+    )
+    argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_elbo", "--smoke", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"dgc_elbo seed 2: SIGTERM after epoch 2; .*dgc_elbo_seed2 holds it"):
+        evidence.main([*argv, "--out", str(out), "--checkpoint-dir", str(ckpt)])
+    assert (ckpt / "dgc_elbo_seed2" / "training_state.safetensors").is_file()
 
 
 def test_a_checkpoint_of_other_settings_is_refused_in_one_line(evidence, variants, tmp_path):
