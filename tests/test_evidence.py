@@ -307,6 +307,17 @@ def test_a_row_still_being_completed_is_recorded_with_its_own_seeds(evidence, tm
     assert merged["variants"]["row_seeds"] == {"dgc_paper_iwae_cf": [71, 72]}
 
 
+def _variants_plan_copy(variants: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """An output folder holding a copy of the variants fixture's plan (without its source, so that runs there do not
+    write into the fixture's source summary), and a checkpoint folder beside it."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    plan = json.loads((variants[1] / "plan.json").read_text())
+    plan.pop("registered_from")
+    (out / "plan.json").write_text(json.dumps(plan))
+    return out, ckpt
+
+
 class _Killed(RuntimeError):
     pass
 
@@ -317,12 +328,8 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted
     """--checkpoint-dir: the SWAG row's fit (stateful: its moments are part of the checkpoint) is killed after epoch
     6 of 7, inside the SWAG window; the re-run continues from epoch 6 and its run equals the fixture's, made in one
     go; the checkpoint folder is gone once the run is written."""
-    _, done = variants
-    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    out.mkdir()
-    plan = json.loads((done / "plan.json").read_text())
-    plan.pop("registered_from")  # the copy must not write into the fixture's source summary
-    (out / "plan.json").write_text(json.dumps(plan))
+    done = variants[1]
+    out, ckpt = _variants_plan_copy(variants, tmp_path)
     argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_swag", "--smoke", "--device", "cpu"]
     argv += ["--out", str(out), "--checkpoint-dir", str(ckpt)]
 
@@ -355,12 +362,7 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted
 def test_an_interrupted_checkpointed_fit_ends_in_one_line_that_says_how_to_go_on(
     evidence, variants, tmp_path, monkeypatch
 ):
-    _, done = variants
-    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    out.mkdir()
-    plan = json.loads((done / "plan.json").read_text())
-    plan.pop("registered_from")
-    (out / "plan.json").write_text(json.dumps(plan))
+    out, ckpt = _variants_plan_copy(variants, tmp_path)
 
     class Sigterm(Callback):  # what InterruptHandler raises on SIGTERM, after the state is written
         def on_epoch_end(self, trainer, epoch, record):
@@ -378,12 +380,7 @@ def test_an_interrupted_checkpointed_fit_ends_in_one_line_that_says_how_to_go_on
 
 
 def test_a_checkpoint_of_other_settings_is_refused_in_one_line(evidence, variants, tmp_path):
-    _, done = variants
-    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    out.mkdir()
-    plan = json.loads((done / "plan.json").read_text())
-    plan.pop("registered_from")
-    (out / "plan.json").write_text(json.dumps(plan))
+    out, ckpt = _variants_plan_copy(variants, tmp_path)
     (ckpt / "dgc_elbo_seed2").mkdir(parents=True)
     (ckpt / "dgc_elbo_seed2" / "training_state.safetensors").write_bytes(b"not a checkpoint")
     argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_elbo", "--smoke", "--device", "cpu"]
