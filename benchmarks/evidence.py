@@ -1008,8 +1008,8 @@ def record_variant_rows(
     """Copy a variants run's rows into the ``summary.json`` beside the plan it was registered from (issue 21 asks
     for every variant's row there), under the key ``"variants"`` with their seeds, so that plan's own rows, made on
     other seeds, are left as they were. ``row_seeds``: the seeds each row pooled, recorded as ``"row_seeds"`` for
-    the rows that lack some of ``seeds`` (a row still being completed). Returns the file written; None (and a note) when the source plan is not
-    found from here (its path is relative to where ``--phase register`` ran)."""
+    the rows that lack some of ``seeds`` (a row still being completed). Returns the file written; None (and a note)
+    when the source plan is not found from here (its path is relative to where ``--phase register`` ran)."""
     source = Path(plan.get("registered_from", {}).get("plan", ""))
     if not source.is_file():
         print(f"note: the source plan {str(source)!r} is not found from here; its summary.json is not updated")
@@ -1021,8 +1021,8 @@ def record_variant_rows(
         "seeds": list(seeds),
         "rows": {m: summary[m] for m in (REFERENCE, *VARIANTS, *MATCHED) if m in summary},
     }
-    partial = {m: sorted(s) for m, s in (row_seeds or {}).items() if m in merged["variants"]["rows"]}
-    partial = {m: s for m, s in partial.items() if s != sorted(seeds)}
+    rows = merged["variants"]["rows"]
+    partial = {m: sorted(s) for m, s in (row_seeds or {}).items() if m in rows and sorted(s) != sorted(seeds)}
     if partial:
         merged["variants"]["row_seeds"] = partial
     write_json(path, merged)

@@ -322,6 +322,14 @@ class _Killed(RuntimeError):
     pass
 
 
+def _fits_also_run(evidence, monkeypatch, callback: Callback) -> None:
+    """Every fit of ``evidence`` gets ``callback`` after its own callbacks (a stand-in for a kill or a signal)."""
+    real_train = evidence.train
+    monkeypatch.setattr(
+        evidence, "train", lambda *a, callbacks=(), **k: real_train(*a, callbacks=(*callbacks, callback), **k)
+    )
+
+
 def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted_one(
     evidence, variants, tmp_path, monkeypatch
 ):
@@ -338,17 +346,12 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_scores_as_an_uninterrupted
             if epoch == 7:
                 raise _Killed
 
-    real_train = evidence.train
-
-    def train_then_kill(*args, callbacks=(), **kwargs):
-        return real_train(*args, callbacks=(*callbacks, KillAtLastEpoch()), **kwargs)
-
-    monkeypatch.setattr(evidence, "train", train_then_kill)
-    with pytest.raises(_Killed):
-        evidence.main(argv)
+    with monkeypatch.context() as patch:
+        _fits_also_run(evidence, patch, KillAtLastEpoch())
+        with pytest.raises(_Killed):
+            evidence.main(argv)
     assert (ckpt / "dgc_swag_seed2" / "training_state.safetensors").is_file()
     assert not (out / "runs" / "dgc_swag_seed2.json").exists()
-    monkeypatch.setattr(evidence, "train", real_train)
     assert evidence.main(argv) == 0
     resumed = json.loads((out / "runs" / "dgc_swag_seed2.json").read_text())
     whole = json.loads((done / "runs" / "dgc_swag_seed2.json").read_text())
@@ -369,10 +372,7 @@ def test_an_interrupted_checkpointed_fit_ends_in_one_line_that_says_how_to_go_on
             if epoch == 3:
                 raise TrainingInterrupted(signal.SIGTERM)
 
-    real_train = evidence.train
-    monkeypatch.setattr(
-        evidence, "train", lambda *a, callbacks=(), **k: real_train(*a, callbacks=(*callbacks, Sigterm()), **k)
-    )
+    _fits_also_run(evidence, monkeypatch, Sigterm())
     argv = ["--phase", "test", "--seeds", "2", "--methods", "dgc_elbo", "--smoke", "--device", "cpu"]
     with pytest.raises(SystemExit, match=r"dgc_elbo seed 2: SIGTERM after epoch 2; .*dgc_elbo_seed2 holds it"):
         evidence.main([*argv, "--out", str(out), "--checkpoint-dir", str(ckpt)])
