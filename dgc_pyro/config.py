@@ -187,14 +187,19 @@ def check_deferred(perturbation_start: Any, retrain_head_epochs: Any, epochs: in
         )
 
 
-def check_swag(swag_start: Any, swag_rank: Any, swag_samples: Any, epochs: int) -> None:
+def check_swag(swag_start: Any, swag_rank: Any, swag_samples: Any, epochs: int, swag_every_steps: Any = None) -> None:
     """Raise ValueError naming the problem unless the SWAG options are usable in a fit of ``epochs`` epochs.
 
-    ``epochs`` must already be checked (a positive integer).
+    ``epochs`` must already be checked (a positive integer). Whether ``swag_every_steps`` fits in an epoch depends on
+    the data: the collector checks that when the fit starts.
     """
     check_non_negative("swag_rank", swag_rank, integer=True)
     check_positive("swag_samples", swag_samples, integer=True)
+    if swag_every_steps is not None:
+        check_positive("swag_every_steps", swag_every_steps, integer=True)
     if swag_start is None:
+        if swag_every_steps is not None:
+            raise ValueError(f"swag_every_steps={swag_every_steps} needs a SWAG window: set swag_start too")
         return
     check_fraction("swag_start", swag_start)
     first = first_window_epoch(swag_start, epochs)
@@ -402,6 +407,12 @@ class TrainConfig:
     swag_rank: int = _option(
         20, "SWAG's low-rank part: the last this many deviations of the head's weights (0: diagonal only)"
     )
+    swag_every_steps: int | None = _option(
+        None,
+        "SWAG snapshots: one after every this many steps of the window's epochs, at most the steps of an epoch "
+        "(none: one per epoch, after its last step)",
+        parse=_none_or(int),
+    )
     swag_samples: int = _option(
         DEFAULT_HEAD_SAMPLES,
         "label-head draws a SWAG prediction averages over (the run's evaluation, and dgc-pyro evaluate and predict "
@@ -481,7 +492,7 @@ class TrainConfig:
         check_choice("perturbation_prior", self.perturbation_prior, PERTURBATION_PRIORS)
         check_choice("perturbation_noise", self.perturbation_noise, PERTURBATION_NOISES)
         check_deferred(self.perturbation_start, self.retrain_head_epochs, self.epochs, self.perturbation_rate)
-        check_swag(self.swag_start, self.swag_rank, self.swag_samples, self.epochs)
+        check_swag(self.swag_start, self.swag_rank, self.swag_samples, self.epochs, self.swag_every_steps)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not (isinstance(self.objective, str) or callable(self.objective)):
             raise ValueError(f"objective must be a name or a loss callable, got {self.objective!r}")

@@ -97,6 +97,7 @@ def test_resume_check_refuses_every_changed_fixed_field_and_accepts_every_free_o
         "retrain_head_epochs": 1,
         "swag_start": 0.5,
         "swag_rank": 3,
+        "swag_every_steps": 2,
         "swag_samples": 4,
         "pretrain_steps": 5,
         "transform": "shift",
@@ -114,6 +115,8 @@ def test_resume_check_refuses_every_changed_fixed_field_and_accepts_every_free_o
             options["devices"] = 1
         if name in ("devices", "strategy"):
             options["perturbation_noise"] = "own"
+        if name == "swag_every_steps":  # it needs a window
+            options["swag_start"] = 0.5
         now = resume_settings(base.replace(**options), seed=0, explicit_val=False)
         diffs = resume_differences(saved, now)
         field = next(f for f in config_fields(TrainConfig) if f.name == name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import warnings
 
@@ -102,6 +103,11 @@ def _assert_same_head(a: SwagHead, b: SwagHead) -> None:
         (lambda: TrainConfig(swag_rank=-1), "swag_rank must be a non-negative integer, got -1"),
         (lambda: TrainConfig(swag_samples=0), "swag_samples must be positive and finite, got 0"),
         (
+            lambda: TrainConfig(swag_start=0.5, swag_every_steps=0),
+            "swag_every_steps must be positive and finite, got 0",
+        ),
+        (lambda: TrainConfig(swag_every_steps=3), "swag_every_steps=3 needs a SWAG window: set swag_start too"),
+        (
             lambda: Recipe(
                 latent_prior="class_conditional", label_in_guide=False, perturbation_rate=0.0, swag_start=0.5
             ),
@@ -136,10 +142,12 @@ def test_swag_samples_is_free_on_resume_and_the_window_is_fixed():
 
     fit_parser = cli._options_of(cli.build_parser(), "fit")
     free = cli.resume_free_flags(fit_parser)
-    assert "--swag-samples" in free and "--swag-start" not in free and "--swag-rank" not in free
+    assert "--swag-samples" in free and not {"--swag-start", "--swag-rank", "--swag-every-steps"} & set(free)
     args = cli.build_parser().parse_args(["fit", "--swag-start", "0.75", "--swag-samples", "4"])
     recipe = cli._recipe_from_flags(args, "digits")
-    assert (recipe.swag_start, recipe.swag_samples, recipe.swag_rank) == (0.75, 4, 20)
+    assert (recipe.swag_start, recipe.swag_samples, recipe.swag_rank, recipe.swag_every_steps) == (0.75, 4, 20, None)
+    args = cli.build_parser().parse_args(["fit", "--swag-start", "0.75", "--swag-every-steps", "5"])
+    assert cli._recipe_from_flags(args, "digits").swag_every_steps == 5
     assert cli._recipe_from_flags(cli.build_parser().parse_args(["fit"]), "digits").swag_start is None
 
 
@@ -155,6 +163,46 @@ def test_fit_leaves_the_head_of_the_window_on_the_model(fitted):
     assert torch.allclose(head.deviations, torch.stack([torch.zeros_like(snaps[3]), (snaps[4] - snaps[3]) / 2]))
     assert torch.equal(head_vector(model), snaps[4])  # the fit leaves the last epoch's weights
     assert (history.config["swag_start"], history.config["swag_rank"], history.config["swag_samples"]) == (0.5, 5, 10)
+
+
+class HeadAtSteps(Callback):
+    """The head vector after every ``k``-th step of the epochs from ``first`` on (what ``swag_every_steps=k``
+    should collect), and the number of steps an epoch has."""
+
+    def __init__(self, k: int, first: int) -> None:
+        self.k, self.first, self.snaps, self.steps = k, first, [], 0
+
+    def on_batch_end(self, trainer, epoch, batch) -> None:
+        self.steps = max(self.steps, batch + 1)
+        if epoch >= self.first and (batch + 1) % self.k == 0:
+            self.snaps.append(head_vector(trainer.state.model))
+
+
+def test_swag_every_steps_collects_a_snapshot_every_k_steps_of_the_window(digits, device):
+    model = model_of(digits)
+    steps = HeadAtSteps(3, first=3)
+    history = fit(
+        model, digits.x_train, digits.y_train, callbacks=(steps,), device=device, **FIT_KW, swag_every_steps=3
+    )
+    window = torch.stack(steps.snaps).double()
+    assert model.swag.count == len(steps.snaps) == 2 * (steps.steps // 3) > 2  # more than one per epoch
+    assert torch.allclose(model.swag.mean, window.mean(0), atol=1e-6)
+    running_mean = window.cumsum(0) / torch.arange(1, len(window) + 1, dtype=window.dtype).unsqueeze(1)
+    assert torch.allclose(model.swag.deviations, (window - running_mean)[-5:], atol=1e-6)  # max_rank=5, oldest first
+    assert history.config["swag_every_steps"] == 3
+
+
+def test_swag_every_steps_beyond_an_epoch_is_refused_before_the_first_step(digits):
+    model = model_of(digits)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        fit(model, digits.x_train, digits.y_train, device="cpu", **FIT_KW, swag_every_steps=10_000)
+    assert re.fullmatch(
+        r"SwagCollector: every_steps=10000 \(a recipe's swag_every_steps\) is more than the \d+ steps of an epoch, "
+        r"so the SWAG window would collect nothing",
+        str(info.value),
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_fit_without_the_option_clears_an_earlier_head(digits, fitted, device):

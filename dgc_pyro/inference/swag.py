@@ -19,8 +19,8 @@ draws, and its mutual information includes the head's uncertainty.
   ``to_state`` / ``from_state`` are its tensors and record in a model file (:func:`dgc_pyro.checkpoint.save_model`).
 
 The recipe option: ``fit(..., swag_start=0.75)`` (a :class:`~dgc_pyro.config.TrainConfig` field, ``dgc-pyro fit
---swag-start 0.75``) runs a collector with ``max_rank=swag_rank`` and leaves the head in ``history.model.swag``,
-which ``save_model`` writes beside the weights and ``load_model`` reads back.
+--swag-start 0.75``) runs a collector with ``max_rank=swag_rank`` and ``every_steps=swag_every_steps``, and leaves
+the head in ``history.model.swag``, which ``save_model`` writes beside the weights and ``load_model`` reads back.
 
 Only the head's parameters are modelled; the encoder and decoder stay at the fit's final weights. With
 ``select_best=True`` the fit may hand back an encoder of an earlier epoch than those the head moments were collected
@@ -204,6 +204,11 @@ class SwagCollector(Callback):
         check_label_head(model)
         self.model, self._head = model, None
         self.first_epoch = self.first_epoch_of(trainer.plan.epochs)
+        if self.every_steps is not None and self.every_steps > trainer.plan.num_batches:
+            raise ValueError(
+                f"SwagCollector: every_steps={self.every_steps} (a recipe's swag_every_steps) is more than the "
+                f"{trainer.plan.num_batches} steps of an epoch, so the SWAG window would collect nothing"
+            )
         if start_epoch == 0:  # a fresh fit collects from nothing, whatever this object held before
             self.moments = SwagMoments(self.moments.max_rank)
         elif start_epoch >= self.first_epoch and not self._restored:

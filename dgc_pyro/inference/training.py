@@ -271,7 +271,11 @@ def train(
         )
         optimizers = step.optimizers
         # the recipe's SWAG of the label head: a collector among the fit's own callbacks, before the user's
-        swag = SwagCollector(c.swag_start, max_rank=c.swag_rank) if c.swag_start is not None else None
+        swag = (
+            SwagCollector(c.swag_start, max_rank=c.swag_rank, every_steps=c.swag_every_steps)
+            if c.swag_start is not None
+            else None
+        )
         trainer_callbacks = default_callbacks(
             progress=progress,
             select_best=c.select_best,
